@@ -1,0 +1,223 @@
+"""The search space: which graphs a search may propose, and checks against it.
+
+``validate`` is the one gate every graph passes before it is evaluated (proposals from any
+searcher, agent replies, user graph files). Nodes without a path to the sink do no work:
+``prune_to_sink`` removes them; ``validate`` *rejects* a graph that still has them, so a
+caller always states which behaviour it wants.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphtune.errors import BudgetError, GraphError
+from graphtune.graphs.canonical import canonical_form, graph_hash
+from graphtune.graphs.cost import Budget, CostModel, GraphCost
+from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+
+
+@dataclass(frozen=True)
+class Space:
+    """Limits of the graphs a search may propose."""
+
+    models: tuple[str, ...]
+    roles: tuple[str, ...] = ("assistant", "fuser")
+    max_nodes: int = 9
+    max_width: int = 9
+    max_depth: int = 4
+    max_in_degree: int = 4
+    #: Roles the sink may take (default: any role of the space).
+    sink_roles: tuple[str, ...] | None = None
+
+
+def prune_to_sink(graph: Graph, sink: str) -> Graph:
+    """Drop every node with no path to ``sink`` (they would do no work)."""
+    keep = graph.ancestors(sink) | {sink}
+    if len(keep) == graph.size:
+        return graph
+    return Graph.build([n for n in graph.nodes if n.id in keep],
+                       [(u, v) for u, v in graph.edges if u in keep and v in keep])
+
+
+def structural_errors(graph: Graph, space: Space) -> list[str]:
+    """Every way the graph breaks the space's rules (empty list when valid)."""
+    errs: list[str] = []
+    try:
+        graph.topo_order
+    except GraphError as e:
+        return [str(e)]
+    sinks = graph.sinks
+    if len(sinks) != 1:
+        errs.append(f"graph must have exactly one sink; nodes {list(sinks)} have no successors "
+                    "(connect them or prune the ones that do no work)")
+    for n in graph.nodes:
+        if n.model not in space.models:
+            errs.append(f"node {n.id!r} uses model {n.model!r}, not in the pool {list(space.models)}")
+        if n.role not in space.roles:
+            errs.append(f"node {n.id!r} has role {n.role!r}, not allowed; allowed roles: {list(space.roles)}")
+        if n.role in ROLES_NEEDING_INPUT and not graph.preds[n.id]:
+            errs.append(f"node {n.id!r} is a {n.role} with no predecessor; a {n.role} needs at least one input")
+        if len(graph.preds[n.id]) > space.max_in_degree:
+            errs.append(f"node {n.id!r} has in-degree {len(graph.preds[n.id])} > max_in_degree {space.max_in_degree}")
+    if len(sinks) == 1 and space.sink_roles is not None:
+        s = graph.node_map[sinks[0]]
+        if s.role not in space.sink_roles:
+            errs.append(f"sink {s.id!r} has role {s.role!r}; the sink must be one of {list(space.sink_roles)}")
+    if graph.size > space.max_nodes:
+        errs.append(f"graph has {graph.size} nodes > max_nodes {space.max_nodes}")
+    if graph.width > space.max_width:
+        errs.append(f"graph has width {graph.width} > max_width {space.max_width}")
+    if graph.depth > space.max_depth:
+        errs.append(f"graph has depth {graph.depth} > max_depth {space.max_depth}")
+    return errs
+
+
+def validate(graph: Graph, space: Space, costs: CostModel | None = None,
+             budget: Budget | None = None) -> GraphCost | None:
+    """Raise GraphError/BudgetError naming the first problems; return the graph's cost."""
+    errs = structural_errors(graph, space)
+    if errs:
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise GraphError(errs[0] + more)
+    if costs is None:
+        return None
+    if budget is not None:
+        return budget.check(graph, costs)
+    return costs.cost(graph)
+
+
+def is_valid(graph: Graph, space: Space, costs: CostModel, budget: Budget) -> bool:
+    try:
+        validate(graph, space, costs, budget)
+        return True
+    except GraphError:
+        return False
+
+
+# -- enumeration ---------------------------------------------------------------------
+
+
+class SpaceTooLarge(GraphError):
+    pass
+
+
+def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
+                     limit: int = 200_000) -> list[Graph]:
+    """All valid in-budget graphs of the space, one per isomorphism class, in canonical
+    form, sorted by (size, hash).
+
+    Grows graphs one node at a time: every DAG arises from a smaller one by adding a new
+    node whose predecessors are existing nodes (remove any sink to see why). Each level is
+    de-duplicated up to isomorphism, and partial graphs that already break a monotone
+    limit (budget, width, depth, in-degree, size) are pruned: adding a sink node never
+    lowers any of them. Raises SpaceTooLarge past ``limit`` partial graphs.
+    """
+    labels = [(r, m) for m in space.models for r in space.roles]
+    frontier: dict[str, Graph] = {}
+    out: dict[str, Graph] = {}
+    seen = 0
+
+    def admissible(g: Graph) -> bool:
+        if g.width > space.max_width or g.depth > space.max_depth:
+            return False
+        return budget.fits(costs.cost(g))
+
+    for role, model in labels:
+        if role in ROLES_NEEDING_INPUT:
+            continue
+        g = Graph.build([Node.make("n0", role, model)])
+        if admissible(g):
+            frontier[graph_hash(g)] = canonical_form(g)
+    for _ in range(space.max_nodes):
+        for h, g in frontier.items():
+            if not structural_errors(g, space):
+                out[h] = g
+        if len(out) + len(frontier) > limit:
+            raise SpaceTooLarge(f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
+        nxt: dict[str, Graph] = {}
+        for g in frontier.values():
+            if g.size >= space.max_nodes:
+                continue
+            ids = [n.id for n in g.nodes]
+            new_id = f"x{g.size}"
+            for k in range(0, min(space.max_in_degree, len(ids)) + 1):
+                for pset in itertools.combinations(ids, k):
+                    for role, model in labels:
+                        if role in ROLES_NEEDING_INPUT and not pset:
+                            continue
+                        cand = Graph.build(list(g.nodes) + [Node.make(new_id, role, model)],
+                                           list(g.edges) + [(p, new_id) for p in pset])
+                        seen += 1
+                        if not admissible(cand):
+                            continue
+                        h = graph_hash(cand)
+                        if h not in nxt and h not in out:
+                            nxt[h] = canonical_form(cand)
+                            if len(nxt) + len(out) > limit:
+                                raise SpaceTooLarge(
+                                    f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
+        frontier = nxt
+        if not frontier:
+            break
+    for h, g in frontier.items():
+        if not structural_errors(g, space):
+            out[h] = g
+    return sorted(out.values(), key=lambda g: (g.size, graph_hash(g)))
+
+
+# -- random graphs -------------------------------------------------------------------
+
+
+def random_graph(space: Space, costs: CostModel, budget: Budget, rng: np.random.Generator,
+                 *, max_tries: int = 1000) -> Graph:
+    """A random valid in-budget graph.
+
+    Node count uniform over 1..max_nodes, labels uniform, edges i->j (i < j in slot
+    order) each with a probability drawn per graph, every non-sink slot wired forward to
+    at least one later slot, the last slot is the sink; pruned to the sink. Rejection
+    sampling on the space and budget: each draw is independent, so accepted graphs follow
+    the proposal distribution restricted to the feasible set.
+    """
+    sink_roles = space.sink_roles or space.roles
+    for _ in range(max_tries):
+        n = int(rng.integers(1, space.max_nodes + 1))
+        p_edge = float(rng.uniform(0.1, 0.9))
+        nodes = []
+        for i in range(n):
+            roles = sink_roles if i == n - 1 else space.roles
+            nodes.append(Node.make(f"n{i}", str(rng.choice(list(roles))), str(rng.choice(list(space.models)))))
+        edges = []
+        for j in range(1, n):
+            for i in range(j):
+                if rng.random() < p_edge:
+                    edges.append((f"n{i}", f"n{j}"))
+        for i in range(n - 1):  # every slot feeds some later slot, so none is wasted
+            if not any(u == f"n{i}" for u, _ in edges):
+                edges.append((f"n{i}", f"n{int(rng.integers(i + 1, n))}"))
+        g = prune_to_sink(Graph.build(nodes, edges), f"n{n - 1}")
+        if is_valid(g, space, costs, budget):
+            return g
+    raise BudgetError("could not sample a graph that fits the space and budget in "
+                      f"{max_tries} tries; raise `budget` or relax `space`")
+
+
+def check_space_not_empty(space: Space, costs: CostModel, budget: Budget) -> GraphCost:
+    """Raise a clear error when no graph of the space fits the budget; return the cost of
+    the cheapest single-node graph otherwise."""
+    if not space.models:
+        raise GraphError("the space has no models; list models under `models`")
+    source_roles = [r for r in space.roles if r not in ROLES_NEEDING_INPUT]
+    sink_ok = [r for r in (space.sink_roles or space.roles) if r not in ROLES_NEEDING_INPUT]
+    if not source_roles or not sink_ok:
+        raise GraphError(f"the space is empty: roles {list(space.roles)} have no role that can answer "
+                         "without inputs; add `assistant` to space.roles")
+    cheapest = min((costs.cost(Graph.build([Node.make("n0", r, m)])) for m in space.models for r in sink_ok),
+                   key=lambda c: c.flops)
+    v = budget.violations(cheapest)
+    if v:
+        raise BudgetError(f"budget is impossible: even the cheapest graph (one call of the smallest model) "
+                          f"costs {'; '.join(v)}; raise `budget`")
+    return cheapest

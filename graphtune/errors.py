@@ -1,0 +1,42 @@
+"""One error tree for graphtune.
+
+Every error a user can cause is a ``GraphtuneError``; its message is one line naming the
+object at fault and what to do about it. The CLI prints that line and exits non-zero
+(code 2 for bad input, 1 otherwise); tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class GraphtuneError(Exception):
+    """Base of every error graphtune raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(GraphtuneError):
+    """The YAML spec (or a CLI flag overriding it) is invalid."""
+
+    exit_code = 2
+
+
+class GraphError(GraphtuneError):
+    """A graph is malformed or does not fit the search space."""
+
+    exit_code = 2
+
+
+class BudgetError(GraphError):
+    """A graph, or every graph of a space, exceeds the budget."""
+
+
+class StoreError(GraphtuneError):
+    """The study store cannot be read or written."""
+
+
+class EnvError(GraphtuneError):
+    """An environment cannot evaluate (bad profile, dataset, endpoint...)."""
+
+
+class AgentError(GraphtuneError):
+    """The feedback agent failed in a way the search cannot recover from."""
