@@ -1,0 +1,367 @@
+"""The YAML spec of a search, validated with pydantic.
+
+Sections: ``study``, ``task``, ``models``, ``space``, ``budget``, ``objective``,
+``search``, ``env``, ``storage`` (and ``stages``, reserved for multi-stage pipelines).
+``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,
+the field path and what is allowed. Secrets are referenced by environment-variable name
+(``api_key_env``), never written in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from graphtune.errors import SpecError
+from graphtune.graphs.catalog import KNOWN_MODELS
+from graphtune.graphs.cost import Budget, ModelInfo
+from graphtune.graphs.model import BUILTIN_ROLES
+from graphtune.graphs.space import Space
+
+SECRET_KEYS = {"api_key", "apikey", "secret", "token", "password", "key"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for k in data:
+                if isinstance(k, str) and k.lower() in SECRET_KEYS:
+                    raise ValueError(f"`{k}` holds a secret and may not be written in a spec; set `api_key_env` to the "
+                                     "name of an environment variable that holds it")
+        return data
+
+
+class TaskSpec(_Strict):
+    """What the graphs are evaluated on."""
+
+    profile: str | None = Field(None, description="simulated task profile: math, mmlu, humaneval, or a profile file")
+    dataset: str | None = Field(None, description="a local JSONL/CSV/Parquet file or hf:NAME (live/replay envs)")
+    scorer: str | None = None
+    description: str | None = None
+    dev_size: int = Field(100, ge=1, le=100_000)
+    test_size: int = Field(500, ge=0, le=1_000_000)
+    input_tokens: float | None = Field(None, gt=0, description="override the task's average prompt tokens (A)")
+    output_tokens: float | None = Field(None, gt=0, description="override the task's average completion tokens (B)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if not self.profile and not self.dataset:
+            raise ValueError("give `profile` (a simulated task: math, mmlu, humaneval) or `dataset`")
+        if self.profile and self.dataset:
+            raise ValueError("give either `profile` or `dataset`, not both")
+        return self
+
+
+class ModelEntry(_Strict):
+    """A model of the pool. Known models (see graphtune.graphs.catalog) need only a name."""
+
+    name: str = Field(min_length=1)
+    litellm: str | None = Field(None, description="litellm model string, e.g. openai/gpt-4o-mini")
+    api_base: str | None = None
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
+    params: float | None = Field(None, gt=0, description="M: non-embedding parameters")
+    layers: int | None = Field(None, gt=0)
+    hidden: int | None = Field(None, gt=0)
+    usd_per_mtok: float | None = Field(None, ge=0)
+    usd_per_mtok_in: float | None = Field(None, ge=0)
+    usd_per_mtok_out: float | None = Field(None, ge=0)
+    prefill_tok_s: float | None = Field(None, gt=0)
+    decode_tok_s: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> ModelEntry:
+        if self.name not in KNOWN_MODELS and None in (self.params, self.layers, self.hidden):
+            known = ", ".join(sorted(KNOWN_MODELS))
+            raise ValueError(f"model {self.name!r} is not a known model ({known}); give its params, layers and hidden")
+        return self
+
+    def info(self) -> ModelInfo:
+        base = KNOWN_MODELS.get(self.name)
+        price_in = self.usd_per_mtok_in if self.usd_per_mtok_in is not None else self.usd_per_mtok
+        price_out = self.usd_per_mtok_out if self.usd_per_mtok_out is not None else self.usd_per_mtok
+
+        def pick(v, attr, default):
+            return v if v is not None else (getattr(base, attr) if base else default)
+
+        return ModelInfo(name=self.name, params=pick(self.params, "params", 0), layers=pick(self.layers, "layers", 0),
+                         hidden=pick(self.hidden, "hidden", 0),
+                         usd_per_mtok_in=pick(price_in, "usd_per_mtok_in", 0.0),
+                         usd_per_mtok_out=pick(price_out, "usd_per_mtok_out", 0.0),
+                         prefill_tok_s=pick(self.prefill_tok_s, "prefill_tok_s", 5000.0),
+                         decode_tok_s=pick(self.decode_tok_s, "decode_tok_s", 100.0))
+
+
+class SpaceSpec(_Strict):
+    roles: tuple[str, ...] = BUILTIN_ROLES
+    models: tuple[str, ...] | None = Field(None, description="subset of the pool a graph may use (default: all)")
+    max_nodes: int = Field(9, ge=1, le=64)
+    max_width: int = Field(9, ge=1, le=64)
+    max_depth: int = Field(4, ge=1, le=64)
+    max_in_degree: int = Field(4, ge=0, le=64)
+    sink_roles: tuple[str, ...] | None = None
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("the space has no roles; list at least `assistant`")
+        unknown = [r for r in v if r not in BUILTIN_ROLES]
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}; known roles: {list(BUILTIN_ROLES)}")
+        return v
+
+
+class BudgetSpec(_Strict):
+    """Per-query limits; give at least one."""
+
+    units: float | None = Field(None, gt=0, description="budget units: one call of the pool's smallest model")
+    flops: float | None = Field(None, gt=0)
+    usd_per_query: float | None = Field(None, gt=0)
+    latency_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetSpec:
+        if all(v is None for v in (self.units, self.flops, self.usd_per_query, self.latency_s)):
+            raise ValueError("give at least one of units, flops, usd_per_query, latency_s")
+        return self
+
+    def budget(self) -> Budget:
+        return Budget(units=self.units, flops=self.flops, usd=self.usd_per_query, latency_s=self.latency_s)
+
+
+class ObjectiveSpec(_Strict):
+    """Maximise accuracy, optionally minus weighted cost terms (per question)."""
+
+    metric: Literal["accuracy"] = "accuracy"
+    cost_weight: float = Field(0.0, ge=0, description="reward lost per budget unit")
+    latency_weight: float = Field(0.0, ge=0, description="reward lost per second of latency")
+    usd_weight: float = Field(0.0, ge=0, description="reward lost per dollar")
+
+
+class AgentSpec(_Strict):
+    model: str = Field("heuristic", description="`heuristic` (offline statistical critic, not an LLM) or a litellm model string")
+    api_base: str | None = None
+    api_key_env: str | None = None
+    temperature: float = Field(0.2, ge=0, le=2)
+    max_retries: int = Field(2, ge=0, le=10)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class SearchSpec(_Strict):
+    method: str = "random"
+    evaluations: int = Field(20, ge=1, le=1_000_000,
+                             description="search budget in full-dev-set graph evaluations "
+                                         "(evaluations x dev_size graph-question runs)")
+    batch_size: int = Field(8, ge=1, le=1024)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+    agent: AgentSpec = Field(default_factory=AgentSpec)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from graphtune.search.registry import SEARCHERS
+
+        if v not in SEARCHERS:
+            raise ValueError(f"unknown method {v!r}; known methods: {', '.join(sorted(SEARCHERS))}")
+        return v
+
+
+class EnvSpec(_Strict):
+    kind: Literal["simulated", "live", "replay"] = "simulated"
+    seed: int = 0
+
+
+class StageSpec(_Strict):
+    """One stage of a multi-stage pipeline (reserved; one stage is the common case)."""
+
+    name: str
+    task: TaskSpec
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    budget: BudgetSpec | None = None
+
+
+class Spec(_Strict):
+    study: str = Field("default", min_length=1, max_length=200)
+    task: TaskSpec
+    models: list[ModelEntry] = Field(min_length=1)
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    budget: BudgetSpec
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    env: EnvSpec = Field(default_factory=EnvSpec)
+    storage: str = "sqlite:///graphtune.db"
+    stages: list[StageSpec] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        names = [m.name for m in self.models]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"models: duplicate names {dups}; each model needs a unique name")
+        if self.space.models is not None:
+            unknown = [m for m in self.space.models if m not in names]
+            if unknown:
+                raise ValueError(f"space.models: unknown model(s) {unknown}; the pool has {names}")
+            if not self.space.models:
+                raise ValueError("space.models is empty; list at least one model of the pool")
+        if self.space.sink_roles is not None:
+            bad = [r for r in self.space.sink_roles if r not in self.space.roles]
+            if bad:
+                raise ValueError(f"space.sink_roles: {bad} not in space.roles {list(self.space.roles)}")
+        if self.stages is not None and len(self.stages) > 1:
+            raise ValueError("multi-stage pipelines are not supported yet; give one stage (or none)")
+        if self.env.kind == "simulated" and self.task.profile is None:
+            raise ValueError("env.kind `simulated` needs task.profile (math, mmlu, humaneval or a profile file)")
+        if self.env.kind != "simulated":
+            raise ValueError(f"env.kind {self.env.kind!r} is not available in this version; use `simulated`")
+        return self
+
+    # -- resolved objects -------------------------------------------------------------
+    def pool(self) -> dict[str, ModelInfo]:
+        return {m.name: m.info() for m in self.models}
+
+    def space_obj(self) -> Space:
+        s = self.space
+        models = s.models if s.models is not None else tuple(m.name for m in self.models)
+        return Space(models=tuple(models), roles=tuple(s.roles), max_nodes=s.max_nodes, max_width=s.max_width,
+                     max_depth=s.max_depth, max_in_degree=s.max_in_degree,
+                     sink_roles=tuple(s.sink_roles) if s.sink_roles else None)
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as plain data with every default filled in (stored with the study)."""
+        return self.model_dump(mode="json")
+
+
+# -- loading with precise errors -------------------------------------------------------
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Map every key path of a YAML document to its 1-based line."""
+    out: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node, path: tuple):
+        if node is None:
+            return
+        out.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                out[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    walk(root, ())
+    return out
+
+
+def _model_for_path(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``path`` (for suggestions)."""
+    model: Any = Spec
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        nxt = None
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                nxt = cand
+            for sub in getattr(cand, "__args__", ()):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    nxt = sub
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _format_error(err: dict, where: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
+    line = None
+    for k in range(len(loc), -1, -1):
+        if loc[:k] in lines:
+            line = lines[loc[:k]]
+            break
+    prefix = f"{where}:{line}" if line else where
+    typ = err["type"]
+    if typ == "extra_forbidden":
+        owner = _model_for_path(loc[:-1])
+        allowed = list(owner.model_fields) if owner else []
+        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return f"{prefix}: {dotted}: unknown field; {hint}allowed: {', '.join(allowed)}"
+    if typ == "missing":
+        return f"{prefix}: {dotted}: required field is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if typ in ("literal_error",):
+        msg = msg.replace("Input should be", "must be")
+    got = err.get("input")
+    got_s = f" (got {got!r})" if typ not in ("value_error", "assertion_error") and not isinstance(got, dict | list) else ""
+    return f"{prefix}: {dotted}: {msg}{got_s}"
+
+
+def parse_spec(data: Any, *, where: str = "spec", text: str | None = None) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: a spec must be a YAML mapping with sections task, models, budget, ...")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        lines = _line_map(text) if text else {}
+        errs = e.errors()
+        first = _format_error(errs[0], where, lines)
+        more = f" (+{len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+        raise SpecError(first + more) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read and validate a spec file; ``overrides`` are dotted keys (``search.seed``)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"spec file {p} not found; create one with `graphtune init {p}`") from None
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}{line}: not valid YAML: {problem}") from None
+    if data is None:
+        raise SpecError(f"{p}: the file is empty; start from `graphtune init`")
+    if overrides and isinstance(data, dict):
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            cur = data
+            *head, last = dotted.split(".")
+            for k in head:
+                cur = cur.setdefault(k, {})
+                if not isinstance(cur, dict):
+                    raise SpecError(f"{p}: cannot override {dotted}: {k} is not a mapping")
+            cur[last] = value
+    return parse_spec(data, where=str(p), text=text)

@@ -1,0 +1,24 @@
+"""The one name table of search methods (for the spec and the CLI).
+
+Entries are import paths so that choosing ``random`` never imports Optuna or litellm.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from graphtune.errors import SpecError
+
+SEARCHERS: dict[str, str] = {
+    "random": "graphtune.search.random_search:RandomSearcher",
+    "exhaustive": "graphtune.search.exhaustive:ExhaustiveSearcher",
+}
+
+
+def searcher_class(name: str):
+    try:
+        path = SEARCHERS[name]
+    except KeyError:
+        raise SpecError(f"unknown search method {name!r}; known methods: {', '.join(sorted(SEARCHERS))}") from None
+    mod, _, attr = path.partition(":")
+    return getattr(importlib.import_module(mod), attr)

@@ -1,0 +1,146 @@
+"""SQLAlchemy 2 tables of a graphtune store.
+
+* ``studies``: one search: its resolved spec, method, searcher state (saved after every
+  batch, so a killed search resumes where its last batch ended), status.
+* ``trials``: one graph evaluated on a set of dev (or test) questions. ``(study_id,
+  batch, slot)`` identifies the candidate's place in the search, so a resumed search
+  that re-asks a batch finds the trials it already ran instead of duplicating them.
+* ``question_results``: per-question outcome of a trial (answer, correctness, tokens,
+  cost, latency, infrastructure error, per-node outcomes as JSON).
+* ``agent_steps``: what the feedback agent was asked and answered, and what it changed
+  (lineage: trials point to the step that proposed them).
+
+Portable types only (JSON, Text, Float...), so the same schema runs on SQLite and
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON}
+
+
+class StudyRow(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    method: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|complete
+    searcher_state: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    batch_index: Mapped[int] = mapped_column(Integer, default=0)
+    runs_spent: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    schema_version: Mapped[int] = mapped_column(Integer, default=SCHEMA_VERSION)
+
+    trials: Mapped[list[TrialRow]] = relationship(back_populates="study", cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+
+class TrialRow(Base):
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("study_id", "number", name="uq_trial_number"),
+        Index("ix_trials_study_hash", "study_id", "graph_hash"),
+        Index("ix_trials_study_slot", "study_id", "split", "batch", "slot"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16), default="dev")
+    batch: Mapped[int] = mapped_column(Integer, default=0)
+    slot: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))  # running|complete|failed
+    graph: Mapped[dict] = mapped_column(JSON)
+    graph_hash: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str] = mapped_column(String(32), default="sample")
+    parents: Mapped[list] = mapped_column(JSON, default=list)
+    info: Mapped[dict] = mapped_column(JSON, default=dict)
+    question_ids: Mapped[list] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cost_units: Mapped[float | None] = mapped_column(Float, nullable=True)
+    flops: Mapped[float | None] = mapped_column(Float, nullable=True)
+    usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    new_runs: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    feedback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    agent_step_id: Mapped[int | None] = mapped_column(ForeignKey("agent_steps.id"), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    study: Mapped[StudyRow] = relationship(back_populates="trials")
+    results: Mapped[list[QuestionResultRow]] = relationship(back_populates="trial", cascade="all, delete-orphan",
+                                                            passive_deletes=True,
+                                                            order_by="QuestionResultRow.position")
+
+
+class QuestionResultRow(Base):
+    __tablename__ = "question_results"
+    __table_args__ = (Index("ix_qr_trial", "trial_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    question_id: Mapped[str] = mapped_column(String(200))
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    correct: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    flops: Mapped[float] = mapped_column(Float, default=0.0)
+    usd: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    modelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    nodes: Mapped[list] = mapped_column(JSON, default=list)
+
+    trial: Mapped[TrialRow] = relationship(back_populates="results")
+
+
+class AgentStepRow(Base):
+    __tablename__ = "agent_steps"
+    __table_args__ = (UniqueConstraint("study_id", "key", name="uq_agent_step_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    #: the searcher's own name for the step; candidates refer to it as info["agent_step"]
+    key: Mapped[str] = mapped_column(String(64))
+    batch: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))  # init|feedback|propose
+    backend: Mapped[str] = mapped_column(String(200))  # "heuristic (not an LLM)" or a model string
+    is_llm: Mapped[bool] = mapped_column(Boolean, default=False)
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    parsed: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    applied: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    rejected_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    feedback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    trial_numbers: Mapped[list] = mapped_column(JSON, default=list)  # trials this step looked at
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    usd: Mapped[float] = mapped_column(Float, default=0.0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
