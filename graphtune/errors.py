@@ -40,3 +40,17 @@ class EnvError(GraphtuneError):
 
 class AgentError(GraphtuneError):
     """The feedback agent failed in a way the search cannot recover from."""
+
+
+class LLMError(GraphtuneError):
+    """A call to an LLM endpoint failed (after retries, where retrying made sense)."""
+
+
+class LLMTransientError(LLMError):
+    """Rate limit, 5xx, timeout, connection error or empty reply that outlived its
+    retries: an infrastructure failure, never a wrong answer."""
+
+
+class LLMFatalError(LLMError):
+    """Authentication failure, unknown model or bad request: retrying or continuing
+    would only spend more money, so the search stops."""

@@ -155,6 +155,9 @@ class AgentSpec(_Strict):
     temperature: float = Field(0.2, ge=0, le=2)
     max_retries: int = Field(2, ge=0, le=10)
     timeout_s: float = Field(120.0, gt=0)
+    max_tokens: int = Field(1024, ge=16)
+    usd_per_mtok_in: float = Field(0.0, ge=0, description="agent prompt price, for its own cost report")
+    usd_per_mtok_out: float = Field(0.0, ge=0)
 
 
 class SearchSpec(_Strict):

@@ -12,6 +12,14 @@ from graphtune.errors import SpecError
 SEARCHERS: dict[str, str] = {
     "random": "graphtune.search.random_search:RandomSearcher",
     "exhaustive": "graphtune.search.exhaustive:ExhaustiveSearcher",
+    "reinforce": "graphtune.search.reinforce:ReinforceSearcher",
+    "agent-reinforce": "graphtune.search.agent_reinforce:AgentReinforceSearcher",
+    "tpe": "graphtune.search.optuna_search:TPESearcher",
+    "gp": "graphtune.search.optuna_search:GPSearcher",
+    "cmaes": "graphtune.search.optuna_search:CmaEsSearcher",
+    "qmc": "graphtune.search.optuna_search:QMCSearcher",
+    "nsga2": "graphtune.search.optuna_search:NSGA2Searcher",
+    "llm-opt": "graphtune.search.llm_opt:LLMOptSearcher",
 }
 
 
