@@ -20,6 +20,20 @@ def to_text(graph: Graph) -> str:
     return " | ".join("[" + ", ".join(v) + "]" for _, v in sorted(by_level.items()))
 
 
+def _tiny(model: str) -> str:
+    """``llama-3.1-8b`` -> ``8b``: the last dash-separated part of the model name."""
+    return _short(model).split("-")[-1]
+
+
+def to_short(graph: Graph) -> str:
+    """Levels joined by arrows, role initial and short model: ``A:3b A:8b > F:3b``."""
+    by_level: dict[int, list[str]] = {}
+    for nid, lv in sorted(graph.levels.items(), key=lambda kv: (kv[1], kv[0])):
+        n = graph.node_map[nid]
+        by_level.setdefault(lv, []).append(f"{n.role[0].upper()}:{_tiny(n.model)}")
+    return " > ".join(" ".join(sorted(v)) for _, v in sorted(by_level.items()))
+
+
 def to_mermaid(graph: Graph) -> str:
     """A mermaid flowchart; roles and models appear on the nodes."""
     lines = ["flowchart LR"]

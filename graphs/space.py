@@ -15,7 +15,7 @@ import numpy as np
 
 from graphtune.errors import BudgetError, GraphError
 from graphtune.graphs.canonical import canonical_form, graph_hash
-from graphtune.graphs.cost import Budget, CostModel, GraphCost
+from graphtune.graphs.cost import Budget, CostModel, GraphCost, node_flops, node_usd
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
 
 
@@ -175,33 +175,110 @@ def random_graph(space: Space, costs: CostModel, budget: Budget, rng: np.random.
                  *, max_tries: int = 1000) -> Graph:
     """A random valid in-budget graph.
 
-    Node count uniform over 1..max_nodes, labels uniform, edges i->j (i < j in slot
-    order) each with a probability drawn per graph, every non-sink slot wired forward to
-    at least one later slot, the last slot is the sink; pruned to the sink. Rejection
-    sampling on the space and budget: each draw is independent, so accepted graphs follow
-    the proposal distribution restricted to the feasible set.
+    Node count uniform over 1..max_nodes; a random forward DAG over the slots (the last
+    slot is the sink, every other slot feeds a later one, in-degrees capped); roles
+    uniform among those the position allows; then models slot by slot, each uniform
+    among the models that still leave room in the budget for the cheapest choice of
+    every slot not yet assigned (FLOPs and dollars add up over nodes, so this never
+    dead-ends). Latency, a critical path, is checked at the end. Structures that cannot
+    fit even with the cheapest models are redrawn, so feasible sizes are roughly equally
+    likely.
     """
     sink_roles = space.sink_roles or space.roles
+    source_roles = [r for r in space.roles if r not in ROLES_NEEDING_INPUT]
+    sink_source_roles = [r for r in sink_roles if r not in ROLES_NEEDING_INPUT]
+    models = list(space.models)
     for _ in range(max_tries):
         n = int(rng.integers(1, space.max_nodes + 1))
-        p_edge = float(rng.uniform(0.1, 0.9))
-        nodes = []
+        preds = _random_structure(space, rng, n)
+        if preds is None:
+            continue
+        roles = []
         for i in range(n):
-            roles = sink_roles if i == n - 1 else space.roles
-            nodes.append(Node.make(f"n{i}", str(rng.choice(list(roles))), str(rng.choice(list(space.models)))))
-        edges = []
-        for j in range(1, n):
-            for i in range(j):
-                if rng.random() < p_edge:
-                    edges.append((f"n{i}", f"n{j}"))
-        for i in range(n - 1):  # every slot feeds some later slot, so none is wasted
-            if not any(u == f"n{i}" for u, _ in edges):
-                edges.append((f"n{i}", f"n{int(rng.integers(i + 1, n))}"))
-        g = prune_to_sink(Graph.build(nodes, edges), f"n{n - 1}")
+            if preds[i]:
+                allowed = sink_roles if i == n - 1 else space.roles
+            else:
+                allowed = sink_source_roles if i == n - 1 else source_roles
+            if not allowed:
+                break
+            roles.append(str(rng.choice(list(allowed))))
+        if len(roles) < n:
+            continue
+        chosen = _assign_models(costs, budget, models, [len(p) for p in preds], rng)
+        if chosen is None:
+            continue
+        g = Graph.build([Node.make(f"n{i}", roles[i], chosen[i]) for i in range(n)],
+                        [(f"n{j}", f"n{i}") for i in range(n) for j in preds[i]])
         if is_valid(g, space, costs, budget):
             return g
     raise BudgetError("could not sample a graph that fits the space and budget in "
                       f"{max_tries} tries; raise `budget` or relax `space`")
+
+
+def _random_structure(space: Space, rng: np.random.Generator, n: int) -> list[list[int]] | None:
+    """Predecessor lists of a random forward DAG on slots 0..n-1 with sink n-1, or None
+    when the draw breaks the width/depth limits."""
+    p_edge = float(rng.uniform(0.1, 0.7))
+    cap = space.max_in_degree
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for j in range(1, n):
+        cand = [i for i in range(j) if rng.random() < p_edge]
+        if len(cand) > cap:
+            cand = sorted(int(x) for x in rng.choice(cand, size=cap, replace=False))
+        preds[j] = cand
+    has_succ = [False] * n
+    for j in range(n):
+        for i in preds[j]:
+            has_succ[i] = True
+    for i in range(n - 2, -1, -1):  # every non-sink slot feeds some later slot
+        if not has_succ[i]:
+            room = [j for j in range(i + 1, n) if len(preds[j]) < cap]
+            if not room:
+                return None
+            j = int(rng.choice(room))
+            preds[j] = sorted(preds[j] + [i])
+            has_succ[i] = True
+    level = [0] * n
+    for j in range(n):
+        level[j] = 1 + max((level[i] for i in preds[j]), default=-1)
+    if max(level) + 1 > space.max_depth or max(np.bincount(level)) > space.max_width:
+        return None
+    return preds
+
+
+def _assign_models(costs: CostModel, budget: Budget, models: list[str], in_degrees: list[int],
+                   rng: np.random.Generator) -> list[str] | None:
+    """Models per slot, uniform among those that keep the additive costs in budget;
+    None when even the cheapest models do not fit."""
+    caps = []
+    if budget.units is not None:
+        caps.append(("flops", budget.units * costs.unit_flops))
+    if budget.flops is not None:
+        caps.append(("flops", budget.flops))
+    if budget.usd is not None:
+        caps.append(("usd", budget.usd))
+    table = {}
+    for m in models:
+        info = costs.model(m)
+        for d in set(in_degrees):
+            p, c = costs.node_tokens(d)
+            table[(m, d)] = {"flops": node_flops(info, p, c), "usd": node_usd(info, p, c)}
+    cheapest = [{k: min(table[(m, d)][k] for m in models) for k in ("flops", "usd")} for d in in_degrees]
+    used = {"flops": 0.0, "usd": 0.0}
+    rest = {k: sum(c[k] for c in cheapest) for k in used}
+    if any(rest[key] > cap * (1 + 1e-9) for key, cap in caps):
+        return None
+    out = []
+    for i, d in enumerate(in_degrees):
+        for k in used:
+            rest[k] -= cheapest[i][k]
+        ok = [m for m in models
+              if all(used[key] + table[(m, d)][key] + rest[key] <= cap * (1 + 1e-9) for key, cap in caps)]
+        m = str(rng.choice(ok))
+        out.append(m)
+        for k in used:
+            used[k] += table[(m, d)][k]
+    return out
 
 
 def check_space_not_empty(space: Space, costs: CostModel, budget: Budget) -> GraphCost:

@@ -22,7 +22,8 @@ _state = {"debug": False}
 def _console():
     from rich.console import Console
 
-    return Console()
+    # graphs render with [brackets]: never let rich read them as markup
+    return Console(markup=False, highlight=False)
 
 
 def _fail(e: Exception) -> None:
@@ -101,7 +102,7 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     spec = load_spec(spec_path)
     problem = build_problem(spec)
     con = _console()
-    con.print(f"[bold]{spec_path}[/]: valid")
+    con.print(f"{spec_path}: valid")
     con.print(yaml.safe_dump(spec.resolved(), sort_keys=False).rstrip())
     ctx = problem.ctx
     try:
@@ -114,7 +115,8 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         rng = np.random.default_rng(0)
         costs = [ctx.costs.cost(random_graph(ctx.space, ctx.costs, ctx.budget, rng)) for _ in range(500)]
         how = "over 500 random graphs (the space is too large to enumerate)"
-    t = Table(title=f"space: {size}; cost range {how}")
+    con.print(f"space: {size}")
+    t = Table(title=f"cost per query, {how}")
     for col in ("", "min", "max"):
         t.add_column(col)
     for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
@@ -168,12 +170,13 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
 def _print_outcome(con, spec, problem, st, out) -> None:
     from rich.panel import Panel
+    from rich.text import Text
 
     from graphtune.envs.base import summarize
     from graphtune.graphs.render import to_text
 
     if out.best is None:
-        con.print("[red]no graph was evaluated successfully[/]; see `graphtune trials " + spec.study + "`")
+        con.print("no graph was evaluated successfully; see `graphtune trials " + spec.study + "`")
         raise SystemExit(1)
     g = out.best.graph
     c = problem.costs.cost(g)
@@ -189,7 +192,7 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
         f"study           {spec.study} in {spec.storage}",
     ]
-    con.print(Panel("\n".join(lines), title="graphtune result", expand=False))
+    con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
     con.print(f"next: graphtune show {spec.study} --storage {spec.storage}")
 
 
@@ -245,7 +248,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     from rich.table import Table
 
     from graphtune.graphs.io import from_dict
-    from graphtune.graphs.render import to_text
+    from graphtune.graphs.render import to_short
 
     store = _storage(storage)
     st = _study(store, study)
@@ -253,12 +256,13 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     if top:
         rows = sorted((r for r in rows if r.reward is not None), key=lambda r: -r.reward)[:top]
     t = Table(title=f"trials of {study} ({len(rows)})")
-    for col in ("#", "split", "status", "origin", "n", "reward", "acc", "units", "latency s", "graph"):
-        t.add_column(col)
+    for col in ("#", "split", "status", "n", "reward", "units"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("graph", overflow="fold")
     for r in rows:
-        graph = to_text(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]
-        t.add_row(str(r.number), r.split, r.status, r.origin, str(len(r.question_ids)), _fmt(r.reward),
-                  _fmt(r.accuracy), _fmt(r.cost_units, ".2f"), _fmt(r.latency_s, ".2f"), graph)
+        graph = to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]
+        t.add_row(str(r.number), r.split, r.status, str(len(r.question_ids)), _fmt(r.reward),
+                  _fmt(r.cost_units, ".2f"), graph)
     _console().print(t)
 
 
@@ -277,7 +281,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     if trial is None:
         dev = [t for t in store.list_trials(st.id, split="dev") if t.status == "complete" and t.reward is not None]
         tests = store.list_trials(st.id, split="test")
-        con.print(f"[bold]{st.name}[/]: method {st.method}, status {st.status}, {len(dev)} finished dev trials, "
+        con.print(f"{st.name}: method {st.method}, status {st.status}, {len(dev)} finished dev trials, "
                   f"{st.runs_spent} graph-question runs spent")
         if not tests:
             con.print("no test evaluation yet (the search has not finished)")
@@ -297,7 +301,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     t = store.get_trial(st.id, trial)
     if t is None:
         raise StoreError(f"study {study!r} has no trial #{trial}; list them with `graphtune trials {study}`")
-    con.print(f"[bold]trial #{t.number}[/] ({t.split}, {t.status}, origin {t.origin}, batch {t.batch})")
+    con.print(f"trial #{t.number} ({t.split}, {t.status}, origin {t.origin}, batch {t.batch})")
     if t.error:
         con.print(f"error: {t.error}")
     g = from_dict(t.graph)
