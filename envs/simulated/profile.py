@@ -44,8 +44,8 @@ class ModelProfile:
     """How one model behaves on the task.
 
     ``ability`` is a logit: a source node of this model answers question q correctly with
-    probability ``sigmoid(ability - difficulty_q)``; it is fitted so that the mean over
-    the difficulty distribution equals ``accuracy``. ``verbosity`` scales its completion
+    probability ``sigmoid(ability - difficulty_q + idiosyncrasy_qm)``; it is fitted so that
+    the mean over both distributions equals ``accuracy``. ``verbosity`` scales its completion
     length (1.0 = the task's ``output_tokens``).
     """
 
@@ -81,6 +81,7 @@ class Profile:
     answer_format: str = "a single final answer"
     n_wrong: int = 9  # K: distinct wrong answers per question
     difficulty_spread: float = 1.5  # s: difficulty_q ~ N(0, s)
+    idiosyncrasy: float = 0.5  # t: sd of a per-(question, model) logit shared by its calls
     wrong_answer_skew: float = 1.2  # Zipf exponent of wrong-answer popularity
     error_correlation: float = 0.7  # share of wrong-answer preference common to all models
     synthesis_gain: float = 2.0  # g: pull toward the correct candidate when verifiable
@@ -94,6 +95,7 @@ class Profile:
     fuser_own_weight: float = 0.3  # votes of a fuser's own attempt
     assistant_sharpness: float = 1.0  # gamma: plurality exponent of an assistant
     fuser_sharpness: float = 2.0  # gamma of a fuser (leans on selection)
+    synthesis_diversity: float = 0.3  # share of a synthesiser's selection noise that is its own
     token_noise: float = 0.2  # log-sd of per-call token counts
     mixes: tuple[MixTarget, ...] = ()
     source: str = "<memory>"
@@ -113,10 +115,15 @@ class Profile:
         """A copy with some parameters changed; abilities are refitted when the
         difficulty spread changes."""
         p = replace(self, **changes)
-        if "difficulty_spread" in changes:
-            p = replace(p, models=tuple(replace(m, ability=fit_ability(m.accuracy, p.difficulty_spread))
+        if {"difficulty_spread", "idiosyncrasy"} & set(changes):
+            p = replace(p, models=tuple(replace(m, ability=fit_ability(m.accuracy, p.total_spread))
                                         for m in p.models))
         return p
+
+    @property
+    def total_spread(self) -> float:
+        """sd of ``difficulty_q - idiosyncrasy_qm``: what abilities are fitted against."""
+        return float(np.hypot(self.difficulty_spread, self.idiosyncrasy))
 
     def free_parameters(self) -> dict[str, float]:
         """The scalar parameters calibration may change, by name."""
@@ -124,7 +131,7 @@ class Profile:
 
 
 #: Parameters the calibration fits (the others are structural or conventional).
-FREE_PARAMETERS = ("difficulty_spread", "wrong_answer_skew", "error_correlation", "synthesis_gain",
+FREE_PARAMETERS = ("difficulty_spread", "idiosyncrasy", "wrong_answer_skew", "error_correlation", "synthesis_gain",
                    "verify_offset", "weak_synth_penalty", "context_penalty", "corruption")
 
 
@@ -137,7 +144,7 @@ def _std_grid() -> np.ndarray:
 
 
 def expected_accuracy(ability: float, spread: float) -> float:
-    """Mean over difficulty ~ N(0, spread) of sigmoid(ability - difficulty)."""
+    """Mean over x ~ N(0, spread) of sigmoid(ability - x)."""
     return float(expit(ability - spread * _std_grid()).mean())
 
 
@@ -173,6 +180,7 @@ class _ProfileFile(BaseModel):
     models: dict[str, _ModelFile] = Field(min_length=1)
     n_wrong: int = Field(default=9, ge=1, le=64)
     difficulty_spread: float = Field(default=1.5, gt=0.0, le=10.0)
+    idiosyncrasy: float = Field(default=0.5, ge=0.0, le=10.0)
     wrong_answer_skew: float = Field(default=1.2, ge=0.0, le=10.0)
     error_correlation: float = Field(default=0.7, ge=0.0, le=1.0)
     synthesis_gain: float = Field(default=2.0, ge=0.0, le=20.0)
@@ -186,6 +194,7 @@ class _ProfileFile(BaseModel):
     fuser_own_weight: float = Field(default=0.3, ge=0.0)
     assistant_sharpness: float = Field(default=1.0, ge=0.0, le=10.0)
     fuser_sharpness: float = Field(default=2.0, ge=0.0, le=10.0)
+    synthesis_diversity: float = Field(default=0.3, ge=0.0, le=1.0)
     token_noise: float = Field(default=0.2, ge=0.0, le=2.0)
     mixes: list[_MixFile] = Field(default_factory=list)
 
@@ -206,10 +215,11 @@ def profile_from_dict(data: Any, *, source: str = "<memory>") -> Profile:
     except ValidationError as err:
         raise _one_line_error(source, err) from None
     models = []
+    spread = float(np.hypot(pf.difficulty_spread, pf.idiosyncrasy))
     for name, mf in pf.models.items():
-        fitted = fit_ability(mf.accuracy, pf.difficulty_spread)
+        fitted = fit_ability(mf.accuracy, spread)
         if mf.ability is not None:
-            got = expected_accuracy(mf.ability, pf.difficulty_spread)
+            got = expected_accuracy(mf.ability, spread)
             if abs(got - mf.accuracy) > _ABILITY_TOLERANCE:
                 raise EnvError(
                     f"profile {source}: field `models.{name}.ability`: {mf.ability:g} gives accuracy "
