@@ -1,29 +1,36 @@
 """``reinforce``: a policy-gradient search over a probabilistic graph (numeric only).
 
 :class:`PolicySearcher` is the machinery shared with ``agent-reinforce``: a
-:class:`~graphtune.search.probgraph.ProbabilisticGraph`, paired minibatches, a
-variance-reduced REINFORCE step, racing of the best graphs on more questions and a
-recommendation by paired mean with evidence. :class:`ReinforceSearcher` uses the numeric
-update alone (GPTSwarm-style edge/role/model policy gradient).
+:class:`~graphtune.search.probgraph.ProbabilisticGraph` that proposes graphs, a
+variance-reduced REINFORCE step, and **racing** that spends the evaluation budget where
+it decides something. :class:`ReinforceSearcher` uses the numeric update alone
+(GPTSwarm-style edge/role/model policy gradient).
 
-One batch (``ask``):
+Evaluation protocol (why it is sample-efficient):
 
-1. *Racing*: the ``race_top`` graphs with the best paired effect are scored on
-   ``race_step`` more dev questions they have not seen (in one fixed question order, so
-   the contenders share their questions). In the last ``final_race_frac`` of the budget
-   only racing happens, on the top ``race_top + 1`` graphs.
-2. The *incumbent* (best paired effect) on this batch's minibatch, for the paired
-   comparison.
-3. ``samples`` graphs from the distribution (distinct by canonical hash), on the same
-   minibatch.
+* One fixed random order of the dev questions. Every graph is scored on a *prefix* of
+  it, so any two graphs are paired on their common prefix: question difficulty cancels
+  out of every comparison, which cuts the noise of a difference several-fold.
+* Prefix lengths form levels ``n_0 < n_1 < ... = dev size`` (each ``eta`` times the
+  last). A new graph is scored on ``n_0`` questions. Asynchronous successive halving
+  (ASHA): once a graph ranks in the top ``1/eta`` of the graphs that completed level
+  k (by its mean on exactly the ``n_k`` shared questions), it is extended to level
+  ``k+1``. Poor graphs cost ``n_0`` runs; only contenders earn the whole dev set.
+* The loop never pays twice for a graph on a question (canonical hash), so extending a
+  graph costs only its new questions.
 
-``tell``: each sample's reward is its mean over the minibatch; advantages use a
-leave-one-out baseline and are normalised; the gradient of the marginal log-probability
-of each evaluated graph (``ProbabilisticGraph.grad_log_prob``) is averaged and applied
-with Adam; then the entropy floor. The minibatch grows by ``minibatch_growth`` per batch
-up to ``minibatch_max``. The loop never pays twice for a graph on a question (canonical
-hash), so re-including the incumbent or a repeated sample costs only questions it has
-not seen.
+One batch (``ask``): the pending promotions, then new graphs on the level-0 prefix:
+hook candidates (agent proposals, in ``agent-reinforce``) and ``samples`` draws from the
+distribution. In the last ``final_race_frac`` of the budget no new graphs are drawn:
+the best graphs by paired effect race to the full dev set.
+
+``tell``: the samples of a batch share the level-0 questions, so their rewards are
+directly comparable: leave-one-out baseline, normalised advantages, the gradient of the
+marginal log-probability of each evaluated graph averaged and applied with Adam, then
+the entropy floor.
+
+``recommend``: among graphs measured on the most questions (at least half of the top
+coverage), the best mean on the questions they share with the leader, with a 95% CI.
 """
 
 from __future__ import annotations
@@ -50,17 +57,29 @@ def _opt(options: Mapping[str, Any], key: str, default, cast=float):
     return cast(v) if v is not None else default
 
 
-class PolicySearcher(Searcher):
-    """Shared REINFORCE machinery (see the module docstring). Options (``search.options``):
+def prefix_levels(n_dev: int, n0: int, eta: float) -> list[int]:
+    """``n0, n0*eta, ... , n_dev`` (strictly increasing, capped at the dev size)."""
+    out = [max(1, min(n0, n_dev))]
+    while out[-1] < n_dev:
+        nxt = int(math.ceil(out[-1] * eta))
+        out.append(min(n_dev, nxt if nxt > out[-1] else out[-1] + 1))
+    if len(out) >= 2 and n_dev - out[-2] < 0.25 * out[-2]:  # no sliver of a last level
+        out.pop(-2)
+    return out
 
-    - ``minibatch`` (int, default: 10% of dev, 5..20): questions per paired minibatch;
-    - ``minibatch_growth`` (1.1), ``minibatch_max`` (3 x minibatch);
+
+class PolicySearcher(Searcher):
+    """Shared REINFORCE + racing machinery (see the module docstring). Options
+    (``search.options``):
+
+    - ``n0`` (default: dev/27 clamped to 8..20): questions of the first level;
+    - ``eta`` (3): level growth factor and successive-halving ratio;
     - ``samples`` (default ``search.batch_size``): graphs drawn per batch;
-    - ``lr`` (0.25): Adam step size on the logits; ``max_step`` (1.0) per coordinate;
-    - ``entropy_floor`` (0.4): minimum entropy as a fraction of the maximum;
+    - ``lr`` (0.3): Adam step size on the logits; ``max_step`` (1.0) per coordinate;
+    - ``entropy_floor`` (0.35): minimum entropy as a fraction of the maximum;
     - ``edge_init`` (-1.0): initial edge logit (sparse graphs first);
-    - ``race_top`` (2), ``race_step`` (= minibatch): racing of the best graphs;
-    - ``final_race_frac`` (0.2): share of the budget kept for racing at the end.
+    - ``race_top`` (3): graphs raced at the end; ``final_race_frac`` (0.15): share of
+      the budget kept for that final race.
     """
 
     name = "policy"
@@ -71,110 +90,138 @@ class PolicySearcher(Searcher):
         super().__init__(ctx)
         o = ctx.options
         n_dev = len(ctx.dev_ids)
-        self.mb0 = max(1, min(n_dev, _opt(o, "minibatch", max(5, min(20, round(0.1 * n_dev))), int)))
-        self.mb_growth = _opt(o, "minibatch_growth", 1.1)
-        self.mb_max = max(self.mb0, min(n_dev, _opt(o, "minibatch_max", 3 * self.mb0, int)))
+        self.eta = max(1.5, _opt(o, "eta", 3.0))
+        n0 = _opt(o, "n0", int(np.clip(round(n_dev / 27), 8, 20)), int)
+        self.levels = prefix_levels(n_dev, n0, self.eta)
         self.n_samples = max(1, _opt(o, "samples", ctx.batch_size, int))
-        self.lr = _opt(o, "lr", 0.25)
+        self.lr = _opt(o, "lr", 0.3)
         self.max_step = _opt(o, "max_step", 1.0)
-        self.entropy_frac = _opt(o, "entropy_floor", 0.4)
-        self.race_top = max(0, _opt(o, "race_top", 2, int))
-        self.race_step = max(1, _opt(o, "race_step", self.mb0, int))
-        self.final_race_frac = _opt(o, "final_race_frac", 0.2)
+        self.entropy_frac = _opt(o, "entropy_floor", 0.35)
+        self.race_top = max(1, _opt(o, "race_top", 3, int))
+        self.final_race_frac = _opt(o, "final_race_frac", 0.15)
         self.pg = ProbabilisticGraph(ctx.space, ctx.costs, ctx.budget, edge_init=_opt(o, "edge_init", -1.0))
         self.min_entropy = self.entropy_frac * self.pg.max_entropy()
-        # one fixed question order: minibatches are its chunks, racing follows it
         perm = ctx.rng(salt=11).permutation(n_dev)
         self.order: list[str] = [ctx.dev_ids[int(i)] for i in perm]
         self.rng = ctx.rng(salt=12)
         self.batches_told = 0
-        self.pointer = 0
-        self.mb_size = self.mb0
         self.spent = 0
         self.phase = "probe" if self.probes else "search"
-        #: graph hash -> {"graph": plain graph, "rewards": {qid: r}, "trials": [...], "origin": str}
+        #: graph hash -> {"graph": plain graph, "rewards": {qid: r}, "trials": [...], "origin": str,
+        #:               "promoted": highest level it was sent to}
         self.evidence: dict[str, dict[str, Any]] = {}
         self.earlier: list[str] = []
         self._minibatch: tuple[str, ...] = ()
 
     # -- evidence ----------------------------------------------------------------------
+    def _n(self, h: str) -> int:
+        """Length of the order prefix graph ``h`` has been scored on."""
+        r = self.evidence[h]["rewards"]
+        n = 0
+        for q in self.order:
+            if q not in r:
+                break
+            n += 1
+        return n
+
+    def _prefix_mean(self, h: str, n: int) -> float:
+        r = self.evidence[h]["rewards"]
+        return float(np.mean([r[q] for q in self.order[:n]]))
+
+    def _level_of(self, h: str) -> int:
+        """Highest level completed (-1: none)."""
+        n = self._n(h)
+        return max((k for k, nk in enumerate(self.levels) if n >= nk), default=-1)
+
     def _entries(self) -> list[GraphEntry]:
         out = []
         for h, d in self.evidence.items():
             g = from_dict(d["graph"])
-            c = self.ctx.costs.cost(g)
             out.append(GraphEntry(key=h, graph=g, trial_numbers=tuple(d["trials"]), origin=d["origin"],
                                   rewards=d["rewards"], reward=float(np.mean(list(d["rewards"].values()))),
-                                  cost_units=c.units, latency_s=c.latency_s))
+                                  cost_units=d.get("units", 0.0), latency_s=d.get("latency_s", 0.0)))
         return out
 
     def _effects(self) -> dict[str, tuple[float, float, int]]:
         return graph_effects(self._entries())
 
     def incumbent(self) -> str | None:
-        """Hash of the graph with the best paired effect, among those measured on at least
-        one full minibatch."""
-        eff = self._effects()
-        pool = {h: v for h, v in eff.items() if v[2] >= min(self.mb0, len(self.ctx.dev_ids))} or eff
-        if not pool:
+        """The leader: among graphs on the highest level reached, the best mean on that
+        level's shared questions."""
+        if not self.evidence:
             return None
-        return max(pool, key=lambda h: (pool[h][0], -self.evidence[h]["trials"][0]))
+        levels = {h: self._level_of(h) for h in self.evidence}
+        top = max(levels.values())
+        if top < 0:
+            return max(self.evidence, key=lambda h: (np.mean(list(self.evidence[h]["rewards"].values())),
+                                                     -self.evidence[h]["trials"][0]))
+        n = self.levels[top]
+        pool = [h for h, k in levels.items() if k == top]
+        return max(pool, key=lambda h: (self._prefix_mean(h, n), -self.evidence[h]["trials"][0]))
 
     def _graph(self, h: str) -> Graph:
         return from_dict(self.evidence[h]["graph"])
 
-    def _unseen(self, h: str | None, k: int) -> list[str]:
-        seen = self.evidence[h]["rewards"] if h in self.evidence else {}
-        return [q for q in self.order if q not in seen][:k]
-
     # -- ask -------------------------------------------------------------------------
-    def _next_minibatch(self) -> tuple[str, ...]:
-        n = len(self.order)
-        k = min(self.mb_size, n)
-        out = [self.order[(self.pointer + i) % n] for i in range(k)]
-        self.pointer = (self.pointer + k) % n
-        return tuple(out)
+    def _extend(self, h: str, level: int, origin: str) -> Candidate:
+        self.evidence[h]["promoted"] = max(self.evidence[h].get("promoted", 0), level)
+        return Candidate(graph=self._graph(h), question_ids=tuple(self.order[: self.levels[level]]), origin=origin,
+                         parents=(self.evidence[h]["trials"][-1],))
 
-    def _race_candidates(self, top: int, step: int) -> list[Candidate]:
+    def _promotions(self) -> list[Candidate]:
+        """ASHA: graphs in the top 1/eta of those that completed level k go to k+1."""
+        out: list[Candidate] = []
+        levels = {h: self._level_of(h) for h in self.evidence}
+        for k in range(len(self.levels) - 2, -1, -1):
+            done = [h for h, lv in levels.items() if lv >= k]
+            quota = int(len(done) // self.eta)
+            if quota < 1:
+                continue
+            n = self.levels[k]
+            ranked = sorted(done, key=lambda h: (-self._prefix_mean(h, n), self.evidence[h]["trials"][0]))
+            for h in ranked[:quota]:
+                if levels[h] == k and self.evidence[h].get("promoted", 0) <= k:
+                    out.append(self._extend(h, k + 1, "race"))
+        return out
+
+    def _final_race(self) -> list[Candidate]:
+        """Extend the best few graphs (by paired effect) one level each."""
         eff = self._effects()
-        ranked = sorted(eff, key=lambda h: (-eff[h][0], self.evidence[h]["trials"][0]))
+        ranked = sorted(eff, key=lambda h: (-(eff[h][0]), self.evidence[h]["trials"][0]))
         out = []
         for h in ranked:
-            if len(out) >= top:
+            lv = self._level_of(h)
+            if lv < len(self.levels) - 1:
+                out.append(self._extend(h, lv + 1, "race"))
+            if len(out) >= self.race_top:
                 break
-            new = self._unseen(h, step)
-            if not new:
-                continue
-            have = [q for q in self.order if q in self.evidence[h]["rewards"]]
-            out.append(Candidate(graph=self._graph(h), question_ids=tuple(have + new), origin="race",
-                                 parents=(self.evidence[h]["trials"][-1],)))
         return out
 
     def _sample_candidates(self, mb: tuple[str, ...], taken: set[str]) -> list[Candidate]:
         out = []
         for _ in range(self.n_samples):
-            for _ in range(20):  # a few redraws to keep the batch distinct
+            for _ in range(20):  # a few redraws to keep the batch new
                 try:
                     s, lp = self.pg.sample(self.rng)
                     g, info = s.graph, {"log_prob": lp}
                 except BudgetError:
                     g, info = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng), {"fallback": True}
                 h = graph_hash(g)
-                if h not in taken:
+                if h not in taken and h not in self.evidence:
                     taken.add(h)
                     out.append(Candidate(graph=g, question_ids=mb, origin="sample", info=info))
                     break
         return out
 
     def _extra_candidates(self, mb: tuple[str, ...], taken: set[str]) -> list[Candidate]:
-        """Hook: more candidates on the minibatch (agent proposals)."""
+        """Hook: more new graphs on the level-0 questions (agent proposals)."""
         return []
 
     def _probe_candidates(self) -> list[Candidate]:
         from graphtune.graphs.model import Node
         from graphtune.graphs.space import is_valid
 
-        mb = tuple(self.order[: min(self.mb0, len(self.order))])
+        mb = tuple(self.order[: self.levels[0]])
         out = []
         src = next((r for r in self.ctx.space.roles if r != "fuser"), self.ctx.space.roles[0])
         for m in self.ctx.space.models:
@@ -186,6 +233,9 @@ class PolicySearcher(Searcher):
     def remaining_runs(self) -> int:
         return max(0, self.ctx.budget_runs - self.spent) if self.ctx.budget_runs else 1 << 30
 
+    def _final_phase(self) -> bool:
+        return bool(self.ctx.budget_runs) and self.remaining_runs() < self.final_race_frac * self.ctx.budget_runs
+
     def ask(self) -> list[Candidate]:
         if self.phase == "probe":
             cands = self._probe_candidates()
@@ -193,20 +243,15 @@ class PolicySearcher(Searcher):
                 self._minibatch = tuple(cands[0].question_ids or ())
                 return cands
             self.phase = "search"
-        if self.ctx.budget_runs and self.remaining_runs() < self.final_race_frac * self.ctx.budget_runs:
-            race = self._race_candidates(self.race_top + 1, 2 * self.race_step)
+        if self._final_phase():
+            race = self._final_race()
             if race:
                 self._minibatch = ()
                 return race
-        mb = self._next_minibatch()
-        self._minibatch = mb
-        cands = self._race_candidates(self.race_top, self.race_step)
+        cands = self._promotions()
         taken = {graph_hash(c.graph) for c in cands}
-        inc = self.incumbent()
-        if inc is not None and inc not in taken:
-            taken.add(inc)
-            cands.append(Candidate(graph=self._graph(inc), question_ids=mb, origin="incumbent",
-                                   parents=(self.evidence[inc]["trials"][-1],)))
+        mb = tuple(self.order[: self.levels[0]])
+        self._minibatch = mb
         cands += self._extra_candidates(mb, taken)
         cands += self._sample_candidates(mb, taken)
         return cands
@@ -218,7 +263,8 @@ class PolicySearcher(Searcher):
             if not e.ok:
                 continue
             d = self.evidence.setdefault(e.graph_hash, {"graph": to_dict(e.candidate.graph), "rewards": {},
-                                                        "trials": [], "origin": e.candidate.origin})
+                                                        "trials": [], "origin": e.candidate.origin, "promoted": 0,
+                                                        "units": e.cost.units, "latency_s": e.cost.latency_s})
             d["rewards"].update(e.rewards_by_question(self.ctx.objective, self.ctx.costs.unit_flops))
             if e.trial_number not in d["trials"]:
                 d["trials"].append(e.trial_number)
@@ -265,12 +311,10 @@ class PolicySearcher(Searcher):
         numeric = self._numeric_step(evaluations, mb) if mb else {"samples": 0, "step": 0.0}
         self._after_numeric(evaluations, mb, numeric)
         self.pg.enforce_entropy_floor(self.min_entropy)
-        if mb:
-            self.mb_size = min(self.mb_max, max(self.mb_size + 1, int(round(self.mb_size * self.mb_growth))))
         inc = self.incumbent()
         if inc is not None:
             d = self.evidence[inc]
-            self.earlier.append(f"round {self.batches_told}: {len(evaluations)} graphs, best so far "
+            self.earlier.append(f"round {self.batches_told}: {len(evaluations)} graphs, leader "
                                 f"{from_dict(d['graph'])} mean {np.mean(list(d['rewards'].values())):.3f} over "
                                 f"{len(d['rewards'])} questions")
             self.earlier = self.earlier[-8:]
@@ -281,34 +325,39 @@ class PolicySearcher(Searcher):
 
     # -- recommendation --------------------------------------------------------------
     def recommend(self, history: Sequence[Evaluation]) -> GraphStats | None:
-        """Among well-evaluated graphs (at least half the best coverage), the best paired
-        mean reward; ``GraphStats.ci95`` gives its interval."""
+        """Among well-evaluated graphs (at least half the top coverage), the best mean on
+        the questions they share with the best-covered leader; ``GraphStats.ci95`` gives
+        the interval of its own mean."""
         stats = pool_stats(history, self.ctx.objective, self.ctx.costs.unit_flops)
         if not stats:
             return None
         top = max(s.n for s in stats.values())
-        well = {h: s for h, s in stats.items() if s.n >= max(1, top // 2)}
-        entries = [GraphEntry(key=h, graph=s.graph, trial_numbers=(s.first_trial,), origin="", rewards=s.rewards,
-                              reward=s.mean, cost_units=0.0, latency_s=0.0) for h, s in stats.items()]
-        eff = graph_effects(entries, prior_n=0.0)
-        return max(well.values(), key=lambda s: (eff[s.graph_hash][0], s.mean, -s.first_trial))
+        well = [s for s in stats.values() if s.n >= max(1, top // 2)]
+        full = [s for s in well if s.n == top]
+        leader = max(full, key=lambda s: (s.mean, -s.first_trial))
+
+        def paired(s: GraphStats) -> float:
+            # the leader's mean plus the paired difference on the questions both have
+            shared = [q for q in s.rewards if q in leader.rewards]
+            if not shared:
+                return s.mean
+            return leader.mean + float(np.mean([s.rewards[q] - leader.rewards[q] for q in shared]))
+
+        return max(well, key=lambda s: (paired(s), s.n, -s.first_trial))
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"pg": self.pg.state_dict(), "rng": rng_state(self.rng), "batches_told": self.batches_told,
-                "pointer": self.pointer, "mb_size": self.mb_size, "spent": self.spent, "phase": self.phase,
-                "evidence": self.evidence, "earlier": list(self.earlier)}
+                "spent": self.spent, "phase": self.phase, "evidence": self.evidence, "earlier": list(self.earlier)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.pg.load_state_dict(state["pg"])
         self.rng = rng_from_state(state["rng"])
         self.batches_told = int(state["batches_told"])
-        self.pointer = int(state["pointer"])
-        self.mb_size = int(state["mb_size"])
         self.spent = int(state["spent"])
         self.phase = str(state["phase"])
-        self.evidence = {h: {"graph": d["graph"], "rewards": dict(d["rewards"]), "trials": list(d["trials"]),
-                             "origin": d["origin"]} for h, d in state["evidence"].items()}
+        self.evidence = {h: {**d, "rewards": dict(d["rewards"]), "trials": list(d["trials"])}
+                         for h, d in state["evidence"].items()}
         self.earlier = list(state["earlier"])
 
 

@@ -1,0 +1,423 @@
+"""``llm-opt``: an LLM proposes the next graphs directly from the full history
+(AgentTTS / OPRO style): no distribution, no gradient.
+
+Each ``ask`` shows the LLM the task, the model pool with its costs, the space's rules,
+the budget and every evaluated graph with its reward and cost (worst first, best last,
+as OPRO does), and asks for ``batch_size`` new graphs as JSON::
+
+    {"reasoning": str, "proposals": [{"nodes": [{"id", "role", "model"}], "edges": [[src, dst]]}]}
+
+The reply is constrained by a JSON schema where the provider supports it and validated
+with pydantic either way; an unparsable reply is re-asked once with the error. Each
+proposal is then checked like any graph (structure, space, budget) and against the
+graphs already proposed; rejected proposals keep their reason in the step record, and
+random valid graphs fill the batch, so every batch is full. Each proposed graph is
+evaluated on the whole dev split.
+
+With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
+graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
+steps are labelled ``heuristic (mutation proposer, not an LLM)``, so a study never
+passes it off as an LLM. It makes the method run offline and deterministic.
+
+Steps (prompt, reply, parsed JSON, per-proposal outcome, tokens, cost, seconds) come out
+of :meth:`LLMOptSearcher.drain_agent_steps` as ``AgentStepRow`` rows. An LLM failure
+that outlived its retries is recorded and the batch is filled with random graphs; a fatal
+one (bad key, unknown model) stops the search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
+from graphtune.graphs.canonical import graph_hash
+from graphtune.graphs.io import from_dict, to_dict
+from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.space import prune_to_sink, random_graph, validate
+from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher, rng_from_state, rng_state
+
+HEURISTIC = "heuristic"
+HEURISTIC_BACKEND = "heuristic (mutation proposer, not an LLM)"
+STATE_VERSION = 1
+
+ROLE_HELP = {
+    "assistant": "answers the question; if it has inputs, it sees their answers and may use them",
+    "fuser": "combines the answers of its inputs into one final answer; needs at least one input",
+}
+
+SYSTEM_PROMPT = (
+    "You design collaboration graphs of LLM calls that answer questions of a task. A graph is a DAG: each node "
+    "is one call of a model in a role; an edge [a, b] appends a's answer to b's prompt; exactly one node (the "
+    "sink, with no outgoing edge) gives the final answer, and every other node must have a path to it. You see "
+    "every graph evaluated so far with its reward; propose new graphs that you expect to score higher while "
+    "staying within the budget. Reply with JSON only."
+)
+
+
+# -- reply schema ------------------------------------------------------------------------
+
+
+class ProposedNode(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    role: str
+    model: str
+
+
+class ProposedGraph(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nodes: list[ProposedNode] = Field(min_length=1)
+    edges: list[tuple[str, str]] = Field(default_factory=list)
+
+
+class ProposalReply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    proposals: list[ProposedGraph]
+    reasoning: str = ""
+
+
+def reply_schema(models: Sequence[str], roles: Sequence[str]) -> dict:
+    """JSON schema of a reply, in the subset every schema-enforcing provider accepts in
+    strict mode: every field required, no extra fields, enums, and no length or count
+    constraints (OpenAI's strict mode rejects them). Counts and pair lengths are checked
+    by pydantic instead. Reasoning comes first so a model constrained by a grammar thinks
+    before it proposes."""
+    node = {"type": "object", "additionalProperties": False, "required": ["id", "role", "model"],
+            "properties": {"id": {"type": "string"}, "role": {"type": "string", "enum": list(roles)},
+                           "model": {"type": "string", "enum": list(models)}}}
+    graph = {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"],
+             "properties": {"nodes": {"type": "array", "items": node},
+                            "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}
+    return {"title": "GraphProposals", "type": "object", "additionalProperties": False,
+            "required": ["reasoning", "proposals"],
+            "properties": {"reasoning": {"type": "string"}, "proposals": {"type": "array", "items": graph}}}
+
+
+def parse_reply(text: str) -> ProposalReply:
+    """Validate a reply; raises ValueError with a one-line reason."""
+    from graphtune.llm import parse_json
+
+    try:
+        data = parse_json(text)
+    except ValueError as e:
+        raise ValueError(f"reply is not JSON ({str(e).splitlines()[0]})") from None
+    try:
+        return ProposalReply.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ValueError(f"reply does not match the schema: {where}: {err['msg']}") from None
+
+
+# -- the searcher ------------------------------------------------------------------------
+
+CompleteFn = Callable[..., Any]
+
+
+class LLMOptSearcher(Searcher):
+    """OPRO-style proposer. ``complete`` replaces :func:`graphtune.llm.complete` (tests).
+
+    Options: ``max_history`` (200 graphs shown, the best ones), ``elite`` (4: graphs the
+    heuristic mutates), ``parse_retries`` (1: re-asks after an unparsable reply).
+    """
+
+    name = "llm-opt"
+
+    def __init__(self, ctx: SearchContext, *, complete: CompleteFn | None = None):
+        super().__init__(ctx)
+        agent = dict(ctx.agent or {})
+        self.model = str(agent.get("model") or HEURISTIC)
+        self.is_llm = self.model != HEURISTIC
+        self.agent = agent
+        self._complete = complete
+        opts = dict(ctx.options)
+        self.max_history = int(opts.get("max_history", 200))
+        self.elite = max(1, int(opts.get("elite", 4)))
+        self.parse_retries = int(opts.get("parse_retries", 1))
+        self.rng = ctx.rng(salt=13)
+        self.history: list[dict[str, Any]] = []  # evaluated graphs, in trial order
+        self.seen: set[str] = set()  # every hash proposed (never proposed twice)
+        self.batch = 0
+        self._steps: list[dict[str, Any]] = []
+        # cost order: the heuristic moves a node to a neighbouring size
+        self._models = sorted(ctx.space.models, key=lambda m: (ctx.costs.node_units(m, 0), m))
+
+    @property
+    def backend(self) -> str:
+        return self.model if self.is_llm else HEURISTIC_BACKEND
+
+    # -- Searcher API ----------------------------------------------------------------
+    def ask(self) -> list[Candidate]:
+        key = f"llm-opt-{self.ctx.seed}-{self.batch}"
+        step: dict[str, Any] = {"key": key, "batch": self.batch, "kind": "propose", "backend": self.backend,
+                                "is_llm": self.is_llm, "prompt": None, "reply": None, "parsed": None,
+                                "applied": None, "rejected_reason": None, "feedback": None,
+                                "trial_numbers": [h["trial"] for h in self.history], "calls": 0,
+                                "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0, "seconds": 0.0}
+        if self.is_llm:
+            proposals, failure = self._llm_proposals(step)
+        else:
+            proposals, failure = self._heuristic_proposals(step), None
+        out: list[Candidate] = []
+        outcomes: list[dict[str, Any]] = []
+        for i, raw in enumerate(proposals):
+            if len(out) >= self.ctx.batch_size:
+                outcomes.append({"index": i, "status": "ignored", "reason": "beyond the batch size"})
+                continue
+            g, reason = self._check(raw)
+            if g is None:
+                outcomes.append({"index": i, "status": "rejected", "reason": reason})
+                continue
+            h = graph_hash(g)
+            self.seen.add(h)
+            outcomes.append({"index": i, "status": "accepted", "graph_hash": h})
+            out.append(Candidate(graph=g, origin="agent" if self.is_llm else "mutation",
+                                 info={"agent_step": key, "proposal": i}))
+        n_random = 0
+        while len(out) < self.ctx.batch_size:
+            g = self._random_unseen()
+            if g is None:
+                break  # the space has nothing new left
+            self.seen.add(graph_hash(g))
+            out.append(Candidate(graph=g, origin="random", info={"agent_step": key, "filled": True}))
+            n_random += 1
+        rejected = [f"proposal {o['index']}: {o['reason']}" for o in outcomes if o["status"] == "rejected"]
+        reasons = ([failure] if failure else []) + rejected
+        step["applied"] = {"proposals": outcomes, "accepted": sum(o["status"] == "accepted" for o in outcomes),
+                           "random_fill": n_random}
+        step["rejected_reason"] = "; ".join(reasons) if reasons else None
+        self._steps.append(step)
+        self.batch += 1
+        return out
+
+    def tell(self, evaluations: Sequence[Evaluation]) -> None:
+        for ev in evaluations:
+            if not ev.ok:
+                continue
+            self.history.append({"trial": ev.trial_number, "hash": ev.graph_hash, "graph": to_dict(ev.candidate.graph),
+                                 "reward": float(ev.reward), "units": float(ev.cost.units),
+                                 "usd": float(ev.cost.usd), "latency_s": float(ev.cost.latency_s),
+                                 "accuracy": float(ev.metrics.accuracy)})
+
+    def drain_agent_steps(self) -> list[dict[str, Any]]:
+        out, self._steps = self._steps, []
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "history": list(self.history), "seen": sorted(self.seen),
+                "rng": rng_state(self.rng), "batch": self.batch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise GraphtuneError(f"stored llm-opt state has version {state.get('version')}, expected "
+                                 f"{STATE_VERSION}; start a new study")
+        self.history = [dict(h) for h in state["history"]]
+        self.seen = set(state["seen"])
+        self.rng = rng_from_state(state["rng"])
+        self.batch = int(state["batch"])
+
+    # -- checks ----------------------------------------------------------------------
+    def _check(self, raw: Any) -> tuple[Graph | None, str | None]:
+        """A proposal as a valid, new, in-budget graph, or None and the reason."""
+        try:
+            g = raw if isinstance(raw, Graph) else from_dict(
+                {"nodes": [n.model_dump() for n in raw.nodes], "edges": [list(e) for e in raw.edges]})
+            validate(g, self.ctx.space, self.ctx.costs, self.ctx.budget)
+        except GraphError as e:  # BudgetError included
+            return None, str(e)
+        if graph_hash(g) in self.seen:
+            return None, "already proposed (a graph isomorphic to it was evaluated or is in this batch)"
+        return g, None
+
+    def _random_unseen(self, tries: int = 200) -> Graph | None:
+        for _ in range(tries):
+            try:
+                g = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
+            except GraphError:
+                return None
+            if graph_hash(g) not in self.seen:
+                return g
+        return None
+
+    # -- the LLM proposer ------------------------------------------------------------
+    def prompt(self) -> str:
+        """The user message: problem, rules, budget, the full history, the request."""
+        ctx, costs = self.ctx, self.ctx.costs
+        space = ctx.space
+        lines = []
+        if ctx.task_description:
+            lines.append(f"Task: {ctx.task_description}")
+        lines.append("Models (cost of one call in budget units, with 0 / 1 / 2 inputs):")
+        for m in self._models:
+            lines.append(f"- {m}: " + " / ".join(f"{costs.node_units(m, d):.2f}" for d in range(3)))
+        lines.append("Roles:")
+        for r in space.roles:
+            lines.append(f"- {r}: {ROLE_HELP.get(r, 'a node role')}")
+        lines.append(f"Rules: at most {space.max_nodes} nodes, width <= {space.max_width}, depth (nodes on the "
+                     f"longest path) <= {space.max_depth}, in-degree <= {space.max_in_degree}; "
+                     f"the sink's role must be one of {list(space.sink_roles or space.roles)}; roles "
+                     f"{sorted(ROLES_NEEDING_INPUT & set(space.roles))} need an input.")
+        b = ctx.budget
+        limits = [f"{v:g} {name}" for name, v in (("units", b.units), ("FLOPs", b.flops), ("USD", b.usd),
+                                                  ("s latency", b.latency_s)) if v is not None]
+        lines.append(f"Budget per question (the graph's total cost): {', '.join(limits)}.")
+        obj = ctx.objective
+        if obj.is_accuracy:
+            lines.append("Reward: accuracy on the dev questions (0 to 1).")
+        else:
+            lines.append(f"Reward: accuracy - {obj.cost_weight:g} x units - {obj.latency_weight:g} x latency_s - "
+                         f"{obj.usd_weight:g} x usd.")
+        shown = sorted(self.history, key=lambda h: (h["reward"], -h["trial"]))[-self.max_history:]
+        if shown:
+            lines.append(f"Graphs evaluated so far ({len(shown)} of {len(self.history)}, worst first, best last):")
+            for h in shown:
+                g = {"nodes": h["graph"]["nodes"], "edges": h["graph"]["edges"]}
+                lines.append(f"{json.dumps(g, separators=(',', ':'))}  reward={h['reward']:.4f} "
+                             f"units={h['units']:.2f}")
+        else:
+            lines.append("No graph has been evaluated yet.")
+        lines.append(f"Propose {ctx.batch_size} new graphs, different from all of the above, that you expect to "
+                     "reach a higher reward within the budget. Node ids are free names; edges are [src, dst] "
+                     'pairs of ids. Answer as JSON: {"reasoning": "...", "proposals": [{"nodes": '
+                     '[{"id": "a", "role": "assistant", "model": "..."}], "edges": [["a", "b"]]}]}')
+        return "\n".join(lines)
+
+    def _call(self, messages: list[dict], schema: dict):
+        complete = self._complete
+        if complete is None:
+            from graphtune.llm import complete
+        a = self.agent
+        return complete(self.model, messages, api_base=a.get("api_base"), api_key_env=a.get("api_key_env"),
+                        temperature=float(a.get("temperature", 0.2)), max_tokens=a.get("max_tokens"),
+                        json_schema=schema, timeout_s=float(a.get("timeout_s", 120.0)),
+                        max_retries=int(a.get("max_retries", 2)), seed=self.ctx.seed * 1000 + self.batch)
+
+    def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[ProposedGraph], str | None]:
+        space = self.ctx.space
+        schema = reply_schema(space.models, space.roles)
+        prompt = self.prompt()
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        step["prompt"] = prompt
+        replies: list[str] = []
+        price_in = float(self.agent.get("usd_per_mtok_in", 0.0))
+        price_out = float(self.agent.get("usd_per_mtok_out", 0.0))
+        error = None
+        for _ in range(self.parse_retries + 1):
+            try:
+                r = self._call(messages, schema)
+            except LLMFatalError:
+                raise  # a bad key or model: continuing would only fail again
+            except LLMTransientError as e:
+                return [], f"LLM call failed, batch filled with random graphs: {e}"
+            step["calls"] += 1
+            step["prompt_tokens"] += int(r.prompt_tokens)
+            step["completion_tokens"] += int(r.completion_tokens)
+            step["usd"] += (r.prompt_tokens * price_in + r.completion_tokens * price_out) / 1e6
+            step["seconds"] += float(r.seconds)
+            replies.append(r.text)
+            step["reply"] = r.text if len(replies) == 1 else json.dumps(replies)
+            try:
+                parsed = parse_reply(r.text)
+            except ValueError as e:
+                error = str(e)
+                messages = messages + [{"role": "assistant", "content": r.text},
+                                       {"role": "user", "content": f"Your reply was invalid: {error}. Reply again "
+                                                                   "with JSON that matches the schema."}]
+                continue
+            step["parsed"] = parsed.model_dump(mode="json")
+            step["feedback"] = parsed.reasoning or None
+            return list(parsed.proposals), None
+        return [], f"unusable reply after {len(replies)} attempt(s), batch filled with random graphs: {error}"
+
+    # -- the offline heuristic proposer ------------------------------------------------
+    def _heuristic_proposals(self, step: dict[str, Any]) -> list[Graph]:
+        """Mutations of the best graphs so far (random graphs while there is no history)."""
+        ranked = sorted(self.history, key=lambda h: (-h["reward"], h["trial"]))[:self.elite]
+        parents = [from_dict(h["graph"]) for h in ranked]
+        out: list[Graph] = []
+        hashes: set[str] = set()
+        why: list[str] = []
+        for _ in range(self.ctx.batch_size):
+            if not parents:
+                break
+            for _ in range(50):
+                k = int(self.rng.integers(len(parents))) if self.rng.random() < 0.5 else 0  # favour the best
+                g, ops = parents[k], []
+                for _ in range(1 + int(self.rng.integers(2))):
+                    g, op = self._mutate(g)
+                    ops.append(op)
+                if g is None:
+                    continue
+                h = graph_hash(g)
+                if h in self.seen or h in hashes:
+                    continue
+                ok, _ = self._check(g)
+                if ok is None:
+                    continue
+                hashes.add(h)
+                out.append(g)
+                why.append(f"best #{k + 1}: {', '.join(ops)}")
+                break
+        step["parsed"] = {"proposals": [to_dict(g) for g in out], "reasoning": "; ".join(why)}
+        step["feedback"] = (f"{HEURISTIC_BACKEND}: mutated the {len(parents)} best graphs"
+                            if parents else f"{HEURISTIC_BACKEND}: no history yet, random graphs")
+        return out
+
+    def _mutate(self, g: Graph | None) -> tuple[Graph | None, str]:
+        if g is None:
+            return None, "none"
+        rng, space = self.rng, self.ctx.space
+        nodes, edges = list(g.nodes), list(g.edges)
+        sink = g.sink
+        ops = ["model", "role", "add_node", "remove_node", "add_edge", "remove_edge"]
+        op = ops[int(rng.integers(len(ops)))]
+        if op == "model":
+            i = int(rng.integers(len(nodes)))
+            n = nodes[i]
+            j = self._models.index(n.model) + (1 if rng.random() < 0.5 else -1)
+            j = min(max(j, 0), len(self._models) - 1)
+            nodes[i] = Node(id=n.id, role=n.role, model=self._models[j], params=n.params)
+        elif op == "role" and len(space.roles) > 1:
+            i = int(rng.integers(len(nodes)))
+            n = nodes[i]
+            allowed = (space.sink_roles or space.roles) if n.id == sink else space.roles
+            roles = [r for r in allowed if r != n.role]
+            if roles:
+                nodes[i] = Node(id=n.id, role=roles[int(rng.integers(len(roles)))], model=n.model, params=n.params)
+        elif op == "add_node":
+            new = _fresh_id(g)
+            target = [n.id for n in nodes][int(rng.integers(len(nodes)))]
+            model = self._models[int(rng.integers(len(self._models)))]
+            nodes.append(Node.make(new, "assistant" if "assistant" in space.roles else space.roles[0], model))
+            edges.append((new, target))
+        elif op == "remove_node" and len(nodes) > 1:
+            victims = [n.id for n in nodes if n.id != sink]
+            v = victims[int(rng.integers(len(victims)))]
+            # reconnect the victim's inputs to its outputs so the rest of the graph stays wired
+            ins = [u for u, w in edges if w == v]
+            outs = [w for u, w in edges if u == v]
+            nodes = [n for n in nodes if n.id != v]
+            edges = [(u, w) for u, w in edges if v not in (u, w)] + [(u, w) for u in ins for w in outs]
+        elif op == "add_edge":
+            order = list(g.topo_order)
+            pairs = [(order[i], order[j]) for j in range(len(order)) for i in range(j)
+                     if (order[i], order[j]) not in g.edges]
+            if pairs:
+                edges.append(pairs[int(rng.integers(len(pairs)))])
+        elif op == "remove_edge" and edges:
+            edges.pop(int(rng.integers(len(edges))))
+        try:
+            return prune_to_sink(Graph.build(nodes, edges), sink), op
+        except GraphError:
+            return None, op
+
+
+def _fresh_id(g: Graph) -> str:
+    i = g.size
+    while f"m{i}" in g.node_map:
+        i += 1
+    return f"m{i}"

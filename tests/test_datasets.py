@@ -1,0 +1,243 @@
+"""Loading datasets from files and the Hub, presets, and the dev/test split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from graphtune.envs import datasets as ds
+from graphtune.envs.datasets import PRESETS, Example, load_dataset, split_examples
+from graphtune.errors import EnvError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared task data not found at {SHARED}")
+
+ROWS = [
+    {"qid": "a", "prompt": "1+1?", "gold": "2", "level": 1},
+    {"qid": "b", "prompt": "2+2?", "gold": "4", "level": 2},
+    {"qid": "c", "prompt": "3+3?", "gold": "6", "level": 3},
+]
+
+
+def _write(path: Path, rows=ROWS) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (parquet support is optional)")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+FIELDS = {"id": "qid", "question": "prompt", "answer": "gold"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_format_with_field_mapping(tmp_path, suffix):
+    path = _write(tmp_path / f"data{suffix}")
+    exs = load_dataset(str(path), fields=FIELDS)
+    assert [e.id for e in exs] == ["a", "b", "c"]
+    assert exs[0].question == "1+1?" and str(exs[0].answer) == "2"
+    assert str(exs[2].meta["level"]) == "3"  # unmapped columns land in meta
+    assert "prompt" not in exs[0].meta and "qid" not in exs[0].meta
+    assert isinstance(exs[0], Example)
+    with pytest.raises(TypeError):
+        exs[0].meta["x"] = 1  # read-only
+
+
+def test_default_names_numbering_extras_and_limit(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"question": "q1", "answer": 1, "src": "x"},
+                                         {"question": "q2", "answer": 2, "src": "y"}])
+    exs = load_dataset(str(path))
+    assert [e.id for e in exs] == ["0", "1"] and exs[1].answer == 2
+    exs = load_dataset(str(path), fields={"origin": "src"}, limit=1)
+    assert len(exs) == 1 and exs[0].meta["origin"] == "x"
+
+
+def test_json_object_with_data_list(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": [{"question": "q", "answer": "a"}]}))
+    assert load_dataset(str(path))[0].answer == "a"
+
+
+def test_missing_column_lists_available_columns(tmp_path):
+    path = _write(tmp_path / "d.jsonl")
+    with pytest.raises(EnvError) as e:
+        load_dataset(str(path))
+    msg = str(e.value)
+    assert "d.jsonl" in msg and "'question'" in msg and "qid, prompt, gold, level" in msg
+    assert "fields.question" in msg and "\n" not in msg
+    with pytest.raises(EnvError, match="no column 'answr' for field 'answer'"):
+        load_dataset(str(path), fields={"question": "prompt", "answer": "answr"})
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(EnvError, match="nope.jsonl: file not found"):
+        load_dataset(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(EnvError, match="unknown file type '.txt'"):
+        load_dataset(str(tmp_path / "x.txt"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": 1}\n{not json\n')
+    with pytest.raises(EnvError, match=r"bad.jsonl:2: not valid JSON"):
+        load_dataset(str(bad))
+    dup = _write(tmp_path / "dup.jsonl", [{"id": 1, "question": "q", "answer": 1}] * 2)
+    with pytest.raises(EnvError, match="duplicate id '1'"):
+        load_dataset(str(dup))
+    with pytest.raises(EnvError, match="preset 'gsm9k' is unknown; known presets: gsm8k"):
+        load_dataset(str(dup), preset="gsm9k")
+
+
+def test_preset_with_renamed_columns(tmp_path):
+    path = _write(tmp_path / "m.jsonl", [{"prob": "What is 1/2 + 0?", "ans": "\\frac12"}])
+    exs = load_dataset(str(path), preset="math500", fields={"question": "prob", "answer": "ans"})
+    assert exs[0].question == "What is 1/2 + 0?" and exs[0].answer == "\\frac12" and exs[0].id == "math500/0"
+    with pytest.raises(EnvError, match=r"no column 'problem' for field 'question' \(preset math500\)"):
+        load_dataset(str(path), preset="math500")
+
+
+def test_mmlu_preset_accepts_the_hub_shape(tmp_path):
+    path = _write(tmp_path / "mmlu.jsonl", [{"question": "Capital of France?", "subject": "geo",
+                                             "choices": ["London", "Paris", "Rome", "Berlin"], "answer": 1}])
+    ex = load_dataset(str(path), preset="mmlu")[0]
+    assert ex.answer == "B" and ex.meta["options"][1] == "Paris" and ex.meta["topic"] == "geo"
+    assert ex.question.endswith("A. London\nB. Paris\nC. Rome\nD. Berlin")
+
+
+# ----------------------------------------------------------------------------- shared data
+
+
+@needs_shared
+@pytest.mark.parametrize("preset,path", [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl"),
+                                         ("mmlu", "mmlu/test.jsonl"), ("humaneval", "humaneval/HumanEval.jsonl"),
+                                         ("mbpp", "mbpp/mbpp.jsonl")])
+def test_presets_on_shared_data(preset, path):
+    exs = load_dataset(str(SHARED / path), preset=preset, limit=20)
+    assert len(exs) == 20 and len({e.id for e in exs}) == 20
+    e = exs[0]
+    if preset == "gsm8k":
+        assert e.answer == "18" and e.meta["solution"].endswith("#### 18")
+    elif preset == "math500":
+        assert e.answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and e.meta["subject"] == "Precalculus"
+    elif preset == "mmlu":
+        assert e.answer in "ABCD" and "\nA. " in e.question and "\nD. " in e.question
+        assert len(e.meta["options"]) == 4
+    elif preset == "humaneval":
+        assert e.id == "HumanEval/0" and e.question == e.meta["prompt"]
+        assert e.meta["entry_point"] == "has_close_elements" and "def check" in e.meta["test"]
+    elif preset == "mbpp":
+        assert e.id == "1" and e.meta["test_list"][0].startswith("assert min_cost")
+        assert "Your code should pass these tests" in e.question and e.meta["test_list"][0] in e.question
+
+
+@needs_shared
+def test_full_shared_sets_load_quickly():
+    t0 = time.monotonic()
+    n = {p: len(load_dataset(str(SHARED / f), preset=p)) for p, f in
+         [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl"), ("humaneval", "humaneval/HumanEval.jsonl"),
+          ("mbpp", "mbpp/mbpp.jsonl")]}
+    assert n == {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 974}
+    assert time.monotonic() - t0 < 10
+
+
+def test_every_preset_has_a_hub_source():
+    assert set(PRESETS) == {"gsm8k", "math500", "mmlu", "humaneval", "mbpp"}
+    assert all(p.hf.startswith("hf:") for p in PRESETS.values())
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+def test_hf_offline_env_var_fails_fast_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(EnvError) as e:
+        load_dataset("hf:openai/gsm8k:main@test")
+    assert time.monotonic() - t0 < 1
+    msg = str(e.value)
+    assert msg.startswith("cannot reach the Hugging Face Hub to load hf:openai/gsm8k:main@test")
+    assert msg.endswith("download the file and point task.dataset at it") and "\n" not in msg
+
+
+def test_hf_unreachable_host_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(ds, "_HF_HOST", "graphtune-test.invalid")  # never resolves
+    t0 = time.monotonic()
+    with pytest.raises(EnvError, match="cannot reach the Hugging Face Hub to load hf:mbpp"):
+        load_dataset("hf:mbpp")
+    assert time.monotonic() - t0 < ds._HF_PROBE_TIMEOUT_S + 1.5
+
+
+def test_hf_bad_source_syntax():
+    with pytest.raises(EnvError, match="expected hf:NAME"):
+        load_dataset("hf:")
+
+
+def test_hf_loads_through_datasets_when_online(monkeypatch):
+    calls = []
+
+    def fake_load(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "Q?", "answer": "steps\n#### 1,234"}]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(ds, "_hub_reachable", lambda *a, **k: True)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load))
+    exs = load_dataset("hf:openai/gsm8k:main@train", preset="gsm8k", limit=5)
+    assert calls == [("openai/gsm8k", "main", "train[:5]")]
+    assert exs[0].answer == "1234" and exs[0].id == "gsm8k/0"
+    load_dataset("hf:mbpp", fields={"question": "question", "answer": "answer"})
+    assert calls[-1] == ("mbpp", None, "test")
+
+    def broken(name, config, split):
+        raise ValueError("BuilderConfig 'nope' not found.\nAvailable: ['main']")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=broken))
+    with pytest.raises(EnvError, match=r"hf:openai/gsm8k:nope: the Hub could not load it \(ValueError: Builder"):
+        load_dataset("hf:openai/gsm8k:nope")
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def _exs(n):
+    return [Example(id=f"q{i}", question=f"question {i}", answer=i, meta={}) for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_order_independent():
+    exs = _exs(50)
+    dev, test = split_examples(exs, dev_size=10, test_size=15, seed=7)
+    assert len(dev) == 10 and len(test) == 15
+    assert not {e.id for e in dev} & {e.id for e in test}
+    again = split_examples(list(reversed(exs)), dev_size=10, test_size=15, seed=7)
+    assert [e.id for e in again[0]] == [e.id for e in dev] and [e.id for e in again[1]] == [e.id for e in test]
+    other = split_examples(exs, dev_size=10, test_size=15, seed=8)
+    assert [e.id for e in other[0]] != [e.id for e in dev]
+    # pinned: the split must not change across versions and platforms
+    dev, test = split_examples(_exs(10), dev_size=3, test_size=2, seed=0)
+    assert [e.id for e in dev] == ["q8", "q7", "q5"] and [e.id for e in test] == ["q2", "q4"]
+
+
+def test_split_sizes_are_checked():
+    with pytest.raises(EnvError, match="has 5 examples but dev_size \\+ test_size = 6"):
+        split_examples(_exs(5), dev_size=3, test_size=3, seed=0)
+    with pytest.raises(EnvError, match=">= 0"):
+        split_examples(_exs(5), dev_size=-1, test_size=3, seed=0)
+    dev, test = split_examples(_exs(5), dev_size=5, test_size=0, seed=0)
+    assert len(dev) == 5 and test == []

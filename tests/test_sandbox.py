@@ -1,0 +1,273 @@
+"""The code sandbox contains what LLM-written programs can do wrong or on purpose.
+
+Every case runs in each containment mode this machine supports (the mode the sandbox
+picks by itself is always among them), so the fallbacks are tested too. Every test is
+bounded by short timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from graphtune.envs import sandbox as sb
+from graphtune.envs.sandbox import SandboxResult, run_python, sandbox_mode
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _modes() -> list[str]:
+    best = sandbox_mode()
+    if best == "unavailable":
+        return []
+    order = ["kernel", "uid", "basic"]
+    return order[order.index(best):]
+
+
+MODES = _modes()
+pytestmark = pytest.mark.skipif(not MODES, reason=f"no sandbox can start here: {sb._setup_error}")
+
+
+@pytest.fixture(params=MODES)
+def run(request):
+    """run(code, **limits) in one containment mode."""
+    mode = request.param
+    setup = sb._Setup(mode, sb._get_setup().python)
+    if mode != sandbox_mode():
+        probe = sb._run(setup, "print('ok')", timeout_s=10, memory_mb=512, max_procs=8, file_mb=1,
+                        max_output_bytes=100)
+        if not probe.ok:
+            pytest.skip(f"mode {mode} does not work here: {probe.error or probe.stderr[-200:]}")
+
+    def _run(code, *, timeout_s=5.0, memory_mb=512, max_procs=16, file_mb=4, max_output_bytes=100_000):
+        return sb._run(setup, code, timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs,
+                       file_mb=file_mb, max_output_bytes=max_output_bytes)
+
+    _run.mode = mode
+    return _run
+
+
+def _live_sandbox_procs() -> int:
+    """Live processes with a uid from the sandbox's range."""
+    n = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if sb._UID_LO <= os.stat(f"/proc/{name}").st_uid < sb._UID_HI:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                        n += 1
+        except (OSError, IndexError):
+            pass
+    return n
+
+
+def test_public_entry_point_runs_code():
+    r = run_python("print(6 * 7)", timeout_s=10)
+    assert isinstance(r, SandboxResult)
+    assert r.ok and r.error is None and r.stdout.strip() == "42"
+    assert r.mode == sandbox_mode()
+
+
+def test_output_exit_code_and_traceback(run):
+    r = run("import sys\nprint('out'); print('err', file=sys.stderr)")
+    assert r.ok and r.returncode == 0 and r.stdout == "out\n" and "err" in r.stderr
+    r = run("x = 1\nraise ValueError('boom')")
+    assert not r.ok and r.returncode == 1 and not r.timed_out and r.error is None
+    assert "ValueError: boom" in r.stderr and "main.py" in r.stderr
+    r = run("import sys; sys.exit(3)")
+    assert r.returncode == 3 and not r.ok
+    r = run("def f(:\n  pass")
+    assert not r.ok and "SyntaxError" in r.stderr
+
+
+def test_minimal_environment_and_scratch_dir(run, monkeypatch):
+    monkeypatch.setenv("GRAPHTUNE_TEST_SECRET", "sk-should-not-leak")
+    r = run("import os, json\nprint(json.dumps({'cwd': os.getcwd(), 'env': dict(os.environ), "
+            "'home': os.path.expanduser('~')}))\nopen('scratch.txt', 'w').write('fine')\n"
+            "print(open('scratch.txt').read())")
+    assert r.ok, r.stderr
+    import json
+    info = json.loads(r.stdout.splitlines()[0])
+    assert "sk-should-not-leak" not in r.stdout
+    assert not any("KEY" in k or "SECRET" in k or "TOKEN" in k for k in info["env"])
+    assert info["home"] == info["cwd"]
+    assert r.stdout.splitlines()[1] == "fine"
+    # the scratch folder is gone afterwards (in kernel mode it never existed on the host)
+    if run.mode != "kernel":
+        assert not os.path.exists(info["cwd"])
+
+
+def test_stdin_is_empty(run):
+    r = run("try:\n    input()\nexcept EOFError:\n    print('eof')")
+    assert r.ok and r.stdout.strip() == "eof"
+
+
+def test_infinite_loop_is_killed(run):
+    t0 = time.monotonic()
+    r = run("while True:\n    pass", timeout_s=1.0)
+    elapsed = time.monotonic() - t0
+    assert r.timed_out and not r.ok and r.error is None
+    assert elapsed < 5
+
+
+def test_sleeping_child_that_leaves_the_group_is_killed(run):
+    if run.mode == "basic":
+        pytest.skip("basic mode kills the process group only; a child that calls setsid() outlives the run")
+    code = ("import os, time, subprocess, sys\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\n"
+            "print('parent done')\n")
+    r = run(code, timeout_s=5)
+    assert r.ok and "parent done" in r.stdout
+    if run.mode in ("kernel", "uid"):
+        assert _live_sandbox_procs() == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run as a fresh uid (RLIMIT_NPROC is per uid)")
+def test_fork_bomb_is_contained(run):
+    if run.mode == "basic":
+        pytest.skip("basic mode as root: RLIMIT_NPROC does not bind root")
+    bomb = ("import os\n"
+            "while True:\n"
+            "    try:\n"
+            "        if os.fork() == 0:\n"
+            "            os.setsid()  # try to leave the process group too\n"
+            "    except OSError:\n"
+            "        pass\n")
+    t0 = time.monotonic()
+    r = run(bomb, timeout_s=1.5, max_procs=12)
+    assert time.monotonic() - t0 < 10
+    assert r.timed_out and not r.ok and r.error is None
+    assert _live_sandbox_procs() == 0
+    # the machine is fine: we can still fork and run another sandbox
+    again = run("print('alive')", timeout_s=5)
+    assert again.ok and again.stdout.strip() == "alive"
+
+
+def test_memory_bomb_is_contained(run):
+    t0 = time.monotonic()
+    r = run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))", memory_mb=256, timeout_s=10)
+    assert not r.ok and not r.timed_out and r.error is None
+    assert "MemoryError" in r.stderr
+    assert time.monotonic() - t0 < 8
+    r = run("x = bytearray(8 * 2**30)", memory_mb=256)
+    assert not r.ok and "MemoryError" in r.stderr
+
+
+def test_writing_outside_the_scratch_dir_is_prevented(run, tmp_path):
+    # a world-writable host folder: an unsandboxed program of any uid could write here
+    open_dir = tempfile.mkdtemp(prefix="graphtune-sbtest-", dir="/tmp")
+    os.chmod(open_dir, 0o777)
+    root_file = tmp_path / "precious.txt"
+    root_file.write_text("keep")
+    target = os.path.join(open_dir, "escaped.txt")
+    code = f"""
+import os, subprocess
+results = []
+for path in ({target!r}, {str(root_file)!r}, {str(tmp_path / 'new.txt')!r}):
+    try:
+        with open(path, 'w') as f:
+            f.write('pwned')
+        results.append('wrote')
+    except OSError as e:
+        results.append('refused')
+try:  # a child process has no audit hook: the kernel must stop it (or spawning is refused)
+    subprocess.run(['sh', '-c', 'echo pwned > {target}; echo pwned > {root_file}'], timeout=5)
+except (OSError, subprocess.SubprocessError) as e:
+    results.append('no-spawn')
+try:
+    os.remove({str(root_file)!r})
+    results.append('removed')
+except OSError:
+    results.append('refused')
+print(results)
+"""
+    try:
+        r = run(code, timeout_s=10)
+        assert r.error is None
+        assert not os.path.exists(target), r.stdout + r.stderr
+        assert root_file.read_text() == "keep"
+        assert not (tmp_path / "new.txt").exists()
+        assert "wrote" not in r.stdout and "removed" not in r.stdout
+    finally:
+        for name in os.listdir(open_dir):
+            os.remove(os.path.join(open_dir, name))
+        os.rmdir(open_dir)
+
+
+def test_file_size_limit(run):
+    r = run("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (8 * 2**20))", file_mb=1)
+    assert not r.ok
+
+
+def test_network_is_blocked(run):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.3)
+    port = listener.getsockname()[1]
+    connect = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    code = f"""
+import subprocess, sys
+try:
+{chr(10).join('    ' + ln for ln in connect.splitlines())}
+except OSError as e:
+    print('python:', type(e).__name__)
+try:  # a fresh interpreter without the audit hook: only the network namespace stops it
+    out = subprocess.run([sys.executable, '-I', '-c', {connect!r}], capture_output=True, text=True, timeout=5)
+    print('child:', out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+except (OSError, subprocess.SubprocessError) as e:
+    print('child: no-spawn', type(e).__name__)
+"""
+    try:
+        r = run(code, timeout_s=10)
+        assert r.error is None
+        assert "connected" not in r.stdout, r.stdout
+        assert "python:" in r.stdout
+        with pytest.raises(OSError):  # socket.timeout: nothing ever connected
+            conn, _ = listener.accept()
+            conn.close()
+    finally:
+        listener.close()
+
+
+def test_output_is_capped(run):
+    r = run("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 10000)", max_output_bytes=5000)
+    assert r.ok and len(r.stdout) == 5000
+
+
+def test_sandbox_that_cannot_start_is_an_error_not_a_failure(run):
+    broken = sb._Setup(run.mode, "/nonexistent/python3")
+    r = sb._run(broken, "print(1)", timeout_s=5, memory_mb=256, max_procs=8, file_mb=1, max_output_bytes=100)
+    assert r.error and r.error.startswith("sandbox cannot start") and not r.ok
+
+
+def test_unavailable_sandbox_reports_error(monkeypatch):
+    monkeypatch.setattr(sb, "_get_setup", lambda: None)
+    monkeypatch.setattr(sb, "_setup_error", "kernel with /x: denied")
+    r = run_python("print(1)")
+    assert not r.ok and r.error == "sandbox cannot start: kernel with /x: denied"
+
+
+def test_concurrent_runs_are_independent():
+    results: list[SandboxResult] = []
+
+    def one(i):
+        results.append(run_python(f"import os\nopen('f', 'w').write('{i}')\nprint(open('f').read(), os.getuid())",
+                                  timeout_s=10))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4 and all(r.ok for r in results), [r.stderr for r in results]
+    assert sorted(r.stdout.split()[0] for r in results) == ["0", "1", "2", "3"]
+    if sandbox_mode() in ("kernel", "uid"):
+        assert len({r.stdout.split()[1] for r in results}) == 4  # a fresh uid each
