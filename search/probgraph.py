@@ -133,6 +133,26 @@ class ProbabilisticGraph:
         self._adam_v = np.zeros(self.n_params)
         self._adam_t = 0
         self._cost_cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._tab: dict[str, np.ndarray] | None = None  # probability tables, rebuilt after a change
+
+    def _tables(self) -> dict[str, np.ndarray]:
+        """Model/role probabilities and edge probabilities for the current logits (the
+        hot path of sampling and of the entropy floor); invalidated by ``set_params``."""
+        if self._tab is None:
+            S, R = self.S, len(self.roles)
+            pm = np.exp(self.model_logits - self.model_logits.max(axis=1, keepdims=True))
+            pm /= pm.sum(axis=1, keepdims=True)
+            pe = 1.0 / (1.0 + np.exp(-(self.edge_logits + self.slot_logits[:, None])))
+            pr = np.zeros((S, 2, R))
+            for j in range(S):
+                for h in (0, 1):
+                    mask = self._role_mask[j, h]
+                    if mask.any():
+                        x = self.role_logits[j][mask]
+                        e = np.exp(x - x.max())
+                        pr[j, h, mask] = e / e.sum()
+            self._tab = {"pm": pm, "cm": np.cumsum(pm, axis=1), "pe": pe, "pr": pr, "cr": np.cumsum(pr, axis=2)}
+        return self._tab
 
     # -- naming --------------------------------------------------------------------------
     @staticmethod
@@ -149,17 +169,13 @@ class ProbabilisticGraph:
 
     # -- probabilities -------------------------------------------------------------------
     def edge_prob(self, i: int, j: int) -> float:
-        return _sigmoid(float(self.edge_logits[i, j] + self.slot_logits[i]))
+        return float(self._tables()["pe"][i, j])
 
     def model_probs(self, j: int) -> np.ndarray:
-        return np.exp(_log_softmax(self.model_logits[j]))
+        return self._tables()["pm"][j]
 
     def role_probs(self, j: int, has_input: bool) -> np.ndarray:
-        mask = self._role_mask[j, int(has_input)]
-        out = np.zeros(len(self.roles))
-        if mask.any():
-            out[mask] = np.exp(_log_softmax(self.role_logits[j][mask]))
-        return out
+        return self._tables()["pr"][j, int(has_input)]
 
     def model_marginals(self) -> dict[str, float]:
         """Mean model probability over slots (for reports)."""
@@ -171,23 +187,25 @@ class ProbabilisticGraph:
         S, cap = self.S, self.space.max_in_degree
         # one uniform per factor, drawn up front: (model, S-1 edge slots, role) per slot
         u = rng.random((S, S + 1))
+        t = self._tables()
+        cmt, pe, crt = t["cm"], t["pe"], t["cr"]
+        M, R = len(self.models), len(self.roles)
         models: list[int] = []
         roles: list[int] = []
         bits: list[tuple[int, int, int]] = []
         for j in range(S):
-            cm = np.cumsum(self.model_probs(j))
-            models.append(min(int(np.searchsorted(cm, u[j, 0] * cm[-1], side="right")), len(self.models) - 1))
+            cm = cmt[j]
+            models.append(min(int(np.searchsorted(cm, u[j, 0] * cm[-1], side="right")), M - 1))
             k = 0
             for n, i in enumerate(range(j - 1, -1, -1)):
                 if k >= cap:
                     break  # forced absent: probability one, no factor
-                b = int(u[j, 1 + n] < self.edge_prob(i, j))
+                b = int(u[j, 1 + n] < pe[i, j])
                 bits.append((i, j, b))
                 k += b
-            pr = self.role_probs(j, k > 0)
-            if pr.sum() > 0:
-                cr = np.cumsum(pr)
-                roles.append(min(int(np.searchsorted(cr, u[j, S] * cr[-1], side="right")), len(self.roles) - 1))
+            cr = crt[j, int(k > 0)]
+            if cr[-1] > 0:
+                roles.append(min(int(np.searchsorted(cr, u[j, S] * cr[-1], side="right")), R - 1))
             else:
                 roles.append(-1)
         return models, roles, bits
@@ -480,6 +498,7 @@ class ProbabilisticGraph:
         A = np.zeros(S)
         A[: S - 1] = theta[a:a + S - 1]
         self.slot_logits = A
+        self._tab = None
 
     def _clip(self) -> None:
         self.set_params(np.clip(self.params, -self.logit_clip, self.logit_clip))

@@ -185,16 +185,29 @@ class PolicySearcher(Searcher):
         return out
 
     def _final_race(self) -> list[Candidate]:
-        """Extend the best few graphs (by paired effect) one level each."""
-        eff = self._effects()
-        ranked = sorted(eff, key=lambda h: (-(eff[h][0]), self.evidence[h]["trials"][0]))
+        """Race to the full dev set: the leader, and every graph whose paired upper
+        confidence bound against the leader is above zero (most promising first)."""
+        leader = self.incumbent()
+        if leader is None:
+            return []
+        top_level = len(self.levels) - 1
+        lr = self.evidence[leader]["rewards"]
+        scored = []
+        for h, d in self.evidence.items():
+            if h == leader or self._level_of(h) >= top_level:
+                continue
+            shared = [q for q in d["rewards"] if q in lr]
+            if len(shared) < 2:
+                continue
+            diff = np.array([d["rewards"][q] - lr[q] for q in shared])
+            ucb = float(diff.mean() + 2.0 * diff.std(ddof=1) / math.sqrt(len(diff)))
+            if ucb > 0:
+                scored.append((ucb, h))
         out = []
-        for h in ranked:
-            lv = self._level_of(h)
-            if lv < len(self.levels) - 1:
-                out.append(self._extend(h, lv + 1, "race"))
-            if len(out) >= self.race_top:
-                break
+        if self._level_of(leader) < top_level:
+            out.append(self._extend(leader, self._level_of(leader) + 1, "race"))
+        for _, h in sorted(scored, key=lambda t: (-t[0], t[1]))[: self.race_top]:
+            out.append(self._extend(h, self._level_of(h) + 1, "race"))
         return out
 
     def _sample_candidates(self, mb: tuple[str, ...], taken: set[str]) -> list[Candidate]:

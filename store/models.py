@@ -144,3 +144,33 @@ class AgentStepRow(Base):
     usd: Mapped[float] = mapped_column(Float, default=0.0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LLMCallRow(Base):
+    """One LLM call of a live environment (the call ledger; see ``graphtune.store.ledger``).
+
+    ``key`` digests everything that determines a reply: the model, the messages, the
+    sampling parameters and the sample index/seed (so distinct samples of one prompt are
+    never collapsed). A row without ``error`` serves every later identical call; failed
+    calls are recorded too but never served. API keys are never stored (the request
+    carries only the model string and parameters)."""
+
+    __tablename__ = "llm_calls"
+    __table_args__ = (Index("ix_llm_calls_key", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(300))  # the pool's model name
+    endpoint: Mapped[str] = mapped_column(String(300))  # litellm model string (or local:<file>)
+    messages: Mapped[list] = mapped_column(JSON)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # temperature, max_tokens, seed, ...
+    sample_index: Mapped[int] = mapped_column(Integer, default=0)
+    reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)
+    usd: Mapped[float] = mapped_column(Float, default=0.0)
+    flops: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    study: Mapped[str | None] = mapped_column(String(200), nullable=True)  # who paid for it (informative)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

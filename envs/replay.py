@@ -1,0 +1,1012 @@
+"""The replay environment: evaluate graphs from recorded outcomes instead of calling models.
+
+Records come from a table in a generic schema (:class:`Record`, one row per recorded
+answer of one model to one question; CSV or JSONL, see ``docs/replay.md``), from the
+recorded GSM8K answers of six real systems (:func:`import_gsm8k_recorded`), or from the
+call ledger of earlier live runs (:func:`records_from_ledger`).
+
+Semantics (details and the parameters in ``docs/replay.md``):
+
+* **Source nodes are replayed.** A node with no predecessors, model m, on question q,
+  uses recorded sample number k of (q, m), where k is the node's rank among the graph's
+  same-model source nodes in canonical order (:func:`graphtune.graphs.canonical.
+  canonical_order`). Distinct nodes of one model therefore use distinct recorded samples;
+  when fewer samples are recorded than a graph needs, the extra ones are **modelled**.
+* **Everything else is modelled**, with the simulator's rules (``docs/simulator.md``)
+  and the synthesis parameters of a simulator profile (default ``math``): a node with
+  predecessors makes its own attempt (lowered by the context penalty), weighs the
+  distinct input answers by votes and its ability to verify the right one, and may
+  garble a right answer at depth. Its inputs' correctness and answers are the recorded
+  (or modelled) ones, so collisions between recorded wrong answers are real.
+* A modelled attempt of model m on q is right with probability ``p_qm``: the mean
+  recorded ``p_correct`` of (q, m) when the table has it, else a shared-difficulty
+  estimate (a Rasch fit over every model's recorded correctness, recentred so each
+  model's mean equals its recorded accuracy) pulled toward the model's own recorded
+  samples of q (``prior_strength`` pseudo-samples). A modelled wrong answer is drawn
+  from the recorded wrong answers of q by popularity (the model's own counted twice),
+  or is a new, never-recorded answer with weight ``novel_weight``.
+* A result that used any modelled outcome has ``QuestionResult.modelled = True``; a
+  graph of one source node is fully recorded.
+
+Randomness comes from a hash of (seed, task, question, node, model, role, inputs), never
+from a global RNG; graphs are evaluated in canonical form, so results do not depend on
+node naming, question order or evaluation order.
+
+Tokens: recorded ``prompt_tokens``/``completion_tokens`` when present; otherwise the
+prompt is estimated as ``len(question) / 4`` and the completion as ``len(text) / 4``
+(chars per token; the recorded GSM8K fixture has no token counts). Cost from the pool's
+constants (``node_flops``/``node_usd``/``node_latency_s``); a recorded ``cost_usd`` /
+``latency_s`` is used for a recorded call when the pool gives the model no price / the
+row has a latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import hashlib
+import json
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import expit
+
+from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
+from graphtune.envs.simulated.profile import Profile, load_profile
+from graphtune.errors import EnvError, GraphtuneError
+from graphtune.graphs.canonical import canonical_form, canonical_order
+from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
+from graphtune.graphs.model import ASSISTANT, FUSER, Graph
+
+__all__ = ["Record", "RecordTable", "ReplayEnvironment", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "GSM8K_SYSTEMS",
+           "load_records", "save_records", "import_gsm8k_recorded", "records_from_ledger", "normalize_answer"]
+
+#: characters per token, for estimating tokens from text (as the live environment does)
+CHARS_PER_TOKEN = 4.0
+SUPPORTED_ROLES = (ASSISTANT, FUSER)
+SPLITS = ("dev", "test")
+
+# ------------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class Record:
+    """One recorded answer of one model to one question (a row of the generic schema).
+
+    ``answer`` is the normalised final answer (e.g. the extracted number for GSM8K, a
+    letter for multiple choice, or any answer id); answers of one question that are equal
+    strings are the same answer, so wrong answers collide as they did. ``correct`` is the
+    recorded verdict (it decides, not a comparison of strings). ``sample`` numbers the
+    samples of one (question, model) from 0."""
+
+    task: str
+    question_id: str
+    model: str
+    sample: int
+    answer: str
+    correct: bool
+    p_correct: float | None = None  # the model's probability of answering q right, if known
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_s: float | None = None
+    text: str | None = None  # the full reply (token estimate when no counts are recorded)
+    question: str | None = None  # the question text (prompt-token estimate)
+    reference: str | None = None  # the question's reference answer (normalised), if known
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.task, self.question_id, self.model, self.sample)
+
+
+#: columns every table must have (``answer`` may be empty: the model gave no answer)
+REQUIRED_COLUMNS = ("task", "question_id", "model", "sample", "answer", "correct")
+#: columns a table may have
+OPTIONAL_COLUMNS = ("p_correct", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s", "text", "question",
+                    "reference")
+_ALL_COLUMNS = tuple(f.name for f in fields(Record))  # the schema is the dataclass: required, then optional
+
+
+@dataclass(frozen=True)
+class RecordTable:
+    """Recorded outcomes (immutable). ``source`` says where they came from (a file, the
+    fixture, a ledger) for messages. Build with :func:`load_records`,
+    :func:`import_gsm8k_recorded`, :func:`records_from_ledger` or from records directly;
+    two rows with the same (task, question_id, model, sample) are an error."""
+
+    records: tuple[Record, ...]
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        seen: set[tuple] = set()
+        for r in self.records:
+            if r.key in seen:
+                raise EnvError(f"records {self.source}: duplicate record for task {r.task!r}, question "
+                               f"{r.question_id!r}, model {r.model!r}, sample {r.sample}; each sample once")
+            seen.add(r.key)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @cached_property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(sorted({r.task for r in self.records}))
+
+    @cached_property
+    def models(self) -> tuple[str, ...]:
+        return tuple(sorted({r.model for r in self.records}))
+
+    def questions(self, task: str | None = None) -> tuple[str, ...]:
+        """Question ids with at least one record (of ``task``), sorted."""
+        return tuple(sorted({r.question_id for r in self.records if task is None or r.task == task}))
+
+    def accuracy(self, model: str, task: str | None = None) -> float:
+        """Recorded fraction correct of ``model`` over all its rows (of ``task``)."""
+        rows = [r.correct for r in self.records if r.model == model and (task is None or r.task == task)]
+        if not rows:
+            raise EnvError(f"records {self.source}: no records of model {model!r}; recorded models: "
+                           f"{list(self.models)}")
+        return sum(rows) / len(rows)
+
+    def for_task(self, task: str) -> RecordTable:
+        return RecordTable(tuple(r for r in self.records if r.task == task), source=self.source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as CSV or JSONL (by the file's suffix); see :func:`save_records`."""
+        return save_records(self, path)
+
+
+# ------------------------------------------------------------------------------- reading / writing
+
+_INT_COLUMNS = ("sample", "prompt_tokens", "completion_tokens")
+_FLOAT_COLUMNS = ("p_correct", "cost_usd", "latency_s")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+class _BadValue(Exception):
+    def __init__(self, column: str, why: str):
+        super().__init__(why)
+        self.column, self.why = column, why
+
+
+def _cell(raw: Mapping[str, Any], column: str) -> Any:
+    v = raw.get(column)
+    if column == "answer" and v is None:
+        return ""  # JSON null: the model gave no answer
+    if isinstance(v, str) and column != "answer" and column != "text" and column != "question":
+        v = v.strip()
+    return None if v is None or (isinstance(v, str) and v == "" and column != "answer") else v
+
+
+def _parse_row(raw: Mapping[str, Any]) -> Record:
+    values: dict[str, Any] = {}
+    for col in _ALL_COLUMNS:
+        v = _cell(raw, col)
+        if v is None:
+            if col in REQUIRED_COLUMNS:
+                raise _BadValue(col, "is empty; every row needs a value")
+            values[col] = None
+            continue
+        if col == "correct":
+            if isinstance(v, bool):
+                values[col] = v
+            elif str(v).strip().lower() in _TRUE:
+                values[col] = True
+            elif str(v).strip().lower() in _FALSE:
+                values[col] = False
+            else:
+                raise _BadValue(col, f"{v!r} is not a boolean; write true/false (or 1/0)")
+        elif col in _INT_COLUMNS:
+            try:
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                n = int(v) if not isinstance(v, str) else int(v.strip())
+            except (TypeError, ValueError):
+                raise _BadValue(col, f"{v!r} is not a whole number") from None
+            if n < 0:
+                raise _BadValue(col, f"{n} is negative; it must be >= 0")
+            values[col] = n
+        elif col in _FLOAT_COLUMNS:
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                x = float(v)
+            except (TypeError, ValueError):
+                raise _BadValue(col, f"{v!r} is not a number") from None
+            if not math.isfinite(x) or x < 0 or (col == "p_correct" and x > 1):
+                allowed = "between 0 and 1" if col == "p_correct" else ">= 0"
+                raise _BadValue(col, f"{v!r} is out of range; it must be {allowed}")
+            values[col] = x
+        else:
+            values[col] = str(v)
+    return Record(**values)
+
+
+def _check_columns(path: Path, line: int, columns: Iterable[str]) -> None:
+    cols = list(columns)
+    for col in REQUIRED_COLUMNS:
+        if col not in cols:
+            raise EnvError(f"{path}:{line}: missing column `{col}`; the record schema needs columns "
+                           f"{', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)}); "
+                           "see docs/replay.md")
+    for col in cols:
+        if col not in _ALL_COLUMNS:
+            near = difflib.get_close_matches(str(col), _ALL_COLUMNS, n=1)
+            hint = f"did you mean `{near[0]}`? " if near else ""
+            raise EnvError(f"{path}:{line}: unknown column `{col}`; {hint}allowed columns: {', '.join(_ALL_COLUMNS)}")
+
+
+def load_records(path: str | Path) -> RecordTable:
+    """Read a record table in the generic schema from a ``.csv`` or ``.jsonl`` file.
+
+    Columns (CSV header, or keys of each JSON object): ``task``, ``question_id``,
+    ``model``, ``sample`` (int >= 0), ``answer`` (may be empty), ``correct`` (true/false,
+    1/0) and optionally ``p_correct`` (0..1), ``prompt_tokens``, ``completion_tokens``
+    (ints >= 0), ``cost_usd``, ``latency_s`` (>= 0), ``text``, ``question``,
+    ``reference``. Any problem is one :class:`EnvError` line ``FILE:LINE: column `C`:
+    what is wrong``."""
+    p = Path(path)
+    if not p.is_file():
+        raise EnvError(f"records {p}: file not found; give a .csv or .jsonl table of records (docs/replay.md), "
+                       "e.g. written by `python -m graphtune.envs.replay import-gsm8k DATA_DIR -o records.csv`")
+    suffix = p.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise EnvError(f"records {p}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
+    records: list[Record] = []
+    first_line: dict[tuple, int] = {}
+
+    def add(raw: Mapping[str, Any], line: int) -> None:
+        try:
+            rec = _parse_row(raw)
+        except _BadValue as e:
+            raise EnvError(f"{p}:{line}: column `{e.column}`: {e.why}") from None
+        if rec.key in first_line:
+            raise EnvError(f"{p}:{line}: duplicate record (task {rec.task!r}, question_id {rec.question_id!r}, "
+                           f"model {rec.model!r}, sample {rec.sample}) first seen on line {first_line[rec.key]}; "
+                           "number the samples of one question and model 0, 1, ...")
+        first_line[rec.key] = line
+        records.append(rec)
+
+    try:
+        with p.open(newline="" if suffix == ".csv" else None, encoding="utf-8") as fh:
+            if suffix == ".csv":
+                reader = csv.DictReader(fh)
+                if reader.fieldnames is None:
+                    raise EnvError(f"{p}:1: the file is empty; it needs a header row with columns "
+                                   f"{', '.join(REQUIRED_COLUMNS)}")
+                _check_columns(p, 1, reader.fieldnames)
+                for raw in reader:
+                    line = reader.line_num
+                    if None in raw:
+                        raise EnvError(f"{p}:{line}: more cells than header columns; quote cells that contain commas")
+                    if any(v is None for v in raw.values()):
+                        missing = next(k for k, v in raw.items() if v is None)
+                        raise EnvError(f"{p}:{line}: column `{missing}`: the row has fewer cells than the header")
+                    add(raw, line)
+            else:
+                for line, text in enumerate(fh, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        raw = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise EnvError(f"{p}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    if not isinstance(raw, dict):
+                        raise EnvError(f"{p}:{line}: expected a JSON object per line, got {type(raw).__name__}")
+                    _check_columns(p, line, raw.keys())
+                    add(raw, line)
+    except UnicodeDecodeError as e:
+        raise EnvError(f"records {p}: not UTF-8 text ({e.reason})") from None
+    except csv.Error as e:
+        raise EnvError(f"records {p}: not valid CSV ({e})") from None
+    if not records:
+        raise EnvError(f"records {p}: the table has no rows")
+    return RecordTable(tuple(records), source=str(p))
+
+
+def save_records(table: RecordTable, path: str | Path) -> Path:
+    """Write ``table`` as CSV or JSONL (by suffix). Optional columns are written only
+    when some row has them; :func:`load_records` reads the file back to an equal table."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise EnvError(f"records {p}: unsupported file type {suffix or '(none)'!r}; use .csv or .jsonl")
+    used = [c for c in _ALL_COLUMNS
+            if c in REQUIRED_COLUMNS or any(getattr(r, c) is not None for r in table.records)]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", newline="" if suffix == ".csv" else None, encoding="utf-8") as fh:
+        if suffix == ".csv":
+            w = csv.writer(fh)
+            w.writerow(used)
+            for r in table.records:
+                row = []
+                for c in used:
+                    v = getattr(r, c)
+                    row.append("" if v is None else ("true" if v is True else "false" if v is False else
+                                                     repr(v) if isinstance(v, float) else v))
+                w.writerow(row)
+        else:
+            for r in table.records:
+                d = asdict(r)
+                fh.write(json.dumps({c: d[c] for c in used if d[c] is not None or c in REQUIRED_COLUMNS},
+                                    ensure_ascii=False) + "\n")
+    return p
+
+
+# ------------------------------------------------------------------------------- answers
+
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+(?:\.\d+)?)?$")
+
+
+def normalize_answer(answer: Any) -> str:
+    """A canonical string for an extracted answer: numbers compared as numbers
+    (``1,000.00`` and ``$1000`` -> ``1000``; ``0.50`` -> ``0.5``; ``6/4`` -> ``3/2``),
+    anything else whitespace-collapsed and case-folded."""
+    if answer is None:
+        return ""
+    s = " ".join(str(answer).split())
+    t = s.replace(",", "").replace("$", "").replace("%", "").strip().rstrip(".")
+    if _NUMBER.match(t):
+        try:
+            if "/" in t:
+                a, b = t.split("/", 1)
+                v = Fraction(a) / Fraction(b)
+            else:
+                v = Fraction(t)
+        except (ValueError, ZeroDivisionError):
+            return s.casefold()
+        if v.denominator == 1:
+            return str(v.numerator)
+        d = v.denominator
+        while d % 2 == 0:
+            d //= 2
+        while d % 5 == 0:
+            d //= 5
+        if d == 1:  # a terminating decimal
+            return format(v.numerator / v.denominator, "f").rstrip("0").rstrip(".") if abs(v) < 1e15 else str(v)
+        return f"{v.numerator}/{v.denominator}"
+    return s.casefold()
+
+
+# ------------------------------------------------------------------------------- the GSM8K fixture
+
+ROUTELLM_FILE = "gsm8k_routellm_responses.csv"
+GPT3_FILE = "gsm8k_gpt3_solutions.jsonl"
+
+#: our model name -> (file, column/key) of the six recorded GSM8K systems
+GSM8K_SYSTEMS: dict[str, tuple[str, str]] = {
+    "mixtral-8x7b-instruct": (ROUTELLM_FILE, "mistralai/Mixtral-8x7B-Instruct-v0.1"),
+    "gpt-4-1106-preview": (ROUTELLM_FILE, "gpt-4-1106-preview"),
+    "gpt3-6b-finetuning": (GPT3_FILE, "6b_finetuning"),
+    "gpt3-6b-verification": (GPT3_FILE, "6b_verification"),
+    "gpt3-175b-finetuning": (GPT3_FILE, "175b_finetuning"),
+    "gpt3-175b-verification": (GPT3_FILE, "175b_verification"),
+}
+
+
+def _ws(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def import_gsm8k_recorded(data_dir: str | Path, *, task: str = "gsm8k") -> RecordTable:
+    """Records of the six real systems on the 1,319 GSM8K test questions, from the two
+    files in ``data_dir`` (``../shared/data/recorded``), joined on the whitespace-
+    normalised question text.
+
+    Question ids are ``gsm8k/<row>`` (the row of the GPT-3 file, which is the GSM8K test
+    order, so they equal the ids of the live ``gsm8k`` dataset preset). ``answer`` is the
+    number the numeric scorer reads from the reply, normalised; ``correct`` is the
+    *recorded* verdict (it differs from re-scoring on a few dozen replies, e.g. GPT-4's
+    ``$20.00`` judged wrong); ``reference`` is the gold number; ``text`` and ``question``
+    are kept, so tokens are estimated from their lengths."""
+    from graphtune.envs.scorers import NumericScorer
+
+    d = Path(data_dir)
+    gpt3_path, routellm_path = d / GPT3_FILE, d / ROUTELLM_FILE
+    for f in (gpt3_path, routellm_path):
+        if not f.is_file():
+            raise EnvError(f"recorded GSM8K answers: {f} not found; point at the folder holding {GPT3_FILE} and "
+                           f"{ROUTELLM_FILE} (../shared/data/recorded)")
+    gpt3: list[dict] = []
+    with gpt3_path.open(encoding="utf-8") as fh:
+        for line, text in enumerate(fh, start=1):
+            if text.strip():
+                try:
+                    gpt3.append(json.loads(text))
+                except json.JSONDecodeError as e:
+                    raise EnvError(f"{gpt3_path}:{line}: not valid JSON ({e.msg})") from None
+    with routellm_path.open(newline="", encoding="utf-8") as fh:
+        routellm = list(csv.DictReader(fh))
+    by_text: dict[str, int] = {}
+    for i, row in enumerate(gpt3):
+        by_text.setdefault(_ws(row.get("question", "")), i)
+    by_row: dict[int, dict] = {}
+    for line, row in enumerate(routellm, start=2):
+        i = by_text.get(_ws(row.get("prompt", "")))
+        if i is None:
+            raise EnvError(f"{routellm_path}:{line}: question not found in {gpt3_path.name} (joined on "
+                           "whitespace-normalised text)")
+        by_row[i] = row
+
+    def verdict(v: Any, where: str) -> bool:
+        s = str(v).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise EnvError(f"{where}: correctness {v!r} is not a boolean")
+
+    records: list[Record] = []
+    for i, row in enumerate(gpt3):
+        qid = f"{task}/{i}"
+        question = str(row.get("question", ""))
+        gold = NumericScorer.gold(row.get("ground_truth", ""))
+        reference = normalize_answer(str(gold)) if gold is not None else None
+        for model, (fname, col) in GSM8K_SYSTEMS.items():
+            if fname == GPT3_FILE:
+                cell = row.get(col)
+                if not isinstance(cell, dict) or "is_correct" not in cell:
+                    raise EnvError(f"{gpt3_path}:{i + 1}: field `{col}` needs {{is_correct, solution}}")
+                text, ok = str(cell.get("solution") or ""), verdict(cell["is_correct"], f"{gpt3_path}:{i + 1}")
+            else:
+                rr = by_row.get(i)
+                if rr is None:  # not recorded for this question: the replay models it
+                    continue
+                text, ok = str(rr.get(col + "_response") or ""), verdict(rr.get(col), f"{routellm_path}: {col}")
+            records.append(Record(task=task, question_id=qid, model=model, sample=0,
+                                  answer=normalize_answer(NumericScorer.extract(text)), correct=ok, text=text,
+                                  question=question, reference=reference))
+    return RecordTable(tuple(records), source=f"recorded GSM8K answers in {d}")
+
+
+# ------------------------------------------------------------------------------- the call ledger
+
+
+def records_from_ledger(source: Any, examples: Sequence[Any], scorer: Any, *, prompts: Any = None,
+                        task: str = "task") -> RecordTable:
+    """Records of the *from-scratch* calls found in the call ledger of earlier live runs.
+
+    ``source`` is a store URL (its ``llm_calls`` table), a
+    :class:`~graphtune.store.ledger.Ledger`, or an iterable of
+    :class:`~graphtune.store.ledger.CallRecord`. The ledger stores no question id, node
+    role or verdict, so they are recovered: a successful call is a source-node call on
+    example e when its messages equal ``prompts.messages("assistant", e.question)``
+    (``prompts``: the live run's :class:`~graphtune.envs.prompts.PromptSet`, default the
+    scorer's style), and ``scorer`` judges its reply again. ``sample`` is the ledger's
+    sample index; tokens, dollars and latency are the measured ones. Calls of
+    synthesisers and fusers (prompts with predecessors' responses), failed calls and
+    replies the scorer could not judge are skipped (counted in ``source``)."""
+    from graphtune.envs.prompts import build_prompts
+    from graphtune.store.ledger import CallRecord, Ledger, open_ledger
+
+    if prompts is None:
+        prompts = build_prompts(scorer=getattr(scorer, "name", None))
+    label = "call records"
+    owned = None
+    if isinstance(source, str):
+        if source.startswith("sqlite") and ":memory:" in source:
+            raise EnvError(f"records_from_ledger: {source} is an in-memory store; its ledger lives in the process "
+                           "that ran the search: pass that Ledger object instead")
+        if source.startswith("sqlite:///") and not Path(source[len("sqlite:///"):]).is_file():
+            raise EnvError(f"records_from_ledger: no store at {source}; give the `storage` URL of the live runs")
+        owned = open_ledger(source)
+        calls: Iterable[CallRecord] = owned.records()
+        label = f"ledger {source}"
+    elif isinstance(source, Ledger):
+        calls = source.records()
+        label = f"ledger {type(source).__name__}"
+    else:
+        calls = list(source)
+    try:
+        by_prompt: dict[str, Any] = {}
+        for ex in examples:
+            by_prompt.setdefault(_msg_key(prompts.messages(ASSISTANT, ex.question)), ex)
+        records: dict[tuple, Record] = {}
+        failed = other = unscored = dup = 0
+        for rec in calls:
+            if not rec.ok:
+                failed += 1
+                continue
+            ex = by_prompt.get(_msg_key(rec.messages))
+            if ex is None:
+                other += 1
+                continue
+            s = scorer.score(rec.reply or "", ex)
+            if s.correct is None:
+                unscored += 1
+                continue
+            ref = ex.answer if isinstance(ex.answer, (str, int, float)) and not isinstance(ex.answer, bool) else None
+            r = Record(task=task, question_id=str(ex.id), model=rec.model, sample=int(rec.sample_index),
+                       answer=normalize_answer(s.extracted), correct=bool(s.correct),
+                       prompt_tokens=int(rec.prompt_tokens) or None,
+                       completion_tokens=int(rec.completion_tokens) or None,
+                       cost_usd=float(rec.usd) if rec.usd else None, latency_s=float(rec.latency_s) or None,
+                       text=rec.reply, question=ex.question,
+                       reference=normalize_answer(ref) if ref is not None else None)
+            if r.key in records:
+                dup += 1  # the same sample served again (a cache hit recorded twice): keep the first
+                continue
+            records[r.key] = r
+    finally:
+        if owned is not None:
+            owned.close()
+    note = (f"{label}: {len(records)} from-scratch calls; skipped {other} other calls (synthesisers, fusers, other "
+            f"prompts), {failed} failed, {unscored} unscored, {dup} repeated")
+    return RecordTable(tuple(records.values()), source=note)
+
+
+def _msg_key(messages: Any) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
+
+
+# ------------------------------------------------------------------------------- hashing
+
+
+def _u(*parts: object) -> float:
+    """A uniform in [0, 1) from a stable hash of ``parts`` (same in every process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
+
+
+def _split_rank(seed: int, qid: str) -> bytes:
+    # the ranking of graphtune.envs.datasets.split_examples: with the same seed and ids
+    # (gsm8k/<row>) the replay's splits are those of a live run on the same dataset
+    return hashlib.sha256(f"{seed}\x00{qid}".encode()).digest()
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+# ------------------------------------------------------------------------------- the environment
+
+_CORRECT = "\x00correct"  # the vote group of every right answer (correctness decides, not the string)
+
+
+@dataclass(frozen=True)
+class _NodePlan:
+    pos: int  # canonical position
+    model: str
+    role: str
+    preds: tuple[int, ...]
+    level: int
+    rank: int  # source nodes: rank among same-model source nodes in canonical order
+
+
+@dataclass(frozen=True)
+class _Plan:
+    nodes: tuple[_NodePlan, ...]  # topological order
+    sink: int
+    original_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    group: str  # _CORRECT or the wrong answer's string
+    answer: str
+    correct: bool
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float | None  # recorded latency, else None (priced from the pool)
+    cost_usd: float | None  # recorded cost, else None
+    modelled: bool
+
+
+class ReplayEnvironment(Environment):
+    """Evaluates graphs from recorded outcomes (see the module docstring for the rules).
+
+    ``records`` is a :class:`RecordTable` or a path to a table file; ``costs`` a
+    :class:`CostModel`, or just the pool (name -> :class:`ModelInfo`), in which case the
+    environment builds ``self.costs`` over its own :attr:`shape` (every pool model must
+    have records); ``task`` picks one task of a table with several. The questions are
+    every question id with a record; ``dev``/``test`` are disjoint, chosen by ``seed``
+    (``test_size=None``: all the rest); :meth:`evaluate` accepts any recorded question id.
+    ``synthesis`` is the simulator profile whose synthesis parameters model nodes with
+    predecessors (its models are not used). ``prior_strength``, ``novel_weight`` and
+    ``difficulty_prior_sd`` shape modelled samples (``docs/replay.md``). ``shape``
+    overrides the task shape (A, B) estimated from the records."""
+
+    kind = "replay"
+
+    def __init__(self, records: RecordTable | str | Path, costs: CostModel | Mapping[str, ModelInfo], *,
+                 seed: int = 0, dev_size: int = 100, test_size: int | None = None, task: str | None = None,
+                 synthesis: Profile | str | Path = "math",
+                 prior_strength: float = 2.0, novel_weight: float = 1.0, difficulty_prior_sd: float = 1.5,
+                 shape: TaskShape | None = None):
+        table = records if isinstance(records, RecordTable) else load_records(records)
+        if not table.records:
+            raise EnvError(f"records {table.source}: the table is empty")
+        if task is None:
+            if len(table.tasks) > 1:
+                raise EnvError(f"records {table.source} hold several tasks {list(table.tasks)}; choose one with "
+                               "env.task")
+            task = table.tasks[0]
+        elif task not in table.tasks:
+            raise EnvError(f"records {table.source} have no task {task!r}; recorded tasks: {list(table.tasks)}")
+        self.task = task
+        self.table = table.for_task(task)
+        pool = costs.pool if isinstance(costs, CostModel) else dict(costs)
+        self.seed = int(seed)
+        self.profile = load_profile(synthesis)
+        if prior_strength < 0 or novel_weight < 0 or difficulty_prior_sd <= 0:
+            raise EnvError("prior_strength and novel_weight must be >= 0 and difficulty_prior_sd > 0")
+        self.prior_strength = float(prior_strength)
+        self.novel_weight = float(novel_weight)
+        self.difficulty_prior_sd = float(difficulty_prior_sd)
+        recorded = set(self.table.models)
+        missing = [m for m in pool if m not in recorded]
+        if missing:
+            raise EnvError(f"model {missing[0]!r} of the pool has no records in {table.source} (task {task!r}); "
+                           f"recorded models: {sorted(recorded)}; remove it from `models` or record it")
+        self._index_records()
+        self._build_splits(dev_size, test_size)
+        self._fit_difficulty()
+        self._shape = shape or self._estimate_shape()
+        self.costs = costs if isinstance(costs, CostModel) else CostModel(pool, self._shape)
+        self._plans: dict[Graph, _Plan] = {}
+
+    # -- the Environment contract -------------------------------------------------------
+    def split(self, name: str) -> list[str]:
+        if name not in self._splits:
+            raise EnvError(f"unknown split {name!r}; the replay environment has splits {list(SPLITS)}")
+        return list(self._splits[name])
+
+    @property
+    def shape(self) -> TaskShape:
+        return self._shape
+
+    def describe(self) -> str:
+        return (f"Task '{self.task}': {len(self._qids)} questions with recorded answers of "
+                f"{len(self.table.models)} models. Prompts average about {self._shape.input_tokens:.0f} tokens and "
+                f"answers about {self._shape.output_tokens:.0f} tokens; every predecessor's answer is appended to a "
+                "node's prompt.")
+
+    def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
+        plan = self._plan_of(graph)
+        out = []
+        for qid in question_ids:
+            if qid not in self._qindex:
+                raise EnvError(f"unknown question id {qid!r}; recorded ids look like {self._qids[0]!r} "
+                               f"({len(self._qids)} questions; use env.split(name))")
+            out.append(self._one(plan, qid))
+        return out
+
+    # -- introspection --------------------------------------------------------------------
+    def recorded_accuracy(self, model: str) -> float:
+        """The recorded accuracy of sample 0 of ``model`` over the questions that have it."""
+        rows = [s[0].correct for (q, m), s in self._samples.items() if m == model]
+        return sum(rows) / len(rows) if rows else float("nan")
+
+    def p_correct(self, question_id: str, model: str) -> float:
+        """Modelled probability that a new (unrecorded) attempt of ``model`` on the
+        question is right (see the module docstring)."""
+        if question_id not in self._qindex:
+            raise EnvError(f"unknown question id {question_id!r}")
+        return self._p(question_id, model)
+
+    # -- indexes ------------------------------------------------------------------------
+    def _index_records(self) -> None:
+        samples: dict[tuple[str, str], list[Record]] = {}
+        for r in self.table.records:
+            samples.setdefault((r.question_id, r.model), []).append(r)
+        self._samples = {k: tuple(sorted(v, key=lambda r: r.sample)) for k, v in samples.items()}
+        self._qids = self.table.questions()
+        self._qindex = {q: i for i, q in enumerate(self._qids)}
+        self._models = self.table.models
+        self._mindex = {m: i for i, m in enumerate(self._models)}
+        wrong_all: dict[str, Counter] = {}
+        wrong_own: dict[tuple[str, str], Counter] = {}
+        right: dict[str, Counter] = {}
+        refs: dict[str, str] = {}
+        for r in self.table.records:
+            if r.correct:
+                right.setdefault(r.question_id, Counter())[r.answer] += 1
+            else:
+                wrong_all.setdefault(r.question_id, Counter())[r.answer] += 1
+                wrong_own.setdefault((r.question_id, r.model), Counter())[r.answer] += 1
+            if r.reference is not None:
+                refs.setdefault(r.question_id, r.reference)
+        self._wrong_all, self._wrong_own = wrong_all, wrong_own
+        # the text of a modelled right answer: the reference, else the commonest recorded right answer
+        self._right_text = {q: refs.get(q) or (right[q].most_common(1)[0][0] if q in right else "<correct>")
+                            for q in self._qids}
+        # tokens
+        prompt: dict[str, list[int]] = {}
+        qtext: dict[str, str] = {}
+        comp_q: dict[tuple[str, str], list[int]] = {}
+        comp_m: dict[str, list[int]] = {}
+        for r in self.table.records:
+            if r.prompt_tokens is not None:
+                prompt.setdefault(r.question_id, []).append(r.prompt_tokens)
+            if r.question is not None:
+                qtext.setdefault(r.question_id, r.question)
+            ct = self._recorded_completion(r)
+            if ct is not None:
+                comp_q.setdefault((r.question_id, r.model), []).append(ct)
+                comp_m.setdefault(r.model, []).append(ct)
+        est = {q: _est_tokens(t) for q, t in qtext.items()}
+        known = [float(np.mean(v)) for v in prompt.values()] + list(est.values())
+        fallback_prompt = float(np.mean(known)) if known else 100.0
+        self._prompt_q = {q: int(round(np.mean(prompt[q]))) if q in prompt else int(est.get(q, round(fallback_prompt)))
+                          for q in self._qids}
+        all_comp = [c for v in comp_m.values() for c in v]
+        fallback_comp = float(np.mean(all_comp)) if all_comp else 256.0
+        self._comp_m = {m: float(np.mean(comp_m[m])) if m in comp_m else fallback_comp for m in self._models}
+        self._comp_qm = {k: float(np.mean(v)) for k, v in comp_q.items()}
+
+    @staticmethod
+    def _recorded_completion(r: Record) -> int | None:
+        if r.completion_tokens is not None:
+            return r.completion_tokens
+        if r.text is not None:
+            return _est_tokens(r.text)
+        return None
+
+    def _build_splits(self, dev_size: int, test_size: int | None) -> None:
+        n = len(self._qids)
+        if int(dev_size) < 1:
+            raise EnvError(f"dev_size must be at least 1, got {dev_size}")
+        if test_size is not None and int(test_size) < 1:
+            raise EnvError(f"test_size must be at least 1, got {test_size}")
+        test = n - int(dev_size) if test_size is None else int(test_size)
+        if int(dev_size) + test > n or test < 1:
+            raise EnvError(f"the records have {n} questions but dev_size + test_size = {int(dev_size) + max(test, 1)}; "
+                           "lower task.dev_size/task.test_size")
+        ranked = sorted(self._qids, key=lambda q: _split_rank(self.seed, q))
+        self._splits = {"dev": tuple(ranked[:int(dev_size)]), "test": tuple(ranked[int(dev_size):int(dev_size) + test])}
+
+    def _fit_difficulty(self) -> None:
+        """A Rasch fit ``logit P(right) = a_m - b_q`` over every recorded verdict (MAP,
+        ``b_q ~ N(0, difficulty_prior_sd)``), then each ``a_m`` recentred so that the mean
+        over the questions it was recorded on equals the model's recorded accuracy."""
+        recs = self.table.records
+        qi = np.fromiter((self._qindex[r.question_id] for r in recs), dtype=np.int64, count=len(recs))
+        mi = np.fromiter((self._mindex[r.model] for r in recs), dtype=np.int64, count=len(recs))
+        y = np.fromiter((float(r.correct) for r in recs), dtype=np.float64, count=len(recs))
+        nq, nm = len(self._qids), len(self._models)
+        acc = np.clip(np.bincount(mi, y, nm) / np.maximum(np.bincount(mi, minlength=nm), 1), 1e-3, 1 - 1e-3)
+        a = np.log(acc / (1 - acc))
+        b = np.zeros(nq)
+        inv_var = 1.0 / self.difficulty_prior_sd ** 2
+        for _ in range(60):
+            p = expit(a[mi] - b[qi])
+            w = p * (1 - p)
+            a = a - (np.bincount(mi, p - y, nm) + a / 100.0) / (np.bincount(mi, w, nm) + 1 / 100.0)
+            p = expit(a[mi] - b[qi])
+            w = p * (1 - p)
+            step = (np.bincount(qi, y - p, nq) + b * inv_var) / (np.bincount(qi, w, nq) + inv_var)
+            b = b - step
+            if np.max(np.abs(step)) < 1e-8:
+                break
+        for j in range(nm):
+            qs = np.unique(qi[mi == j])
+            bj = b[qs]
+            target = float(acc[j])
+            a[j] = brentq(lambda x: float(expit(x - bj).mean()) - target, -40.0, 40.0, xtol=1e-10)
+        self._ability, self._difficulty = a, b
+
+    def _p(self, qid: str, model: str) -> float:
+        """Probability that a new (modelled) attempt of ``model`` on ``qid`` is right."""
+        recs = self._samples.get((qid, model), ())
+        given = [r.p_correct for r in recs if r.p_correct is not None]
+        if given:
+            return float(np.mean(given))
+        j = self._mindex.get(model)
+        if j is None:
+            raise EnvError(f"graph uses model {model!r}, which has no records; recorded models: {list(self._models)}")
+        shared = float(expit(self._ability[j] - self._difficulty[self._qindex[qid]]))
+        n0 = self.prior_strength
+        right = sum(r.correct for r in recs)
+        return (n0 * shared + right) / (n0 + len(recs)) if n0 + len(recs) > 0 else shared
+
+    def _estimate_shape(self) -> TaskShape:
+        a = float(np.mean([self._prompt_q[q] for q in self._qids]))
+        comps = [c for r in self.table.records if (c := self._recorded_completion(r)) is not None]
+        b = float(np.mean(comps)) if comps else 256.0
+        return TaskShape(max(1.0, a), max(1.0, b))
+
+    # -- plans ------------------------------------------------------------------------
+    def _plan_of(self, graph: Graph) -> _Plan:
+        plan = self._plans.get(graph)
+        if plan is not None:
+            return plan
+        for n in graph.nodes:
+            if n.role not in SUPPORTED_ROLES:
+                raise EnvError(f"node {n.id!r} has role {n.role!r}, which the replay environment does not model; "
+                               f"supported roles: {list(SUPPORTED_ROLES)}")
+            if n.model not in self._mindex:
+                raise EnvError(f"node {n.id!r} uses model {n.model!r}, which has no records in {self.table.source}; "
+                               f"recorded models: {list(self._models)}")
+            self.costs.model(n.model)
+            if n.role == FUSER and not graph.preds[n.id]:
+                raise EnvError(f"node {n.id!r} is a fuser with no predecessor; a fuser needs at least one input")
+        canon = canonical_form(graph)
+        order = canonical_order(graph)
+        levels = canon.levels
+        ranks: dict[str, int] = {}
+        rank_of: dict[int, int] = {}
+        for i in range(len(order)):  # canonical order: n0, n1, ...
+            n = canon.node_map[f"n{i}"]
+            if not canon.preds[n.id]:
+                rank_of[i] = ranks.get(n.model, 0)
+                ranks[n.model] = rank_of[i] + 1
+        nodes = []
+        for nid in canon.topo_order:
+            n = canon.node_map[nid]
+            pos = int(nid[1:])
+            nodes.append(_NodePlan(pos=pos, model=n.model, role=n.role,
+                                   preds=tuple(sorted(int(p[1:]) for p in canon.preds[nid])),
+                                   level=levels[nid], rank=rank_of.get(pos, -1)))
+        plan = _Plan(nodes=tuple(nodes), sink=int(canon.sink[1:]), original_ids=tuple(order))
+        if len(self._plans) > 4096:
+            self._plans.clear()
+        self._plans[graph] = plan
+        return plan
+
+    # -- one question -------------------------------------------------------------------
+    def _draw_wrong(self, qid: str, model: str, u: float, *salt: object) -> str:
+        """A wrong answer by popularity among the recorded wrong answers of ``qid`` (the
+        model's own counted twice), or a never-recorded one (weight ``novel_weight``)."""
+        weights = Counter(self._wrong_all.get(qid, {}))
+        weights.update(self._wrong_own.get((qid, model), {}))
+        items = sorted(weights.items())
+        total = sum(w for _, w in items) + self.novel_weight
+        x = u * total
+        for ans, w in items:
+            if x < w:
+                return ans
+            x -= w
+        tag = hashlib.blake2b("\x1f".join(map(str, (self.seed, qid, model, *salt))).encode(),
+                              digest_size=4).hexdigest()
+        return f"<modelled wrong answer {tag}>"
+
+    def _completion(self, qid: str, model: str) -> int:
+        return max(1, int(round(self._comp_qm.get((qid, model), self._comp_m[model]))))
+
+    def _source(self, node: _NodePlan, qid: str) -> _Outcome:
+        recs = self._samples.get((qid, node.model), ())
+        if node.rank < len(recs):
+            r = recs[node.rank]
+            pt = r.prompt_tokens if r.prompt_tokens is not None else self._prompt_q[qid]
+            ct = self._recorded_completion(r)
+            ct = ct if ct is not None else self._completion(qid, node.model)
+            return _Outcome(_CORRECT if r.correct else r.answer, r.answer, r.correct, pt, ct, r.latency_s,
+                            r.cost_usd, modelled=False)
+        # an extra sample the records do not have: keyed by (question, model, rank) so every
+        # graph that needs sample k of this model gets the same one
+        salt = (self.seed, self.task, qid, "sample", node.model, node.rank)
+        right = _u(*salt, "right") < self._p(qid, node.model)
+        ans = self._right_text[qid] if right else self._draw_wrong(qid, node.model, _u(*salt, "wrong"), *salt)
+        return _Outcome(_CORRECT if right else ans, ans, right, self._prompt_q[qid], self._completion(qid, node.model),
+                        None, None, modelled=True)
+
+    def _synthesise(self, node: _NodePlan, qid: str, inputs: list[_Outcome]) -> _Outcome:
+        """The simulator's synthesis rule (docs/simulator.md) on recorded inputs."""
+        p = self.profile
+        info = self.costs.model(node.model)
+        z = max(info.params / 1e9, 1e-3) ** p.size_exponent
+        d = len(inputs)
+        penalty = p.context_penalty * d ** p.context_power / z
+        logit = _logit(self._p(qid, node.model))
+        groups = tuple(sorted(o.group for o in inputs))
+        salt = (self.seed, self.task, qid, "node", node.pos, node.model, node.role, *groups)
+        own_right = _u(*salt, "own") < expit(logit - penalty)
+        own = _CORRECT if own_right else self._draw_wrong(qid, node.model, _u(*salt, "wrong"), *salt, "own")
+        fuser = node.role == FUSER
+        votes: dict[str, float] = {}
+        for o in inputs:
+            votes[o.group] = votes.get(o.group, 0.0) + 1.0
+        votes[own] = votes.get(own, 0.0) + (p.fuser_own_weight if fuser else p.assistant_own_weight)
+        gamma = p.fuser_sharpness if fuser else p.assistant_sharpness
+        verify = float(expit(logit + p.verify_offset - penalty))
+        beta = (p.synthesis_gain + p.weak_synth_penalty) * verify - p.weak_synth_penalty
+        cands = sorted(votes, key=lambda g: (g != _CORRECT, g))
+        weights = [votes[g] ** gamma * (math.exp(beta) if g == _CORRECT else 1.0) for g in cands]
+        total = sum(weights)
+        # nodes of one model and role that see the same inputs share most of their selection
+        # randomness (identical prompts pick alike); the rest is their own
+        u_pick = _u(*salt, "pick")
+        if _u(*salt, "mode") >= p.synthesis_diversity:
+            u_pick = _u(self.seed, self.task, qid, "pick", node.model, node.role, *groups)
+        pick = own
+        if total > 0:
+            x = u_pick * total
+            for g, w in zip(cands, weights):
+                pick = g
+                if x < w:
+                    break
+                x -= w
+        if pick == _CORRECT and _u(*salt, "garble") < 1.0 - math.exp(-p.corruption * node.level / z):
+            pick = self._draw_wrong(qid, node.model, _u(*salt, "broken"), *salt, "broken")
+        right = pick == _CORRECT
+        answer = self._right_text[qid] if right else pick
+        pt = self._prompt_q[qid] + sum(o.completion_tokens for o in inputs)
+        return _Outcome(pick, answer, right, pt, self._completion(qid, node.model), None, None, modelled=True)
+
+    def _one(self, plan: _Plan, qid: str) -> QuestionResult:
+        outs: dict[int, _Outcome] = {}
+        finish: dict[int, float] = {}
+        node_outcomes = []
+        flops = usd = 0.0
+        modelled = False
+        for node in plan.nodes:
+            if node.preds:
+                o = self._synthesise(node, qid, [outs[q] for q in node.preds])
+            else:
+                o = self._source(node, qid)
+            outs[node.pos] = o
+            m: ModelInfo = self.costs.model(node.model)
+            lat = o.latency_s if o.latency_s is not None else node_latency_s(m, o.prompt_tokens, o.completion_tokens)
+            finish[node.pos] = max((finish[q] for q in node.preds), default=0.0) + lat
+            flops += node_flops(m, o.prompt_tokens, o.completion_tokens)
+            priced = m.usd_per_mtok_in > 0 or m.usd_per_mtok_out > 0
+            usd += (o.cost_usd if (o.cost_usd is not None and not priced)
+                    else node_usd(m, o.prompt_tokens, o.completion_tokens))
+            modelled = modelled or o.modelled
+            node_outcomes.append(NodeOutcome(node_id=plan.original_ids[node.pos], answer=o.answer, correct=o.correct,
+                                             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                                             latency_s=lat))
+        final = outs[plan.sink]
+        return QuestionResult(
+            question_id=qid, answer=final.answer, correct=final.correct, score=1.0 if final.correct else 0.0,
+            prompt_tokens=sum(o.prompt_tokens for o in outs.values()),
+            completion_tokens=sum(o.completion_tokens for o in outs.values()),
+            flops=flops, usd=usd, latency_s=max(finish.values()), modelled=modelled, nodes=tuple(node_outcomes))
+
+
+def _est_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+# ------------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m graphtune.envs.replay import-gsm8k DATA_DIR -o records.csv`` writes the
+    recorded GSM8K fixture as a generic table; ``summary TABLE`` prints per-model accuracy."""
+    ap = argparse.ArgumentParser(prog="python -m graphtune.envs.replay",
+                                 description="Record tables for the replay environment (docs/replay.md).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-gsm8k", help="write the recorded answers of six systems on GSM8K as a table")
+    imp.add_argument("data_dir", help="folder with gsm8k_routellm_responses.csv and gsm8k_gpt3_solutions.jsonl")
+    imp.add_argument("-o", "--output", required=True, help="the table to write (.csv or .jsonl)")
+    imp.add_argument("--task", default="gsm8k", help="task name of the records (default gsm8k)")
+    summ = sub.add_parser("summary", help="questions, models and recorded accuracy of a table")
+    summ.add_argument("table", help="a .csv or .jsonl record table")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "import-gsm8k":
+            table = import_gsm8k_recorded(args.data_dir, task=args.task)
+            path = save_records(table, args.output)
+            print(f"wrote {len(table)} records to {path}")
+        else:
+            table = load_records(args.table)
+        for task in table.tasks:
+            t = table.for_task(task)
+            print(f"task {task}: {len(t.questions())} questions, {len(t.models)} models")
+            for m in t.models:
+                print(f"  {m:<28} {t.accuracy(m):6.1%}  ({sum(r.model == m for r in t.records)} records)")
+    except GraphtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
