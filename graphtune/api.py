@@ -95,6 +95,20 @@ def build_live_env(spec: Spec, examples: list | None = None):
                            servers=servers, description=t.description)
 
 
+def build_replay_env(spec: Spec):
+    """The replay environment: recorded outcomes from a generic record table (or the
+    folder of the shared recorded-GSM8K fixture); outcomes that were not recorded are
+    modelled with the simulator's rules and flagged (docs/replay.md)."""
+    from graphtune.envs.replay import ReplayEnvironment, import_gsm8k_recorded
+
+    src = Path(spec.records_source())
+    records = import_gsm8k_recorded(src) if src.is_dir() else src
+    t = spec.task
+    shape = TaskShape(t.input_tokens, t.output_tokens) if t.input_tokens and t.output_tokens else None
+    return ReplayEnvironment(records, spec.pool(), seed=spec.env.seed, dev_size=t.dev_size, test_size=t.test_size,
+                             task=spec.env.task, synthesis=spec.env.synthesis, shape=shape)
+
+
 def build_problem(spec: Spec) -> Problem:
     """Resolve a spec into an environment and a search context; raises a one-line error
     for an unknown model, an impossible budget or an empty space."""
@@ -108,6 +122,10 @@ def build_problem(spec: Spec) -> Problem:
         except BaseException:
             env.close()
             raise
+    elif spec.env.kind == "replay":
+        env = build_replay_env(spec)
+        costs = env.costs
+        check_space_not_empty(space, costs, budget)
     else:
         from graphtune.envs.simulated import SimulatedEnvironment
 

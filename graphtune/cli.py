@@ -197,6 +197,13 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
         f"study           {spec.study} in {spec.storage}",
     ]
+    if test and test.n_errors:
+        lines.append(f"infrastructure  {test.n_errors} test questions failed to run (excluded from accuracy, not "
+                     "scored wrong); see `graphtune trials`")
+    modelled = sum(r.modelled for r in out.test_results)
+    if modelled:
+        lines.append(f"replay          {modelled} of {len(out.test_results)} test outcomes were modelled, not "
+                     "recorded (docs/replay.md)")
     con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
     con.print(f"next: graphtune show {spec.study} --storage {spec.storage}")
 

@@ -77,8 +77,6 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
-        if not self.profile and not self.dataset:
-            raise ValueError("give `profile` (a simulated task: math, mmlu, humaneval) or `dataset`")
         if self.profile and self.dataset:
             raise ValueError("give either `profile` or `dataset`, not both")
         return self
@@ -226,6 +224,10 @@ class EnvSpec(_Strict):
     max_retries: int = Field(2, ge=0, le=20, description="live: retries of a transient failure (backoff)")
     temperature: float = Field(0.0, ge=0, le=2, description="live: sampling temperature (a node's params override)")
     max_tokens: int | None = Field(256, ge=1, description="live: completion cap per call (a node's params override)")
+    records: str | None = Field(None, description="replay: a record table (CSV/JSONL, generic schema) or the "
+                                                  "folder of the recorded GSM8K fixture")
+    task: str | None = Field(None, description="replay: the task of the table to use when it holds several")
+    synthesis: str = Field("math", description="replay: simulator profile whose rules model nodes with inputs")
 
 
 class StageSpec(_Strict):
@@ -278,8 +280,13 @@ class Spec(_Strict):
             if self.task.scorer is None and self.task.preset is None:
                 raise ValueError("env.kind `live` needs task.scorer (exact, numeric, math, choice, code, llm-judge) "
                                  "or a task.preset that implies one")
-        if self.env.kind not in ("simulated", "live"):
-            raise ValueError(f"env.kind {self.env.kind!r} is not available in this version; use `simulated` or `live`")
+        if self.env.kind == "replay" and not self.env.records:
+            raise ValueError("env.kind `replay` needs env.records (a record table, see docs/replay.md)")
+        if self.env.kind != "simulated" and self.task.profile:
+            raise ValueError(f"task.profile is for the simulator; env.kind {self.env.kind!r} takes "
+                             f"{'task.dataset' if self.env.kind == 'live' else 'env.records'} instead")
+        if self.env.kind == "simulated" and self.task.dataset:
+            raise ValueError("task.dataset needs env.kind `live`; the simulator takes task.profile")
         return self
 
     # -- resolved objects -------------------------------------------------------------
@@ -304,6 +311,16 @@ class Spec(_Strict):
             beside = self._source_dir / p
             if beside.exists():
                 return str(beside)
+        return str(p)
+
+    def records_source(self) -> str | None:
+        """``env.records`` resolved like ``task.dataset`` (working directory, else beside the spec)."""
+        src = self.env.records
+        if src is None:
+            return None
+        p = Path(src).expanduser()
+        if not p.is_absolute() and not p.exists() and self._source_dir is not None and (self._source_dir / p).exists():
+            return str(self._source_dir / p)
         return str(p)
 
     def resolved(self) -> dict[str, Any]:
