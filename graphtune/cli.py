@@ -392,6 +392,229 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         con.print(f"feedback: {t.feedback}")
 
 
+# -- export / pareto / report / compare ---------------------------------------------------
+
+
+def _points(store, name: str, min_questions: Optional[int]):
+    from graphtune.pareto import study_points
+
+    return study_points(store, _study(store, name), min_questions=min_questions)
+
+
+@app.command("export")
+@_guard
+def export_cmd(study: str = typer.Argument(..., metavar="NAME", help="study name"),
+               select: str = typer.Option("best", "--select",
+                                          help="best | pareto | #TRIAL | METRIC<=X (cost_usd, units, flops, "
+                                               "latency_s, accuracy; also <, >=, >)"),
+               fmt: str = typer.Option("yaml", "--format", "-f", help="yaml | json | langgraph | mermaid | png"),
+               out: Path = typer.Option(..., "-o", "--output",
+                                        help="output file (a folder when --select pareto picks several graphs)"),
+               metric: str = typer.Option("units", "--metric", help="cost axis of the front: units, flops, "
+                                                                     "cost_usd, latency_s"),
+               min_questions: Optional[int] = typer.Option(None, "--min-questions", min=1,
+                                                           help="graphs need this many dev questions (default: "
+                                                                "half the best coverage)"),
+               storage: str = STORAGE_OPT) -> None:
+    """Export a study's graph(s): a graph file `graphtune run` executes, a standalone LangGraph module,
+    mermaid text or a PNG drawing."""
+    from graphtune.export import SUFFIX, check_format, export_graph
+    from graphtune.graphs.io import from_dict
+    from graphtune.pareto import select as pick
+
+    fmt = check_format(fmt)
+    store = _storage(storage)
+    sp = _points(store, study, min_questions)
+    chosen = pick(sp.points, select, metric=metric, recommended=sp.recommended)
+    paths = []
+    if len(chosen) == 1 and not (select.strip() == "pareto" and out.is_dir()):
+        targets = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        targets = [out / f"{study}-trial{p.trial_number}{SUFFIX[fmt]}" for p in chosen]
+    for p, path in zip(chosen, targets):
+        metrics = {"trial": p.trial_number, "dev_accuracy": round(p.accuracy, 4), "dev_questions": p.n,
+                   "cost_units": round(p.cost_units, 4), "flops": p.flops, "usd": p.usd,
+                   "latency_s": round(p.latency_s, 4)}
+        if sp.test_trial is not None and p.graph_hash == sp.test_trial.graph_hash:
+            metrics["test_accuracy"] = sp.test_trial.accuracy
+        paths.append(export_graph(from_dict(p.graph), fmt, path, spec=sp.study.spec,
+                                  name=f"{study} trial {p.trial_number}", metrics=metrics))
+    con = _console()
+    for p, path in zip(chosen, paths):
+        con.print(f"wrote {path}  (trial #{p.trial_number}: dev accuracy {p.accuracy:.3f} on {p.n} questions, "
+                  f"{p.cost_units:.2f} units, ${p.usd:.6f}, {p.latency_s:.2f} s)")
+    if fmt in ("yaml", "json") and len(paths) == 1:
+        con.print(f"run it: graphtune run {paths[0]} --spec SPEC --question TEXT")
+
+
+@app.command("pareto")
+@_guard
+def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
+               metric: str = typer.Option("units", "--metric", help="cost axis: units, flops, cost_usd, latency_s"),
+               min_questions: Optional[int] = typer.Option(None, "--min-questions", min=1,
+                                                           help="graphs need this many dev questions (default: "
+                                                                "half the best coverage)"),
+               storage: str = STORAGE_OPT) -> None:
+    """List a study's Pareto front (dev accuracy against a cost) from its stored dev trials."""
+    from rich.table import Table
+
+    from graphtune.graphs.io import from_dict
+    from graphtune.graphs.render import to_short
+    from graphtune.pareto import cost_attr, default_ref_cost, hypervolume_points, pareto_front
+
+    cost_attr(metric)
+    store = _storage(storage)
+    sp = _points(store, study, min_questions)
+    front = pareto_front(sp.points, metric)
+    ref = default_ref_cost(sp.study.spec, metric, sp.points)
+    t = Table(title=f"Pareto front of {study}: dev accuracy vs {metric} ({len(front)} of {len(sp.points)} graphs)")
+    for col in ("#", "accuracy", "n", "units", "USD / query", "latency s", "FLOPs"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("graph", overflow="fold")
+    for p in front:
+        mark = " *" if sp.recommended is not None and p.graph_hash == sp.recommended.graph_hash else ""
+        t.add_row(f"{p.trial_number}{mark}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",
+                  f"{p.latency_s:.2f}", f"{p.flops:.3g}", to_short(from_dict(p.graph)))
+    con = _console()
+    con.print(t)
+    con.print(f"hypervolume {hypervolume_points(sp.points, metric, ref):.4g} (accuracy x {metric}, reference "
+              f"{metric} {ref:g}); * = the study's recommended graph")
+    con.print(f"export one: graphtune export {study} --select \"{metric}<=X\" --format yaml -o graph.yaml")
+
+
+@app.command("report")
+@_guard
+def report_cmd(study: str = typer.Argument(..., metavar="NAME"),
+               out: Path = typer.Option(Path("report.html"), "-o", "--output", help="the HTML file to write"),
+               png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="also write the plots as PNG files here"),
+               metric: str = typer.Option("units", "--metric", help="cost axis of the Pareto plot"),
+               top: int = typer.Option(3, "--top", min=1, help="graphs in the per-question table"),
+               storage: str = STORAGE_OPT) -> None:
+    """Write one self-contained HTML report of a study (plots inline; no network needed to view it)."""
+    from graphtune.report import write_report
+
+    store = _storage(storage)
+    path, pngs = write_report(store, _study(store, study), out, png_dir=png_dir, metric=metric, top=top)
+    con = _console()
+    con.print(f"wrote {path}")
+    for p in pngs:
+        con.print(f"wrote {p}")
+
+
+@app.command("compare")
+@_guard
+def compare_cmd(studies_: list[str] = typer.Argument(..., metavar="NAME..."),
+                metric: str = typer.Option("units", "--metric", help="cost axis of the fronts"),
+                png: Optional[Path] = typer.Option(None, "--png", help="also draw the curves and fronts to this PNG"),
+                storage: str = STORAGE_OPT) -> None:
+    """Compare searches side by side: best dev reward, test accuracy, cost, front and hypervolume."""
+    from rich.table import Table
+
+    from graphtune.report import compare_rows, compare_png
+
+    store = _storage(storage)
+    infos = [_study(store, n) for n in studies_]
+    rows = compare_rows(store, infos, metric=metric)
+    t = Table(title=f"studies in {storage}")
+    cols = [c for c in (rows[0].keys() if rows else []) if c != "best graph"]
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[str(r[c]) for c in cols])
+    con = _console()
+    con.print(t)
+    for r in rows:
+        con.print(f"{r['study']}: {r['best graph']}")
+    if png is not None:
+        compare_png(store, infos, png, metric=metric)
+        _console().print(f"wrote {png}")
+
+
+# -- resume / storage upgrade / delete / dump (store management) -------------------------
+
+
+def _run_with_progress(label: str, fn):
+    """Call ``fn(progress=...)`` under a progress bar of budget spent and best-so-far."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("runs  best {task.fields[best]}"), TimeElapsedColumn(), console=_console(),
+                  transient=False) as bar:
+        task = bar.add_task(label, total=None, best="-")
+
+        def progress(ev: dict) -> None:
+            best = ev["best_full_dev"]
+            bar.update(task, total=ev["budget_runs"], completed=min(ev["runs_spent"], ev["budget_runs"]),
+                       best="-" if best == float("-inf") else f"{best:.3f}")
+
+        return fn(progress=progress)
+
+
+@app.command()
+@_guard
+def resume(study: str = typer.Argument(..., help="name of a stored study"), storage: str = STORAGE_OPT,
+           evaluations: Optional[int] = typer.Option(None, "--evaluations", "-n", min=1,
+                                                     help="raise the search budget (full-dev graph evaluations)"),
+           force: bool = typer.Option(False, "--force", help="continue even if the stored spec no longer matches"),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
+    """Continue a stored study from its stored spec: finished trials are kept, interrupted
+    ones are run again, and no LLM call is paid twice."""
+    from graphtune.api import resume as run
+
+    if quiet:
+        problem, st, out = run(study, storage, evaluations=evaluations, force=force)
+    else:
+        problem, st, out = _run_with_progress(f"{study} (resume)", lambda progress: run(
+            study, storage, evaluations=evaluations, force=force, progress=progress))
+    _print_outcome(_console(), problem.spec, problem, st, out)
+
+
+storage_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage a store's schema.")
+app.add_typer(storage_app, name="storage")
+
+
+@storage_app.command("upgrade")
+@_guard
+def storage_upgrade(storage: str = STORAGE_OPT) -> None:
+    """Migrate a store's schema to this graphtune's revision (creates an empty store)."""
+    from graphtune.store.storage import Storage
+
+    before, after = Storage.upgrade(storage)
+    if before == after:
+        typer.echo(f"{storage}: already at revision {after}")
+    else:
+        typer.echo(f"{storage}: upgraded from revision {before or '(empty)'} to {after}; now at revision {after}")
+
+
+@app.command()
+@_guard
+def delete(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
+           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation")) -> None:
+    """Delete a study with its trials, results and agent steps (the call ledger stays)."""
+    store = _storage(storage)
+    st = _study(store, study)
+    if not yes and not typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {storage}?"):
+        typer.echo("nothing deleted")
+        raise typer.Exit(1)
+    store.delete_study(study)
+    typer.echo(f"deleted study {study!r} ({st.n_trials} trials)")
+
+
+@app.command()
+@_guard
+def dump(study: str = typer.Argument(...), output: Path = typer.Option(..., "--output", "-o", help="JSON file to write"),
+         storage: str = STORAGE_OPT) -> None:
+    """Write a study's records as JSON: study, spec, trials with question results, agent steps."""
+    import json
+
+    from graphtune.api import dump_study
+
+    data = dump_study(_storage(storage), study)
+    output.write_text(json.dumps(data, indent=1, default=str))
+    typer.echo(f"wrote {output}: study {study!r}, {len(data['trials'])} trials, {len(data['agent_steps'])} agent steps")
+
+
 def main() -> None:
     app()
 

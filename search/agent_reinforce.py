@@ -56,7 +56,9 @@ class AgentReinforceSearcher(PolicySearcher):
     - ``max_agent_delta`` (2.0): clip of one agent delta on a logit;
     - ``proposals`` (3): graphs the agent may propose per batch (validated, evaluated
       on the next minibatch);
-    - ``samples`` defaults to ``search.batch_size - proposals`` (at least 2) here.
+    - ``samples`` defaults to ``search.batch_size - proposals`` (at least 2) here;
+    - ``pareto`` / ``pareto_weights``: search the accuracy-vs-cost front (see
+      :class:`~graphtune.search.reinforce.PolicySearcher`); the agent is told so.
     """
 
     name = "agent-reinforce"
@@ -74,6 +76,8 @@ class AgentReinforceSearcher(PolicySearcher):
         objective = "accuracy" if ctx.objective.is_accuracy else (
             f"accuracy - {ctx.objective.cost_weight:g}/unit - {ctx.objective.latency_weight:g}/s latency "
             f"- {ctx.objective.usd_weight:g}/$")
+        if self.pareto:  # search.options.pareto: the agent is told it is after a front
+            objective += f" (Pareto mode: trading accuracy against {self.pareto}; cheap graphs matter too)"
         self.problem = ProblemInfo(task_description=ctx.task_description, space=ctx.space, costs=ctx.costs,
                                    budget=ctx.budget, objective=objective, slots=slots,
                                    max_proposals=self.max_proposals, seed=ctx.seed)

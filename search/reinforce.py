@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from graphtune.agent.report import GraphEntry, graph_effects
-from graphtune.errors import BudgetError
+from graphtune.errors import BudgetError, SpecError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph
@@ -55,6 +55,30 @@ from graphtune.search.probgraph import ProbabilisticGraph
 def _opt(options: Mapping[str, Any], key: str, default, cast=float):
     v = options.get(key, default)
     return cast(v) if v is not None else default
+
+
+#: scalarisation weights cycled through in Pareto mode (reward lost per budget-sized cost)
+DEFAULT_PARETO_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+#: accepted names of the cost metric of ``search.options.pareto`` -> GraphCost field
+PARETO_METRICS = {"units": "units", "cost_units": "units", "flops": "flops", "usd": "usd", "cost_usd": "usd",
+                  "latency_s": "latency_s"}
+
+
+def pareto_metric(value: Any) -> str | None:
+    """The GraphCost field of ``search.options.pareto`` (a metric name or a one-element
+    list), None when unset; a one-line SpecError otherwise."""
+    if value is None or value is False or value == []:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise SpecError(f"search.options.pareto: give one cost metric (got {list(value)}); "
+                            f"known: {', '.join(sorted(PARETO_METRICS))}")
+        value = value[0]
+    try:
+        return PARETO_METRICS[str(value).strip().lower()]
+    except KeyError:
+        raise SpecError(f"search.options.pareto: unknown cost metric {value!r}; "
+                        f"known: {', '.join(sorted(PARETO_METRICS))}") from None
 
 
 def prefix_levels(n_dev: int, n0: int, eta: float) -> list[int]:
@@ -79,7 +103,15 @@ class PolicySearcher(Searcher):
     - ``entropy_floor`` (0.35): minimum entropy as a fraction of the maximum;
     - ``edge_init`` (-1.0): initial edge logit (sparse graphs first);
     - ``race_top`` (3): graphs raced at the end; ``final_race_frac`` (0.15): share of
-      the budget kept for that final race.
+      the budget kept for that final race;
+    - ``pareto`` (off): a cost metric (``units``, ``flops``, ``usd``/``cost_usd`` or
+      ``latency_s``) to search the accuracy-vs-cost front instead of the best reward.
+      Each batch uses one scalarisation ``reward - w * cost / scale`` (``w`` cycles
+      through ``pareto_weights``, default ``[0, 0.25, 0.5, 1, 2]``; ``scale`` is the
+      budget's limit on that metric, else the largest cost seen) for the policy
+      gradient and the ASHA promotions, so cheap graphs earn questions too, and the
+      final race extends the current front instead of the leader's rivals. Stored
+      rewards, the recommended graph and everything without the option are unchanged.
     """
 
     name = "policy"
@@ -99,6 +131,10 @@ class PolicySearcher(Searcher):
         self.entropy_frac = _opt(o, "entropy_floor", 0.35)
         self.race_top = max(1, _opt(o, "race_top", 3, int))
         self.final_race_frac = _opt(o, "final_race_frac", 0.15)
+        self.pareto = pareto_metric(o.get("pareto"))
+        self.pareto_weights = [float(w) for w in o.get("pareto_weights", DEFAULT_PARETO_WEIGHTS)]
+        if self.pareto and (not self.pareto_weights or min(self.pareto_weights) < 0):
+            raise SpecError("search.options.pareto_weights must be a non-empty list of weights >= 0")
         self.pg = ProbabilisticGraph(ctx.space, ctx.costs, ctx.budget, edge_init=_opt(o, "edge_init", -1.0))
         self.min_entropy = self.entropy_frac * self.pg.max_entropy()
         perm = ctx.rng(salt=11).permutation(n_dev)
@@ -112,6 +148,7 @@ class PolicySearcher(Searcher):
         self.evidence: dict[str, dict[str, Any]] = {}
         self.earlier: list[str] = []
         self._minibatch: tuple[str, ...] = ()
+        self._gcache: dict[str, Graph] = {}
 
     # -- evidence ----------------------------------------------------------------------
     def _n(self, h: str) -> int:
@@ -136,7 +173,7 @@ class PolicySearcher(Searcher):
     def _entries(self) -> list[GraphEntry]:
         out = []
         for h, d in self.evidence.items():
-            g = from_dict(d["graph"])
+            g = self._graph(h)
             out.append(GraphEntry(key=h, graph=g, trial_numbers=tuple(d["trials"]), origin=d["origin"],
                                   rewards=d["rewards"], reward=float(np.mean(list(d["rewards"].values()))),
                                   cost_units=d.get("units", 0.0), latency_s=d.get("latency_s", 0.0)))
@@ -160,7 +197,10 @@ class PolicySearcher(Searcher):
         return max(pool, key=lambda h: (self._prefix_mean(h, n), -self.evidence[h]["trials"][0]))
 
     def _graph(self, h: str) -> Graph:
-        return from_dict(self.evidence[h]["graph"])
+        g = self._gcache.get(h)
+        if g is None:  # parsed once per graph (the evidence keeps plain data for the state)
+            g = self._gcache[h] = from_dict(self.evidence[h]["graph"])
+        return g
 
     # -- ask -------------------------------------------------------------------------
     def _extend(self, h: str, level: int, origin: str) -> Candidate:
@@ -178,7 +218,7 @@ class PolicySearcher(Searcher):
             if quota < 1:
                 continue
             n = self.levels[k]
-            ranked = sorted(done, key=lambda h: (-self._prefix_mean(h, n), self.evidence[h]["trials"][0]))
+            ranked = sorted(done, key=lambda h: (-self._rank_value(h, n), self.evidence[h]["trials"][0]))
             for h in ranked[:quota]:
                 if levels[h] == k and self.evidence[h].get("promoted", 0) <= k:
                     out.append(self._extend(h, k + 1, "race"))
@@ -187,6 +227,8 @@ class PolicySearcher(Searcher):
     def _final_race(self) -> list[Candidate]:
         """Race to the full dev set: the leader, and every graph whose paired upper
         confidence bound against the leader is above zero (most promising first)."""
+        if self.pareto:
+            return self._pareto_race()
         leader = self.incumbent()
         if leader is None:
             return []
@@ -213,8 +255,13 @@ class PolicySearcher(Searcher):
     def _sample_candidates(self, mb: tuple[str, ...], taken: set[str]) -> list[Candidate]:
         out = []
         for _ in range(self.n_samples):
-            for _ in range(20):  # a few redraws to keep the batch new
+            # a few redraws to keep the batch new; when the policy has concentrated on
+            # graphs already measured, explore with uniformly random valid graphs instead
+            # (flagged: they carry no policy gradient)
+            for attempt in range(60):
                 try:
+                    if attempt >= 20:
+                        raise BudgetError("policy draws exhausted")
                     s, lp = self.pg.sample(self.rng)
                     g, info = s.graph, {"log_prob": lp}
                 except BudgetError:
@@ -281,11 +328,54 @@ class PolicySearcher(Searcher):
             d["rewards"].update(e.rewards_by_question(self.ctx.objective, self.ctx.costs.unit_flops))
             if e.trial_number not in d["trials"]:
                 d["trials"].append(e.trial_number)
+            if self.pareto:
+                d["pcost"] = self._pareto_cost(e.cost)
 
     def _mb_reward(self, e: Evaluation, mb: Sequence[str]) -> float:
         r = e.rewards_by_question(self.ctx.objective, self.ctx.costs.unit_flops)
         vals = [r[q] for q in mb if q in r]
+        if self.pareto and vals:
+            return float(np.mean(vals)) - self._pareto_penalty(self._pareto_cost(e.cost))
         return float(np.mean(vals)) if vals else float("nan")
+
+    # -- Pareto mode (search.options.pareto) ------------------------------------------------
+    def _rank_value(self, h: str, n: int) -> float:
+        """What ASHA ranks graphs by: the prefix mean, minus this batch's cost penalty in
+        Pareto mode."""
+        if self.pareto:
+            return self._prefix_mean(h, n) - self._pareto_penalty(self.evidence[h].get("pcost", 0.0))
+        return self._prefix_mean(h, n)
+
+    def _pareto_cost(self, cost) -> float:
+        return float(getattr(cost, self.pareto))
+
+    def _pareto_weight(self) -> float:
+        return self.pareto_weights[self.batches_told % len(self.pareto_weights)]
+
+    def _pareto_scale(self) -> float:
+        limit = {"units": self.ctx.budget.units, "flops": self.ctx.budget.flops, "usd": self.ctx.budget.usd,
+                 "latency_s": self.ctx.budget.latency_s}[self.pareto]
+        if limit:
+            return float(limit)
+        return max([d.get("pcost", 0.0) for d in self.evidence.values()] + [1e-12])
+
+    def _pareto_penalty(self, cost: float) -> float:
+        return self._pareto_weight() * cost / self._pareto_scale()
+
+    def _pareto_race(self) -> list[Candidate]:
+        """Final race in Pareto mode: extend the graphs of the current front (by own mean
+        reward and cost) that have not reached the full dev set, most accurate first."""
+        top_level = len(self.levels) - 1
+        pts = sorted(((d.get("pcost", 0.0), -float(np.mean(list(d["rewards"].values()))), d["trials"][0], h)
+                      for h, d in self.evidence.items()))
+        front, best = [], -math.inf
+        for c, neg_mean, _, h in pts:
+            if -neg_mean > best:
+                front.append(h)
+                best = -neg_mean
+        todo = [h for h in front if self._level_of(h) < top_level]
+        todo.sort(key=lambda h: -float(np.mean(list(self.evidence[h]["rewards"].values()))))
+        return [self._extend(h, self._level_of(h) + 1, "race") for h in todo[: 2 * self.race_top + 1]]
 
     def _numeric_step(self, evaluations: Sequence[Evaluation], mb: Sequence[str]) -> dict[str, Any]:
         """Leave-one-out-baseline, normalised REINFORCE step from the batch's samples."""
@@ -328,7 +418,7 @@ class PolicySearcher(Searcher):
         if inc is not None:
             d = self.evidence[inc]
             self.earlier.append(f"round {self.batches_told}: {len(evaluations)} graphs, leader "
-                                f"{from_dict(d['graph'])} mean {np.mean(list(d['rewards'].values())):.3f} over "
+                                f"{self._graph(inc)} mean {np.mean(list(d['rewards'].values())):.3f} over "
                                 f"{len(d['rewards'])} questions")
             self.earlier = self.earlier[-8:]
         self.batches_told += 1
