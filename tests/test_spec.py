@@ -43,7 +43,7 @@ def test_quickstart_resolves_with_defaults():
 
 def test_overrides_from_the_cli():
     spec = load_spec(QUICKSTART, overrides={"search.seed": 7, "study": "x", "search.method": None})
-    assert spec.search.seed == 7 and spec.study == "x" and spec.search.method == "random"
+    assert spec.search.seed == 7 and spec.study == "x" and spec.search.method == "agent-reinforce"
 
 
 def test_typo_names_file_line_field_and_suggestion(tmp_path):
