@@ -229,11 +229,51 @@ def spec_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: tuple =
     return out
 
 
+#: spec fields holding local file paths: stored absolute, so `graphtune resume` finds them from anywhere
+PATH_FIELDS = (("task", "dataset"), ("env", "records"))
+
+
+def stored_spec(spec: Spec) -> dict[str, Any]:
+    """The resolved spec as a study stores it: local dataset/record paths made absolute
+    (resolved like the loader does: working directory, else beside the spec file), so the
+    stored spec alone can run the study again (``resume``)."""
+    out = spec.resolved()
+    for (sec, key), src in zip(PATH_FIELDS, (spec.dataset_source(), spec.records_source())):
+        val = (out.get(sec) or {}).get(key)
+        if val and src and not str(val).startswith("hf:") and Path(src).exists():
+            out[sec][key] = str(Path(src).resolve())
+    return out
+
+
+def _same_path(old: Any, new: Any) -> bool:
+    """A path stored relative (before paths were stored absolute) naming the same file."""
+    if not isinstance(old, str) or not isinstance(new, str) or Path(old).is_absolute():
+        return False
+    o, n = Path(old).parts, Path(new).parts
+    return len(o) <= len(n) and n[-len(o):] == o
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple]:
+    """Fields of a stored spec that changed in a way a continued study cannot take
+    (everything but ``SAFE_TO_CHANGE``)."""
+    out = []
+    for c in spec_changes(old, new):
+        if c in SAFE_TO_CHANGE:
+            continue
+        if c in PATH_FIELDS and _same_path((old.get(c[0]) or {}).get(c[1]), (new.get(c[0]) or {}).get(c[1])):
+            continue
+        out.append(c)
+    return out
+
+
 def optimize(spec: Spec, *, force: bool = False, progress=None):
     """Run the study ``spec.study`` in ``spec.storage``, continuing it if it exists.
 
     Returns ``(problem, study, outcome)``. A stored study whose spec differs in anything
-    but the number of evaluations is refused unless ``force``.
+    but the number of evaluations (and how graphs are run: ``SAFE_TO_CHANGE``) is refused
+    unless ``force``. A forced change of ``search.method`` resets the searcher: the old
+    method's state is not loaded into the new searcher (the study's trials, its batch
+    counter and spent budget stay; the new searcher starts after them).
     """
     from graphtune.search.loop import run_search
     from graphtune.store.storage import Storage
@@ -242,17 +282,20 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
     try:
         storage = Storage(spec.storage)
         study = storage.get_study(spec.study)
-        resolved = spec.resolved()
+        resolved = stored_spec(spec)
         if study is None:
             study = storage.create_study(spec.study, spec.search.method, resolved)
         else:
-            changed = [c for c in spec_changes(study.spec, resolved) if c not in SAFE_TO_CHANGE]
+            changed = changed_fields(study.spec, resolved)
             if changed and not force:
                 names = ", ".join(".".join(c) for c in changed[:5])
                 raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
                                 "use another --study name, or --force to continue it anyway")
-            if changed or spec_changes(study.spec, resolved):
+            if spec_changes(study.spec, resolved):
                 storage.update_study_spec(study.id, resolved)
+            if study.method != spec.search.method:
+                storage.reset_searcher(study.id, spec.search.method)
+            study = storage.get_study(spec.study)
         searcher = make_searcher(spec, problem.ctx)
         try:
             outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
@@ -262,3 +305,75 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
     finally:
         problem.env.close()
     return problem, storage.get_study(spec.study), outcome
+
+
+def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None):
+    """Continue the stored study ``name`` in ``storage`` from its stored spec (the same
+    checks and exact resume as ``optimize``); ``evaluations`` raises its search budget.
+    Returns ``(problem, study, outcome)``."""
+    import copy
+
+    from graphtune.errors import StoreError
+    from graphtune.spec import parse_spec
+    from graphtune.store.storage import Storage
+
+    from graphtune.store.storage import sqlite_path
+
+    path = sqlite_path(storage)
+    if path is not None and not path.exists():
+        raise StoreError(f"no store at {path}; pass the --storage the study was run with")
+    store = Storage(storage, create=False)
+    try:
+        study = store.get_study(name)
+        if study is None:
+            known = [s.name for s in store.list_studies()]
+            raise StoreError(f"no study named {name!r} in {store._safe_url()}; known studies: {known or 'none'}")
+        data = copy.deepcopy(study.spec)
+    finally:
+        store.close()
+    data["study"], data["storage"] = name, storage
+    if evaluations is not None:
+        data.setdefault("search", {})["evaluations"] = evaluations
+    spec = parse_spec(data, where=f"stored spec of study {name!r}")
+    return optimize(spec, force=force, progress=progress)
+
+
+def dump_study(store, name: str) -> dict[str, Any]:
+    """A study's records as plain JSON-able data: the study (with its resolved spec), every
+    trial with its per-question results, and the agent steps. No secrets: specs name API
+    keys by environment variable only, and a password in a storage URL is masked."""
+    from dataclasses import asdict
+
+    from graphtune.errors import StoreError
+
+    st = store.get_study(name)
+    if st is None:
+        known = [s.name for s in store.list_studies()]
+        raise StoreError(f"no study named {name!r}; known studies: {known or 'none'}")
+    spec = dict(st.spec)
+    if isinstance(spec.get("storage"), str):
+        spec["storage"] = _mask_url(spec["storage"])
+    trials = []
+    for t in store.list_trials(st.id):
+        d = asdict(t)
+        d["results"] = [asdict(r) for r in store.trial_results(t.id)]
+        trials.append(d)
+    return {
+        "format": "graphtune-study-dump/1",
+        "study": {"name": st.name, "method": st.method, "status": st.status, "spec_hash": st.spec_hash,
+                  "batch_index": st.batch_index, "runs_spent": st.runs_spent, "created_at": st.created_at,
+                  "n_trials": st.n_trials},
+        "spec": spec,
+        "searcher_state": st.searcher_state,
+        "trials": trials,
+        "agent_steps": store.agent_steps(st.id),
+    }
+
+
+def _mask_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<storage url>"

@@ -416,8 +416,7 @@ def export_cmd(study: str = typer.Argument(..., metavar="NAME", help="study name
                                                            help="graphs need this many dev questions (default: "
                                                                 "half the best coverage)"),
                storage: str = STORAGE_OPT) -> None:
-    """Export a study's graph(s): a graph file `graphtune run` executes, a standalone LangGraph module,
-    mermaid text or a PNG drawing."""
+    """Export a study's graph(s): graph file (yaml/json), standalone LangGraph module, mermaid or PNG."""
     from graphtune.export import SUFFIX, check_format, export_graph
     from graphtune.graphs.io import from_dict
     from graphtune.pareto import select as pick

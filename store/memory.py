@@ -67,6 +67,10 @@ class MemoryStorage:
         self._steps.pop(d["id"], None)
         return True
 
+    def reset_searcher(self, study_id: int, method: str) -> None:
+        d = self._by_id(study_id)
+        d["method"], d["searcher_state"] = method, None
+
     def set_status(self, study_id: int, status: str) -> None:
         self._by_id(study_id)["status"] = status
 

@@ -11,6 +11,17 @@ Invariants every backend keeps:
   ``(batch, slot)`` instead of running them again.
 * Secrets are never stored (the spec references them by environment-variable name).
 
+Schema: versioned with Alembic (``graphtune.store.migrations``). A fresh database gets
+``create_all`` plus an ``alembic_version`` stamped with the code's head revision (one
+transaction; the same tables the migrations build, checked by tests/test_migrations.py);
+a database at an older revision is refused until ``graphtune storage upgrade`` runs; one
+at an unknown (newer) revision is refused too. Stores made before migrations existed (the
+tables, no ``alembic_version``) are stamped with the baseline revision.
+
+SQLite: WAL and a busy timeout, so several processes of one machine can share a file; a
+file on a network filesystem (NFS, SMB/CIFS, sshfs...), or one shared by ``workers``,
+gets a warning: SQLite's locking is not reliable there; use PostgreSQL.
+
 SQLAlchemy errors are translated to ``StoreError`` here, in one place.
 """
 
@@ -19,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import Column, MetaData, String, Table, create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +47,58 @@ from graphtune.errors import StoreError
 from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, utcnow
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: filesystem types on which several machines may open one SQLite file (its locks are not reliable there)
+NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse.sshfs", "sshfs", "9p", "afs",
+                    "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs")
+
+# the table Alembic keeps its revision in (same definition as Alembic's own)
+_VERSION_TABLE = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+
+
+class SharedSQLiteWarning(UserWarning):
+    """An SQLite store that several machines (or workers) would share."""
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None for in-memory or other databases)."""
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return None if not path or path == ":memory:" else Path(path).expanduser()
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding ``path`` (Linux ``/proc/mounts``; None elsewhere)."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path if path.exists() else path.parent)
+    best, fstype = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def shared_sqlite_warning(url: str, *, workers: bool = False, mounts: str = "/proc/mounts") -> str | None:
+    """Why this SQLite store must not be shared between machines, or None when it is fine."""
+    path = sqlite_path(url)
+    if path is None:
+        return None
+    fs = filesystem_type(path, mounts)
+    if fs and (fs in NETWORK_FS_TYPES or fs.split(".")[-1] in NETWORK_FS_TYPES):
+        return (f"SQLite store {path} is on a network filesystem ({fs}): SQLite's locking is unreliable when "
+                "several machines share one file and the store can be corrupted; use a PostgreSQL `storage` URL")
+    if workers:
+        return (f"workers share the SQLite store {path}: fine for processes on this machine only; workers on "
+                "several machines need a PostgreSQL `storage` URL")
+    return None
 
 
 def spec_hash(spec: Mapping[str, Any]) -> str:
@@ -114,20 +179,99 @@ def result_from_row(r: QuestionResultRow) -> QuestionResult:
 
 
 class Storage:
-    """A graphtune store at a SQLAlchemy URL (e.g. ``sqlite:///graphtune.db``)."""
+    """A graphtune store at a SQLAlchemy URL (e.g. ``sqlite:///graphtune.db``).
 
-    def __init__(self, url: str, *, create: bool = True):
+    ``create``: build the schema in an empty database (else an empty one is left alone);
+    ``workers``: this process is one of several sharing the store (warns for SQLite)."""
+
+    def __init__(self, url: str, *, create: bool = True, workers: bool = False):
         self.url = url
+        why = shared_sqlite_warning(url, workers=workers)
+        if why:
+            warnings.warn(why, SharedSQLiteWarning, stacklevel=2)
         try:
             self.engine = self._make_engine(url)
-            if create:
-                Base.metadata.create_all(self.engine)
+            self._check_schema(create)
         except SQLAlchemyError as e:
             raise StoreError(f"cannot open storage {self._safe_url()}: {str(e.orig if hasattr(e, 'orig') else e).splitlines()[0]}; "
                              "check the `storage` URL") from None
         except ImportError as e:
             raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # -- schema ----------------------------------------------------------------------
+    def schema_revision(self) -> str | None:
+        """The store's Alembic revision (None: no graphtune tables yet)."""
+        from graphtune.store.migrations import BASELINE
+
+        with self.engine.connect() as c:
+            names = set(inspect(c).get_table_names())
+            if "alembic_version" in names:
+                return c.scalar(select(_VERSION_TABLE.c.version_num))
+            return BASELINE if "studies" in names else None
+
+    def _check_schema(self, create: bool) -> None:
+        from graphtune.store.migrations import HEAD, REVISIONS
+
+        for attempt in range(2):  # a concurrent process may create the schema between our look and write
+            try:
+                with self.engine.begin() as c:
+                    names = set(inspect(c).get_table_names())
+                    rev = c.scalar(select(_VERSION_TABLE.c.version_num)) if "alembic_version" in names else None
+                    if rev is None and "studies" not in names:
+                        if not create:
+                            return
+                        Base.metadata.create_all(c)
+                        _VERSION_TABLE.create(c, checkfirst=True)
+                        c.execute(_VERSION_TABLE.insert().values(version_num=HEAD))
+                        return
+                    if rev is None:  # made before migrations existed: its schema is the baseline
+                        from graphtune.store.migrations import BASELINE
+
+                        _VERSION_TABLE.create(c, checkfirst=True)
+                        c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
+                        rev = BASELINE
+                break
+            except SQLAlchemyError:
+                if attempt:
+                    raise
+        if rev == HEAD:
+            return
+        if rev in REVISIONS:
+            raise StoreError(f"storage {self._safe_url()} has schema revision {rev}, this graphtune needs {HEAD}; "
+                             f"run `graphtune storage upgrade --storage {self._safe_url()}` (back it up first)")
+        raise StoreError(f"storage {self._safe_url()} has schema revision {rev!r}, unknown to this graphtune "
+                         f"(needs {HEAD}); it was written by a newer graphtune: upgrade graphtune")
+
+    @classmethod
+    def upgrade(cls, url: str) -> tuple[str | None, str]:
+        """Migrate the store at ``url`` to the code's head revision (creating it when empty);
+        returns ``(revision before, revision after)``."""
+        from graphtune.store.migrations import BASELINE, HEAD, upgrade
+
+        self = cls.__new__(cls)
+        self.url = url
+        try:
+            self.engine = self._make_engine(url)
+            try:
+                before = self.schema_revision()
+                if before == BASELINE:  # a pre-migration store: record its baseline first
+                    with self.engine.begin() as c:
+                        if "alembic_version" not in set(inspect(c).get_table_names()):
+                            _VERSION_TABLE.create(c)
+                            c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
+                upgrade(self.engine, "head")
+                after = self.schema_revision()
+            finally:
+                self.engine.dispose()
+        except SQLAlchemyError as e:
+            raise StoreError(f"cannot upgrade storage {self._safe_url()}: "
+                             f"{str(getattr(e, 'orig', e) or e).splitlines()[0]}") from None
+        except ImportError as e:
+            raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
+        if after != HEAD:
+            raise StoreError(f"storage {self._safe_url()} is at revision {after} after the upgrade, expected {HEAD}")
+        return before, after
 
     def _safe_url(self) -> str:
         try:
@@ -212,6 +356,13 @@ class Storage:
                 return False
             s.delete(r)
             return True
+
+    def reset_searcher(self, study_id: int, method: str) -> None:
+        """Forget the searcher state (a study continued with another method); trials, the
+        batch counter and the spent budget stay."""
+        with self.session() as s:
+            r = s.get(StudyRow, study_id)
+            r.method, r.searcher_state = method, None
 
     def set_status(self, study_id: int, status: str) -> None:
         with self.session() as s:
