@@ -206,6 +206,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
                      "recorded (docs/replay.md)")
     con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
     con.print(f"next: graphtune show {spec.study} --storage {spec.storage}")
+    con.print(f"      graphtune export {spec.study} --format langgraph -o {spec.study}_graph.py --storage {spec.storage}")
+    con.print(f"      graphtune report {spec.study} -o {spec.study}_report.html --storage {spec.storage}")
 
 
 # -- run -------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class PolicySearcher(Searcher):
     """Shared REINFORCE + racing machinery (see the module docstring). Options
     (``search.options``):
 
-    - ``n0`` (default: dev/27 clamped to 8..20): questions of the first level;
+    - ``n0`` (default: dev/8 clamped to 10..40): questions of the first level;
     - ``eta`` (3): level growth factor and successive-halving ratio;
     - ``samples`` (default ``search.batch_size``): graphs drawn per batch;
     - ``lr`` (0.3): Adam step size on the logits; ``max_step`` (1.0) per coordinate;
@@ -123,7 +123,9 @@ class PolicySearcher(Searcher):
         o = ctx.options
         n_dev = len(ctx.dev_ids)
         self.eta = max(1.5, _opt(o, "eta", 3.0))
-        n0 = _opt(o, "n0", int(np.clip(round(n_dev / 27), 8, 20)), int)
+        # the first level must be large enough to rank graphs at all (a few questions are
+        # noise), small enough that a poor graph stays cheap
+        n0 = _opt(o, "n0", int(np.clip(round(n_dev / 8), 10, 40)), int)
         self.levels = prefix_levels(n_dev, n0, self.eta)
         self.n_samples = max(1, _opt(o, "samples", ctx.batch_size, int))
         self.lr = _opt(o, "lr", 0.3)
@@ -281,7 +283,8 @@ class PolicySearcher(Searcher):
         from graphtune.graphs.model import Node
         from graphtune.graphs.space import is_valid
 
-        mb = tuple(self.order[: self.levels[0]])
+        # probes seed the agent's prior: measure them on the second level's questions
+        mb = tuple(self.order[: self.levels[min(1, len(self.levels) - 1)]])
         out = []
         src = next((r for r in self.ctx.space.roles if r != "fuser"), self.ctx.space.roles[0])
         for m in self.ctx.space.models:
