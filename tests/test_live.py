@@ -147,7 +147,9 @@ def test_nodes_of_a_level_and_questions_run_concurrently(slow_server):
         res = env.evaluate(g_vote(3), env.split("dev"))  # 2 levels x 0.3 s; 32 calls
         wall = time.perf_counter() - t0
         assert all(r.ok for r in res)
-        assert wall < 1.5, wall  # sequential would take 32 x 0.3 = 9.6 s
+        # ideal 0.6 s; all calls one after another 9.6 s; questions one after another (levels
+        # concurrent within a question) 8 x 0.6 = 4.8 s. The margin absorbs a loaded machine.
+        assert wall < 4.0, wall
     finally:
         env.close()
 
