@@ -119,5 +119,10 @@ class Environment(ABC):
         """A short description of the task for the agent's prompt (no answers!)."""
         return self.kind
 
+    def share_limits(self, workers: int) -> None:
+        """Use ``1/workers`` of the spec's concurrency limits from the next evaluation on
+        (``graphtune worker``: the limits then hold across all workers of a study). Only
+        environments that call endpoints have limits."""
+
     def close(self) -> None:
         """Release resources (servers, pools). Idempotent."""

@@ -218,6 +218,15 @@ class Executor:
         self._global: asyncio.Semaphore | None = None
         self._per_model: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self.share = 1  # this process's part of the limits is 1/share (graphtune worker)
+
+    def set_share(self, workers: int) -> None:
+        """Use ``1/workers`` of the global and per-model limits (at least one call each)
+        from the next graph run on; call it between evaluations."""
+        workers = max(1, int(workers))
+        if workers != self.share:
+            self.share = workers
+            self._global, self._per_model = None, {}
 
     def caller(self) -> _RunCaller:
         """A caller for one graph run (it numbers the samples of identical requests)."""
@@ -240,12 +249,12 @@ class Executor:
 
     def _sems(self, ep: Endpoint) -> tuple[asyncio.Semaphore, asyncio.Semaphore | None]:
         if self._global is None:
-            self._global = asyncio.Semaphore(self.concurrency)
+            self._global = asyncio.Semaphore(max(1, self.concurrency // self.share))
         sem = None
         if ep.max_concurrency:
             sem = self._per_model.get(ep.name)
             if sem is None:
-                sem = self._per_model[ep.name] = asyncio.Semaphore(ep.max_concurrency)
+                sem = self._per_model[ep.name] = asyncio.Semaphore(max(1, ep.max_concurrency // self.share))
         return self._global, sem
 
     def cost(self, ep: Endpoint, prompt_tokens: int, completion_tokens: int) -> tuple[float, float]:
@@ -536,6 +545,9 @@ class LiveEnvironment(Environment):
 
     def describe(self) -> str:
         return self.description or f"live {self.prompts.style} task with {len(self.dev)} dev questions"
+
+    def share_limits(self, workers: int) -> None:
+        self.executor.set_share(workers)
 
     def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
         if self._closed:

@@ -296,6 +296,10 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
             if study.method != spec.search.method:
                 storage.reset_searcher(study.id, spec.search.method)
             study = storage.get_study(spec.study)
+            queued = storage.unfinished_trials(study.id)
+            if queued:
+                raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
+                                f"continue it with `graphtune worker --study {spec.study} --storage {spec.storage}`")
         searcher = make_searcher(spec, problem.ctx)
         try:
             outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
@@ -336,6 +340,53 @@ def resume(name: str, storage: str, *, evaluations: int | None = None, force: bo
         data.setdefault("search", {})["evaluations"] = evaluations
     spec = parse_spec(data, where=f"stored spec of study {name!r}")
     return optimize(spec, force=force, progress=progress)
+
+
+def work(name: str, storage: str, *, spec: Spec | None = None, options=None, progress=None,
+         worker_name: str | None = None):
+    """Join the workers of study ``name`` in ``storage`` (``graphtune worker``) until the
+    study is complete. The study is created from ``spec`` when it does not exist yet (by
+    whichever worker comes first); an existing study runs from its stored spec, and a
+    ``spec`` that differs from it is refused. Returns ``(problem, study, WorkerReport)``."""
+    import copy
+
+    from graphtune.errors import StoreError
+    from graphtune.search.worker import Worker, WorkerOptions
+    from graphtune.spec import parse_spec
+    from graphtune.store.storage import Storage
+
+    store = Storage(storage, workers=True)
+    study = store.get_study(name)
+    if spec is not None:
+        resolved = stored_spec(spec)
+        if study is None:
+            try:
+                study = store.create_study(name, spec.search.method, resolved)
+            except StoreError:  # another worker created it first
+                study = store.get_study(name)
+                if study is None:
+                    raise
+        changed = changed_fields(study.spec, resolved)
+        if changed:
+            names = ", ".join(".".join(c) for c in changed[:5])
+            raise SpecError(f"study {name!r} exists with a different spec ({names} changed); workers run the stored "
+                            "spec: drop --spec, or use another --study name")
+    if study is None:
+        known = [s.name for s in store.list_studies()]
+        raise StoreError(f"no study named {name!r} in {store._safe_url()} (known: {known or 'none'}); create it by "
+                         "passing --spec SPEC to the first worker")
+    data = copy.deepcopy(study.spec)
+    data["study"], data["storage"] = name, storage
+    sp = parse_spec(data, where=f"stored spec of study {name!r}")
+    problem = build_problem(sp)
+    try:
+        w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids,
+                   make_searcher=lambda: make_searcher(sp, problem.ctx), storage=store, study=study,
+                   options=options or WorkerOptions(), name=worker_name, progress=progress)
+        report = w.run()
+    finally:
+        problem.env.close()
+    return problem, store.get_study(name), report
 
 
 def dump_study(store, name: str) -> dict[str, Any]:

@@ -503,6 +503,37 @@ def report_cmd(study: str = typer.Argument(..., metavar="NAME"),
         con.print(f"wrote {p}")
 
 
+@app.command("dashboard")
+@_guard
+def dashboard_cmd(study: str = typer.Argument(..., metavar="NAME"), storage: str = STORAGE_OPT,
+                  host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every "
+                                                                         "interface; the view has no login)"),
+                  port: int = typer.Option(8080, "--port", min=0, max=65535, help="port to listen on (0: any "
+                                                                                  "free one)"),
+                  refresh: float = typer.Option(5.0, "--refresh", min=0.1, help="seconds between reads of the "
+                                                                                "store")) -> None:
+    """Serve a live, read-only view of a study in optuna-dashboard (history, Pareto front,
+    parameter importance, graphs and agent feedback in the trial notes); Ctrl-C stops it."""
+    from graphtune.dashboard import DashboardServer
+
+    last = {"error": None}
+
+    def on_error(e: Exception) -> None:  # once per distinct failure, not every refresh
+        if str(e) != last["error"]:
+            last["error"] = str(e)
+            typer.echo(f"warning: cannot refresh {study!r}: {e}; showing the last data read", err=True)
+
+    server = DashboardServer(_storage(storage), study, host=host, port=port, refresh_s=refresh, on_error=on_error)
+    typer.echo(f"graphtune dashboard of {study!r}: {server.url}  (read-only, refreshed every {refresh:g} s; "
+               "Ctrl-C stops it)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("dashboard stopped")
+    finally:
+        server.shutdown()
+
+
 @app.command("compare")
 @_guard
 def compare_cmd(studies_: list[str] = typer.Argument(..., metavar="NAME..."),
@@ -569,6 +600,59 @@ def resume(study: str = typer.Argument(..., help="name of a stored study"), stor
         problem, st, out = _run_with_progress(f"{study} (resume)", lambda progress: run(
             study, storage, evaluations=evaluations, force=force, progress=progress))
     _print_outcome(_console(), problem.spec, problem, st, out)
+
+
+@app.command()
+@_guard
+def worker(study: str = typer.Option(..., "--study", help="the study to work on"),
+           storage: str = typer.Option(..., "--storage",
+                                       help="SQLAlchemy URL every worker shares (postgresql://... for several "
+                                            "machines)"),
+           spec_path: Optional[Path] = typer.Option(None, "--spec", metavar="SPEC",
+                                                    help="create the study from this spec if it does not exist"),
+           heartbeat: float = typer.Option(5.0, "--heartbeat", min=0.1, help="seconds between heartbeats"),
+           stale_after: float = typer.Option(60.0, "--stale-after", min=1.0,
+                                             help="retake a trial whose worker's heartbeat is older than this"),
+           poll: float = typer.Option(0.5, "--poll", min=0.01, help="seconds between looks when idle"),
+           max_trials: Optional[int] = typer.Option(None, "--max-trials", min=1,
+                                                    help="stop after this many trials (default: when the study "
+                                                         "is complete)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="no line per trial")) -> None:
+    """Work on a study together with any number of other workers (processes or machines):
+    claim and evaluate queued trials, update the searcher once per batch, stop when the
+    study is complete."""
+    from graphtune.api import work
+    from graphtune.errors import SpecError
+    from graphtune.search.worker import WorkerOptions
+    from graphtune.spec import load_spec
+
+    if stale_after < 3 * heartbeat:
+        raise SpecError(f"--stale-after ({stale_after:g} s) must be at least 3 x --heartbeat ({heartbeat:g} s), or "
+                        "live workers lose their trials; raise --stale-after")
+    spec = load_spec(spec_path, overrides={"study": study, "storage": storage}) if spec_path else None
+    con = _console()
+
+    def progress(ev: dict) -> None:
+        if not quiet:
+            kept = "" if ev["stored"] else "  (retaken by another worker: not stored)"
+            con.print(f"trial {ev['trial']:>4} {ev['split']} batch {ev['batch']} slot {ev['slot']}: "
+                      f"reward {_fmt(ev['reward'])}, {ev['new_runs']} new runs{kept}")
+
+    opts = WorkerOptions(heartbeat_s=heartbeat, stale_after_s=stale_after, poll_s=poll, max_trials=max_trials)
+    problem, st, rep = work(study, storage, spec=spec, options=opts, progress=progress)
+    con.print(f"worker {rep.name}: {rep.trials} trials, {rep.runs_paid} graph-question runs paid, "
+              f"{rep.batch_updates} batch updates; study {study} is {rep.study_status}")
+    if st is not None and st.status == "complete":
+        store = _storage(storage)
+        test = [t for t in store.list_trials(st.id, split="test")]
+        if test:
+            from graphtune.graphs.io import from_dict
+            from graphtune.graphs.render import to_text
+
+            t = test[-1]
+            con.print(f"best graph {to_text(from_dict(t.graph))} (trial #{t.parents[0] if t.parents else '?'}); "
+                      f"test accuracy {_fmt(t.accuracy)}")
+        con.print(f"next: graphtune show {study} --storage {storage}")
 
 
 storage_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage a store's schema.")

@@ -34,6 +34,11 @@ class StoreError(GraphtuneError):
     """The study store cannot be read or written."""
 
 
+class SearchError(GraphtuneError):
+    """A search cannot go on as asked (e.g. a searcher that is not deterministic when
+    several workers rebuild it)."""
+
+
 class EnvError(GraphtuneError):
     """An environment cannot evaluate (bad profile, dataset, endpoint...)."""
 

@@ -63,17 +63,24 @@ def evaluate_candidate(cand: Candidate, *, env: Environment, storage: Storage, s
         return Evaluation(candidate=cand, trial_number=t.number, graph_hash=h, results=(),
                           metrics=summarize([]), reward=float("nan"), cost=GraphCost(0, 0, 0, 0, 0, 0),
                           new_runs=0, error=str(e))
-    known = storage.known_results(study.id, h, split)
-    missing = [q for q in qids if q not in known]
-    fresh = {r.question_id: r for r in env.evaluate(g, missing)} if missing else {}
-    results = [known[q] if q in known else fresh[q] for q in qids]
+    results, reused, missing = run_missing(g, h, qids, env=env, storage=storage, study_id=study.id, split=split)
     reward = _mean([ctx.objective.question_reward(r, ctx.costs.unit_flops) for r in results if r.ok])
     metrics = summarize(results)
-    t = storage.record_trial(study.id, status="complete", results=results, reused=set(known) & set(qids),
+    t = storage.record_trial(study.id, status="complete", results=results, reused=reused,
                              metrics=metrics.as_dict(), reward=reward, cost=cost.as_dict(),
                              new_runs=len(missing), **common)
     return Evaluation(candidate=cand, trial_number=t.number, graph_hash=h, results=tuple(results),
                       metrics=metrics, reward=reward, cost=cost, new_runs=len(missing))
+
+
+def run_missing(g, h: str, qids: Sequence[str], *, env: Environment, storage: Storage, study_id: int,
+                split: str) -> tuple[list[QuestionResult], set[str], list[str]]:
+    """Results of graph ``g`` on ``qids``: stored ones reused, the missing ones run (paid).
+    Returns ``(results in qids order, reused question ids, missing question ids)``."""
+    known = storage.known_results(study_id, h, split)
+    missing = [q for q in qids if q not in known]
+    fresh = {r.question_id: r for r in env.evaluate(g, missing)} if missing else {}
+    return [known[q] if q in known else fresh[q] for q in qids], set(known) & set(qids), missing
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -22,7 +22,7 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integ
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -59,6 +59,7 @@ class TrialRow(Base):
         UniqueConstraint("study_id", "number", name="uq_trial_number"),
         Index("ix_trials_study_hash", "study_id", "graph_hash"),
         Index("ix_trials_study_slot", "study_id", "split", "batch", "slot"),
+        Index("ix_trials_study_status", "study_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -67,7 +68,9 @@ class TrialRow(Base):
     split: Mapped[str] = mapped_column(String(16), default="dev")
     batch: Mapped[int] = mapped_column(Integer, default=0)
     slot: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16))  # running|complete|failed
+    # complete|failed; with `graphtune worker`: pending (claimable), waiting (for trial
+    # `after_trial` of the same graph to finish first), running (claimed by `worker`)
+    status: Mapped[str] = mapped_column(String(16))
     graph: Mapped[dict] = mapped_column(JSON)
     graph_hash: Mapped[str] = mapped_column(String(32))
     method: Mapped[str] = mapped_column(String(64))
@@ -88,6 +91,12 @@ class TrialRow(Base):
     agent_step_id: Mapped[int | None] = mapped_column(ForeignKey("agent_steps.id"), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # distributed evaluation (schema 2): who holds the claim, its last heartbeat, how many
+    # times it was claimed, and the earlier trial of the same graph in the batch it waits for
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    after_trial: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     study: Mapped[StudyRow] = relationship(back_populates="trials")
     results: Mapped[list[QuestionResultRow]] = relationship(back_populates="trial", cascade="all, delete-orphan",
@@ -174,3 +183,23 @@ class LLMCallRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     study: Mapped[str | None] = mapped_column(String(200), nullable=True)  # who paid for it (informative)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerRow(Base):
+    """One ``graphtune worker`` process on a study (schema 2). Live workers (fresh
+    heartbeat) split the spec's concurrency limits between them, so the limits hold for
+    the study as a whole."""
+
+    __tablename__ = "workers"
+    __table_args__ = (UniqueConstraint("study_id", "name", name="uq_worker_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))  # host:pid:random
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|stopped
+    trials_done: Mapped[int] = mapped_column(Integer, default=0)
+    batches_updated: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

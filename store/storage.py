@@ -9,6 +9,13 @@ Invariants every backend keeps:
   in one transaction, after the batch's trials: a resumed search restarts at the first
   batch whose state was not saved, and finds that batch's finished trials by their
   ``(batch, slot)`` instead of running them again.
+* Distributed evaluation (``graphtune worker``): a trial is claimed by one conditional
+  update (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers),
+  finished only by the worker that still holds the claim, and retaken by another worker
+  once its heartbeat is older than the stale timeout. The searcher's batch update runs in
+  :meth:`Storage.coordination`, which holds the study row's lock (PostgreSQL) or SQLite's
+  write lock for the whole update and commits state, counters, agent steps and the next
+  batch's trials in one transaction, fenced by the batch counter.
 * Secrets are never stored (the spec references them by environment-variable name).
 
 Schema: versioned with Alembic (``graphtune.store.migrations``). A fresh database gets
@@ -31,20 +38,23 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, MetaData, String, Table, create_engine, event, func, inspect, select
+from sqlalchemy import (Column, MetaData, String, Table, and_, create_engine, event, func, inspect, or_, select,
+                        update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from graphtune.envs.base import NodeOutcome, QuestionResult
 from graphtune.errors import StoreError
-from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, utcnow
+from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, WorkerRow, utcnow
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -147,6 +157,7 @@ class TrialInfo:
     feedback: str | None
     started_at: Any
     finished_at: Any
+    worker: str | None = None  # the worker holding (or that held) the claim (graphtune worker)
 
 
 def _study_info(r: StudyRow, n_trials: int = 0) -> StudyInfo:
@@ -158,7 +169,7 @@ def _trial_info(r: TrialRow) -> TrialInfo:
     return TrialInfo(r.id, r.number, r.split, r.batch, r.slot, r.status, r.graph, r.graph_hash, r.method,
                      r.origin, r.parents, r.info, r.question_ids, r.metrics, r.reward, r.accuracy,
                      r.cost_units, r.flops, r.usd, r.latency_s, r.new_runs, r.error, r.feedback,
-                     r.started_at, r.finished_at)
+                     r.started_at, r.finished_at, r.worker)
 
 
 def _result_row(i: int, r: QuestionResult, reused: bool) -> QuestionResultRow:
@@ -398,6 +409,14 @@ class Storage:
                 TrialRow.status == "complete", QuestionResultRow.error.is_(None)))
             return {r.question_id: result_from_row(r) for r in rows}
 
+    def known_question_ids(self, study_id: int, graph_hash: str, split: str, *, before_batch: int) -> set[str]:
+        """Questions of ``split`` this graph has a reusable result on, from batches before
+        ``before_batch`` (what a batch's runs are predicted from)."""
+        with self.session() as s:
+            return set(s.scalars(select(QuestionResultRow.question_id).join(TrialRow).where(
+                TrialRow.study_id == study_id, TrialRow.graph_hash == graph_hash, TrialRow.split == split,
+                TrialRow.status == "complete", TrialRow.batch < before_batch, QuestionResultRow.error.is_(None))))
+
     def record_trial(self, study_id: int, *, split: str, batch: int, slot: int, status: str, graph: dict,
                      graph_hash: str, method: str, origin: str, parents: Sequence[int], info: Mapping[str, Any],
                      question_ids: Sequence[str], results: Sequence[QuestionResult], reused: set[str],
@@ -411,20 +430,173 @@ class Storage:
             if info.get("agent_step"):
                 step_id = s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == study_id,
                                                                  AgentStepRow.key == info["agent_step"]))
-            cost = cost or {}
             r = TrialRow(
-                study_id=study_id, number=number, split=split, batch=batch, slot=slot, status=status,
-                graph=graph, graph_hash=graph_hash, method=method, origin=origin, parents=list(parents),
+                study_id=study_id, number=number, split=split, batch=batch, slot=slot, graph=graph,
+                graph_hash=graph_hash, method=method, origin=origin, parents=list(parents),
                 info=json.loads(json.dumps(dict(info), default=str)), question_ids=list(question_ids),
-                metrics=json.loads(json.dumps(dict(metrics), default=str)),
-                reward=_finite(reward), accuracy=_finite(metrics.get("accuracy")),
-                cost_units=cost.get("units"), flops=cost.get("flops"), usd=cost.get("usd"),
-                latency_s=cost.get("latency_s"), new_runs=new_runs, error=error, feedback=feedback,
-                agent_step_id=step_id, started_at=started_at or utcnow(), finished_at=utcnow())
-            r.results = [_result_row(i, q, q.question_id in reused) for i, q in enumerate(results)]
+                feedback=feedback, agent_step_id=step_id, started_at=started_at or utcnow())
+            _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
+                          cost=cost, new_runs=new_runs, error=error)
             s.add(r)
             s.flush()
             return _trial_info(r)
+
+    # -- distributed evaluation (graphtune worker) -------------------------------------
+    def _now(self):
+        """The database's clock on PostgreSQL (workers on several machines agree on it),
+        this machine's on SQLite (one machine)."""
+        return func.now() if self.engine.dialect.name == "postgresql" else utcnow()
+
+    def _retrying(self, fn, what: str, tries: int = 8):
+        """Run ``fn`` again when SQLite reports a write conflict (a stale snapshot is not
+        waited for by its busy handler); PostgreSQL conflicts are resolved by row locks."""
+        for i in range(tries):
+            try:
+                return fn()
+            except StoreError as e:
+                if "locked" not in str(e) and "busy" not in str(e).lower() or i == tries - 1:
+                    raise StoreError(f"{what}: {e}") from None
+                time.sleep(0.02 * (i + 1))
+
+    def register_worker(self, study_id: int, name: str, host: str, pid: int) -> None:
+        with self.session() as s:
+            now = self._now()
+            s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
+                            heartbeat_at=now))
+
+    def worker_heartbeat(self, study_id: int, name: str, *, trial_id: int | None = None, trials_done: int = 0,
+                         batches_updated: int = 0, status: str = "running") -> None:
+        """Refresh the worker's heartbeat (and that of the trial it holds)."""
+        def go():
+            with self.session() as s:
+                now = self._now()
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name).values(
+                    heartbeat_at=now, trials_done=trials_done, batches_updated=batches_updated, status=status))
+                if trial_id is not None:
+                    s.execute(update(TrialRow).where(TrialRow.id == trial_id, TrialRow.worker == name,
+                                                     TrialRow.status == "running").values(heartbeat_at=now))
+        self._retrying(go, "worker heartbeat")
+
+    def live_workers(self, study_id: int, stale_after_s: float) -> int:
+        """Workers of the study whose heartbeat is fresher than ``stale_after_s``."""
+        with self.session() as s:
+            cutoff = self._now() - timedelta(seconds=stale_after_s)
+            return int(s.scalar(select(func.count()).select_from(WorkerRow).where(
+                WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)) or 0)
+
+    def list_workers(self, study_id: int) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(WorkerRow).where(WorkerRow.study_id == study_id).order_by(WorkerRow.id))
+            return [{c.name: getattr(r, c.name) for c in WorkerRow.__table__.columns} for r in rows]
+
+    def claim_trial(self, study_id: int, worker: str, *, stale_after_s: float) -> TrialInfo | None:
+        """Claim the first pending trial of the study (or a running one whose worker's
+        heartbeat is older than ``stale_after_s``) for ``worker``; None when there is none.
+        At most one worker gets a given claim."""
+        def go():
+            with self.session() as s:
+                now = self._now()
+                cutoff = now - timedelta(seconds=stale_after_s)
+                r = s.scalar(select(TrialRow).where(
+                    TrialRow.study_id == study_id,
+                    or_(TrialRow.status == "pending", and_(TrialRow.status == "running", TrialRow.heartbeat_at < cutoff)))
+                    .order_by(TrialRow.batch, TrialRow.slot).limit(1).with_for_update(skip_locked=True))
+                if r is None:
+                    return None
+                got = s.execute(update(TrialRow).where(
+                    TrialRow.id == r.id, TrialRow.status == r.status, TrialRow.attempts == r.attempts).values(
+                    status="running", worker=worker, heartbeat_at=now, attempts=r.attempts + 1))
+                if got.rowcount != 1:
+                    return False  # taken by another worker between our read and write: look again
+                s.flush()
+                s.refresh(r)
+                return _trial_info(r)
+
+        for _ in range(20):
+            t = self._retrying(go, "claiming a trial")
+            if t is not False:
+                return t
+        return None
+
+    def finish_claim(self, trial_id: int, worker: str, *, status: str, results: Sequence[QuestionResult],
+                     reused: set[str], metrics: Mapping[str, Any], reward: float | None,
+                     cost: Mapping[str, float] | None, new_runs: int, error: str | None = None) -> bool:
+        """Store a claimed trial's outcome with its results, atomically, if ``worker`` still
+        holds the claim (False: it was retaken after a stale heartbeat; nothing written).
+        Trials of the same graph waiting for this one become claimable."""
+        def go():
+            with self.session() as s:
+                r = s.scalar(select(TrialRow).where(TrialRow.id == trial_id).with_for_update())
+                if r is None or r.status != "running" or r.worker != worker:
+                    return False
+                _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
+                              cost=cost, new_runs=new_runs, error=error)
+                s.execute(update(TrialRow).where(TrialRow.study_id == r.study_id, TrialRow.status == "waiting",
+                                                 TrialRow.after_trial == r.number).values(status="pending"))
+                return True
+        return self._retrying(go, "storing a trial")
+
+    def release_claim(self, trial_id: int, worker: str) -> None:
+        """Give a claimed trial back (the worker stops without finishing it)."""
+        def go():
+            with self.session() as s:
+                s.execute(update(TrialRow).where(TrialRow.id == trial_id, TrialRow.worker == worker,
+                                                 TrialRow.status == "running").values(status="pending", worker=None,
+                                                                                     heartbeat_at=None))
+        self._retrying(go, "releasing a trial")
+
+    def unfinished_trials(self, study_id: int) -> int:
+        """Trials queued for or held by workers (pending, waiting, running)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(TrialRow).where(
+                TrialRow.study_id == study_id, TrialRow.status.in_(("pending", "waiting", "running")))) or 0)
+
+    def idle_batches(self, study_id: int, before: int) -> int:
+        """How many dev batches up to ``before`` (exclusive), counted back from it, paid for
+        no new run."""
+        with self.session() as s:
+            rows = dict(s.execute(select(TrialRow.batch, func.sum(TrialRow.new_runs)).where(
+                TrialRow.study_id == study_id, TrialRow.split == "dev", TrialRow.batch < before,
+                TrialRow.batch >= 0).group_by(TrialRow.batch)).all())
+        n = 0
+        for b in range(before - 1, -1, -1):
+            if rows.get(b, 0):
+                break
+            n += 1
+        return n
+
+    @contextlib.contextmanager
+    def coordination(self, study_id: int) -> Iterator[Coordination | None]:
+        """The study's batch-update lock: yields a :class:`Coordination` holding it, or None
+        when another worker holds it. Everything written through the coordination commits
+        in one transaction when the block ends (nothing if it raises)."""
+        s = self._sessions()
+        try:
+            try:
+                if self.engine.dialect.name == "sqlite":
+                    # a write first: SQLite's write lock is held until commit (others wait or skip)
+                    s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
+                r = s.scalar(select(StudyRow).where(StudyRow.id == study_id).with_for_update(skip_locked=True))
+            except SQLAlchemyError as e:
+                s.rollback()
+                if "locked" in str(e):
+                    yield None
+                    return
+                raise StoreError(f"storage {self._safe_url()}: {str(getattr(e, 'orig', e)).splitlines()[0]}") from None
+            if r is None:
+                s.rollback()
+                yield None
+                return
+            yield Coordination(self, s, r)
+            s.commit()
+        except SQLAlchemyError as e:
+            s.rollback()
+            raise StoreError(f"storage {self._safe_url()}: {str(getattr(e, 'orig', e) or e).splitlines()[0]}") from None
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
 
     def list_trials(self, study_id: int, split: str | None = None) -> list[TrialInfo]:
         with self.session() as s:
@@ -455,3 +627,85 @@ def _finite(x) -> float | None:
         return None
     x = float(x)
     return x if x == x and abs(x) != float("inf") else None
+
+
+def _fill_outcome(r: TrialRow, *, status: str, results: Sequence[QuestionResult], reused: set[str],
+                  metrics: Mapping[str, Any], reward: float | None, cost: Mapping[str, float] | None,
+                  new_runs: int, error: str | None) -> None:
+    cost = cost or {}
+    r.status = status
+    r.metrics = json.loads(json.dumps(dict(metrics), default=str))
+    r.reward, r.accuracy = _finite(reward), _finite(metrics.get("accuracy"))
+    r.cost_units, r.flops, r.usd, r.latency_s = (cost.get("units"), cost.get("flops"), cost.get("usd"),
+                                                 cost.get("latency_s"))
+    r.new_runs, r.error, r.finished_at = new_runs, error, utcnow()
+    r.results = [_result_row(i, q, q.question_id in reused) for i, q in enumerate(results)]
+
+
+class Coordination:
+    """The batch-update lock of one study, held (see :meth:`Storage.coordination`)."""
+
+    def __init__(self, storage: Storage, session: Session, row: StudyRow):
+        self._storage, self._s, self._r = storage, session, row
+
+    @property
+    def study(self) -> StudyInfo:
+        return _study_info(self._r)
+
+    def trials(self, split: str, batch: int) -> list[TrialInfo]:
+        """The study's trials of one batch, by slot."""
+        q = select(TrialRow).where(TrialRow.study_id == self._r.id, TrialRow.split == split, TrialRow.batch == batch)
+        return [_trial_info(r) for r in self._s.scalars(q.order_by(TrialRow.slot, TrialRow.number))]
+
+    def advance(self, *, expect_batch_index: int, state: Mapping[str, Any] | None, batch_index: int,
+                runs_spent: int, agent_steps: Sequence[Mapping[str, Any]] = (), enqueue: Sequence[Mapping] = (),
+                status: str | None = None) -> list[int]:
+        """Save the searcher state and counters, the agent steps, and queue ``enqueue``
+        (trial fields; ``after_slot``: the slot of this batch it must wait for); returns the
+        new trials' numbers. Refused if the batch counter moved (another update won)."""
+        s, r = self._s, self._r
+        if r.batch_index != expect_batch_index:
+            raise StoreError(f"study {r.name!r} moved to batch {r.batch_index} during the update of batch "
+                             f"{expect_batch_index}; it is retried")
+        if state is not None:
+            r.searcher_state = json.loads(json.dumps(state))
+        r.batch_index, r.runs_spent = batch_index, runs_spent
+        if status:
+            r.status = status
+        for step in agent_steps:
+            if s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == r.id,
+                                                      AgentStepRow.key == step["key"])) is None:
+                s.add(AgentStepRow(study_id=r.id, **step))
+        s.flush()
+        number = s.scalar(select(func.max(TrialRow.number)).where(TrialRow.study_id == r.id)) or 0
+        by_slot: dict[int, int] = {}
+        out = []
+        for item in enqueue:
+            item = dict(item)
+            after = item.pop("after_slot", None)
+            if after is not None and after not in by_slot:  # the slot it waits for was queued earlier
+                prev = s.scalar(select(TrialRow).where(TrialRow.study_id == r.id, TrialRow.split == item["split"],
+                                                       TrialRow.batch == item["batch"], TrialRow.slot == after))
+                if prev is None or prev.status in ("complete", "failed"):
+                    after = None
+                else:
+                    by_slot[after] = prev.number
+            info = json.loads(json.dumps(dict(item.pop("info", {})), default=str))
+            step_id = None
+            if info.get("agent_step"):
+                step_id = s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == r.id,
+                                                                 AgentStepRow.key == info["agent_step"]))
+            number += 1
+            row = TrialRow(study_id=r.id, number=number, info=info, agent_step_id=step_id, metrics={}, new_runs=0,
+                           status="waiting" if after is not None else "pending",
+                           after_trial=by_slot[after] if after is not None else None, **item)
+            row.parents = list(row.parents or [])
+            row.question_ids = list(row.question_ids or [])
+            s.add(row)
+            by_slot[item["slot"]] = number
+            out.append(number)
+        s.flush()
+        return out
+
+    def set_status(self, status: str) -> None:
+        self._r.status = status

@@ -36,7 +36,7 @@ def test_upgrading_an_empty_database_builds_exactly_the_models_tables(tmp_path):
     assert Storage.upgrade(url) == (None, HEAD)
     assert _diff(url) == []
     names = {r[0] for r in sqlite3.connect(tmp_path / "m.db").execute("select name from sqlite_master where type='table'")}
-    assert names == {"studies", "trials", "question_results", "agent_steps", "llm_calls", "alembic_version"}
+    assert names == {"studies", "trials", "question_results", "agent_steps", "llm_calls", "workers", "alembic_version"}
     s = Storage(url)  # opens at head without complaint
     assert s.schema_revision() == HEAD
     s.close()
@@ -51,13 +51,56 @@ def test_a_fresh_store_is_created_and_stamped_at_head(tmp_path):
     assert Storage.upgrade(url) == (HEAD, HEAD)  # nothing to do
 
 
-def test_a_store_made_before_migrations_is_stamped_with_the_baseline(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def _store_at(url: str, revision: str) -> None:
+    """A store built by the migrations up to ``revision`` (as an older graphtune left it)."""
+    from graphtune.store.migrations import upgrade
+
     eng = create_engine(url)
-    Base.metadata.create_all(eng)
+    upgrade(eng, revision)
     eng.dispose()
+
+
+def test_a_store_made_before_migrations_is_stamped_with_the_baseline(tmp_path):
+    from graphtune.store.migrations import BASELINE
+
+    db = tmp_path / "old.db"
+    url = f"sqlite:///{db}"
+    _store_at(url, BASELINE)
+    con = sqlite3.connect(db)
+    con.execute("drop table alembic_version")  # made before migrations existed
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="graphtune storage upgrade"):
+        Storage(url)  # stamped with the baseline, which is older than the code's head
+    con = sqlite3.connect(db)
+    assert con.execute("select version_num from alembic_version").fetchone() == (BASELINE,)
+    con.close()
+    assert Storage.upgrade(url) == (BASELINE, HEAD)
+    assert _diff(url) == []
+
+
+def test_upgrading_a_0001_store_keeps_its_studies_and_adds_the_worker_columns(tmp_path):
+    db = tmp_path / "v1.db"
+    url = f"sqlite:///{db}"
+    _store_at(url, "0001")
+    con = sqlite3.connect(db)
+    con.execute("insert into studies (name, method, spec, spec_hash, status, batch_index, runs_spent, created_at, "
+                "updated_at, schema_version) values ('s', 'random', '{}', 'h', 'complete', 3, 40, '2026-01-01', "
+                "'2026-01-01', 1)")
+    con.execute("insert into trials (study_id, number, split, batch, slot, status, graph, graph_hash, method, "
+                "origin, parents, info, question_ids, metrics, new_runs, started_at) values (1, 1, 'dev', 0, 0, "
+                "'complete', '{}', 'g', 'random', 'sample', '[]', '{}', '[]', '{}', 10, '2026-01-01')")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="revision 0001, this graphtune needs"):
+        Storage(url)
+    assert Storage.upgrade(url) == ("0001", HEAD)
+    assert _diff(url) == []
     s = Storage(url)
-    assert s.schema_revision() == HEAD
+    st = s.get_study("s")
+    assert (st.batch_index, st.runs_spent, st.n_trials) == (3, 40, 1)
+    assert s.list_trials(st.id)[0].new_runs == 10
+    assert s.list_workers(st.id) == []
     s.close()
 
 
@@ -66,10 +109,10 @@ def test_an_older_revision_is_refused_with_the_upgrade_command(tmp_path, monkeyp
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     Storage(url).close()
-    # pretend the code moved on to a revision 0002 the store has not seen
-    monkeypatch.setattr(mig, "HEAD", "0002")
-    monkeypatch.setattr(mig, "REVISIONS", ("0001", "0002"))
-    with pytest.raises(StoreError, match=r"revision 0001, this graphtune needs 0002; run `graphtune storage upgrade"):
+    # pretend the code moved on to a revision 0003 the store has not seen
+    monkeypatch.setattr(mig, "HEAD", "0003")
+    monkeypatch.setattr(mig, "REVISIONS", ("0001", "0002", "0003"))
+    with pytest.raises(StoreError, match=r"revision 0002, this graphtune needs 0003; run `graphtune storage upgrade"):
         Storage(url)
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 #: the revision of the tables defined in graphtune.store.models
-HEAD = "0001"
+HEAD = "0002"
 #: the revision of stores created before migrations existed (tables present, no alembic_version)
 BASELINE = "0001"
 #: every revision of versions/, oldest first (an older one than HEAD needs `graphtune storage upgrade`)
-REVISIONS = ("0001",)
+REVISIONS = ("0001", "0002")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 

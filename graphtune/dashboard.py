@@ -1,0 +1,537 @@
+"""A live, read-only view of a stored study in optuna-dashboard.
+
+We do not write a web app: :class:`StudyMirror` copies one graphtune study into an Optuna
+storage (an ``InMemoryStorage`` by default, so nothing is written to the user's store),
+and optuna-dashboard serves that storage. A background thread (:class:`Poller`) reads the
+store every few seconds and mirrors only what changed, so the view follows a running
+search, from any number of workers, on SQLite or PostgreSQL: it only ever reads.
+
+What goes where (docs/dashboard.md):
+
+* one Optuna study named like the graphtune study, two objectives: dev accuracy
+  (maximize) and cost units per query (minimize), so the dashboard draws the history
+  and the Pareto front;
+* one Optuna trial per stored trial, dev and test (user attr ``split``), in the store's
+  order: ``complete`` -> COMPLETE with values, ``failed`` (or complete without a scored
+  question) -> FAIL, ``running`` -> RUNNING (updated in place when it finishes);
+* params: features of the graph (size, edges, depth, width, in-degree, sink model and
+  role, nodes per model and per role) with distributions fixed per study from the
+  spec's space, so parameter importance works;
+* user attrs: the trial's number in the store, graph hash, batch, slot, origin,
+  parents, method, runs paid, reward, USD, FLOPs, latency, split, error;
+* trial notes: the graph as text and mermaid, its metrics, and the feedback agent's
+  steps of its batch; the study note: method, status, budget and the agent timeline.
+
+The mirror needs neither LLM packages nor network; optuna-dashboard is imported only by
+the functions that use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.storages import BaseStorage, InMemoryStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from graphtune.errors import GraphtuneError, StoreError
+from graphtune.graphs.io import from_dict
+from graphtune.graphs.model import BUILTIN_ROLES, Graph
+from graphtune.graphs.render import to_mermaid, to_text
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_NAMES = ("accuracy", "cost units")
+DIRECTIONS = (StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE)
+DEFAULT_REFRESH_S = 5.0
+_STATES = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL, "running": TrialState.RUNNING}
+_HTTP_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class DashboardError(GraphtuneError):
+    """The dashboard cannot start (port in use, optuna-dashboard missing...)."""
+
+    exit_code = 2
+
+
+def _optuna_dashboard():
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise DashboardError("optuna-dashboard is not installed; install it with "
+                             "`pip install optuna-dashboard`") from None
+    return optuna_dashboard
+
+
+# -- graph features (the Optuna params) ------------------------------------------------------
+
+
+def graph_features(g: Graph) -> dict[str, Any]:
+    """The features of a graph that become Optuna params (plain values)."""
+    feats: dict[str, Any] = {"n_nodes": g.size, "n_edges": len(g.edges), "depth": g.depth, "width": g.width,
+                             "max_in_degree": g.max_in_degree}
+    try:
+        sink = g.node_map[g.sink]
+        feats["sink_model"], feats["sink_role"] = sink.model, sink.role
+    except GraphtuneError:  # several sinks: no single answering node
+        pass
+    for m, k in g.model_counts().items():
+        feats[f"model:{m}"] = k
+    for r, k in g.role_counts().items():
+        feats[f"role:{r}"] = k
+    return feats
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """Fixed Optuna distributions for the graph features of one study: every trial uses
+    the same ones (parameter importance and the dashboard's search-space views compare
+    distributions), taken from the spec's space and widened to the graphs already
+    stored when the mirror starts."""
+
+    models: tuple[str, ...]
+    roles: tuple[str, ...]
+    max_nodes: int
+    max_depth: int
+    max_width: int
+    max_in_degree: int
+
+    @staticmethod
+    def from_study(spec: dict, graphs: Sequence[Graph]) -> FeatureSpace:
+        space = (spec or {}).get("space") or {}
+        models = set(space.get("models") or [m.get("name") for m in (spec or {}).get("models") or []
+                                             if isinstance(m, dict) and m.get("name")])
+        roles = set(space.get("roles") or BUILTIN_ROLES)
+        for g in graphs:
+            models.update(n.model for n in g.nodes)
+            roles.update(n.role for n in g.nodes)
+
+        def bound(key: str, observed: Callable[[Graph], int], floor: int) -> int:
+            return max([floor, int(space.get(key) or 0), *(observed(g) for g in graphs)])
+
+        max_nodes = bound("max_nodes", lambda g: g.size, 1)
+        return FeatureSpace(models=tuple(sorted(models)), roles=tuple(sorted(roles)), max_nodes=max_nodes,
+                            max_depth=bound("max_depth", lambda g: g.depth, 1),
+                            max_width=bound("max_width", lambda g: g.width, 1),
+                            max_in_degree=bound("max_in_degree", lambda g: g.max_in_degree, 0))
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        n = self.max_nodes
+        d: dict[str, BaseDistribution] = {
+            "n_nodes": IntDistribution(1, n), "n_edges": IntDistribution(0, max(0, n * (n - 1) // 2)),
+            "depth": IntDistribution(1, self.max_depth), "width": IntDistribution(1, self.max_width),
+            "max_in_degree": IntDistribution(0, self.max_in_degree)}
+        if self.models:
+            d["sink_model"] = CategoricalDistribution(self.models)
+        if self.roles:
+            d["sink_role"] = CategoricalDistribution(self.roles)
+        d.update({f"model:{m}": IntDistribution(0, n) for m in self.models})
+        d.update({f"role:{r}": IntDistribution(0, n) for r in self.roles})
+        return d
+
+    def params(self, g: Graph) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+        """``(params, distributions)`` of a graph: zero counts for absent models and roles.
+        A value outside the fixed space (the spec changed after the mirror started) keeps
+        an integer feature on a range widened for that trial; an unknown category is left
+        out (Optuna refuses other choices under one name)."""
+        feats = graph_features(g)
+        params: dict[str, Any] = {}
+        dists: dict[str, BaseDistribution] = {}
+        for name, dist in self.distributions().items():
+            v = feats.get(name, 0 if name.startswith(("model:", "role:")) else None)
+            if v is None:
+                continue
+            if isinstance(dist, CategoricalDistribution):
+                if v not in dist.choices:
+                    continue
+            elif not dist.low <= v <= dist.high:
+                dist = IntDistribution(min(dist.low, v), max(dist.high, v))
+            params[name], dists[name] = v, dist
+        return params, dists
+
+
+# -- the mirror ----------------------------------------------------------------------------
+
+
+def _short(text: str | None, n: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: say nothing rather than leak a password
+        return "<storage url>"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class _Mirrored:
+    trial_id: int  # Optuna's
+    status: str
+    finished_at: Any
+    note_digest: str = ""
+
+
+@dataclass(frozen=True)
+class RefreshStats:
+    added: int
+    updated: int
+    notes: int
+
+
+class StudyMirror:
+    """Mirrors one stored graphtune study into an Optuna storage.
+
+    ``refresh()`` reads the study and writes to the Optuna storage only what changed since
+    the last call: new trials, running trials that finished (or vanished), notes whose
+    agent steps appeared. It never writes to ``store``. Not thread-safe: one thread
+    refreshes (the :class:`Poller`); Optuna storages may be read meanwhile."""
+
+    def __init__(self, store, name: str, optuna_storage: BaseStorage | None = None):
+        self.store = store
+        self.name = name
+        self.optuna_storage = optuna_storage if optuna_storage is not None else InMemoryStorage()
+        self._study: optuna.Study | None = None
+        self._space: FeatureSpace | None = None
+        self._graph_study_id: int | None = None
+        self._trials: dict[int, _Mirrored] = {}  # by the store's trial id
+        self._steps_sig: dict[int, tuple] = {}  # batch -> ids of its agent steps, as last noted
+        self._study_digest = ""
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study (after the first ``refresh``)."""
+        if self._study is None:
+            raise DashboardError(f"study {self.name!r} is not mirrored yet; call refresh() first")
+        return self._study
+
+    def refresh(self) -> RefreshStats:
+        st = self.store.get_study(self.name)
+        if st is None:
+            known = [s.name for s in self.store.list_studies()]
+            raise StoreError(f"no study named {self.name!r} in {self.store.url}; known studies: {known or 'none'}")
+        trials = self.store.list_trials(st.id)
+        steps = self.store.agent_steps(st.id)
+        if self._study is None or st.id != self._graph_study_id:
+            self._create(st, trials)
+        steps_by_batch: dict[int, list[dict]] = {}
+        for s in steps:
+            steps_by_batch.setdefault(s["batch"], []).append(s)
+        sig = {b: tuple(s["id"] for s in v) for b, v in steps_by_batch.items()}
+        added = updated = notes = 0
+        seen = set()
+        for t in trials:
+            seen.add(t.id)
+            m = self._trials.get(t.id)
+            if m is None and t.status in ("pending", "waiting"):
+                continue  # queued for a worker (graphtune worker): shown once it runs
+            if m is None:
+                m = self._trials[t.id] = _Mirrored(self._add(t), t.status, t.finished_at)
+                added += 1
+            elif m.status == "running" and t.status != "running":
+                self._finish(m.trial_id, t)
+                m.status, m.finished_at = t.status, t.finished_at
+                updated += 1
+            elif not (m.note_digest == "" or sig.get(t.batch) != self._steps_sig.get(t.batch)):
+                continue  # unchanged, and so are the agent steps of its batch
+            body = self._trial_note(t, steps_by_batch.get(t.batch, []))
+            if _digest(body) != m.note_digest:
+                self._save_note(m.trial_id, body)
+                m.note_digest = _digest(body)
+                notes += 1
+        for tid, m in self._trials.items():  # a running trial that left the store (its worker died)
+            if tid not in seen and m.status == "running":
+                self.optuna_storage.set_trial_user_attr(m.trial_id, "error", "no longer in the store")
+                self.optuna_storage.set_trial_state_values(m.trial_id, TrialState.FAIL)
+                m.status = "gone"
+                updated += 1
+        self._steps_sig = sig
+        self._update_study(st, trials, steps)
+        return RefreshStats(added, updated, notes)
+
+    # -- study --------------------------------------------------------------------------
+    def _create(self, st, trials) -> None:
+        if self._study is not None:  # the study was deleted and made again under its name
+            self.optuna_storage.delete_study(self._study._study_id)
+        graphs = [g for g in (self._graph(t) for t in trials) if g is not None]
+        self._space = FeatureSpace.from_study(st.spec, graphs)
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+        try:
+            self.optuna_storage.create_new_study(list(DIRECTIONS), study_name=st.name)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        # a cheap sampler: the dashboard never samples, and Trial() asks the sampler before_trial
+        self._study = optuna.Study(st.name, self.optuna_storage, sampler=optuna.samplers.RandomSampler(seed=0))
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._study.set_metric_names(list(OBJECTIVE_NAMES))
+        self._graph_study_id = st.id
+        self._trials, self._steps_sig, self._study_digest = {}, {}, ""
+
+    def _update_study(self, st, trials, steps) -> None:
+        save_note = _optuna_dashboard().save_note
+        attrs = {"graphtune_study": st.name, "method": st.method, "status": st.status, "runs_spent": st.runs_spent,
+                 "batches": st.batch_index, "storage": _safe_url(self.store.url)}
+        body = self._study_note(st, trials, steps)
+        digest = _digest(repr(sorted(attrs.items())) + body)
+        if digest == self._study_digest:
+            return
+        for k, v in attrs.items():
+            self.optuna_storage.set_study_user_attr(self.study._study_id, k, v)
+        save_note(self.study, body)
+        self._study_digest = digest
+
+    def _study_note(self, st, trials, steps) -> str:
+        spec = st.spec or {}
+        budget = {k: v for k, v in (spec.get("budget") or {}).items() if v is not None}
+        search = spec.get("search") or {}
+        dev = [t for t in trials if t.split == "dev"]
+        done = [t for t in dev if t.status == "complete" and t.accuracy is not None]
+        top = max((len(t.question_ids or []) for t in done), default=0)
+        lines = [f"# graphtune study `{st.name}`", "",
+                 "A read-only mirror of the graphtune store, refreshed while the dashboard runs.", "",
+                 f"- method: **{st.method}**, status: **{st.status}**",
+                 f"- trials: {len(dev)} dev ({len(done)} scored), {len(trials) - len(dev)} test",
+                 f"- runs spent: {st.runs_spent} graph-question runs (budget: {search.get('evaluations', '?')} "
+                 f"full-dev evaluations), {st.batch_index} batches",
+                 f"- cost budget per query: {budget or 'none'}",
+                 "- objectives: dev **accuracy** (maximize), **cost units** per query (minimize); test trials "
+                 "carry the user attr `split = test`", ""]
+        if done:
+            full = [t for t in done if len(t.question_ids or []) >= top]  # as `graphtune report`: full coverage
+            best = max(full, key=lambda t: (t.accuracy, -(t.cost_units or 0)))
+            lines += [f"Best dev accuracy so far on {top} questions: {best.accuracy:.3f} (trial #{best.number}, "
+                      f"{best.cost_units or 0:.2f} units): `{self._text(best)}`", ""]
+        if steps:
+            lines += ["## Agent timeline", "", "| batch | kind | agent | feedback | update |", "|---|---|---|---|---|"]
+            for s in steps:
+                upd = "rejected: " + _short(s.get("rejected_reason"), 120) if s.get("rejected_reason") else (
+                    "applied" if s.get("applied") else "-")
+                lines.append(f"| {s['batch']} | {s['kind']} | {_short(s.get('backend'), 40)} | "
+                             f"{_short(s.get('feedback'), 300).replace('|', '/')} | {upd.replace('|', '/')} |")
+        return "\n".join(lines) + "\n"
+
+    # -- trials -------------------------------------------------------------------------
+    @staticmethod
+    def _graph(t) -> Graph | None:
+        try:
+            return from_dict(t.graph, where=f"trial #{t.number}")
+        except GraphtuneError:
+            return None
+
+    def _text(self, t) -> str:
+        g = self._graph(t)
+        return to_text(g) if g is not None else "(unreadable graph)"
+
+    @staticmethod
+    def _state_values(t) -> tuple[TrialState, list[float] | None]:
+        state = _STATES.get(t.status, TrialState.FAIL)
+        if state == TrialState.COMPLETE:
+            if t.accuracy is None or t.cost_units is None:  # no question scored: nothing to plot
+                return TrialState.FAIL, None
+            return state, [float(t.accuracy), float(t.cost_units)]
+        return state, None
+
+    @staticmethod
+    def _user_attrs(t) -> dict[str, Any]:
+        attrs = {"trial_number": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
+                 "batch": t.batch, "slot": t.slot, "origin": t.origin, "parents": list(t.parents or []),
+                 "method": t.method, "new_runs": t.new_runs, "n_questions": len(t.question_ids or []),
+                 "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error}
+        if t.status == "complete" and (t.accuracy is None or t.cost_units is None):
+            attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
+        return {k: v for k, v in attrs.items() if v is not None}
+
+    def _add(self, t) -> int:
+        state, values = self._state_values(t)
+        g = self._graph(t)
+        params, dists = self._space.params(g) if g is not None else ({}, {})
+        start = t.started_at or t.finished_at
+        end = (t.finished_at or t.started_at) if state.is_finished() else None
+        template = FrozenTrial(number=-1, state=state, value=None, values=values, datetime_start=start,
+                               datetime_complete=end, params=params, distributions=dists,
+                               user_attrs=self._user_attrs(t), system_attrs={}, intermediate_values={},
+                               trial_id=-1)
+        return self.optuna_storage.create_new_trial(self.study._study_id, template_trial=template)
+
+    def _finish(self, trial_id: int, t) -> None:
+        """A running trial finished in the store: its final attrs, params, state and values
+        (Optuna lets only unfinished trials change, so the state goes last)."""
+        s = self.optuna_storage
+        for k, v in self._user_attrs(t).items():
+            s.set_trial_user_attr(trial_id, k, v)
+        g = self._graph(t)
+        if g is not None:
+            known = s.get_trial(trial_id).params
+            params, dists = self._space.params(g)
+            for k, v in params.items():
+                if k not in known:
+                    s.set_trial_param(trial_id, k, dists[k].to_internal_repr(v), dists[k])
+        state, values = self._state_values(t)
+        s.set_trial_state_values(trial_id, state, values)
+
+    def _trial_note(self, t, steps: Sequence[dict]) -> str:
+        g = self._graph(t)
+        m = t.metrics or {}
+        lines = [f"## graphtune trial #{t.number} ({t.split}, {t.status})", "",
+                 f"batch {t.batch}, slot {t.slot}, origin {t.origin}, method {t.method}"
+                 + (f", parents {list(t.parents)}" if t.parents else ""), ""]
+        if t.error:
+            lines += [f"**error:** {t.error}", ""]
+        if g is None:
+            lines += ["The stored graph cannot be read by this graphtune.", ""]
+        else:
+            lines += ["### Graph", "", "```text", to_text(g), "```", "", "```mermaid", to_mermaid(g), "```", "",
+                      f"hash `{t.graph_hash}`", ""]
+
+        def f(x, spec):
+            return "-" if x is None else format(x, spec)
+
+        lines += ["### Metrics", "", "| accuracy | reward | scored / questions | infra failures | runs paid | units "
+                  "| FLOPs | USD / query | latency s |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| {f(t.accuracy, '.3f')} | {f(t.reward, '.3f')} | {m.get('n_scored', '-')} / "
+                  f"{len(t.question_ids or [])} | {m.get('n_errors', 0)} | {t.new_runs} | {f(t.cost_units, '.2f')} "
+                  f"| {f(t.flops, '.3g')} | {f(t.usd, '.2e')} | {f(t.latency_s, '.2f')} |", ""]
+        if t.feedback:
+            lines += ["### Feedback", "", t.feedback, ""]
+        if steps:
+            lines += [f"### Agent steps of batch {t.batch}", ""]
+            for s in steps:
+                lines += [f"**{s['kind']}** ({s.get('backend')}), looked at trials {s.get('trial_numbers') or []}", ""]
+                if s.get("feedback"):
+                    lines += ["> " + "\n> ".join(str(s["feedback"]).splitlines()), ""]
+                if s.get("reply") and s.get("reply") != s.get("feedback"):
+                    lines += ["reply:", "", "```text", str(s["reply"]), "```", ""]
+                if s.get("rejected_reason"):
+                    lines += [f"update rejected: {s['rejected_reason']}", ""]
+                elif s.get("applied"):
+                    lines += [f"update applied: `{_short(str(s['applied']), 400)}`", ""]
+        return "\n".join(lines)
+
+    def _save_note(self, trial_id: int, body: str) -> None:
+        _optuna_dashboard().save_note(optuna.trial.Trial(self.study, trial_id), body)
+
+
+# -- the poller and the server -------------------------------------------------------------
+
+
+class Poller(threading.Thread):
+    """Calls ``mirror.refresh()`` every ``refresh_s`` seconds until ``stop()``; a failed
+    refresh (database locked, connection lost) keeps the last mirror and is reported to
+    ``on_error``, and the next refresh tries again."""
+
+    def __init__(self, mirror: StudyMirror, refresh_s: float = DEFAULT_REFRESH_S,
+                 on_error: Callable[[Exception], None] | None = None):
+        super().__init__(name=f"graphtune-dashboard-{mirror.name}", daemon=True)
+        self.mirror, self.refresh_s = mirror, refresh_s
+        self.on_error = on_error or (lambda e: log.warning("dashboard refresh of %s failed: %s", mirror.name, e))
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.refresh_s):
+            try:
+                self.mirror.refresh()
+            except Exception as e:  # keep serving the last mirror
+                self.on_error(e)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def read_only(app):
+    """Wrap a WSGI app so that only reads pass: the mirror is rebuilt from the store, so
+    an edit made in the dashboard (a note, a study deleted) would silently vanish."""
+
+    def wrapped(environ, start_response):
+        if environ.get("REQUEST_METHOD", "GET").upper() in _HTTP_READ_METHODS:
+            return app(environ, start_response)
+        body = (b'{"reason": "graphtune dashboard is read-only: it mirrors the graphtune store; '
+                b'change the study with the graphtune command"}')
+        start_response("403 Forbidden", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return wrapped
+
+
+class DashboardServer:
+    """optuna-dashboard over a :class:`StudyMirror`, on ``host:port`` (port 0: any free
+    one), with a :class:`Poller` keeping the mirror live. The first refresh happens here,
+    so an unknown study fails before anything listens."""
+
+    def __init__(self, store, name: str, *, host: str = "127.0.0.1", port: int = 8080,
+                 refresh_s: float = DEFAULT_REFRESH_S, on_error: Callable[[Exception], None] | None = None):
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        dashboard = _optuna_dashboard()
+        if refresh_s <= 0:
+            raise DashboardError(f"--refresh must be positive seconds, got {refresh_s}")
+        self.mirror = StudyMirror(store, name)
+        self.mirror.refresh()
+
+        class _Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        class _Quiet(WSGIRequestHandler):
+            def log_message(self, *args) -> None:  # no line per request on the terminal
+                pass
+
+        try:
+            self.httpd = make_server(host, port, read_only(dashboard.wsgi(self.mirror.optuna_storage)),
+                                     server_class=_Server, handler_class=_Quiet)
+        except OSError as e:
+            raise DashboardError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port "
+                                 "(or --host)") from None
+        self.host, self.port = host, self.httpd.server_port
+        self.poller = Poller(self.mirror, refresh_s, on_error)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/dashboard/studies/{self.mirror.study._study_id}"
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until ``shutdown()`` (from another thread) or Ctrl-C."""
+        if not self.poller.is_alive():
+            self.poller.start()
+        try:
+            self.httpd.serve_forever(poll_interval=0.5)
+        finally:
+            self.poller.stop()
+
+    def start(self) -> DashboardServer:
+        """Serve in a background thread (tests, notebooks)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="graphtune-dashboard-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.poller.stop()
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout=30)
+        self.httpd.server_close()
+
+    def __enter__(self) -> DashboardServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

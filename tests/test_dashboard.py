@@ -1,0 +1,271 @@
+"""`graphtune dashboard`: the mirror of a stored study into an Optuna storage (values,
+params, user attrs, notes; incremental refreshes), optuna-dashboard's JSON API over it,
+the CLI command in a subprocess, and the page rendered in headless Chromium when it is
+installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install optuna-dashboard)")
+
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from optuna_dashboard import get_note  # noqa: E402
+
+from graphtune.cli import app  # noqa: E402
+from graphtune.dashboard import DashboardError, DashboardServer, StudyMirror, graph_features  # noqa: E402
+from graphtune.graphs.io import from_dict  # noqa: E402
+from graphtune.graphs.render import to_text  # noqa: E402
+from graphtune.store.storage import Storage  # noqa: E402
+from test_export import make_study  # noqa: E402
+
+CHROMIUM = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0"]
+WAIT_S = 60  # generous: the machine may be loaded
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    make_study(tmp, name="ar", method="agent-reinforce", evaluations=8)
+    return tmp / "gt.db"
+
+
+def copy_db(src: Path, dst: Path) -> str:
+    """A private copy of the study (SQLite's backup API: safe with WAL)."""
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    return f"sqlite:///{dst}"
+
+
+def note(study: optuna.Study, trial_id: int | None = None) -> str:
+    return get_note(study if trial_id is None else optuna.trial.Trial(study, trial_id))
+
+
+def wait_for(fn, what: str, timeout_s: float = WAIT_S):
+    """Poll ``fn`` until it returns something truthy (no fixed sleeps)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            out = fn()
+            if out:
+                return out
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def add_trial(store: Storage, st, like, *, status: str = "complete", batch: int = 99, accuracy: float = 0.9):
+    """Record one more trial with the graph of ``like`` (what a worker would write)."""
+    metrics = {"accuracy": accuracy, "n": 10, "n_scored": 10, "n_errors": 0}
+    return store.record_trial(st.id, split="dev", batch=batch, slot=0, status=status, graph=like.graph,
+                              graph_hash=like.graph_hash, method=st.method, origin="sample", parents=[like.number],
+                              info={}, question_ids=[f"q{i}" for i in range(10)], results=[], reused=set(),
+                              metrics=metrics, reward=accuracy,
+                              cost={"units": 3.5, "flops": 1e12, "usd": 1e-5, "latency_s": 2.0}, new_runs=10)
+
+
+# -- the mirror -------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:PedAnovaImportanceEvaluator computes")  # we do pass -accuracy
+def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
+    store = Storage(f"sqlite:///{study_db}")
+    st = store.get_study("ar")
+    ours = store.list_trials(st.id)
+    mirror = StudyMirror(store, "ar")
+    stats = mirror.refresh()
+    assert stats.added == len(ours) and stats.updated == 0
+    study = mirror.study
+    assert study.study_name == "ar" and study.metric_names == ["accuracy", "cost units"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = study.get_trials()
+    assert len(trials) == len(ours) and {t.user_attrs["split"] for t in trials} == {"dev", "test"}
+    for t, o in zip(trials, ours):
+        assert t.user_attrs["trial_number"] == o.number and t.user_attrs["graph_hash"] == o.graph_hash
+        assert t.user_attrs["batch"] == o.batch and t.user_attrs["origin"] == o.origin
+        assert t.user_attrs["parents"] == list(o.parents) and t.user_attrs["new_runs"] == o.new_runs
+        assert t.state == TrialState.COMPLETE and t.values == [o.accuracy, o.cost_units]
+        g = from_dict(o.graph)
+        feats = graph_features(g)
+        assert t.params["n_nodes"] == g.size == feats["n_nodes"] and t.params["depth"] == g.depth
+        assert t.params["width"] == g.width and t.params["n_edges"] == len(g.edges)
+        assert t.params["sink_model"] == g.node_map[g.sink].model
+        assert sum(v for k, v in t.params.items() if k.startswith("model:")) == g.size
+        assert sum(v for k, v in t.params.items() if k.startswith("role:")) == g.size
+        body = note(study, t._trial_id)
+        assert f"graphtune trial #{o.number}" in body and to_text(g) in body and "flowchart LR" in body
+    # one fixed distribution per param across the study (parameter importance needs that)
+    dists = {}
+    for t in trials:
+        for k, d in t.distributions.items():
+            assert dists.setdefault(k, d) == d, k
+    assert {"model:llama-3.2-1b", "model:llama-3.1-70b", "role:assistant", "role:fuser"} <= set(dists)
+    # the agent's feedback of a trial's batch is in its note; the study note has the timeline
+    steps = store.agent_steps(st.id)
+    batch1 = next(t for t in trials if t.user_attrs["batch"] == 1)
+    fb = next(s["feedback"] for s in steps if s["batch"] == 1)
+    assert "Agent steps of batch 1" in note(study, batch1._trial_id) and fb[:60] in note(study, batch1._trial_id)
+    assert "agent-reinforce" in note(study) and "Agent timeline" in note(study)
+    assert study.user_attrs["status"] == "complete" and study.user_attrs["runs_spent"] == st.runs_spent
+    # parameter importance runs on the mirror
+    imp = optuna.importance.get_param_importances(study, target=lambda t: -t.values[0])
+    assert imp and set(imp) <= set(dists)
+    assert mirror.refresh() == type(stats)(0, 0, 0)  # nothing changed, nothing written
+
+
+def test_mirror_refresh_is_incremental(study_db, tmp_path):
+    from graphtune.store.models import TrialRow
+
+    store = Storage(copy_db(study_db, tmp_path / "copy.db"))
+    st = store.get_study("ar")
+    like = store.list_trials(st.id, split="dev")[-1]
+    mirror = StudyMirror(store, "ar")
+    mirror.refresh()
+    n0 = len(mirror.study.get_trials())
+    # a running trial (a worker is evaluating it), then it finishes
+    with store.session() as s:
+        row = TrialRow(study_id=st.id, number=like.number + 100, split="dev", batch=99, slot=1, status="running",
+                       graph=like.graph, graph_hash=like.graph_hash, method=st.method, origin="sample",
+                       parents=[], info={}, question_ids=[], metrics={})
+        s.add(row)
+        s.flush()
+        row_id = row.id
+    stats = mirror.refresh()
+    assert (stats.added, stats.updated) == (1, 0)
+    running = mirror.study.get_trials()[-1]
+    assert running.state == TrialState.RUNNING and running.values is None
+    assert running.params["n_nodes"] == from_dict(like.graph).size
+    with store.session() as s:
+        r = s.get(TrialRow, row_id)
+        r.status, r.accuracy, r.reward, r.cost_units, r.new_runs = "complete", 0.75, 0.75, 4.25, 12
+        r.question_ids, r.metrics = [f"q{i}" for i in range(12)], {"accuracy": 0.75, "n_scored": 12}
+    stats = mirror.refresh()
+    assert (stats.added, stats.updated) == (0, 1)
+    done = mirror.study.get_trials()[-1]
+    assert done._trial_id == running._trial_id and done.number == running.number
+    assert done.state == TrialState.COMPLETE and done.values == [0.75, 4.25]
+    assert done.user_attrs["new_runs"] == 12 and "(dev, complete)" in note(mirror.study, done._trial_id)
+    # a new finished trial, a failed one, then the agent's feedback of their batch
+    new = add_trial(store, st, like)
+    add_trial(store, st, like, status="failed", accuracy=None)
+    stats = mirror.refresh()
+    assert (stats.added, stats.updated) == (2, 0)
+    trials = mirror.study.get_trials()
+    assert len(trials) == n0 + 3 and trials[-2].user_attrs["trial_number"] == new.number
+    assert trials[-2].values == [0.9, 3.5] and trials[-1].state == TrialState.FAIL and trials[-1].values is None
+    fresh = store.get_study("ar")
+    store.save_progress(st.id, state=fresh.searcher_state or {}, batch_index=fresh.batch_index,
+                        runs_spent=fresh.runs_spent,
+                        agent_steps=[{"key": "b99-feedback", "batch": 99, "kind": "feedback", "backend": "test critic",
+                                      "feedback": "try a second fuser", "trial_numbers": [new.number]}])
+    stats = mirror.refresh()
+    assert (stats.added, stats.updated) == (0, 0) and stats.notes == 3  # the three trials of batch 99
+    assert "try a second fuser" in note(mirror.study, trials[-2]._trial_id)
+    assert "try a second fuser" in note(mirror.study)
+    assert mirror.refresh() == type(stats)(0, 0, 0)
+
+
+def test_dashboard_unknown_study_is_one_line_error(study_db):
+    r = CliRunner().invoke(app, ["dashboard", "nope", "--storage", f"sqlite:///{study_db}"])
+    assert r.exit_code == 1 and r.output.startswith("error: no study named 'nope'"), r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+
+def test_server_api_lists_the_study_live_and_read_only(study_db, tmp_path):
+    store = Storage(copy_db(study_db, tmp_path / "copy.db"))
+    st = store.get_study("ar")
+    n = len(store.list_trials(st.id))
+    with DashboardServer(store, "ar", port=0, refresh_s=0.3).start() as server:
+        base = f"http://127.0.0.1:{server.port}"
+        assert server.url.startswith(base + "/dashboard/studies/")
+        studies = wait_for(lambda: get_json(base + "/api/studies")["study_summaries"], "/api/studies")
+        assert [s["study_name"] for s in studies] == ["ar"]
+        assert studies[0]["directions"] == ["maximize", "minimize"]
+        sid = studies[0]["study_id"]
+        detail = get_json(f"{base}/api/studies/{sid}")
+        assert len(detail["trials"]) == n and detail["objective_names"] == ["accuracy", "cost units"]
+        assert detail["best_trials"] and all(t["state"] == "Complete" for t in detail["trials"])
+        assert {p["name"] for p in detail["trials"][0]["params"]} >= {"n_nodes", "depth", "width", "sink_model"}
+        imp = get_json(f"{base}/api/studies/{sid}/param_importances")["param_importances"]
+        assert len(imp) == 2 and {"n_nodes", "sink_model"} <= {p["name"] for p in imp[0]}
+        # live: a trial stored while the dashboard runs shows up (the dashboard caches trials ~2 s)
+        add_trial(store, st, store.list_trials(st.id, split="dev")[-1])
+        wait_for(lambda: len(get_json(f"{base}/api/studies/{sid}")["trials"]) == n + 1, "the new trial")
+        # read-only: writes are refused, nothing reaches the store
+        req = urllib.request.Request(f"{base}/api/studies/{sid}/note", data=b'{"version": 1, "body": "x"}',
+                                     method="PUT", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 403 and b"read-only" in e.value.read()
+        # the port is taken: one line naming the flag
+        with pytest.raises(DashboardError, match="cannot listen on 127.0.0.1:.*pass another --port"):
+            DashboardServer(store, "ar", port=server.port)
+    assert len(store.list_trials(st.id)) == n + 1
+
+
+def _chromium(tmp: Path, url: str) -> subprocess.CompletedProcess:
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=15000",
+                           "--window-size=1400,1200", "--dump-dom", url], capture_output=True, text=True, timeout=180)
+
+
+def test_cli_serves_the_dashboard_and_chromium_renders_it(study_db, tmp_path):
+    db = copy_db(study_db, tmp_path / "copy.db")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "graphtune.cli", "dashboard", "ar", "--storage", db, "--port", "0",
+                             "--refresh", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).parent)
+    try:
+        line = proc.stdout.readline()  # blocks until the URL is printed (or the process dies)
+        m = re.search(r"(http://127\.0\.0\.1:\d+)(/dashboard/studies/\d+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        base, page = m.groups()
+        wait_for(lambda: get_json(base + "/api/studies")["study_summaries"], "the dashboard API")
+        if CHROMIUM is None:
+            pytest.skip("Chromium is not installed (apt-get install chromium); the API was checked")
+        p = _chromium(tmp_path, base + page)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "Optuna Dashboard" in p.stdout and re.search(r">\s*ar \(id=\d+\)\s*<", p.stdout), p.stdout[-2000:]
+        assert "Pareto Front" in p.stdout and "accuracy" in p.stdout and "cost units" in p.stdout
+        # the trials page: one row per trial, the selected trial's note shows its graph
+        p = _chromium(tmp_path, base + page + "/trials")
+        n = len(Storage(db).list_trials(Storage(db).get_study("ar").id))
+        assert f">{n} Trials<" in p.stdout and ">Trial 0<" in p.stdout, p.stdout[-2000:]
+        assert "graphtune trial #1" in p.stdout and "flowchart" in p.stdout
+        errors = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln and "error" in ln.lower()]
+        assert errors == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 0 and "dashboard stopped" in out, (out, err)
