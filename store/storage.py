@@ -224,28 +224,29 @@ class Storage:
     def _check_schema(self, create: bool) -> None:
         from graphtune.store.migrations import HEAD, REVISIONS
 
-        for attempt in range(2):  # a concurrent process may create the schema between our look and write
-            try:
-                with self.engine.begin() as c:
-                    names = set(inspect(c).get_table_names())
-                    rev = c.scalar(select(_VERSION_TABLE.c.version_num)) if "alembic_version" in names else None
-                    if rev is None and "studies" not in names:
-                        if not create:
-                            return
-                        Base.metadata.create_all(c)
-                        _VERSION_TABLE.create(c, checkfirst=True)
-                        c.execute(_VERSION_TABLE.insert().values(version_num=HEAD))
-                        return
-                    if rev is None:  # made before migrations existed: its schema is the baseline
-                        from graphtune.store.migrations import BASELINE
-
-                        _VERSION_TABLE.create(c, checkfirst=True)
-                        c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
-                        rev = BASELINE
-                break
-            except SQLAlchemyError:
-                if attempt:
+        if self.engine.dialect.name == "sqlite":
+            # one process at a time looks at (and creates) the schema: pysqlite runs DDL
+            # outside transactions, so a second process could see the tables before the
+            # revision stamp and take a brand-new store for a pre-migration one
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    rev = self._look_or_create(c, create)
+                    c.exec_driver_sql("COMMIT")
+                except BaseException:
+                    c.exec_driver_sql("ROLLBACK")
                     raise
+        else:
+            for attempt in range(2):  # a concurrent process may create the schema between our look and write
+                try:
+                    with self.engine.begin() as c:
+                        rev = self._look_or_create(c, create)
+                    break
+                except SQLAlchemyError:
+                    if attempt:
+                        raise
+        if rev is None:
+            return
         if rev == HEAD:
             return
         if rev in REVISIONS:
@@ -253,6 +254,27 @@ class Storage:
                              f"run `graphtune storage upgrade --storage {self._safe_url()}` (back it up first)")
         raise StoreError(f"storage {self._safe_url()} has schema revision {rev!r}, unknown to this graphtune "
                          f"(needs {HEAD}); it was written by a newer graphtune: upgrade graphtune")
+
+    @staticmethod
+    def _look_or_create(c, create: bool) -> str | None:
+        """The store's revision (creating an empty store at the head revision when
+        ``create``); None for an empty store left empty."""
+        from graphtune.store.migrations import BASELINE, HEAD
+
+        names = set(inspect(c).get_table_names())
+        rev = c.scalar(select(_VERSION_TABLE.c.version_num)) if "alembic_version" in names else None
+        if rev is None and "studies" not in names:
+            if not create:
+                return None
+            Base.metadata.create_all(c)
+            _VERSION_TABLE.create(c, checkfirst=True)
+            c.execute(_VERSION_TABLE.insert().values(version_num=HEAD))
+            return HEAD
+        if rev is None:  # made before migrations existed: its schema is the baseline
+            _VERSION_TABLE.create(c, checkfirst=True)
+            c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
+            rev = BASELINE
+        return rev
 
     @classmethod
     def upgrade(cls, url: str) -> tuple[str | None, str]:
@@ -505,7 +527,7 @@ class Storage:
                     return None
                 got = s.execute(update(TrialRow).where(
                     TrialRow.id == r.id, TrialRow.status == r.status, TrialRow.attempts == r.attempts).values(
-                    status="running", worker=worker, heartbeat_at=now, attempts=r.attempts + 1))
+                    status="running", worker=worker, heartbeat_at=now, started_at=now, attempts=r.attempts + 1))
                 if got.rowcount != 1:
                     return False  # taken by another worker between our read and write: look again
                 s.flush()

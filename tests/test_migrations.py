@@ -168,3 +168,24 @@ def test_postgresql_upgrade_builds_the_models_tables_and_opens():
     assert s.schema_revision() == HEAD
     s.close()
     assert _diff(url) == []
+
+
+def _open(url: str) -> str:
+    s = Storage(url)
+    try:
+        return s.schema_revision()
+    finally:
+        s.close()
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_the_head_revision(tmp_path):
+    """pysqlite runs DDL outside transactions: without the schema lock a second process
+    saw the tables before the stamp and marked a brand-new store as pre-migration."""
+    import multiprocessing as mp
+
+    for i in range(3):
+        url = f"sqlite:///{tmp_path / f'race{i}.db'}"
+        with mp.get_context("fork").Pool(6) as pool:
+            revs = pool.map(_open, [url] * 6)
+        assert revs == [HEAD] * 6
+        assert _open(url) == HEAD

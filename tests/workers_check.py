@@ -92,6 +92,7 @@ env:
   kind: live
   concurrency: {concurrency}
   max_tokens: 32
+  cache: {cache}
 storage: {storage}
 """
 
@@ -224,8 +225,8 @@ def fresh_postgres_db(admin_url: str) -> tuple[str, callable]:
 
 def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, batch_size: int, seed: int,
         work: Path, api_base: str | None = None, concurrency: int = 64, kill_one: bool = False,
-        reference: str = "optimize", heartbeat: float = 0.5, stale_after: float = 3.0,
-        timeout_s: float = 240) -> dict:
+        reference: str = "optimize", heartbeat: float = 0.5, stale_after: float = 3.0, poll: float = 0.05,
+        timeout_s: float = 240, server=None, cache: bool = True) -> dict:
     """Reference run (one process, SQLite) and a run with ``workers`` workers on
     ``storage``; their snapshots, timings and the comparison."""
     study = f"w-{method}"
@@ -236,7 +237,7 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
         p = work / f"{name}.yaml"
         p.write_text(tpl.format(study=study, dataset=DATASET, api_base=api_base, method=method,
                                 evaluations=evaluations, batch_size=batch_size, seed=seed, options=options,
-                                concurrency=concurrency, storage=url))
+                                concurrency=concurrency, storage=url, cache=str(cache).lower()))
         return p
 
     # 1. the reference: one process (`optimize`, or one worker) on its own SQLite store
@@ -244,6 +245,8 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
     ref_spec = spec_file("reference", ref_url)
     args = (["optimize", str(ref_spec), "--quiet"] if reference == "optimize" else
             ["worker", "--study", study, "--storage", ref_url, "--spec", str(ref_spec), "--quiet"])
+    if server is not None:
+        server.reset()
     t0 = time.perf_counter()
     pid = spawn(args, work, work / "reference.log")
     code = wait_all({pid: work / "reference.log"}, timeout_s)[pid]
@@ -251,6 +254,9 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
     if code != 0:
         raise RuntimeError(f"reference run failed ({code}):\n{(work / 'reference.log').read_text()[-3000:]}")
     ref = snapshot(ref_url, study)
+    ref_requests = server.requests() if server is not None else None
+    if server is not None:
+        server.reset()
 
     # 2. the same spec with N workers on the shared store
     spec = spec_file("workers", storage)
@@ -259,7 +265,8 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
     for i in range(workers):
         log = work / f"worker-{i}.log"
         pid = spawn(["worker", "--study", study, "--storage", storage, "--spec", str(spec), "--quiet",
-                     "--heartbeat", str(heartbeat), "--stale-after", str(stale_after)], work, log)
+                     "--heartbeat", str(heartbeat), "--stale-after", str(stale_after), "--poll", str(poll)],
+                    work, log)
         logs[pid] = log
     killed = None
     if kill_one:  # SIGKILL one worker while it holds a claim, mid-search
@@ -274,9 +281,11 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
     got = snapshot(storage, study)
     errors = compare(got, ref)
     active = sum(1 for w in got["workers"] if w["trials_done"] > 0)
-    return {"method": method, "env": env, "workers": workers, "storage": storage.split(":")[0],
+    return {"method": method, "env": env, "workers": workers, "cache": cache, "storage": storage.split(":")[0],
             "reference": reference, "reference_wall_s": round(ref_wall, 2), "workers_wall_s": round(wall, 2),
-            "speedup": round(ref_wall / wall, 2), "trials": len(got["trials"]), "killed_worker": killed is not None,
+            "speedup": round(ref_wall / wall, 2), "trials": len(got["trials"]),
+            "endpoint_requests": {"reference": ref_requests,
+                                  "workers": server.requests() if server is not None else None}, "killed_worker": killed is not None,
             "workers_with_trials": active, "worker_rows": got["workers"],
             "duplicate_places": got["duplicate_places"], "unfinished": got["unfinished"], "errors": errors}
 
@@ -342,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             preload(api_base)
             res = run(storage=storage, workers=a.workers, env=a.env, method=a.method, evaluations=a.evaluations,
                       batch_size=a.batch_size, seed=a.seed, work=work, api_base=api_base, kill_one=a.kill_one,
-                      reference=a.reference)
+                      reference=a.reference, server=server)
         finally:
             if server is not None:
                 server.stop()
