@@ -124,5 +124,10 @@ class Environment(ABC):
         (``graphtune worker``: the limits then hold across all workers of a study). Only
         environments that call endpoints have limits."""
 
+    def share_calls(self, owner: str, *, stale_after_s: float) -> None:
+        """Share LLM calls in flight with the other worker processes of the store
+        (``graphtune worker``; ``owner`` is this worker's name). Only environments that
+        call endpoints through the call ledger make calls."""
+
     def close(self) -> None:
         """Release resources (servers, pools). Idempotent."""

@@ -277,16 +277,51 @@ class Executor:
                     return self._node_run(node, ep, rec, cached=True)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        claimed = False
         try:
-            rec = await self._make_call(node, messages, sample_index, ep, params, key)
+            rec = None
+            if self.cache and self.ledger is not None and self.ledger.shared:
+                rec, claimed = await self._claim_or_wait(key)
+            made = rec is None
+            if made:
+                rec = await self._make_call(node, messages, sample_index, ep, params, key)
             fut.set_result(rec)
         except BaseException as e:
+            if claimed:  # no record will release it (a record, even a failed call's, does)
+                try:
+                    self.ledger.release(key)
+                except Exception:
+                    pass  # a dead claim is taken over once this worker's heartbeat stops
             fut.set_exception(e)
             fut.exception()  # mark retrieved: nobody may be waiting on it
             raise
         finally:
             self._inflight.pop(key, None)
-        return self._node_run(node, ep, rec, cached=False)
+        if not made:
+            self.stats.cached += 1
+        return self._node_run(node, ep, rec, cached=not made)
+
+    async def _claim_or_wait(self, key: str) -> tuple[CallRecord | None, bool]:
+        """With a ledger shared between worker processes: ``(None, True)`` when this
+        process now holds the call ``key``, or ``(record, False)`` with the reply another
+        process made (waited for while it was in flight)."""
+        led = self.ledger
+        delay = 0.02
+        while True:
+            if await asyncio.to_thread(led.claim, key):
+                rec = await asyncio.to_thread(led.get, key)  # recorded between our miss and our claim?
+                if rec is not None:
+                    await asyncio.to_thread(led.release, key)
+                    return rec, False
+                return None, True
+            while True:  # another worker is making it: wait for its reply
+                await asyncio.sleep(delay)
+                delay = min(0.25, delay * 1.5)
+                rec = await asyncio.to_thread(led.get, key)
+                if rec is not None:
+                    return rec, False
+                if await asyncio.to_thread(led.claim_status, key) == "free":
+                    break  # its call failed or its worker died: claim it ourselves
 
     async def _make_call(self, node: Node, messages, sample_index: int, ep: Endpoint, params: dict[str, Any],
                          key: str) -> CallRecord:
@@ -549,6 +584,11 @@ class LiveEnvironment(Environment):
     def share_limits(self, workers: int) -> None:
         self.executor.set_share(workers)
 
+    def share_calls(self, owner: str, *, stale_after_s: float) -> None:
+        self._share_calls = (owner, float(stale_after_s))
+        if isinstance(self.ledger, Ledger) and hasattr(self.ledger, "share"):
+            self.ledger.share(owner, stale_after_s=stale_after_s)
+
     def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
         if self._closed:
             raise EnvError("the live environment is closed")
@@ -594,6 +634,9 @@ class LiveEnvironment(Environment):
             return
         if self.ledger is not None and not isinstance(self.ledger, Ledger):
             self.ledger = self.ledger()  # opened on first use: `validate` writes nothing
+            share = getattr(self, "_share_calls", None)
+            if share is not None and hasattr(self.ledger, "share"):
+                self.ledger.share(share[0], stale_after_s=share[1])
         self.executor.ledger = self.ledger
         eps = dict(self.executor.endpoints)
         for name, srv in self.servers.items():

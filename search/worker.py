@@ -24,8 +24,9 @@ batch hits infrastructure failures, which ``run_search`` would pay for again). T
 one graph inside a batch run one after the other (``waiting``), so shared questions are
 paid once.
 
-Concurrency limits: the spec's global and per-model limits hold for the study as a
-whole: each worker uses ``1/n`` of them, where ``n`` is the number of workers with a
+LLM calls: identical calls are paid once across workers, including calls in flight (the
+call ledger's claims, ``SQLLedger.share``). Concurrency limits: the spec's global and
+per-model limits hold for the study as a whole: each worker uses ``1/n`` of them, where ``n`` is the number of workers with a
 fresh heartbeat, re-read before every trial (``Environment.share_limits``).
 """
 
@@ -93,6 +94,7 @@ class Worker:
     def run(self) -> WorkerReport:
         sid = self.study.id
         self.storage.register_worker(sid, self.name, socket.gethostname(), os.getpid())
+        self.env.share_calls(self.name, stale_after_s=self.options.stale_after_s)
         stopped, last_beat = "complete", 0.0
         try:
             while True:

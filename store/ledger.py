@@ -17,6 +17,11 @@ Invariants every ledger keeps:
   an API key or a header.
 
 ``SQLLedger`` stores the ``llm_calls`` table next to the studies (the same database);
+with :meth:`SQLLedger.share` (``graphtune worker``) it also shares calls *in flight*
+between processes: a process claims a call's key in ``llm_call_claims`` before calling,
+and the others wait for its reply to appear instead of paying for it again (the claim
+is deleted in the transaction that writes the reply; a dead owner's claim is taken over
+once its worker heartbeat is stale).
 ``MemoryLedger`` is its in-process twin (for ``sqlite:///:memory:`` stores and tests).
 """
 
@@ -31,11 +36,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from graphtune.errors import StoreError
-from graphtune.store.models import LLMCallRow
+from graphtune.store.models import LLMCallClaimRow, LLMCallRow, WorkerRow
 
 #: the writer thread commits at most this many records per transaction
 WRITE_BATCH = 500
@@ -90,6 +95,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self.stats = LedgerStats()
+
+    #: shares calls in flight with other processes (SQLLedger.share)
+    shared = False
 
     def may_have(self, key: str) -> bool:
         """Cheap, in-memory: False means ``get`` would return None."""
@@ -171,12 +179,16 @@ class SQLLedger(Ledger):
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    owner: str | None = None  # set by share(): this process's worker name
+    stale_after_s: float = 60.0
+
     # -- reads ---------------------------------------------------------------------
     def may_have(self, key: str) -> bool:
-        return key in self._ok_keys
+        # shared: another process may have recorded it since we loaded the keys
+        return key in self._ok_keys or self.owner is not None
 
     def get(self, key: str) -> CallRecord | None:
-        if key not in self._ok_keys:
+        if key not in self._ok_keys and self.owner is None:
             return None
         with self._lock:
             rec = self._pending.get(key)
@@ -185,7 +197,55 @@ class SQLLedger(Ledger):
         with self.storage.session() as s:
             row = s.scalars(select(LLMCallRow).where(LLMCallRow.key == key, LLMCallRow.error.is_(None))
                             .order_by(LLMCallRow.id).limit(1)).first()
-            return _record(row) if row is not None else None
+            if row is None:
+                return None
+            self._ok_keys.add(key)
+            return _record(row)
+
+    # -- calls in flight across processes (graphtune worker) -------------------------
+    def share(self, owner: str, *, stale_after_s: float) -> None:
+        """Share calls with the other worker processes of the store: see the module doc.
+        ``owner`` is this worker's name (its row in ``workers`` carries its heartbeat)."""
+        self.owner, self.stale_after_s = owner, float(stale_after_s)
+
+    @property
+    def shared(self) -> bool:
+        return self.owner is not None
+
+    def claim(self, key: str) -> bool:
+        """Claim the call ``key`` for this process: True, or False when another process
+        holds it (then wait for its reply with :meth:`get` / :meth:`claim_status`)."""
+        try:
+            with self.storage.session() as s:
+                s.add(LLMCallClaimRow(key=key, owner=self.owner, claimed_at=self.storage._now()))
+            return True
+        except StoreError as e:
+            msg = str(e).lower()
+            if "unique" in msg or "duplicate" in msg:
+                return False
+            raise
+
+    def claim_status(self, key: str) -> str:
+        """``"held"`` (a live process is making the call) or ``"free"`` (no claim; a dead
+        or stopped owner's claim is removed)."""
+        from datetime import timedelta
+
+        with self.storage.session() as s:
+            c = s.get(LLMCallClaimRow, key)
+            if c is None:
+                return "free"
+            cutoff = self.storage._now() - timedelta(seconds=self.stale_after_s)
+            alive = s.scalar(select(func.count()).select_from(WorkerRow).where(
+                WorkerRow.name == c.owner, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff))
+            if alive:
+                return "held"
+            s.execute(delete(LLMCallClaimRow).where(LLMCallClaimRow.key == key, LLMCallClaimRow.owner == c.owner))
+            return "free"
+
+    def release(self, key: str) -> None:
+        """Drop this process's claim on ``key`` (its call failed without a record)."""
+        with self.storage.session() as s:
+            s.execute(delete(LLMCallClaimRow).where(LLMCallClaimRow.key == key, LLMCallClaimRow.owner == self.owner))
 
     def count(self, *, ok: bool | None = None) -> int:
         self.flush()
@@ -274,6 +334,9 @@ class SQLLedger(Ledger):
         try:
             with self.storage.engine.begin() as conn:
                 conn.execute(insert(LLMCallRow), [_row(r) for r in records])
+                if self.owner is not None:  # the replies are visible: other workers stop waiting
+                    conn.execute(delete(LLMCallClaimRow).where(LLMCallClaimRow.key.in_([r.key for r in records]),
+                                                               LLMCallClaimRow.owner == self.owner))
         except (SQLAlchemyError, StoreError) as e:  # surfaced on the next put/flush
             self._error = e
             return

@@ -203,3 +203,16 @@ class WorkerRow(Base):
     batches_updated: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LLMCallClaimRow(Base):
+    """An LLM call being made right now by one ``graphtune worker`` process (schema 2):
+    other workers that need the same call wait for its reply in the ledger instead of
+    paying for it again. Deleted in the transaction that records the call; left by a
+    dead worker, it is taken over once that worker's heartbeat is stale."""
+
+    __tablename__ = "llm_call_claims"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))  # the worker's name (workers.name)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -36,7 +36,8 @@ def test_upgrading_an_empty_database_builds_exactly_the_models_tables(tmp_path):
     assert Storage.upgrade(url) == (None, HEAD)
     assert _diff(url) == []
     names = {r[0] for r in sqlite3.connect(tmp_path / "m.db").execute("select name from sqlite_master where type='table'")}
-    assert names == {"studies", "trials", "question_results", "agent_steps", "llm_calls", "workers", "alembic_version"}
+    assert names == {"studies", "trials", "question_results", "agent_steps", "llm_calls", "workers", "llm_call_claims",
+                     "alembic_version"}
     s = Storage(url)  # opens at head without complaint
     assert s.schema_revision() == HEAD
     s.close()

@@ -238,6 +238,83 @@ def test_live_workers_split_the_concurrency_limits():
     assert (g._value, m._value) == (2, 1)  # never below one call
 
 
+def _two_live_envs(url: str, acomplete, share: bool):
+    from types import SimpleNamespace
+
+    from test_live import make_env
+
+    from graphtune.store.ledger import SQLLedger
+
+    envs = [make_env(SimpleNamespace(api_base=None), ledger=SQLLedger(Storage(url)), acomplete=acomplete, n=4)
+            for _ in range(2)]
+    if share:
+        for e, name in zip(envs, "AB"):
+            e.share_calls(name, stale_after_s=60)
+    return envs
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_workers_pay_an_identical_call_in_flight_once(tmp_path, share):
+    """Two worker processes (two environments, two ledgers on one store) run the same
+    graph at the same time: with call sharing every distinct call is made once."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_live import g_vote
+
+    from graphtune import llm
+
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    store = Storage(url)
+    st = store.create_study("s", "random", {})
+    store.register_worker(st.id, "A", "host", 1)
+    store.register_worker(st.id, "B", "host", 2)
+    calls = []
+
+    async def slow(model, messages, **kw):
+        calls.append(messages[-1]["content"][-40:])
+        await asyncio.sleep(0.3)
+        return llm.LLMReply("The answer is 1.", 5, 3, 0.3, model)
+
+    envs = _two_live_envs(url, slow, share)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            res = list(pool.map(lambda e: e.evaluate(g_vote(3), e.split("dev")), envs))
+    finally:
+        for e in envs:
+            e.close()
+    distinct = 4 * 4  # 4 questions x (3 samples + the fuser)
+    assert len(calls) == (distinct if share else 2 * distinct)
+    assert [r.answer for r in res[0]] == [r.answer for r in res[1]]
+    with store.session() as s:
+        from sqlalchemy import func, select
+
+        from graphtune.store.models import LLMCallClaimRow
+
+        assert s.scalar(select(func.count()).select_from(LLMCallClaimRow)) == 0  # every claim released
+    store.close()
+
+
+def test_a_call_claimed_by_a_dead_worker_is_taken_over(tmp_path):
+    from graphtune.store.ledger import SQLLedger
+
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    store = Storage(url)
+    st = store.create_study("s", "random", {})
+    store.register_worker(st.id, "live", "host", 1)
+    led = {n: SQLLedger(Storage(url)) for n in ("live", "dead", "me")}
+    for n, ledger in led.items():
+        ledger.share(n, stale_after_s=60)
+    assert led["live"].claim("k1") and not led["me"].claim("k1")
+    assert led["me"].claim_status("k1") == "held"  # its worker's heartbeat is fresh
+    assert led["dead"].claim("k2") and not led["me"].claim("k2")
+    assert led["me"].claim_status("k2") == "free"  # no live worker "dead": its claim is removed
+    assert led["me"].claim("k2")
+    for ledger in led.values():
+        ledger.close()
+    store.close()
+
+
 def test_worker_cli_errors_are_one_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'w.db'}"
     r = CliRunner().invoke(app, ["worker", "--study", "nope", "--storage", url])
@@ -296,3 +373,8 @@ def test_a_worker_killed_while_it_holds_a_trial_loses_nothing(tmp_path):
     assert res["killed_worker"] is True
     assert res["errors"] == [] and res["duplicate_places"] == 0 and res["unfinished"] == 0
     assert res["workers_with_trials"] >= 2
+    # every call is paid once across the workers (calls in flight are shared through the
+    # ledger's claims); the only extra requests are the killed worker's calls in flight
+    # (at most its share of the concurrency limit: 64 / 4)
+    req = res["endpoint_requests"]
+    assert req["reference"] <= req["workers"] <= req["reference"] + 16, req

@@ -1,5 +1,5 @@
-"""Distributed evaluation: trial claims (worker, heartbeat, attempts, dependency) and the
-``workers`` table, for ``graphtune worker``.
+"""Distributed evaluation: trial claims (worker, heartbeat, attempts, dependency), the
+``workers`` table and the ``llm_call_claims`` table, for ``graphtune worker``.
 
 Revision ID: 0002
 Revises: 0001
@@ -43,9 +43,17 @@ def upgrade() -> None:
         sa.UniqueConstraint("study_id", "name", name="uq_worker_name"),
     )
     op.create_index(op.f("ix_workers_study_id"), "workers", ["study_id"], unique=False)
+    op.create_table(
+        "llm_call_claims",
+        sa.Column("key", sa.String(length=64), nullable=False),
+        sa.Column("owner", sa.String(length=200), nullable=False),
+        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("llm_call_claims")
     op.drop_index(op.f("ix_workers_study_id"), table_name="workers")
     op.drop_table("workers")
     op.drop_index("ix_trials_study_status", table_name="trials")
