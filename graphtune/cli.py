@@ -631,6 +631,14 @@ def worker(study: str = typer.Option(..., "--study", help="the study to work on"
                         "live workers lose their trials; raise --stale-after")
     spec = load_spec(spec_path, overrides={"study": study, "storage": storage}) if spec_path else None
     con = _console()
+    import warnings
+
+    from graphtune.store.storage import SharedSQLiteWarning, shared_sqlite_warning
+
+    why = shared_sqlite_warning(storage, workers=True)
+    if why:
+        con.print(f"warning: {why}")
+    warnings.filterwarnings("ignore", category=SharedSQLiteWarning)  # said once, above
 
     def progress(ev: dict) -> None:
         if not quiet:
