@@ -418,6 +418,7 @@ def dump_study(store, name: str) -> dict[str, Any]:
         "searcher_state": st.searcher_state,
         "trials": trials,
         "agent_steps": store.agent_steps(st.id),
+        "workers": store.list_workers(st.id) if hasattr(store, "list_workers") else [],
     }
 
 

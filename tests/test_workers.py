@@ -336,6 +336,11 @@ def test_worker_cli_runs_a_study_to_the_end(tmp_path):
     ws = store.list_workers(st.id)
     assert len(ws) == 1 and ws[0]["status"] == "stopped" and ws[0]["trials_done"] == st.n_trials
     store.close()
+    r = CliRunner().invoke(app, ["dump", "w", "--storage", url, "-o", str(tmp_path / "d.json")])
+    assert r.exit_code == 0, r.output
+    dumped = json.loads((tmp_path / "d.json").read_text())
+    assert [w["name"] for w in dumped["workers"]] == [ws[0]["name"]]
+    assert all(t["worker"] == ws[0]["name"] for t in dumped["trials"])
 
 
 # -- several processes ----------------------------------------------------------------
