@@ -353,7 +353,8 @@ class StudyMirror:
         attrs = {"trial_number": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
                  "batch": t.batch, "slot": t.slot, "origin": t.origin, "parents": list(t.parents or []),
                  "method": t.method, "new_runs": t.new_runs, "n_questions": len(t.question_ids or []),
-                 "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error}
+                 "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error,
+                 "worker": getattr(t, "worker", None)}
         if t.status == "complete" and (t.accuracy is None or t.cost_units is None):
             attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
         return {k: v for k, v in attrs.items() if v is not None}
