@@ -637,7 +637,7 @@ def worker(study: str = typer.Option(..., "--study", help="the study to work on"
 
     why = shared_sqlite_warning(storage, workers=True)
     if why:
-        con.print(f"warning: {why}")
+        typer.echo(f"warning: {why}", err=True)
     warnings.filterwarnings("ignore", category=SharedSQLiteWarning)  # said once, above
 
     def progress(ev: dict) -> None:

@@ -319,8 +319,9 @@ def test_worker_cli_errors_are_one_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'w.db'}"
     r = CliRunner().invoke(app, ["worker", "--study", "nope", "--storage", url])
     assert r.exit_code != 0
-    assert "no study named 'nope'" in r.output and "--spec SPEC" in r.output
-    assert len(r.output.strip().splitlines()) == 1
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("warning: workers share the SQLite store") and len(lines) == 2  # each one line
+    assert lines[1].startswith("error: no study named 'nope'") and "--spec SPEC" in lines[1]
     r = CliRunner().invoke(app, ["worker", "--study", "w", "--storage", url, "--heartbeat", "10", "--stale-after", "20"])
     assert r.exit_code != 0 and "--stale-after (20 s) must be at least 3 x --heartbeat" in r.output
 
