@@ -266,6 +266,26 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return out
 
 
+def _changed_names(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """The spec fields that differ (first five, dotted), or None when none do."""
+    changed = changed_fields(old, new)
+    return ", ".join(".".join(c) for c in changed[:5]) if changed else None
+
+
+def _spec_of_study(stored: Mapping[str, Any], name: str, storage: str, *,
+                   evaluations: int | None = None) -> Spec:
+    """The spec a stored study runs with (its stored spec, in this store)."""
+    import copy
+
+    from graphtune.spec import parse_spec
+
+    data = copy.deepcopy(dict(stored))
+    data["study"], data["storage"] = name, storage
+    if evaluations is not None:
+        data.setdefault("search", {})["evaluations"] = evaluations
+    return parse_spec(data, where=f"stored spec of study {name!r}")
+
+
 def optimize(spec: Spec, *, force: bool = False, progress=None):
     """Run the study ``spec.study`` in ``spec.storage``, continuing it if it exists.
 
@@ -286,9 +306,8 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
         if study is None:
             study = storage.create_study(spec.study, spec.search.method, resolved)
         else:
-            changed = changed_fields(study.spec, resolved)
-            if changed and not force:
-                names = ", ".join(".".join(c) for c in changed[:5])
+            names = _changed_names(study.spec, resolved)
+            if names and not force:
                 raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
                                 "use another --study name, or --force to continue it anyway")
             if spec_changes(study.spec, resolved):
@@ -315,13 +334,8 @@ def resume(name: str, storage: str, *, evaluations: int | None = None, force: bo
     """Continue the stored study ``name`` in ``storage`` from its stored spec (the same
     checks and exact resume as ``optimize``); ``evaluations`` raises its search budget.
     Returns ``(problem, study, outcome)``."""
-    import copy
-
     from graphtune.errors import StoreError
-    from graphtune.spec import parse_spec
-    from graphtune.store.storage import Storage
-
-    from graphtune.store.storage import sqlite_path
+    from graphtune.store.storage import Storage, sqlite_path
 
     path = sqlite_path(storage)
     if path is not None and not path.exists():
@@ -332,14 +346,10 @@ def resume(name: str, storage: str, *, evaluations: int | None = None, force: bo
         if study is None:
             known = [s.name for s in store.list_studies()]
             raise StoreError(f"no study named {name!r} in {store._safe_url()}; known studies: {known or 'none'}")
-        data = copy.deepcopy(study.spec)
+        stored = study.spec
     finally:
         store.close()
-    data["study"], data["storage"] = name, storage
-    if evaluations is not None:
-        data.setdefault("search", {})["evaluations"] = evaluations
-    spec = parse_spec(data, where=f"stored spec of study {name!r}")
-    return optimize(spec, force=force, progress=progress)
+    return optimize(_spec_of_study(stored, name, storage, evaluations=evaluations), force=force, progress=progress)
 
 
 def work(name: str, storage: str, *, spec: Spec | None = None, options=None, progress=None,
@@ -348,11 +358,8 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
     study is complete. The study is created from ``spec`` when it does not exist yet (by
     whichever worker comes first); an existing study runs from its stored spec, and a
     ``spec`` that differs from it is refused. Returns ``(problem, study, WorkerReport)``."""
-    import copy
-
     from graphtune.errors import StoreError
     from graphtune.search.worker import Worker, WorkerOptions
-    from graphtune.spec import parse_spec
     from graphtune.store.storage import Storage
 
     store = Storage(storage, workers=True)
@@ -366,18 +373,15 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
                 study = store.get_study(name)
                 if study is None:
                     raise
-        changed = changed_fields(study.spec, resolved)
-        if changed:
-            names = ", ".join(".".join(c) for c in changed[:5])
+        names = _changed_names(study.spec, resolved)
+        if names:
             raise SpecError(f"study {name!r} exists with a different spec ({names} changed); workers run the stored "
                             "spec: drop --spec, or use another --study name")
     if study is None:
         known = [s.name for s in store.list_studies()]
         raise StoreError(f"no study named {name!r} in {store._safe_url()} (known: {known or 'none'}); create it by "
                          "passing --spec SPEC to the first worker")
-    data = copy.deepcopy(study.spec)
-    data["study"], data["storage"] = name, storage
-    sp = parse_spec(data, where=f"stored spec of study {name!r}")
+    sp = _spec_of_study(study.spec, name, storage)
     problem = build_problem(sp)
     try:
         w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids,

@@ -592,33 +592,18 @@ class Storage:
         """The study's batch-update lock: yields a :class:`Coordination` holding it, or None
         when another worker holds it. Everything written through the coordination commits
         in one transaction when the block ends (nothing if it raises)."""
-        s = self._sessions()
-        try:
+        with self.session() as s:
             try:
                 if self.engine.dialect.name == "sqlite":
                     # a write first: SQLite's write lock is held until commit (others wait or skip)
                     s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
                 r = s.scalar(select(StudyRow).where(StudyRow.id == study_id).with_for_update(skip_locked=True))
             except SQLAlchemyError as e:
-                s.rollback()
-                if "locked" in str(e):
-                    yield None
-                    return
-                raise StoreError(f"storage {self._safe_url()}: {str(getattr(e, 'orig', e)).splitlines()[0]}") from None
-            if r is None:
-                s.rollback()
-                yield None
-                return
-            yield Coordination(self, s, r)
-            s.commit()
-        except SQLAlchemyError as e:
-            s.rollback()
-            raise StoreError(f"storage {self._safe_url()}: {str(getattr(e, 'orig', e) or e).splitlines()[0]}") from None
-        except BaseException:
-            s.rollback()
-            raise
-        finally:
-            s.close()
+                if "locked" not in str(e):
+                    raise
+                s.rollback()  # SQLite: another worker held the write lock past the busy timeout
+                r = None
+            yield Coordination(self, s, r) if r is not None else None
 
     def list_trials(self, study_id: int, split: str | None = None) -> list[TrialInfo]:
         with self.session() as s:
