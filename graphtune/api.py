@@ -298,12 +298,17 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
     from graphtune.search.loop import run_search
     from graphtune.store.storage import Storage
 
+    # everything a spec can get wrong (environment, dataset, scorer, space, the searcher and
+    # its options) is built before the study row is written: a bad spec leaves no study
     problem = build_problem(spec)
+    searcher = None
     try:
+        searcher = make_searcher(spec, problem.ctx)
         storage = Storage(spec.storage)
         study = storage.get_study(spec.study)
         resolved = stored_spec(spec)
-        if study is None:
+        created = study is None
+        if created:
             study = storage.create_study(spec.study, spec.search.method, resolved)
         else:
             names = _changed_names(study.spec, resolved)
@@ -319,15 +324,30 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
             if queued:
                 raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
                                 f"continue it with `graphtune worker --study {spec.study} --storage {spec.storage}`")
-        searcher = make_searcher(spec, problem.ctx)
         try:
             outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
                                  budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids, progress=progress)
-        finally:
-            searcher.close()
+        except BaseException:
+            if created:
+                _drop_if_empty(storage, spec.study)
+            raise
     finally:
+        if searcher is not None:
+            searcher.close()
         problem.env.close()
     return problem, storage.get_study(spec.study), outcome
+
+
+def _drop_if_empty(storage, name: str) -> None:
+    """Remove a study this run created when it failed before its first trial (an endpoint
+    refusing the first call, an interrupt), so the corrected spec runs under the same name
+    instead of meeting a half-written study. Anything stored keeps the study."""
+    try:
+        st = storage.get_study(name)
+        if st is not None and st.n_trials == 0 and st.runs_spent == 0 and st.batch_index == 0:
+            storage.delete_study(name)
+    except Exception:  # noqa: BLE001 - the failure being raised is the one to report
+        pass
 
 
 def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None):
@@ -367,6 +387,7 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
     if spec is not None:
         resolved = stored_spec(spec)
         if study is None:
+            _check_buildable(spec)  # a spec that cannot run creates no study
             try:
                 study = store.create_study(name, spec.search.method, resolved)
             except StoreError:  # another worker created it first
@@ -391,6 +412,16 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
     finally:
         problem.env.close()
     return problem, store.get_study(name), report
+
+
+def _check_buildable(spec: Spec) -> None:
+    """Build (and release) the problem and searcher ``spec`` describes, so its one-line
+    error comes before anything is stored."""
+    problem = build_problem(spec)
+    try:
+        make_searcher(spec, problem.ctx).close()
+    finally:
+        problem.env.close()
 
 
 def dump_study(store, name: str) -> dict[str, Any]:

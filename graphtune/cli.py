@@ -152,7 +152,9 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
     spec = load_spec(spec_path, overrides={"study": study, "storage": storage, "search.evaluations": evaluations,
                                            "search.method": method, "search.seed": seed,
-                                           "env.cache": False if no_cache else None})
+                                           "env.cache": False if no_cache else None},
+                     flags={"study": "--study", "storage": "--storage", "search.evaluations": "--evaluations",
+                            "search.method": "--method", "search.seed": "--seed", "env.cache": "--no-cache"})
     con = _console()
     if quiet:
         problem, st, out = run(spec, force=force)

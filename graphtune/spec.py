@@ -9,8 +9,10 @@ the field path and what is allowed. Secrets are referenced by environment-variab
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,11 +25,17 @@ from graphtune.graphs.cost import Budget, ModelInfo
 from graphtune.graphs.model import BUILTIN_ROLES
 from graphtune.graphs.space import Space
 
+#: seeds feed numpy's and Optuna's generators (unsigned 32-bit)
+MAX_SEED = 2**32 - 1
+#: a prompt or completion longer than any context window (tokens)
+MAX_TOKENS = 1e7
+
 SECRET_KEYS = {"api_key", "apikey", "secret", "token", "password", "key"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never meaningful here (a budget of .inf, a weight of .nan)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -72,8 +80,10 @@ class TaskSpec(_Strict):
     description: str | None = None
     dev_size: int = Field(100, ge=1, le=100_000)
     test_size: int = Field(500, ge=1, le=1_000_000)
-    input_tokens: float | None = Field(None, gt=0, description="override the task's average prompt tokens (A)")
-    output_tokens: float | None = Field(None, gt=0, description="override the task's average completion tokens (B)")
+    input_tokens: float | None = Field(None, gt=0, le=MAX_TOKENS,
+                                       description="override the task's average prompt tokens (A)")
+    output_tokens: float | None = Field(None, gt=0, le=MAX_TOKENS,
+                                        description="override the task's average completion tokens (B)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -96,15 +106,17 @@ class ModelEntry(_Strict):
     litellm: str | None = Field(None, description="litellm model string, e.g. openai/gpt-4o-mini")
     api_base: str | None = None
     api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
-    params: float | None = Field(None, gt=0, description="M: non-embedding parameters")
-    layers: int | None = Field(None, gt=0)
-    hidden: int | None = Field(None, gt=0)
-    usd_per_mtok: float | None = Field(None, ge=0)
-    usd_per_mtok_in: float | None = Field(None, ge=0)
-    usd_per_mtok_out: float | None = Field(None, ge=0)
-    prefill_tok_s: float | None = Field(None, gt=0)
-    decode_tok_s: float | None = Field(None, gt=0)
-    max_concurrency: int | None = Field(None, ge=1)
+    # upper bounds far above any real model keep every cost finite (FLOPs of a graph of
+    # 64 nodes of the largest model on the longest prompt stay below 1e40)
+    params: float | None = Field(None, gt=0, le=1e15, description="M: non-embedding parameters")
+    layers: int | None = Field(None, gt=0, le=100_000)
+    hidden: int | None = Field(None, gt=0, le=10_000_000)
+    usd_per_mtok: float | None = Field(None, ge=0, le=1e6)
+    usd_per_mtok_in: float | None = Field(None, ge=0, le=1e6)
+    usd_per_mtok_out: float | None = Field(None, ge=0, le=1e6)
+    prefill_tok_s: float | None = Field(None, gt=0, le=1e12)
+    decode_tok_s: float | None = Field(None, gt=0, le=1e12)
+    max_concurrency: int | None = Field(None, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _resolvable(self) -> ModelEntry:
@@ -199,8 +211,8 @@ class SearchSpec(_Strict):
                              description="search budget in full-dev-set graph evaluations "
                                          "(evaluations x dev_size graph-question runs)")
     batch_size: int = Field(8, ge=1, le=1024)
-    seed: int = 0
-    options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random choice of the search")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options (see its Options model)")
     agent: AgentSpec = Field(default_factory=AgentSpec)
 
     @field_validator("method")
@@ -217,7 +229,7 @@ class EnvSpec(_Strict):
     """Where graphs run: the calibrated simulator, or live endpoints (``live``)."""
 
     kind: Literal["simulated", "live", "replay"] = "simulated"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     concurrency: int = Field(16, ge=1, le=4096, description="live: LLM calls in flight at once (all models)")
     cache: bool = Field(True, description="live: serve identical calls from the call ledger")
     timeout_s: float = Field(60.0, gt=0, description="live: per-call timeout")
@@ -330,14 +342,123 @@ class Spec(_Strict):
 
 # -- loading with precise errors -------------------------------------------------------
 
+#: a spec is a few kilobytes, a few hundred values nested fewer than ten levels deep; these
+#: bounds refuse what could only exhaust memory or the stack (an alias bomb, a recursive
+#: anchor, ten thousand nested brackets) before anything is built from it
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """Map every key path of a YAML document to its 1-based line."""
-    out: dict[tuple, int] = {}
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML document the bounded loader will not build (one-line ``problem``)."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts the values a document expands to while composing it
+    (an alias counts its whole target every time it is used), refuses recursive aliases
+    and deep nesting, and turns any failure of a value's constructor (a bad timestamp, an
+    integer too long to convert) into a YAML error at that value's line."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._expanded = 0
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it expands to (finished nodes)
+
+    def _grow(self, n: int, mark) -> None:
+        self._expanded += n
+        if self._expanded > MAX_YAML_NODES:
+            raise _Refused(f"the YAML expands to more than {MAX_YAML_NODES:,} values (an alias counts each time it "
+                           "is used); a spec has a few hundred: write the values out instead of nesting aliases",
+                           mark)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            target = self.anchors.get(ev.anchor)
+            if target is not None:
+                size = self._sizes.get(id(target))
+                if size is None:  # the anchored node is still being composed: it contains its alias
+                    raise _Refused(f"the alias *{ev.anchor} is used inside its own anchor &{ev.anchor} (a recursive "
+                                   "structure); a spec must be a tree", ev.start_mark)
+                self._grow(size, ev.start_mark)
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _Refused(f"the YAML is nested more than {MAX_YAML_DEPTH} levels deep; a spec needs fewer than 10",
+                           mark)
+        before = self._expanded
+        self._grow(1, mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._sizes[id(node)] = self._expanded - before
+        return node
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {_short(getattr(node, 'value', ''))} as {node.tag}: {e}",
+                node.start_mark) from None
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters (error lines stay short)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return out
+        r = repr(value)
+    except ValueError:  # an int too long to print
+        r = f"<{type(value).__name__}>"
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _decode(raw: bytes, where: str) -> str:
+    """The spec's text: UTF-8 (an optional BOM), or UTF-16 with a BOM, as YAML allows."""
+    enc, name = ("utf-16", "UTF-16") if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else \
+        ("utf-8-sig", "UTF-8")
+    try:
+        return raw.decode(enc)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].decode(enc, errors="replace").count("\n") + 1
+        raise SpecError(f"{where}:{line}: not valid {name} text ({e.reason} at byte {e.start}); save the spec as "
+                        "UTF-8") from None
+
+
+def read_yaml(text: str, where: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse one YAML document into ``(data, line map)``, bounded (see ``MAX_YAML_NODES``);
+    any problem is one SpecError line naming ``where`` and the line."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # the reader checks every character here
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1 if isinstance(e.position, int) else None
+        raise SpecError(f"{where}{f':{line}' if line else ''}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except _Refused as e:
+        raise SpecError(f"{where}:{e.problem_mark.line + 1}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{where}{line}: not valid YAML: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return data, _line_map(root)
+
+
+def _line_map(root) -> dict[tuple, int]:
+    """Map every key path of a composed YAML document to its 1-based line (bounded by the
+    loader: no recursion, at most ``MAX_YAML_NODES`` paths)."""
+    out: dict[tuple, int] = {}
 
     def walk(node, path: tuple):
         if node is None:
@@ -345,9 +466,10 @@ def _line_map(text: str) -> dict[tuple, int]:
         out.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                key = k.value
-                out[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
+                if not isinstance(k, yaml.ScalarNode):
+                    continue  # a complex key cannot name a field
+                out[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 walk(v, path + (i,))
@@ -379,65 +501,109 @@ def _model_for_path(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_error(err: dict, where: str, lines: dict[tuple, int]) -> str:
+def _format_error(err: dict, where: str, lines: dict[tuple, int], *, flags: Mapping[tuple, str] | None = None,
+                  owner: type[BaseModel] | None = None, unknown: str = "unknown field") -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
     dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
-    line = None
-    for k in range(len(loc), -1, -1):
-        if loc[:k] in lines:
-            line = lines[loc[:k]]
-            break
-    prefix = f"{where}:{line}" if line else where
+    flag = next((f for path, f in (flags or {}).items() if loc[:len(path)] == path), None)
+    if flag is not None:  # the value came from a command-line flag, not from a line of the file
+        prefix = flag
+    else:
+        line = None
+        for k in range(len(loc), -1, -1):
+            if loc[:k] in lines:
+                line = lines[loc[:k]]
+                break
+        prefix = f"{where}:{line}" if line else where
     typ = err["type"]
     if typ == "extra_forbidden":
-        owner = _model_for_path(loc[:-1])
+        owner = owner or _model_for_path(loc[:-1])
         allowed = list(owner.model_fields) if owner else []
         near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
-        return f"{prefix}: {dotted}: unknown field; {hint}allowed: {', '.join(allowed)}"
+        return f"{prefix}: {dotted}: {unknown}; {hint}allowed: {', '.join(allowed) or 'none'}"
     if typ == "missing":
         return f"{prefix}: {dotted}: required field is missing"
-    msg = err["msg"]
+    msg = " ".join(str(err["msg"]).split())
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if typ in ("literal_error",):
         msg = msg.replace("Input should be", "must be")
     got = err.get("input")
-    got_s = f" (got {got!r})" if typ not in ("value_error", "assertion_error") and not isinstance(got, dict | list) else ""
+    got_s = f" (got {_short(got)})" if typ not in ("value_error", "assertion_error") and \
+        not isinstance(got, dict | list) else ""
     return f"{prefix}: {dotted}: {msg}{got_s}"
 
 
-def parse_spec(data: Any, *, where: str = "spec", text: str | None = None) -> Spec:
+def _check_options(spec: Spec, where: str, lines: dict[tuple, int], flags: Mapping[tuple, str]) -> None:
+    """``search.options`` against the chosen method's options model (extra keys forbidden)."""
+    from graphtune.search.registry import options_model
+
+    method = spec.search.method
+    model = options_model(method)
+    try:
+        model.model_validate(spec.search.options)
+    except ValidationError as e:
+        errs = e.errors()
+        err = dict(errs[0], loc=("search", "options", *errs[0]["loc"]))
+        chosen = flags.get(("search", "method"))
+        by = f" (chosen by {chosen})" if chosen else ""
+        msg = _format_error(err, where, lines, owner=model, unknown=f"not an option of method {method!r}{by}")
+        if by and err["type"] != "extra_forbidden":
+            msg += f" for method {method!r}{by}"
+        more = f" (+{len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+        raise SpecError(msg + more) from None
+
+
+def parse_spec(data: Any, *, where: str = "spec", text: str | None = None, lines: dict[tuple, int] | None = None,
+               flags: Mapping[tuple, str] | None = None) -> Spec:
+    """Validate plain data as a Spec (and ``search.options`` against the method's options);
+    errors name ``where`` and the line (from ``lines``, or by parsing ``text``), or the
+    command-line flag (``flags``: key path -> flag) that set the offending value."""
     if not isinstance(data, dict):
         raise SpecError(f"{where}: a spec must be a YAML mapping with sections task, models, budget, ...")
+    if lines is None:
+        lines = {}
+        if text:
+            try:
+                lines = read_yaml(text, where)[1]
+            except SpecError:
+                pass
+    flags = dict(flags or {})
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(text) if text else {}
         errs = e.errors()
-        first = _format_error(errs[0], where, lines)
+        first = _format_error(errs[0], where, lines, flags=flags)
         more = f" (+{len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
         raise SpecError(first + more) from None
+    except RecursionError:  # not reachable from a file (read_yaml bounds nesting); from Python data it is
+        raise SpecError(f"{where}: the spec is nested too deeply or contains itself") from None
+    _check_options(spec, where, lines, flags)
+    return spec
 
 
-def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Spec:
-    """Read and validate a spec file; ``overrides`` are dotted keys (``search.seed``)."""
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+              flags: Mapping[str, str] | None = None) -> Spec:
+    """Read and validate a spec file; ``overrides`` are dotted keys (``search.seed``);
+    ``flags`` names the command-line flag of each override (``{"search.seed": "--seed"}``)
+    so an error in an overridden value blames the flag, not a line of the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"spec file {p} not found; create one with `graphtune init {p}`") from None
     except OSError as e:
         raise SpecError(f"cannot read spec file {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{p}{line}: not valid YAML: {problem}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB; a spec is a few kilobytes (point "
+                        "task.dataset at the data instead of writing it in the spec)")
+    text = _decode(raw, str(p))
+    data, lines = read_yaml(text, str(p))
     if data is None:
         raise SpecError(f"{p}: the file is empty; start from `graphtune init`")
+    flag_of: dict[tuple, str] = {}
     if overrides and isinstance(data, dict):
         for dotted, value in overrides.items():
             if value is None:
@@ -449,6 +615,7 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
                 if not isinstance(cur, dict):
                     raise SpecError(f"{p}: cannot override {dotted}: {k} is not a mapping")
             cur[last] = value
-    spec = parse_spec(data, where=str(p), text=text)
+            flag_of[tuple(dotted.split("."))] = (flags or {}).get(dotted) or f"override {dotted}={_short(value)}"
+    spec = parse_spec(data, where=str(p), lines=lines, flags=flag_of)
     spec._source_dir = p.resolve().parent
     return spec

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from graphtune.agent import make_agent
 from graphtune.agent.base import AgentStep
@@ -38,19 +39,25 @@ from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph, Node
 from graphtune.graphs.space import validate
 from graphtune.search.base import Candidate, Evaluation, SearchContext
-from graphtune.search.reinforce import PolicySearcher, _opt
+from graphtune.search.reinforce import PolicyOptions, PolicySearcher
 
 _HASH = re.compile(r"\b[0-9a-f]{16}\b")
+
+
+class AgentReinforceOptions(PolicyOptions):
+    lr_agent: float = Field(1.0, ge=0, le=100, description="scale of the agent's deltas (times its confidence)")
+    max_agent_delta: float = Field(2.0, gt=0, le=100, description="clip of one agent delta on a logit")
+    proposals: int = Field(3, ge=0, le=1024, description="graphs the agent may propose per batch")
 
 
 class AgentReinforceSearcher(PolicySearcher):
     """REINFORCE + agent feedback. The agent is ``ctx.agent["model"]``: ``heuristic``
     (default; an offline statistical critic, not an LLM) or a litellm model string.
 
-    Options (``search.options``), besides those of
-    :class:`~graphtune.search.reinforce.PolicySearcher` (``minibatch``,
-    ``minibatch_growth``, ``minibatch_max``, ``samples``, ``lr``, ``max_step``,
-    ``entropy_floor``, ``edge_init``, ``race_top``, ``race_step``, ``final_race_frac``):
+    Options (``search.options``, :class:`AgentReinforceOptions`), besides those of
+    :class:`~graphtune.search.reinforce.PolicySearcher` (``n0``, ``eta``, ``samples``,
+    ``lr``, ``max_step``, ``entropy_floor``, ``edge_init``, ``race_top``,
+    ``final_race_frac``, ``pareto``, ``pareto_weights``):
 
     - ``lr_agent`` (1.0): scale of the agent's deltas (times its confidence);
     - ``max_agent_delta`` (2.0): clip of one agent delta on a logit;
@@ -62,15 +69,16 @@ class AgentReinforceSearcher(PolicySearcher):
     """
 
     name = "agent-reinforce"
+    Options = AgentReinforceOptions
     probes = True
 
     def __init__(self, ctx: SearchContext, *, complete: Callable[..., Any] | None = None):
         super().__init__(ctx)
-        o = ctx.options
-        self.lr_agent = _opt(o, "lr_agent", 1.0)
-        self.max_agent_delta = _opt(o, "max_agent_delta", 2.0)
-        self.max_proposals = max(0, _opt(o, "proposals", 3, int))
-        if "samples" not in o:
+        o = self.opts
+        self.lr_agent = o.lr_agent
+        self.max_agent_delta = o.max_agent_delta
+        self.max_proposals = o.proposals
+        if o.samples is None:
             self.n_samples = max(2, ctx.batch_size - self.max_proposals)
         slots = tuple(self.pg.slot_id(i) for i in range(self.pg.S))
         objective = "accuracy" if ctx.objective.is_accuracy else (

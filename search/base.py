@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from graphtune.envs.base import Metrics, QuestionResult
 from graphtune.graphs.cost import Budget, CostModel, GraphCost
 from graphtune.graphs.model import Graph
+from graphtune.errors import SpecError
 from graphtune.graphs.space import Space
 
 
@@ -173,14 +175,42 @@ def recommend_by_coverage(stats: Mapping[str, GraphStats]) -> GraphStats | None:
     return max(pool, key=lambda s: (s.mean, -s.first_trial))
 
 
+class SearcherOptions(BaseModel):
+    """Base of a searcher's ``search.options``: typed, finite, no unknown keys.
+
+    Each searcher declares its options as a subclass next to its class (``Options``); the
+    spec checks ``search.options`` against it when it is loaded (with the file and line of
+    a bad key) and the searcher reads the parsed model, never the raw dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def parse_options(model: type[SearcherOptions], options: Mapping[str, Any], method: str) -> SearcherOptions:
+    """``options`` as ``model``; a one-line SpecError naming the first bad key otherwise
+    (for options that did not come through a spec file, e.g. the Python API)."""
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(all)"
+        if err["type"] == "extra_forbidden":
+            raise SpecError(f"search.options.{key}: not an option of method {method!r}; "
+                            f"allowed: {', '.join(model.model_fields) or 'none'}") from None
+        raise SpecError(f"search.options.{key}: {err['msg']} (got {err.get('input')!r:.80})") from None
+
+
 class Searcher(ABC):
     """Base of every search method. See the module docstring for the lifecycle."""
 
     #: the name used in specs and on the CLI
     name: str = "abstract"
+    #: the searcher's ``search.options`` (subclasses declare their own)
+    Options: type[SearcherOptions] = SearcherOptions
 
     def __init__(self, ctx: SearchContext):
         self.ctx = ctx
+        #: ``ctx.options`` parsed by ``Options`` (a SpecError for unknown keys or bad values)
+        self.opts = parse_options(self.Options, ctx.options, self.name)
 
     @abstractmethod
     def ask(self) -> list[Candidate]:

@@ -10,16 +10,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import Field
+
 from graphtune.graphs.space import enumerate_graphs
-from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher
+from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher, SearcherOptions
+
+
+class ExhaustiveOptions(SearcherOptions):
+    max_graphs: int = Field(200_000, ge=1, le=10_000_000, description="refuse spaces with more graphs than this")
 
 
 class ExhaustiveSearcher(Searcher):
     name = "exhaustive"
+    Options = ExhaustiveOptions
 
     def __init__(self, ctx: SearchContext):
         super().__init__(ctx)
-        limit = int(ctx.options.get("max_graphs", 200_000))
+        limit = self.opts.max_graphs
         self.graphs = enumerate_graphs(ctx.space, ctx.costs, ctx.budget, limit=limit)
         self.position = 0
 

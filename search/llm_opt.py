@@ -38,7 +38,8 @@ from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
 from graphtune.graphs.space import prune_to_sink, random_graph, validate
-from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher, rng_from_state, rng_state
+from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
+                                   rng_state)
 
 HEURISTIC = "heuristic"
 HEURISTIC_BACKEND = "heuristic (mutation proposer, not an LLM)"
@@ -118,6 +119,12 @@ def parse_reply(text: str) -> ProposalReply:
 CompleteFn = Callable[..., Any]
 
 
+class LLMOptOptions(SearcherOptions):
+    max_history: int = Field(200, ge=1, le=100_000, description="graphs shown to the proposer (the best ones)")
+    elite: int = Field(4, ge=1, le=1000, description="graphs the heuristic mutates")
+    parse_retries: int = Field(1, ge=0, le=10, description="re-asks after an unparsable reply")
+
+
 class LLMOptSearcher(Searcher):
     """OPRO-style proposer. ``complete`` replaces :func:`graphtune.llm.complete` (tests).
 
@@ -126,6 +133,7 @@ class LLMOptSearcher(Searcher):
     """
 
     name = "llm-opt"
+    Options = LLMOptOptions
 
     def __init__(self, ctx: SearchContext, *, complete: CompleteFn | None = None):
         super().__init__(ctx)
@@ -134,10 +142,9 @@ class LLMOptSearcher(Searcher):
         self.is_llm = self.model != HEURISTIC
         self.agent = agent
         self._complete = complete
-        opts = dict(ctx.options)
-        self.max_history = int(opts.get("max_history", 200))
-        self.elite = max(1, int(opts.get("elite", 4)))
-        self.parse_retries = int(opts.get("parse_retries", 1))
+        self.max_history = self.opts.max_history
+        self.elite = self.opts.elite
+        self.parse_retries = self.opts.parse_retries
         self.rng = ctx.rng(salt=13)
         self.history: list[dict[str, Any]] = []  # evaluated graphs, in trial order
         self.seen: set[str] = set()  # every hash proposed (never proposed twice)

@@ -63,19 +63,21 @@ import importlib.util
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from pydantic import Field
 
 from graphtune.errors import GraphtuneError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import Budget, GraphCost
 from graphtune.graphs.model import ASSISTANT, ROLES_NEEDING_INPUT, Graph, Node
 from graphtune.graphs.space import prune_to_sink, random_graph, structural_errors
-from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher, rng_from_state, rng_state
+from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
+                                   rng_state)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -227,6 +229,11 @@ def derived_seed(*parts: int) -> int:
 # -- the searchers ------------------------------------------------------------------------
 
 
+class OptunaOptions(SearcherOptions):
+    max_rejects: int = Field(30, ge=1, le=100_000,
+                             description="asks in a row with nothing new before a random unseen graph is enqueued")
+
+
 class OptunaSearcher(Searcher):
     """Base of the Optuna baselines; subclasses choose the sampler and the encoding."""
 
@@ -239,8 +246,7 @@ class OptunaSearcher(Searcher):
     def __init__(self, ctx: SearchContext):
         super().__init__(ctx)
         self.check_available()
-        opts = dict(ctx.options)
-        self.max_rejects = int(opts.get("max_rejects", 30))
+        self.max_rejects = self.opts.max_rejects
         self.enc = GraphEncoding(ctx, continuous=self.continuous)
         self.rng = ctx.rng(salt=7)  # fallback random graphs
         self.values: dict[str, list[float]] = {}  # graph hash -> told values (evaluated graphs)
@@ -402,16 +408,26 @@ def _is_optimizer_key(key: str) -> bool:
     return key.startswith("cma") and "optimizer" in key
 
 
+class TPEOptions(OptunaOptions):
+    n_startup_trials: int = Field(10, ge=0, le=100_000, description="random trials before the model is used")
+    multivariate: bool = True
+
+
 class TPESearcher(OptunaSearcher):
     """Tree-structured Parzen estimator (multivariate, constant liar for batches).
     Options: ``n_startup_trials`` (10), ``multivariate`` (true), ``max_rejects``."""
 
     name = "tpe"
+    Options = TPEOptions
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        o = self.ctx.options
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(o.get("n_startup_trials", 10)),
-                                          multivariate=bool(o.get("multivariate", True)), constant_liar=True)
+        o = self.opts
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=o.n_startup_trials,
+                                          multivariate=o.multivariate, constant_liar=True)
+
+
+class GPOptions(OptunaOptions):
+    n_startup_trials: int = Field(10, ge=0, le=100_000, description="random trials before the model is used")
 
 
 class GPSearcher(OptunaSearcher):
@@ -419,6 +435,7 @@ class GPSearcher(OptunaSearcher):
     Options: ``n_startup_trials`` (10)."""
 
     name = "gp"
+    Options = GPOptions
 
     @classmethod
     def check_available(cls) -> None:
@@ -427,8 +444,13 @@ class GPSearcher(OptunaSearcher):
                                  "`pip install 'graphtune[gp]'` (or `pip install torch`), or choose `tpe`")
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=int(self.ctx.options.get("n_startup_trials", 10)),
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=self.opts.n_startup_trials,
                                          deterministic_objective=False)
+
+
+class CmaEsOptions(OptunaOptions):
+    popsize: int | None = Field(None, ge=2, le=100_000, description="population size (default 4 + 3 ln(dim))")
+    n_startup_trials: int = Field(0, ge=0, le=100_000, description="random trials before CMA-ES starts")
 
 
 class CmaEsSearcher(OptunaSearcher):
@@ -436,6 +458,7 @@ class CmaEsSearcher(OptunaSearcher):
     Options: ``popsize`` (CMA-ES default 4 + 3 ln(dim)), ``n_startup_trials`` (0)."""
 
     name = "cmaes"
+    Options = CmaEsOptions
     continuous = True
 
     @classmethod
@@ -445,12 +468,14 @@ class CmaEsSearcher(OptunaSearcher):
                                  "`pip install 'graphtune[cmaes]'` (or `pip install cmaes`), or choose `tpe`")
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        o = self.ctx.options
-        popsize = o.get("popsize")
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=int(o.get("n_startup_trials", 0)),
-                                            popsize=int(popsize) if popsize else None,
+        o = self.opts
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=o.n_startup_trials, popsize=o.popsize,
                                             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
                                             warn_independent_sampling=False)
+
+
+class QMCOptions(OptunaOptions):
+    qmc_type: Literal["sobol", "halton"] = "sobol"
 
 
 class QMCSearcher(OptunaSearcher):
@@ -458,12 +483,13 @@ class QMCSearcher(OptunaSearcher):
     Options: ``qmc_type`` ("sobol" or "halton")."""
 
     name = "qmc"
+    Options = QMCOptions
     continuous = True
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         # the sequence's scrambling must keep one seed for the whole study; only the
         # random sampler of the very first trial takes the per-ask seed
-        return optuna.samplers.QMCSampler(qmc_type=str(self.ctx.options.get("qmc_type", "sobol")), scramble=True,
+        return optuna.samplers.QMCSampler(qmc_type=self.opts.qmc_type, scramble=True,
                                           seed=derived_seed(self.ctx.seed, 0x51C),
                                           independent_sampler=optuna.samplers.RandomSampler(seed=seed),
                                           warn_independent_sampling=False, warn_asynchronous_seeding=False)
@@ -476,17 +502,22 @@ def _nsga2_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return [float(trial.user_attrs.get("violation", 0.0))]
 
 
+class NSGA2Options(OptunaOptions):
+    population_size: int = Field(16, ge=2, le=100_000, description="NSGA-II population per generation")
+
+
 class NSGA2Searcher(OptunaSearcher):
     """NSGA-II on two objectives: reward up, cost (budget units) down; infeasible graphs
     are constraint violations. Options: ``population_size`` (16)."""
 
     name = "nsga2"
+    Options = NSGA2Options
     multi_objective = True
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         extra = {} if _HAS_SET_CONSTRAINT else {"constraints_func": _nsga2_constraints}
         return optuna.samplers.NSGAIISampler(seed=seed,
-                                             population_size=int(self.ctx.options.get("population_size", 16)),
+                                             population_size=self.opts.population_size,
                                              **extra)
 
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import Field
+
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.space import random_graph
-from graphtune.search.base import Candidate, Evaluation, SearchContext, Searcher, rng_from_state, rng_state
+from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
+                                   rng_state)
+
+
+class RandomOptions(SearcherOptions):
+    max_redraws: int = Field(200, ge=1, le=100_000, description="redraws per slot before giving up on a new graph")
 
 
 class RandomSearcher(Searcher):
@@ -19,12 +26,13 @@ class RandomSearcher(Searcher):
     """
 
     name = "random"
+    Options = RandomOptions
 
     def __init__(self, ctx: SearchContext):
         super().__init__(ctx)
         self.rng = ctx.rng(salt=1)
         self.seen: set[str] = set()
-        self.max_redraws = int(ctx.options.get("max_redraws", 200))
+        self.max_redraws = self.opts.max_redraws
 
     def ask(self) -> list[Candidate]:
         out: list[Candidate] = []

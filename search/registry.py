@@ -1,6 +1,9 @@
 """The one name table of search methods (for the spec and the CLI).
 
 Entries are import paths so that choosing ``random`` never imports Optuna or litellm.
+Each searcher class declares its ``search.options`` as a typed model (``Options``, a
+:class:`~graphtune.search.base.SearcherOptions`); :func:`options_model` exposes it so the
+spec can check the options when it is loaded.
 """
 
 from __future__ import annotations
@@ -30,3 +33,8 @@ def searcher_class(name: str):
         raise SpecError(f"unknown search method {name!r}; known methods: {', '.join(sorted(SEARCHERS))}") from None
     mod, _, attr = path.partition(":")
     return getattr(importlib.import_module(mod), attr)
+
+
+def options_model(name: str):
+    """The pydantic model of method ``name``'s ``search.options`` (extra keys forbidden)."""
+    return searcher_class(name).Options

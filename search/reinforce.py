@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from graphtune.agent.report import GraphEntry, graph_effects
 from graphtune.errors import BudgetError, SpecError
@@ -47,14 +48,9 @@ from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph
 from graphtune.graphs.space import random_graph
-from graphtune.search.base import (Candidate, Evaluation, GraphStats, SearchContext, Searcher, pool_stats,
-                                   rng_from_state, rng_state)
+from graphtune.search.base import (Candidate, Evaluation, GraphStats, SearchContext, Searcher, SearcherOptions,
+                                   pool_stats, rng_from_state, rng_state)
 from graphtune.search.probgraph import ProbabilisticGraph
-
-
-def _opt(options: Mapping[str, Any], key: str, default, cast=float):
-    v = options.get(key, default)
-    return cast(v) if v is not None else default
 
 
 #: scalarisation weights cycled through in Pareto mode (reward lost per budget-sized cost)
@@ -79,6 +75,37 @@ def pareto_metric(value: Any) -> str | None:
     except KeyError:
         raise SpecError(f"search.options.pareto: unknown cost metric {value!r}; "
                         f"known: {', '.join(sorted(PARETO_METRICS))}") from None
+
+
+class PolicyOptions(SearcherOptions):
+    """``search.options`` of ``reinforce`` (see :class:`PolicySearcher` for what each does)."""
+
+    n0: int | None = Field(None, ge=1, le=1_000_000, description="questions of the first level (default dev/8, 10..40)")
+    eta: float = Field(3.0, ge=1.5, le=100, description="level growth factor and successive-halving ratio")
+    samples: int | None = Field(None, ge=1, le=4096, description="graphs drawn per batch")
+    lr: float = Field(0.3, gt=0, le=100, description="Adam step size on the logits")
+    max_step: float = Field(1.0, gt=0, le=100, description="largest step per logit")
+    entropy_floor: float = Field(0.35, ge=0, le=1, description="minimum entropy, a fraction of the maximum")
+    edge_init: float = Field(-1.0, ge=-100, le=100, description="initial edge logit")
+    race_top: int = Field(3, ge=1, le=1000, description="graphs raced at the end")
+    final_race_frac: float = Field(0.15, ge=0, lt=1, description="share of the budget kept for the final race")
+    pareto: str | list[str] | bool | None = Field(None, description="a cost metric: search the accuracy-vs-cost front")
+    pareto_weights: list[float] = Field(list(DEFAULT_PARETO_WEIGHTS), min_length=1, max_length=1000)
+
+    @field_validator("pareto")
+    @classmethod
+    def _metric(cls, v: Any) -> str | None:
+        try:
+            return pareto_metric(v)
+        except SpecError as e:
+            raise ValueError(str(e).removeprefix("search.options.pareto: ")) from None
+
+    @field_validator("pareto_weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        if min(v) < 0:
+            raise ValueError("pareto weights must be >= 0")
+        return v
 
 
 def prefix_levels(n_dev: int, n0: int, eta: float) -> list[int]:
@@ -115,29 +142,28 @@ class PolicySearcher(Searcher):
     """
 
     name = "policy"
+    Options = PolicyOptions
     #: whether the first batch probes each model alone (agent-reinforce)
     probes = False
 
     def __init__(self, ctx: SearchContext):
         super().__init__(ctx)
-        o = ctx.options
+        o = self.opts
         n_dev = len(ctx.dev_ids)
-        self.eta = max(1.5, _opt(o, "eta", 3.0))
+        self.eta = o.eta
         # the first level must be large enough to rank graphs at all (a few questions are
         # noise), small enough that a poor graph stays cheap
-        n0 = _opt(o, "n0", int(np.clip(round(n_dev / 8), 10, 40)), int)
+        n0 = o.n0 if o.n0 is not None else int(np.clip(round(n_dev / 8), 10, 40))
         self.levels = prefix_levels(n_dev, n0, self.eta)
-        self.n_samples = max(1, _opt(o, "samples", ctx.batch_size, int))
-        self.lr = _opt(o, "lr", 0.3)
-        self.max_step = _opt(o, "max_step", 1.0)
-        self.entropy_frac = _opt(o, "entropy_floor", 0.35)
-        self.race_top = max(1, _opt(o, "race_top", 3, int))
-        self.final_race_frac = _opt(o, "final_race_frac", 0.15)
-        self.pareto = pareto_metric(o.get("pareto"))
-        self.pareto_weights = [float(w) for w in o.get("pareto_weights", DEFAULT_PARETO_WEIGHTS)]
-        if self.pareto and (not self.pareto_weights or min(self.pareto_weights) < 0):
-            raise SpecError("search.options.pareto_weights must be a non-empty list of weights >= 0")
-        self.pg = ProbabilisticGraph(ctx.space, ctx.costs, ctx.budget, edge_init=_opt(o, "edge_init", -1.0))
+        self.n_samples = o.samples if o.samples is not None else ctx.batch_size
+        self.lr = o.lr
+        self.max_step = o.max_step
+        self.entropy_frac = o.entropy_floor
+        self.race_top = o.race_top
+        self.final_race_frac = o.final_race_frac
+        self.pareto = o.pareto
+        self.pareto_weights = list(o.pareto_weights)
+        self.pg = ProbabilisticGraph(ctx.space, ctx.costs, ctx.budget, edge_init=o.edge_init)
         self.min_entropy = self.entropy_frac * self.pg.max_entropy()
         perm = ctx.rng(salt=11).permutation(n_dev)
         self.order: list[str] = [ctx.dev_ids[int(i)] for i in perm]

@@ -25,7 +25,7 @@ def _ctx(costs, env, *, evaluations=8, agent=None, seed=0, options=None):
     return SearchContext(space=Space(models=LLAMA_POOL, max_nodes=5, max_in_degree=3), costs=costs,
                          budget=Budget(units=18), objective=Objective(), dev_ids=dev, seed=seed, batch_size=6,
                          budget_runs=evaluations * len(dev), task_description="test task",
-                         agent=agent or {"model": "heuristic"}, options=options or {"minibatch": 5})
+                         agent=agent or {"model": "heuristic"}, options=options or {})
 
 
 def _run(ctx, env, store=None, searcher=None):

@@ -18,7 +18,7 @@ from fakes import FakeEnv
 def _ctx(costs, env, evaluations=6):
     return SearchContext(space=Space(models=LLAMA_POOL, max_nodes=5, max_in_degree=3), costs=costs,
                          budget=Budget(units=18), objective=Objective(), dev_ids=tuple(env.split("dev")), seed=1,
-                         batch_size=5, budget_runs=evaluations * 20, options={"minibatch": 5})
+                         batch_size=5, budget_runs=evaluations * 20)
 
 
 def test_reinforce_spends_its_budget_moves_the_distribution_and_has_no_agent(costs):
