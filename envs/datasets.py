@@ -41,7 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from graphtune.errors import EnvError
+from graphtune.errors import DatasetError, EnvError
 
 __all__ = ["Example", "PRESETS", "load_dataset", "split_examples"]
 
@@ -67,6 +67,11 @@ def _gsm8k_final(solution: Any) -> str:
     """The final number of a GSM8K worked solution (``... #### 1,234`` -> ``1234``)."""
     m = re.search(r"####\s*(.+?)\s*$", str(solution).strip())
     return m.group(1).replace(",", "").strip() if m else str(solution).strip()
+
+
+def _text(value: Any) -> str:
+    """A question cell as text; a missing value (null, an empty CSV cell) is empty, not "None"."""
+    return "" if value is None else str(value)
 
 
 class _MissingColumn(Exception):
@@ -99,12 +104,12 @@ class _Row:
 
 def _build_gsm8k(r: _Row):
     solution = r.get("answer")
-    return r.get("id", required=False), str(r.get("question")), _gsm8k_final(solution), {"solution": solution}
+    return r.get("id", required=False), _text(r.get("question")), _gsm8k_final(solution), {"solution": solution}
 
 
 def _build_math500(r: _Row):
     meta = {k: r.raw[k] for k in ("solution", "subject", "level", "unique_id") if k in r.raw}
-    return (r.get("id", "unique_id", required=False), str(r.get("question", "problem")), str(r.get("answer")),
+    return (r.get("id", "unique_id", required=False), _text(r.get("question", "problem")), str(r.get("answer")),
             meta)
 
 
@@ -120,16 +125,21 @@ def _build_mmlu(r: _Row):
         options = [str(r.get(f"option_{c}", f"answer_{c}")) for c in "abcd"]
         ans = r.get("answer", "correct_answer")
         topic = r.get("topic", required=False)
+    if len(options) != len(_LETTERS):
+        raise ValueError(f"an MMLU question needs {len(_LETTERS)} options, this one has {len(options)}")
     if isinstance(ans, str) and not ans.strip().isdigit():
         answer = ans.strip().strip("()").upper()
     else:
-        answer = _LETTERS[int(ans)]
-    text = str(r.get("question")).strip() + "\n\n" + "\n".join(f"{_LETTERS[k]}. {o}" for k, o in enumerate(options))
+        k = int(ans)
+        if not 0 <= k < len(_LETTERS):
+            raise ValueError(f"answer index {k} is not 0..{len(_LETTERS) - 1}")
+        answer = _LETTERS[k]
+    text = _text(r.get("question")).strip() + "\n\n" + "\n".join(f"{_LETTERS[k]}. {o}" for k, o in enumerate(options))
     return r.get("id", required=False), text, answer, {"options": tuple(options), "topic": topic}
 
 
 def _build_humaneval(r: _Row):
-    prompt = str(r.get("question", "prompt"))
+    prompt = _text(r.get("question", "prompt"))
     meta = {"prompt": prompt, "test": r.get("test"), "entry_point": r.get("entry_point")}
     return r.get("id", "task_id"), prompt, r.get("answer", "canonical_solution", required=False), meta
 
@@ -173,9 +183,9 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise EnvError(f"dataset {path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+                raise DatasetError(f"dataset {path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise EnvError(f"dataset {path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+                raise DatasetError(f"dataset {path}:{n}: each line must be a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 
@@ -184,14 +194,14 @@ def _read_json(path: Path, limit: int | None = None) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise EnvError(f"dataset {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise DatasetError(f"dataset {path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict):
         key = next((k for k in ("data", "examples", "rows") if isinstance(data.get(k), list)), None)
         if key is None:
-            raise EnvError(f"dataset {path}: expected a JSON list of objects (or an object with a 'data' list)")
+            raise DatasetError(f"dataset {path}: expected a JSON list of objects (or an object with a 'data' list)")
         data = data[key]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise EnvError(f"dataset {path}: expected a JSON list of objects")
+        raise DatasetError(f"dataset {path}: expected a JSON list of objects")
     return data
 
 
@@ -208,7 +218,7 @@ def _read_parquet(path: Path, limit: int | None = None) -> list[dict]:
         try:
             import pandas as pd
         except ImportError:
-            raise EnvError(f"dataset {path}: reading parquet needs pyarrow; `pip install pyarrow` "
+            raise DatasetError(f"dataset {path}: reading parquet needs pyarrow; `pip install pyarrow` "
                            "or convert the file to .jsonl") from None
         return pd.read_parquet(path).to_dict(orient="records")
     return pq.read_table(path).to_pylist()
@@ -221,19 +231,21 @@ def _read_file(source: str, limit: int | None) -> list[dict]:
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix not in _READERS:
-        raise EnvError(f"dataset {source}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json, .csv, "
+        raise DatasetError(f"dataset {source}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json, .csv, "
                        ".parquet or hf:NAME[:config][@split]")
     if not path.is_file():
-        raise EnvError(f"dataset {source}: file not found; point task.dataset at an existing "
+        raise DatasetError(f"dataset {source}: file not found; point task.dataset at an existing "
                        ".jsonl/.json/.csv/.parquet file (relative paths are from the working directory)")
     try:
         return _READERS[suffix](path, limit)
     except EnvError:
         raise
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
-        raise EnvError(f"dataset {source}: cannot read it ({type(e).__name__}: {e})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"dataset {source}: not valid UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except (OSError, csv.Error, ValueError) as e:
+        raise DatasetError(f"dataset {source}: cannot read it ({type(e).__name__}: {e})") from None
     except Exception as e:  # parquet readers raise their own types
-        raise EnvError(f"dataset {source}: cannot read it ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"dataset {source}: cannot read it ({type(e).__name__}: {e})") from None
 
 
 _HF_RE = re.compile(r"^hf:(?P<name>[^:@]+)(?::(?P<config>[^@]+))?(?:@(?P<split>.+))?$")
@@ -265,7 +277,7 @@ def _offline_error(source: str, why: str) -> EnvError:
 def _read_hf(source: str, limit: int | None) -> list[dict]:
     m = _HF_RE.match(source)
     if not m:
-        raise EnvError(f"dataset {source}: expected hf:NAME[:config][@split], e.g. hf:openai/gsm8k:main@test")
+        raise DatasetError(f"dataset {source}: expected hf:NAME[:config][@split], e.g. hf:openai/gsm8k:main@test")
     name, config, split = m.group("name"), m.group("config"), m.group("split") or "test"
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
@@ -314,12 +326,22 @@ def _map_rows(rows: list[dict], source: str, fields: Mapping[str, str] | None, p
                     meta[ours] = r.get(ours)
         except _MissingColumn as e:
             via = f" (preset {preset})" if preset else ""
-            raise EnvError(f"dataset {source}: no column {e.column!r} for field {e.ours!r}{via}; available "
-                           f"columns: {', '.join(map(str, raw)) or '(none)'}; set fields.{e.ours} to one of them"
-                           ) from None
+            raise DatasetError(f"dataset {source}: no column {e.column!r} for field {e.ours!r}{via}; available "
+                               f"columns: {', '.join(map(str, raw)) or '(none)'}; set fields.{e.ours} to one of "
+                               "them") from None
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
+            # a column of the wrong type or shape (a number where a list of tests belongs...)
+            via = f"preset {preset}" if preset else "the row"
+            msg = " ".join(str(e).split())[:200]
+            raise DatasetError(f"dataset {source}: row {i + 1}: {via} cannot read it ({type(e).__name__}: {msg}); "
+                               "fix the row or its columns' types") from None
+        if question is None or (isinstance(question, str) and not question.strip()):
+            column = fields.get("question", "question")
+            raise DatasetError(f"dataset {source}: row {i + 1}: the question (column {column!r}) is empty; fill it "
+                               "or remove the row")
         ex_id = str(ex_id) if ex_id is not None else (f"{preset}/{i}" if preset else str(i))
         if ex_id in seen:
-            raise EnvError(f"dataset {source}: duplicate id {ex_id!r} (row {i + 1}); map fields.id to a unique "
+            raise DatasetError(f"dataset {source}: duplicate id {ex_id!r} (row {i + 1}); map fields.id to a unique "
                            "column, or leave it out to number the rows")
         seen.add(ex_id)
         examples.append(Example(id=ex_id, question=str(question), answer=answer, meta=MappingProxyType(meta)))
@@ -337,9 +359,9 @@ def load_dataset(source: str, *, fields: Mapping[str, str] | None = None, preset
     benchmark. ``limit`` keeps the first N rows.
     """
     if preset is not None and preset not in PRESETS:
-        raise EnvError(f"dataset preset {preset!r} is unknown; known presets: {', '.join(PRESETS)}")
+        raise DatasetError(f"dataset preset {preset!r} is unknown; known presets: {', '.join(PRESETS)}")
     if limit is not None and limit < 0:
-        raise EnvError(f"dataset {source}: limit must be >= 0, got {limit}")
+        raise DatasetError(f"dataset {source}: limit must be >= 0, got {limit}")
     source = str(source)
     rows = _read_hf(source, limit) if source.startswith("hf:") else _read_file(source, limit)
     if limit is not None:
@@ -356,13 +378,13 @@ def split_examples(examples: Sequence[Example], *, dev_size: int, test_size: int
     -- and adding examples to a file moves few of the others. Both lists keep that order.
     """
     if dev_size < 0 or test_size < 0:
-        raise EnvError(f"dev_size and test_size must be >= 0, got {dev_size} and {test_size}")
+        raise DatasetError(f"dev_size and test_size must be >= 0, got {dev_size} and {test_size}")
     if dev_size + test_size > len(examples):
-        raise EnvError(f"the dataset has {len(examples)} examples but dev_size + test_size = "
+        raise DatasetError(f"the dataset has {len(examples)} examples but dev_size + test_size = "
                        f"{dev_size + test_size}; lower task.dev_size/task.test_size")
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
-        raise EnvError("the dataset has duplicate example ids; they must be unique to split it")
+        raise DatasetError("the dataset has duplicate example ids; they must be unique to split it")
 
     def rank(e: Example) -> bytes:
         return hashlib.sha256(f"{seed}\x00{e.id}".encode()).digest()

@@ -13,7 +13,42 @@ from typing import Optional
 
 import typer
 
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click.exceptions as _click_errors
+from typer.core import TyperGroup
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A usage error (unknown flag, bad value, missing argument) is one line naming the
+    flag, exit code 2, like every other bad input; no usage box."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+class _one_line_usage:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if not isinstance(e, _click_errors.ClickException) or isinstance(e, _click_errors.NoArgsIsHelpError):
+            return False
+        ctx = getattr(e, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        msg = " ".join(e.format_message().split()).rstrip(".")
+        typer.echo(f"error: {msg}{hint}", err=True)
+        raise typer.Exit(e.exit_code)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=_OneLineUsageErrors,
                   help="Find the compute-optimal multi-LLM collaboration graph for a task.")
 
 _state = {"debug": False}

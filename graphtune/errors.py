@@ -43,6 +43,12 @@ class EnvError(GraphtuneError):
     """An environment cannot evaluate (bad profile, dataset, endpoint...)."""
 
 
+class DatasetError(EnvError):
+    """A dataset file or its rows cannot be used as asked (bad input, like a spec error)."""
+
+    exit_code = 2
+
+
 class AgentError(GraphtuneError):
     """The feedback agent failed in a way the search cannot recover from."""
 
