@@ -137,3 +137,227 @@ def test_multi_stage_is_refused_clearly(tmp_path):
 
     with pytest.raises(SpecError, match="multi-stage pipelines are not supported yet"):
         load_spec(quick_with(tmp_path, two))
+
+
+# -- hostile spec files: one line with the file (and line), never "internal error" ---------
+
+
+def raw_spec(tmp_path, data: bytes) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_bytes(data)
+    return p
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = raw_spec(tmp_path, QUICKSTART.read_bytes().replace(b"study: quickstart", b"study: quick\xff\xfestart"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:3: not valid UTF-8 text" in one_line(e) and e.value.exit_code == 2
+
+
+def test_utf16_with_a_bom_is_read_and_broken_utf16_is_refused(tmp_path):
+    good = raw_spec(tmp_path, QUICKSTART.read_text().encode("utf-16"))
+    assert load_spec(good).study == "quickstart"
+    bad = raw_spec(tmp_path, QUICKSTART.read_text().encode("utf-16")[:-1] + b"\x00\xd8")  # odd length, lone surrogate
+    with pytest.raises(SpecError) as e:
+        load_spec(bad)
+    assert f"{bad}:" in one_line(e) and "not valid UTF-16 text" in str(e.value)
+
+
+def test_control_characters_name_the_line(tmp_path):
+    p = raw_spec(tmp_path, QUICKSTART.read_bytes().replace(b"profile: math", b"profile: ma\x00th"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    line = next(i for i, ln in enumerate(QUICKSTART.read_text().splitlines(), 1) if "profile: math" in ln)
+    assert f"{p}:{line}: not valid YAML" in one_line(e)
+
+
+def test_recursive_anchor_is_refused(tmp_path):
+    p = write(tmp_path, QUICKSTART.read_text() + "stages: &s [{name: a, task: *s}]\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert "recursive" in one_line(e) and f"{p}:" in str(e.value)
+
+
+def test_very_deep_nesting_is_refused(tmp_path):
+    p = write(tmp_path, QUICKSTART.read_text().replace("  scorer_options", "") +
+              "stages: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert "nested more than" in one_line(e) and f"{p}:" in str(e.value)
+
+
+def alias_bomb() -> bytes:
+    """Nine levels of nine aliases: under 1 KB that expands to 9**9 (387 million) values."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    return ("\n".join(lines) + "\nstudy: *i\n").encode()
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    bomb = alias_bomb()
+    assert len(bomb) < 1024
+    p = raw_spec(tmp_path, bomb)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert time.perf_counter() - t0 < 5  # was minutes and 6 GB
+    assert f"{p}:" in one_line(e) and "expands to more than" in str(e.value)
+
+
+def test_ordinary_aliases_still_work(tmp_path):
+    text = QUICKSTART.read_text().replace("  roles: [assistant, fuser]", "  roles: &roles [assistant, fuser]\n"
+                                          "  sink_roles: *roles")
+    assert load_spec(write(tmp_path, text)).space.sink_roles == ("assistant", "fuser")
+
+
+def test_a_value_yaml_cannot_build_names_its_line(tmp_path):
+    p = write(tmp_path, QUICKSTART.read_text().replace("study: quickstart", "study: 2024-13-45"))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:3: not valid YAML: cannot read the value '2024-13-45'" in one_line(e)
+
+
+def test_negative_seed_is_refused_with_its_line_or_its_flag(tmp_path):
+    p = quick_with(tmp_path, lambda d: d["search"].__setitem__("seed", -1))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:" in one_line(e) and "search.seed: Input should be greater than or equal to 0" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        load_spec(QUICKSTART, overrides={"search.seed": -1}, flags={"search.seed": "--seed"})
+    assert one_line(e).startswith("--seed: search.seed:") and str(QUICKSTART) not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [1e308, float("inf"), float("nan")])
+def test_absurd_token_counts_are_refused(tmp_path, value):
+    p = quick_with(tmp_path, lambda d: d["task"].__setitem__("input_tokens", value))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:" in one_line(e) and "task.input_tokens" in str(e.value)
+
+
+def test_infinite_budget_is_refused(tmp_path):
+    p = write(tmp_path, QUICKSTART.read_text().replace("units: 18", "units: .inf"))
+    with pytest.raises(SpecError, match=r"budget.units: Input should be a finite number"):
+        load_spec(p)
+
+
+# -- search.options: typed per method, checked when the spec is loaded ----------------------
+
+
+def with_options(tmp_path, options: str, method: str = "agent-reinforce") -> tuple[Path, int]:
+    text = QUICKSTART.read_text().replace("  method: agent-reinforce", f"  method: {method}")
+    text = text.replace("  seed: 0\n", f"  seed: 0\n  options:\n{options}")
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln == "  options:") + 1
+    return write(tmp_path, text), line
+
+
+def test_unknown_option_names_file_line_and_the_allowed_ones(tmp_path):
+    p, line = with_options(tmp_path, "    minibatch: 5\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = one_line(e)
+    assert msg.startswith(f"{p}:{line}: search.options.minibatch: not an option of method 'agent-reinforce'")
+    assert "allowed: n0, eta" in msg and "proposals" in msg
+
+
+def test_option_typo_gets_a_suggestion(tmp_path):
+    p, line = with_options(tmp_path, "    max_redraw: 5\n", method="random")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:{line}: search.options.max_redraw" in one_line(e) and "did you mean 'max_redraws'?" in str(e.value)
+
+
+@pytest.mark.parametrize("options,field", [("    lr: fast\n", "lr"), ("    n0: 0\n", "n0"),
+                                           ("    pareto: joules\n", "pareto"), ("    lr: .nan\n", "lr")])
+def test_bad_option_values_name_their_line(tmp_path, options, field):
+    p, line = with_options(tmp_path, "    eta: 3\n" + options)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert one_line(e).startswith(f"{p}:{line + 1}: search.options.{field}:")
+
+
+def test_good_options_load(tmp_path):
+    p, _ = with_options(tmp_path, "    n0: 8\n    pareto: units\n    proposals: 2\n")
+    assert load_spec(p).search.options == {"n0": 8, "pareto": "units", "proposals": 2}
+
+
+def test_method_flag_rechecks_the_options(tmp_path):
+    p, line = with_options(tmp_path, "    n_startup_trials: 4\n", method="tpe")
+    assert load_spec(p).search.method == "tpe"
+    with pytest.raises(SpecError) as e:
+        load_spec(p, overrides={"search.method": "random"}, flags={"search.method": "--method"})
+    assert one_line(e).startswith(f"{p}:{line}: search.options.n_startup_trials: not an option of method "
+                                  "'random' (chosen by --method)")
+
+
+def test_a_bad_method_flag_is_blamed_on_the_flag(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_spec(QUICKSTART, overrides={"search.method": "genetic"}, flags={"search.method": "--method"})
+    msg = one_line(e)
+    assert msg.startswith("--method: search.method: unknown method 'genetic'") and str(QUICKSTART) not in msg
+
+
+def test_every_method_declares_a_strict_options_model():
+    from graphtune.search.base import SearcherOptions
+    from graphtune.search.registry import SEARCHERS, options_model
+
+    for name in SEARCHERS:
+        model = options_model(name)
+        assert issubclass(model, SearcherOptions) and model.model_config.get("extra") == "forbid", name
+        model()  # every option has a default
+
+
+def test_a_searcher_built_from_python_checks_its_options_too():
+    from graphtune.api import build_problem
+    from graphtune.search.base import SearchContext
+    from graphtune.search.reinforce import ReinforceSearcher
+
+    ctx = build_problem(load_spec(QUICKSTART)).ctx
+    bad = SearchContext(**{**ctx.__dict__, "options": {"minibatch": 5}})
+    with pytest.raises(SpecError, match="search.options.minibatch: not an option of method 'reinforce'"):
+        ReinforceSearcher(bad)
+
+
+# -- a failed start leaves no study behind -------------------------------------------------
+
+
+def test_spec_failing_at_searcher_construction_leaves_no_study(tmp_path):
+    from graphtune.api import optimize
+    from graphtune.store.storage import Storage
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    bad, _ = with_options(tmp_path, "    max_graphs: 10\n", method="exhaustive")  # the space has more graphs
+    spec = load_spec(bad, overrides={"storage": db, "search.evaluations": 1})
+    with pytest.raises(GraphError):
+        optimize(spec)
+    store = Storage(db)
+    assert store.get_study("quickstart") is None
+    good = load_spec(QUICKSTART, overrides={"storage": db, "search.evaluations": 1, "search.method": "random"})
+    _, st, out = optimize(good)
+    assert st.status == "complete" and out.n_trials >= 1
+
+
+def test_failure_before_the_first_trial_removes_the_new_study(tmp_path, monkeypatch):
+    from graphtune.api import optimize
+    from graphtune.envs.simulated import SimulatedEnvironment
+    from graphtune.errors import EnvError
+    from graphtune.store.storage import Storage
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    spec = load_spec(QUICKSTART, overrides={"storage": db, "search.evaluations": 1, "search.method": "random"})
+
+    def refuse(self, graph, ids):
+        raise EnvError("endpoint refused the first call")
+
+    with monkeypatch.context() as m:
+        m.setattr(SimulatedEnvironment, "evaluate", refuse)
+        with pytest.raises(EnvError):
+            optimize(spec)
+    assert Storage(db).get_study("quickstart") is None
+    _, st, _ = optimize(spec)  # the same spec runs once the endpoint answers
+    assert st.status == "complete" and st.n_trials >= 1
