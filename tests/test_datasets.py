@@ -241,3 +241,105 @@ def test_split_sizes_are_checked():
         split_examples(_exs(5), dev_size=-1, test_size=3, seed=0)
     dev, test = split_examples(_exs(5), dev_size=5, test_size=0, seed=0)
     assert len(dev) == 5 and test == []
+
+
+# ----------------------------------------------------------------------------- hostile rows
+
+
+def test_bad_rows_name_the_row_not_an_internal_error(tmp_path):
+    from graphtune.errors import DatasetError
+
+    cases = [
+        ({"question": "q", "correct_answer": 7, "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d"},
+         "mmlu", "answer index 7 is not 0..3"),
+        ({"question": "q", "choices": 5, "answer": 0}, "mmlu", "TypeError"),
+        ({"text": "q", "test_list": 3, "code": "x"}, "mbpp", "TypeError"),
+        ({"question": None, "answer": "2"}, None, "the question (column 'question') is empty"),
+        ({"question": None, "answer": "#### 2"}, "gsm8k", "the question (column 'question') is empty"),
+    ]
+    for row, preset, why in cases:
+        p = _write(tmp_path / "bad.jsonl", [row])
+        with pytest.raises(DatasetError) as e:
+            load_dataset(str(p), preset=preset)
+        msg = str(e.value)
+        assert "\n" not in msg and "row 1" in msg and why in msg, msg
+        assert e.value.exit_code == 2
+
+
+def test_invalid_utf8_dataset_is_one_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"question": "1+1?", "answer": "2"}\n{"question": "\xff\xfe", "answer": "3"}\n')
+    with pytest.raises(EnvError, match="not valid UTF-8 text") as e:
+        load_dataset(str(p))
+    assert e.value.exit_code == 2
+
+
+# Property-based: whatever the rows hold, loading ends in examples or one DatasetError line.
+hyp = pytest.importorskip("hypothesis", reason="property tests need hypothesis (the `test` extra)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DATASET_TRIES: dict[str, int] = {}
+
+CELL = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
+                 st.text(max_size=30), st.sampled_from(["", "😀" * 50, "x" * 200_000, "\x00", "#### 12", "(B)", "7"]),
+                 st.lists(st.text(max_size=5), max_size=5), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                           max_size=2))
+COLUMNS = st.sampled_from(["id", "question", "answer", "prompt", "problem", "text", "test_list", "code", "choices",
+                           "option_a", "option_b", "option_c", "option_d", "correct_answer", "test", "entry_point",
+                           "task_id", "canonical_solution", "unique_id", "subject", "extra", ""])
+ROWS_ST = st.lists(st.dictionaries(COLUMNS, CELL, max_size=8), max_size=6)
+HOSTILE = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                          HealthCheck.data_too_large])
+
+
+def _try_load(path: Path, preset, fields, category: str) -> None:
+    try:
+        exs = load_dataset(str(path), preset=preset, fields=fields)
+        split_examples(exs, dev_size=min(1, len(exs)), test_size=0, seed=0)
+        ok = "ok"
+    except EnvError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg, msg
+        ok = "bad"
+    key = f"datasets {category} ({ok})"
+    DATASET_TRIES[key] = DATASET_TRIES.get(key, 0) + 1
+
+
+@HOSTILE
+@given(rows=ROWS_ST, fmt=st.sampled_from([".jsonl", ".json", ".csv"]),
+       preset=st.sampled_from([None, *PRESETS]),
+       fields=st.one_of(st.none(), st.dictionaries(st.sampled_from(["id", "question", "answer", "topic"]), COLUMNS,
+                                                   max_size=2)))
+def test_any_rows_load_or_fail_in_one_line(tmp_path, rows, fmt, preset, fields):
+    p = tmp_path / f"data{fmt}"
+    if fmt == ".jsonl":
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == ".json":
+        p.write_text(json.dumps(rows))
+    else:
+        cols = sorted({k for r in rows for k in r}) or ["question"]
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    _try_load(p, preset, fields, "rows")
+
+
+@HOSTILE
+@given(raw=st.one_of(st.binary(max_size=300),
+                     st.lists(st.sampled_from([b'"', b'""', b",", b"\n", b"\r\n", b"question,answer\n", b'"a,b"',
+                                               b"\xff", b"\x00", b"q", b"1", b"{", b"}", b'{"question": "x"}',
+                                               b"[", b"]", b"null", b"NaN", b"[" * 5000]),
+                              max_size=40).map(b"".join)),
+       fmt=st.sampled_from([".jsonl", ".json", ".csv"]), preset=st.sampled_from([None, "gsm8k", "mmlu"]))
+def test_any_bytes_load_or_fail_in_one_line(tmp_path, raw, fmt, preset):
+    p = tmp_path / f"data{fmt}"
+    p.write_bytes(raw)
+    _try_load(p, preset, None, "bytes")
+
+
+def test_zz_dataset_counts_reported():
+    if DATASET_TRIES:
+        print(f"\n[graphtune fuzz] inputs tried: {DATASET_TRIES}", file=sys.__stderr__)
