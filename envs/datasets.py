@@ -74,6 +74,12 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _columns(raw: Mapping[str, Any], most: int = 20) -> str:
+    """A row's column names for an error line (odd ones quoted: a name may hold a newline)."""
+    names = [(str(c) if str(c).isprintable() and str(c).strip() else repr(str(c)))[:40] for c in list(raw)[:most]]
+    return ", ".join(names) + (f", ... ({len(raw)} in all)" if len(raw) > most else "") if names else "(none)"
+
+
 class _MissingColumn(Exception):
     def __init__(self, ours: str, column: str):
         super().__init__(column)
@@ -327,8 +333,7 @@ def _map_rows(rows: list[dict], source: str, fields: Mapping[str, str] | None, p
         except _MissingColumn as e:
             via = f" (preset {preset})" if preset else ""
             raise DatasetError(f"dataset {source}: no column {e.column!r} for field {e.ours!r}{via}; available "
-                               f"columns: {', '.join(map(str, raw)) or '(none)'}; set fields.{e.ours} to one of "
-                               "them") from None
+                               f"columns: {_columns(raw)}; set fields.{e.ours} to one of them") from None
         except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
             # a column of the wrong type or shape (a number where a list of tests belongs...)
             via = f"preset {preset}" if preset else "the row"

@@ -68,7 +68,8 @@ def _fail(e: Exception) -> None:
         raise e
     code = e.exit_code if isinstance(e, GraphtuneError) else 1
     msg = str(e) if isinstance(e, GraphtuneError) else f"internal error: {type(e).__name__}: {e} (rerun with --debug)"
-    typer.echo(f"error: {msg}", err=True)
+    # one line, whatever text a file or a reply put into the message
+    typer.echo(f"error: {msg.replace(chr(13), '').replace(chr(10), ' | ')}", err=True)
     raise typer.Exit(code)
 
 

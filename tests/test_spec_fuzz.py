@@ -10,6 +10,7 @@ per category is printed at the end of the module (``-s``) for docs/reliability.m
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,15 @@ QUICK = ROOT / "examples" / "quickstart.yaml"
 #: inputs tried per category (bad = ended in a one-line error, ok = valid spec or run)
 COUNTS: Counter = Counter()
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+#: GRAPHTUNE_FUZZ_SCALE=20 tries 20 times as many inputs, with a random seed (a deeper local run)
+SCALE = float(os.environ.get("GRAPHTUNE_FUZZ_SCALE", "1"))
+
+
+def n(examples: int) -> int:
+    return max(1, int(examples * SCALE))
+
+
+FUZZ = settings(max_examples=n(150), deadline=None, derandomize=SCALE == 1, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 
@@ -149,13 +158,13 @@ def test_mutated_example_specs_end_in_one_line_or_a_valid_spec(tmp_path, raw):
     check_spec_bytes(tmp_path, raw, "specs")
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=n(100))
 @given(raw=st.binary(max_size=400))
 def test_random_bytes_as_a_spec(tmp_path, raw):
     check_spec_bytes(tmp_path, raw, "spec bytes")
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=n(100))
 @given(options=st.dictionaries(st.sampled_from(["n0", "eta", "lr", "samples", "pareto", "pareto_weights", "proposals",
                                                 "max_redraws", "n_startup_trials", "popsize", "qmc_type", "minibatch",
                                                 "population_size", "max_rejects", "elite", "x"]),
@@ -183,7 +192,7 @@ def _resolve(arg: str, spec: str, store: str) -> str:
     return {"SPEC": spec, "STORE": store}.get(arg, arg)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=n(60))
 @given(cmd=st.sampled_from(COMMANDS),
        args=st.lists(st.one_of(st.sampled_from(FLAGS), VALUES), max_size=6),
        with_spec=st.booleans())
