@@ -271,7 +271,8 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     from graphtune.graphs.render import to_text
     from graphtune.spec import load_spec
 
-    spec = load_spec(spec_path, overrides={"storage": storage, "env.cache": False if no_cache else None})
+    spec = load_spec(spec_path, overrides={"storage": storage, "env.cache": False if no_cache else None},
+                     flags={"storage": "--storage", "env.cache": "--no-cache"})
     graph = load(graph_path)
     out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
     con = _console()
@@ -667,7 +668,8 @@ def worker(study: str = typer.Option(..., "--study", help="the study to work on"
     if stale_after < 3 * heartbeat:
         raise SpecError(f"--stale-after ({stale_after:g} s) must be at least 3 x --heartbeat ({heartbeat:g} s), or "
                         "live workers lose their trials; raise --stale-after")
-    spec = load_spec(spec_path, overrides={"study": study, "storage": storage}) if spec_path else None
+    spec = load_spec(spec_path, overrides={"study": study, "storage": storage},
+                     flags={"study": "--study", "storage": "--storage"}) if spec_path else None
     con = _console()
     import warnings
 

@@ -232,3 +232,54 @@ def test_cli_arguments_end_in_one_line_or_a_valid_run(tmp_path, monkeypatch, cmd
                 assert study.status == "complete" or study.n_trials > 0, (argv, study)
         finally:
             s.close()
+
+
+# -- the same guarantees, as plain examples (regressions) ----------------------------------
+
+
+def _cli(*argv):
+    from typer.testing import CliRunner
+
+    from graphtune.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in argv])
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path):
+    for argv in (["optimize", QUICK, "-n", "0"], ["optimize", "--bogus"], ["--bogus"], ["nope"], ["optimize"],
+                 ["trials"]):
+        r = _cli(*argv)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, r.output)
+        assert "--help" in lines[0]
+
+
+def test_a_bad_method_flag_names_the_flag_on_the_cli(tmp_path):
+    r = _cli("optimize", QUICK, "--method", "genetic", "--storage", f"sqlite:///{tmp_path / 'g.db'}")
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --method: search.method: unknown method 'genetic'")
+    assert not (tmp_path / "g.db").exists()
+
+
+def test_method_flag_with_options_of_another_method_is_refused_before_anything_is_stored(tmp_path):
+    p = tmp_path / "tpe.yaml"
+    p.write_text(QUICK.read_text().replace("  seed: 0\n", "  seed: 0\n  options: {n_startup_trials: 4}\n")
+                 .replace("method: agent-reinforce", "method: tpe"))
+    r = _cli("optimize", p, "--method", "random", "--storage", f"sqlite:///{tmp_path / 'g.db'}")
+    assert r.exit_code == 2 and "search.options.n_startup_trials: not an option of method 'random' (chosen by " \
+                                "--method)" in r.output
+    assert not (tmp_path / "g.db").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_worker_with_a_spec_that_cannot_run_creates_no_study(tmp_path):
+    from graphtune.api import work
+    from graphtune.errors import GraphError
+    from graphtune.store.storage import Storage
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    p = tmp_path / "ex.yaml"
+    p.write_text(QUICK.read_text().replace("  seed: 0\n", "  seed: 0\n  options: {max_graphs: 10}\n")
+                 .replace("method: agent-reinforce", "method: exhaustive"))
+    with pytest.raises(GraphError):
+        work("w", url, spec=load_spec(p, overrides={"study": "w", "storage": url}))
+    assert Storage(url).get_study("w") is None
