@@ -131,13 +131,16 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     import yaml
     from rich.table import Table
 
-    from graphtune.api import build_problem
+    from graphtune.api import build_problem, make_searcher
     from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
     from graphtune.spec import load_spec
 
     spec = load_spec(spec_path)
     problem = build_problem(spec)
-    problem.env.close()  # validate runs nothing (a live env has started nothing yet)
+    try:  # the searcher too: what `validate` accepts, `optimize` can start
+        make_searcher(spec, problem.ctx).close()
+    finally:
+        problem.env.close()  # validate runs nothing (a live env has started nothing yet)
     con = _console()
     con.print(f"{spec_path}: valid")
     con.print(yaml.safe_dump(spec.resolved(), sort_keys=False).rstrip())
