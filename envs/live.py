@@ -227,6 +227,9 @@ class Executor:
         self._per_model: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self._fail_streak: dict[str, int] = {}  # model -> calls in a row that failed
+        #: set when a model's failures tripped the early stop: every call then raises it
+        #: until ``reset_failures`` (the next evaluation)
+        self.tripped: EndpointDownError | None = None
         self.share = 1  # this process's part of the limits is 1/share (graphtune worker)
 
     def set_share(self, workers: int) -> None:
@@ -345,13 +348,19 @@ class Executor:
         base = dict(key=key, model=ep.name, endpoint=ep.key_identity, messages=messages, params=params,
                     sample_index=sample_index, study=self.study)
         t0 = time.perf_counter()
+        if self.tripped is not None:  # stopping: make no new call
+            raise self.tripped
         try:
             if m is not None:
                 async with m, g:
+                    if self.tripped is not None:  # tripped while this call waited for a slot
+                        raise self.tripped
                     reply = await acomplete(ep.model, messages, api_base=ep.api_base, api_key_env=ep.api_key_env,
                                             timeout_s=s.timeout_s, max_retries=s.max_retries, **params)
             else:
                 async with g:
+                    if self.tripped is not None:
+                        raise self.tripped
                     reply = await acomplete(ep.model, messages, api_base=ep.api_base, api_key_env=ep.api_key_env,
                                             timeout_s=s.timeout_s, max_retries=s.max_retries, **params)
         except LLMTransientError as e:
@@ -387,10 +396,15 @@ class Executor:
         limit = self.settings.max_consecutive_failures
         if limit and n >= limit:
             self._fail_streak[ep.name] = 0  # a resumed run starts counting afresh
-            raise EndpointDownError(
+            self.tripped = EndpointDownError(
                 f"model {ep.name!r}: {n} calls in a row failed, the last: {e}; stopped early, nothing finished is "
                 "lost: run the same command again once the endpoint answers (`graphtune validate SPEC "
                 "--check-endpoints` checks it), or raise env.max_consecutive_failures")
+            raise self.tripped
+
+    def reset_failures(self) -> None:
+        """Allow calls again after an early stop (a new evaluation tries the endpoint anew)."""
+        self.tripped = None
 
     def _node_run(self, node: Node, ep: Endpoint, rec: CallRecord, *, cached: bool) -> NodeRun:
         if not rec.ok:
@@ -693,6 +707,7 @@ class LiveEnvironment(Environment):
         """Run ``graph`` on the questions concurrently; one result per id, same order.
         An ``LLMFatalError`` cancels the rest and propagates."""
         self.start()
+        self.executor.reset_failures()
         examples = [self.example(q) for q in question_ids]
         app = self.compiled(graph)
         # questions in progress at once: enough to keep every call slot busy, few enough

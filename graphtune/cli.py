@@ -218,8 +218,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     excluded = getattr(out, "excluded", None) or {}
     if excluded:
         per = ", ".join(f"{m} {n}" for m, n in excluded.items())
-        lines.append(f"excluded        {sum(excluded.values())} question runs by infrastructure failures ({per}); "
-                     "not scored, graphs compared on the questions both ran")
+        lines.append(f"excluded        {sum(excluded.values())} question runs (infrastructure failures: {per}); "
+                     "not scored wrong")
     modelled = sum(r.modelled for r in out.test_results)
     if modelled:
         lines.append(f"replay          {modelled} of {len(out.test_results)} test outcomes were modelled, not "

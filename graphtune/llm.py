@@ -48,6 +48,10 @@ RETRY_AFTER_MAX_S = 60.0
 #: client refuses to start without some key.
 NO_KEY = "no-key"
 
+#: the waits between attempts (tests replace these, not the time and asyncio modules)
+_sleep = time.sleep
+_asleep = asyncio.sleep
+
 _TRANSIENT_NAMES = frozenset({
     "RateLimitError", "Timeout", "APITimeoutError", "APIConnectionError", "InternalServerError",
     "ServiceUnavailableError", "BadGatewayError", "APIResponseValidationError",
@@ -309,7 +313,7 @@ def complete(model: str, messages: list[dict], *, api_base: str | None = None, a
     asked: float | None = None
     for attempt in range(max_retries + 1):
         if attempt:
-            time.sleep(_wait_s(attempt - 1, asked, retry_after_max_s))
+            _sleep(_wait_s(attempt - 1, asked, retry_after_max_s))
         t0 = time.perf_counter()
         try:
             resp = litellm.completion(**kw)
@@ -332,7 +336,7 @@ async def acomplete(model: str, messages: list[dict], *, api_base: str | None = 
     asked: float | None = None
     for attempt in range(max_retries + 1):
         if attempt:
-            await asyncio.sleep(_wait_s(attempt - 1, asked, retry_after_max_s))
+            await _asleep(_wait_s(attempt - 1, asked, retry_after_max_s))
         t0 = time.perf_counter()
         try:
             resp = await litellm.acompletion(**kw)

@@ -40,7 +40,7 @@ Faults:
 
 Latency: ``--latency-s`` (mean) and ``--jitter-s`` (uniform +-), per request.
 ``GET /stats`` returns ``{"requests": N, "by_model": {...}, "faults": {kind: n}, "ok": n}``
-(chat requests only); ``POST /reset`` zeroes the counters.
+(chat requests only; ``ok``: answers a client could use, i.e. paid calls); ``POST /reset`` zeroes the counters.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ async def _chat(st: _State, body: dict) -> tuple[int, dict, dict[str, str], byte
     if fault == "truncated" and status == 200:
         data = json.dumps(payload).encode()
         return 200, payload, {}, data[: len(data) // 2]
-    if status == 200:
+    if status == 200 and fault != "timeout":  # a timed-out client never sees this reply
         st.ok += 1
     return status, payload, {}, None
 
