@@ -36,9 +36,10 @@ from graphtune.envs.datasets import Example  # noqa: E402
 from graphtune.envs.live import CallSettings, Endpoint, LiveEnvironment  # noqa: E402
 from graphtune.envs.prompts import build_prompts  # noqa: E402
 from graphtune.envs.scorers import get_scorer  # noqa: E402
-from graphtune.errors import EndpointDownError, LLMTransientError  # noqa: E402
+from graphtune import errors  # noqa: E402
+from graphtune.errors import LLMTransientError  # noqa: E402
 from graphtune.graphs import Graph, ModelInfo, Node  # noqa: E402
-from graphtune.search.base import GraphStats, recommend_by_coverage  # noqa: E402
+from graphtune.search.base import recommend_by_coverage  # noqa: E402
 from graphtune.store.ledger import MemoryLedger  # noqa: E402
 from graphtune.store.storage import Storage  # noqa: E402
 
@@ -60,7 +61,8 @@ def server():
 
 
 def write_spec(tmp_path: Path, srv, *, db: str = "g.db", evaluations: int = 3, method: str = "random",
-               extra_env: str = "", models: tuple[str, str] = ("echo-acc60", "echo-acc85")) -> Path:
+               extra_env: str = "", models: tuple[str, str] = ("echo-acc60", "echo-acc85"),
+               max_nodes: int = 3) -> Path:
     data = tmp_path / "qs.jsonl"
     data.write_text("".join(json.dumps({"id": f"x{i}", "question": f"What is {i}+1? ANSWER={i + 1}",
                                         "answer": str(i + 1)}) + "\n" for i in range(12)))
@@ -80,7 +82,7 @@ models:
     litellm: openai/{models[1]}
     api_base: {srv.api_base}
 space:
-  max_nodes: 3
+  max_nodes: {max_nodes}
   max_depth: 2
 budget:
   units: 10
@@ -157,8 +159,7 @@ def test_when_every_call_fails_the_search_stops_early_and_resumes_without_paying
     runner = CliRunner()
     server.reset()
     server.set_faults({"500": 1.0})
-    spec = write_spec(tmp_path, server, extra_env="  max_retries: 1\n  max_consecutive_failures: 6",
-                      evaluations=12)
+    spec = write_spec(tmp_path, server, extra_env="  max_retries: 1", evaluations=12)  # default: stop after 20
     t0 = time.perf_counter()
     r = runner.invoke(app, ["optimize", str(spec), "--quiet"])
     stop_s = time.perf_counter() - t0
@@ -166,8 +167,9 @@ def test_when_every_call_fails_the_search_stops_early_and_resumes_without_paying
     assert r.exit_code == 1, r.output
     out = r.output.strip()
     assert len(out.splitlines()) == 1 and out.startswith("error: model ")
-    assert "6 calls in a row failed" in out and "Internal" in out and "Traceback" not in out
-    assert made <= (6 + 8) * 2  # the run of failures plus the calls in flight, each with its retry
+    assert "20 calls in a row failed" in out and "Internal" in out and "Traceback" not in out
+    # per model (2) a run of failures, plus the calls in flight (8), each with its retry
+    assert made <= (2 * 20 + 8) * 2
     st = Storage(f"sqlite:///{tmp_path / 'g.db'}", create=False)
     assert st.get_study("faults").status != "complete"
     st.close()
@@ -196,8 +198,9 @@ def test_every_call_failing_never_recommends_a_graph_measured_on_zero_questions(
     server.set_faults({"500": 1.0})
     try:
         for method in ("random", "reinforce"):
-            spec = write_spec(tmp_path, server, db=f"{method}.db", method=method,
-                              extra_env="  max_retries: 0\n  max_consecutive_failures: 0")
+            # one-node graphs, 2 x 8 runs: the budget is spent before 20 failures in a row stop it
+            spec = write_spec(tmp_path, server, db=f"{method}.db", method=method, evaluations=2, max_nodes=1,
+                              extra_env="  max_retries: 0")
             r = CliRunner().invoke(app, ["optimize", str(spec), "--quiet"])
             out = r.output.strip()
             assert r.exit_code == 1, out
@@ -213,7 +216,7 @@ def test_excluded_questions_are_stored_per_trial_and_reported_per_model(server, 
     server.reset()
     server.set_faults({"500": 0.2}, fault_seed=1)
     try:
-        spec = write_spec(tmp_path, server, extra_env="  max_retries: 0\n  max_consecutive_failures: 0")
+        spec = write_spec(tmp_path, server, extra_env="  max_retries: 0")
         r = CliRunner().invoke(app, ["optimize", str(spec), "--quiet"], catch_exceptions=False)
     finally:
         server.set_faults({})
@@ -239,22 +242,38 @@ def test_excluded_questions_are_stored_per_trial_and_reported_per_model(server, 
 # -- pieces --------------------------------------------------------------------------------------
 
 
-def _stats(name: str, rewards: dict, asked, first: int) -> GraphStats:
-    g = Graph.build([Node.make(name, "assistant", "m")])
-    return GraphStats(g, name, rewards, first, first, frozenset(asked))
+def _evaluation(name: str, outcomes: dict, trial: int):
+    """An Evaluation of a one-node graph: question id -> 1.0/0.0 score, or None for an
+    infrastructure failure."""
+    from graphtune.envs.base import QuestionResult, summarize
+    from graphtune.graphs.cost import GraphCost
+    from graphtune.search.base import Candidate, Evaluation
+
+    g = Graph.build([Node.make("a", "assistant", name)])
+    res = tuple(QuestionResult(q, None, None, error="infrastructure: down") if v is None else
+                QuestionResult(q, "1", bool(v), score=v) for q, v in outcomes.items())
+    ok = [r.score for r in res if r.ok]
+    return Evaluation(Candidate(graph=g), trial, name, res, summarize(res),
+                      sum(ok) / len(ok) if ok else float("nan"), GraphCost(0, 0, 0, 0, 0, 0), len(res))
+
+
+def _pick(*evals):
+    from graphtune.search.base import Objective, pool_stats
+
+    return recommend_by_coverage(pool_stats(evals, Objective(), 1.0))
 
 
 def test_a_graph_that_lost_a_question_to_a_fault_competes_on_the_questions_both_have():
     qs = [f"q{i}" for i in range(8)]
-    a = _stats("a", {q: float(i < 6) for i, q in enumerate(qs)}, qs, 0)  # 6/8, and 5/7 on q1..q7
-    b = _stats("b", {q: float(i != 7) for i, q in enumerate(qs) if i}, qs, 1)  # q0 failed: 6/7 on q1..q7
-    assert recommend_by_coverage({"a": a, "b": b}) is b
+    a = _evaluation("a", {q: float(i < 6) for i, q in enumerate(qs)}, 0)  # 6/8, and 5/7 on q1..q7
+    b = _evaluation("b", {q: (None if i == 0 else float(i != 7)) for i, q in enumerate(qs)}, 1)  # 6/7 on q1..q7
+    assert _pick(a, b).graph_hash == "b"  # before: b (7 scored of 8) could not compete
     # with every question on both, the best mean as before; ties to the earlier graph
-    c = _stats("c", dict(a.rewards), qs, 2)
-    assert recommend_by_coverage({"a": a, "c": c}) is a
+    c = _evaluation("c", {q: float(i < 6) for i, q in enumerate(qs)}, 2)
+    assert _pick(a, c).graph_hash == "a"
     # a graph scored on zero questions is never recommended
-    z = _stats("z", {}, qs, 3)
-    assert recommend_by_coverage({"z": z}) is None
+    z = _evaluation("z", {q: None for q in qs}, 3)
+    assert _pick(z) is None
 
 
 def test_retry_after_header_forms():
@@ -271,19 +290,19 @@ def test_retry_after_header_forms():
 
 
 @pytest.mark.parametrize("kind,header,cap,want", [
-    ("429", "0.4", 60.0, 0.4),  # seconds, honoured
+    ("429", "0.4", None, 0.4),  # seconds, honoured
     ("503", "date:30", 5.0, 5.0),  # an HTTP-date 30 s ahead, cut to the cap
-    ("429", "1000", llm.RETRY_AFTER_MAX_S, llm.RETRY_AFTER_MAX_S),  # the default cap
+    ("429", "1000", None, 60.0),  # the default cap (llm.RETRY_AFTER_MAX_S)
 ])
 def test_retry_after_is_honoured_and_capped(kind, header, cap, want, monkeypatch):
     waits: list[float] = []
-    monkeypatch.setattr(llm, "_sleep", waits.append)
+    monkeypatch.setattr(llm, "_sleep", waits.append, raising=False)  # the waits between attempts
     with FakeOpenAIServer(fault_rates={kind: 1.0}, retry_after=header) as srv:
         with pytest.raises(LLMTransientError):
             llm.complete("openai/echo", [{"role": "user", "content": "hi"}], api_base=srv.api_base,
-                         max_retries=2, timeout_s=5, retry_after_max_s=cap)
+                         max_retries=2, timeout_s=5, **({} if cap is None else {"retry_after_max_s": cap}))
         assert srv.requests() == 3
-    assert waits == [pytest.approx(want, abs=1.0)] * 2
+    assert waits == [pytest.approx(want, abs=1.0 if header.startswith("date:") else 1e-6)] * 2
 
 
 def test_retry_after_is_honoured_by_the_async_client_too(monkeypatch):
@@ -294,7 +313,7 @@ def test_retry_after_is_honoured_by_the_async_client_too(monkeypatch):
     async def fake_sleep(s):
         waits.append(s)
 
-    monkeypatch.setattr(llm, "_asleep", fake_sleep)
+    monkeypatch.setattr(llm, "_asleep", fake_sleep, raising=False)
     with FakeOpenAIServer(fault_rates={"429": 1.0}, retry_after="0.7") as srv:
         with pytest.raises(LLMTransientError):
             asyncio.run(llm.acomplete("openai/echo", [{"role": "user", "content": "hi"}], api_base=srv.api_base,
@@ -304,18 +323,18 @@ def test_retry_after_is_honoured_by_the_async_client_too(monkeypatch):
 
 def test_executor_stops_after_a_run_of_failed_calls_naming_the_model(server):
     server.set_faults({"500": 1.0})
-    exs = [Example(id=f"q{i}", question=f"What is {i}? ANSWER={i}", answer=str(i)) for i in range(40)]
+    exs = [Example(id=f"q{i}", question=f"What is {i}? ANSWER={i}", answer=str(i)) for i in range(60)]
     env = LiveEnvironment(exs, [], get_scorer("numeric"), build_prompts("math"),
                           {"pool-a": Endpoint("pool-a", "openai/echo", INFO, api_base=server.api_base)},
-                          settings=CallSettings(max_retries=0, timeout_s=5, max_consecutive_failures=5),
+                          settings=CallSettings(max_retries=0, timeout_s=5),  # default: stop after 20
                           concurrency=2, ledger=MemoryLedger())
     try:
         before = server.requests()
-        with pytest.raises(EndpointDownError) as e:
+        with pytest.raises(getattr(errors, "EndpointDownError", errors.LLMError)) as e:
             env.evaluate(Graph.build([Node.make("a", "assistant", "pool-a")]), env.split("dev"))
         msg = str(e.value)
-        assert "'pool-a'" in msg and "5 calls in a row failed" in msg and "\n" not in msg
-        assert server.requests() - before <= 5 + 2  # not the 40 questions
+        assert "'pool-a'" in msg and "20 calls in a row failed" in msg and "\n" not in msg
+        assert server.requests() - before <= 20 + 2  # not the 60 questions
     finally:
         env.close()
         server.set_faults({})
