@@ -106,6 +106,9 @@ def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
     from graphtune.errors import LLMError
     from graphtune.llm import ping
 
+    if spec.env.kind != "live":
+        raise SpecError(f"--check-endpoints checks the endpoints of a live spec; this one has env.kind "
+                        f"{spec.env.kind!r} (set `env: {{kind: live}}`)")
     out = []
     timeout_s = min(spec.env.timeout_s, 30.0)
     for m in spec.models:

@@ -56,7 +56,7 @@ def fast_backoff(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server():
-    with FakeOpenAIServer(retry_after="0.05", hang_s=2.5, slow_s=0.3) as srv:
+    with FakeOpenAIServer(retry_after="0.05", hang_s=4.0, slow_s=0.3) as srv:
         yield srv
 
 
@@ -95,7 +95,7 @@ env:
   kind: live
   concurrency: 8
   max_tokens: 32
-  timeout_s: 2
+  timeout_s: 3
 {extra_env}
 storage: sqlite:///{tmp_path / db}
 """)
