@@ -389,3 +389,33 @@ def test_validate_check_endpoints(server, tmp_path, monkeypatch):
     spec.write_text(text.replace("    api_key_env: GT_TEST_KEY\n", ""))
     r = runner.invoke(app, ["validate", str(spec), "--check-endpoints"])
     assert r.exit_code == 1 and "endpoint llama-3.2-3b: failed" in r.output
+
+
+def test_a_worker_stops_early_too_and_the_study_continues_when_the_endpoint_is_back(server, tmp_path):
+    from graphtune.cli import app
+
+    runner = CliRunner()
+    spec = write_spec(tmp_path, server, extra_env="  max_retries: 0", evaluations=12)  # default: stop after 20
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    args = ["worker", "--study", "faults", "--storage", url, "--spec", str(spec), "--quiet", "--poll", "0.05"]
+    server.reset()
+    server.set_faults({"500": 1.0})
+    try:
+        r = runner.invoke(app, args)
+    finally:
+        server.set_faults({})
+    out = r.output.strip().splitlines()
+    assert r.exit_code == 1, r.output
+    assert out[-1].startswith("error: model ") and "20 calls in a row failed" in out[-1]
+    st = Storage(url, create=False)
+    assert st.get_study("faults").status != "complete"
+    st.close()
+    r = runner.invoke(app, args, catch_exceptions=False)  # the endpoint is back: the claim was released
+    assert r.exit_code == 0, r.output
+    st = Storage(url, create=False)
+    study = st.get_study("faults")
+    assert study.status == "complete"
+    assert any(t.split == "test" for t in st.list_trials(study.id))
+    st.close()
+    ok, distinct = ledger_ok(tmp_path / "g.db")
+    assert ok == distinct == server.stats()["ok"]
