@@ -419,3 +419,14 @@ def test_a_worker_stops_early_too_and_the_study_continues_when_the_endpoint_is_b
     st.close()
     ok, distinct = ledger_ok(tmp_path / "g.db")
     assert ok == distinct == server.stats()["ok"]
+
+
+@pytest.mark.parametrize("line", ["  max_consecutive_failures: -1", "  retry_after_max_s: -5",
+                                  "  max_consecutive_failures: many"])
+def test_bad_failure_settings_are_one_line_spec_errors(server, tmp_path, line):
+    from graphtune.errors import SpecError
+    from graphtune.spec import load_spec
+
+    with pytest.raises(SpecError) as e:
+        load_spec(write_spec(tmp_path, server, extra_env=line))
+    assert line.split(":")[0].strip() in str(e.value) and "\n" not in str(e.value)
