@@ -31,12 +31,11 @@ pytest.importorskip("langgraph")
 from typer.testing import CliRunner  # noqa: E402
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
-from graphtune import llm  # noqa: E402
+from graphtune import errors, llm  # noqa: E402
 from graphtune.envs.datasets import Example  # noqa: E402
 from graphtune.envs.live import CallSettings, Endpoint, LiveEnvironment  # noqa: E402
 from graphtune.envs.prompts import build_prompts  # noqa: E402
 from graphtune.envs.scorers import get_scorer  # noqa: E402
-from graphtune import errors  # noqa: E402
 from graphtune.errors import LLMTransientError  # noqa: E402
 from graphtune.graphs import Graph, ModelInfo, Node  # noqa: E402
 from graphtune.search.base import recommend_by_coverage  # noqa: E402
