@@ -181,7 +181,8 @@ def test_when_every_call_fails_the_search_stops_early_and_resumes_without_paying
     assert r.exit_code == 1 and "calls in a row failed" in r.output
     before = trials_of(tmp_path / "g.db")
     server.set_faults({})
-    r = runner.invoke(app, ["optimize", str(spec), "--quiet"], catch_exceptions=False)
+    r = runner.invoke(app, ["resume", "faults", "--storage", f"sqlite:///{tmp_path / 'g.db'}", "--quiet"],
+                      catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "best graph" in r.output
     after = trials_of(tmp_path / "g.db")
