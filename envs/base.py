@@ -52,6 +52,9 @@ class QuestionResult:
     error: str | None = None  # infrastructure failure: excluded from accuracy
     modelled: bool = False  # outcome modelled rather than observed (replay)
     nodes: tuple[NodeOutcome, ...] = ()
+    #: infrastructure failure: the pool model whose call failed (None when unknown); kept
+    #: in the trial's ``metrics["excluded"]``, not in the per-question rows
+    failed_model: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -14,7 +14,10 @@ run's config (``configurable["graphtune_caller"]``), which here is the :class:`E
   backoff there); a call that still fails makes its question an infrastructure failure
   (``QuestionResult.error``, ``correct=None``, excluded from accuracy), its successors are
   skipped; an authentication or bad-model error (``LLMFatalError``) cancels the
-  evaluation and propagates, so a search stops before spending more;
+  evaluation and propagates, so a search stops before spending more; so does a run of
+  ``max_consecutive_failures`` failed calls in a row to one model (``EndpointDownError``:
+  the endpoint looks down; calls already recorded are kept, so a resumed search pays
+  nothing twice);
 * every call is recorded in the call ledger (:mod:`graphtune.store.ledger`), and an
   identical call (same endpoint, messages, sampling parameters and sample index) is
   served from it; concurrent identical calls are made once;
@@ -39,7 +42,7 @@ from typing import Annotated, Any, Protocol, TypedDict
 
 from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
 from graphtune.envs.prompts import PromptSet
-from graphtune.errors import EnvError, GraphtuneError, LLMFatalError, LLMTransientError
+from graphtune.errors import EndpointDownError, EnvError, GraphtuneError, LLMFatalError, LLMTransientError
 from graphtune.graphs.cost import ModelInfo, TaskShape, node_flops, node_usd
 from graphtune.graphs.model import Graph, Node
 from graphtune.store.ledger import CallRecord, Ledger, call_key
@@ -85,6 +88,11 @@ class CallSettings:
     timeout_s: float = 60.0
     max_retries: int = 2
     seed: int = 0
+    #: stop (EndpointDownError) after this many calls in a row to one model failed, each
+    #: after its retries; 0 never stops
+    max_consecutive_failures: int = 20
+    #: longest wait a 429/503 reply's Retry-After can impose before the next attempt
+    retry_after_max_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,10 @@ class Executor:
         self._global: asyncio.Semaphore | None = None
         self._per_model: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._fail_streak: dict[str, int] = {}  # model -> calls in a row that failed
+        #: set when a model's failures tripped the early stop: every call then raises it
+        #: until ``reset_failures`` (the next evaluation)
+        self.tripped: EndpointDownError | None = None
         self.share = 1  # this process's part of the limits is 1/share (graphtune worker)
 
     def set_share(self, workers: int) -> None:
@@ -326,20 +338,29 @@ class Executor:
     async def _make_call(self, node: Node, messages, sample_index: int, ep: Endpoint, params: dict[str, Any],
                          key: str) -> CallRecord:
         acomplete = self._acomplete
-        if acomplete is None:
-            from graphtune.llm import acomplete
-        g, m = self._sems(ep)
         s = self.settings
+        if acomplete is None:
+            from functools import partial
+
+            from graphtune.llm import acomplete
+            acomplete = partial(acomplete, retry_after_max_s=s.retry_after_max_s)
+        g, m = self._sems(ep)
         base = dict(key=key, model=ep.name, endpoint=ep.key_identity, messages=messages, params=params,
                     sample_index=sample_index, study=self.study)
         t0 = time.perf_counter()
+        if self.tripped is not None:  # stopping: make no new call
+            raise self.tripped
         try:
             if m is not None:
                 async with m, g:
+                    if self.tripped is not None:  # tripped while this call waited for a slot
+                        raise self.tripped
                     reply = await acomplete(ep.model, messages, api_base=ep.api_base, api_key_env=ep.api_key_env,
                                             timeout_s=s.timeout_s, max_retries=s.max_retries, **params)
             else:
                 async with g:
+                    if self.tripped is not None:
+                        raise self.tripped
                     reply = await acomplete(ep.model, messages, api_base=ep.api_base, api_key_env=ep.api_key_env,
                                             timeout_s=s.timeout_s, max_retries=s.max_retries, **params)
         except LLMTransientError as e:
@@ -348,6 +369,7 @@ class Executor:
             rec = CallRecord(**base, latency_s=time.perf_counter() - t0, error=str(e))
             if self.ledger is not None:
                 self.ledger.put(rec)
+            self._failed(ep, e)
             return rec
         except LLMFatalError as e:
             self.stats.made += 1
@@ -356,6 +378,7 @@ class Executor:
                 self.ledger.put(CallRecord(**base, latency_s=time.perf_counter() - t0, error=f"fatal: {e}"))
             raise
         self.stats.made += 1
+        self._fail_streak[ep.name] = 0
         pt, ct = int(reply.prompt_tokens), int(reply.completion_tokens)
         self.stats.prompt_tokens += pt
         self.stats.completion_tokens += ct
@@ -365,6 +388,23 @@ class Executor:
         if self.ledger is not None:
             self.ledger.put(rec)
         return rec
+
+    def _failed(self, ep: Endpoint, e: LLMTransientError) -> None:
+        """Count a call that failed after its retries; raise EndpointDownError once
+        ``max_consecutive_failures`` calls in a row to this model have failed."""
+        n = self._fail_streak[ep.name] = self._fail_streak.get(ep.name, 0) + 1
+        limit = self.settings.max_consecutive_failures
+        if limit and n >= limit:
+            self._fail_streak[ep.name] = 0  # a resumed run starts counting afresh
+            self.tripped = EndpointDownError(
+                f"model {ep.name!r}: {n} calls in a row failed, the last: {e}; stopped early, nothing finished is "
+                "lost: run the same command again once the endpoint answers (`graphtune validate SPEC "
+                "--check-endpoints` checks it), or raise env.max_consecutive_failures")
+            raise self.tripped
+
+    def reset_failures(self) -> None:
+        """Allow calls again after an early stop (a new evaluation tries the endpoint anew)."""
+        self.tripped = None
 
     def _node_run(self, node: Node, ep: Endpoint, rec: CallRecord, *, cached: bool) -> NodeRun:
         if not rec.ok:
@@ -423,7 +463,8 @@ def question_result(graph: Graph, example: _Example, runs: Mapping[str, NodeRun]
     usd = sum(r.usd for r in runs.values())
     latency = critical_path_s(graph, runs)
     sink = runs.get(graph.sink)
-    errors = [r.error for nid, r in sorted(runs.items()) if r.error and not r.skipped]
+    failed = [(nid, r.error) for nid, r in sorted(runs.items()) if r.error and not r.skipped]
+    errors = [e for _, e in failed]
     nodes = []
     for nid in graph.topo_order:
         r = runs.get(nid)
@@ -441,7 +482,8 @@ def question_result(graph: Graph, example: _Example, runs: Mapping[str, NodeRun]
                      for nid, r, a, c in nodes)
         return QuestionResult(question_id=example.id, answer=None, correct=None, score=0.0, prompt_tokens=pt,
                               completion_tokens=ct, flops=flops, usd=usd, latency_s=latency,
-                              error=f"infrastructure: {reason}", nodes=outs)
+                              error=f"infrastructure: {reason}", nodes=outs,
+                              failed_model=graph.node_map[failed[0][0]].model if failed else None)
     s = _score(scorer, sink.text, example)
     outs = []
     for nid, r, a, c in nodes:
@@ -665,6 +707,7 @@ class LiveEnvironment(Environment):
         """Run ``graph`` on the questions concurrently; one result per id, same order.
         An ``LLMFatalError`` cancels the rest and propagates."""
         self.start()
+        self.executor.reset_failures()
         examples = [self.example(q) for q in question_ids]
         app = self.compiled(graph)
         # questions in progress at once: enough to keep every call slot busy, few enough

@@ -20,7 +20,8 @@ from graphtune.spec import Spec
 #: spec fields that may change when a stored study is continued (they change how graphs
 #: are run, not what a result means)
 SAFE_TO_CHANGE = {("search", "evaluations"), ("storage",), ("env", "cache"), ("env", "concurrency"),
-                  ("env", "timeout_s"), ("env", "max_retries")}
+                  ("env", "timeout_s"), ("env", "max_retries"), ("env", "max_consecutive_failures"),
+                  ("env", "retry_after_max_s")}
 
 
 @dataclass
@@ -68,7 +69,8 @@ def build_live_env(spec: Spec, examples: list | None = None):
     prompts = build_prompts(t.prompts.style, t.prompts.model_dump(), scorer=scorer_name, preset=t.preset)
     e = spec.env
     settings = CallSettings(temperature=e.temperature, max_tokens=e.max_tokens, timeout_s=e.timeout_s,
-                            max_retries=e.max_retries, seed=e.seed)
+                            max_retries=e.max_retries, seed=e.seed, max_consecutive_failures=e.max_consecutive_failures,
+                            retry_after_max_s=e.retry_after_max_s)
     pool = spec.pool()
     endpoints, servers = {}, {}
     for m in spec.models:
@@ -93,6 +95,37 @@ def build_live_env(spec: Spec, examples: list | None = None):
     return LiveEnvironment(dev, test, scorer, prompts, endpoints, settings=settings, concurrency=e.concurrency,
                            ledger=lambda: open_ledger(spec.storage), cache=e.cache, study=spec.study, task_shape=shape,
                            servers=servers, description=t.description)
+
+
+def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
+    """``graphtune validate --check-endpoints``: per pool model, ``(name, ok, detail)``
+    after checking that its ``api_key_env`` variable is set and making one cheap call
+    (one completion token, no retry, not recorded). A local model is not started."""
+    import os
+
+    from graphtune.errors import LLMError
+    from graphtune.llm import ping
+
+    if spec.env.kind != "live":
+        raise SpecError(f"--check-endpoints checks the endpoints of a live spec; this one has env.kind "
+                        f"{spec.env.kind!r} (set `env: {{kind: live}}`)")
+    out = []
+    timeout_s = min(spec.env.timeout_s, 30.0)
+    for m in spec.models:
+        if m.provider == "local":
+            out.append((m.name, True, "local llama.cpp server: started on first use, not checked"))
+            continue
+        if m.api_key_env and not os.environ.get(m.api_key_env):
+            out.append((m.name, False, f"environment variable {m.api_key_env} (api_key_env) is not set; "
+                                       f"export {m.api_key_env}=<your key>"))
+            continue
+        try:
+            secs = ping(m.litellm or m.name, api_base=m.api_base, api_key_env=m.api_key_env, timeout_s=timeout_s)
+        except LLMError as e:
+            out.append((m.name, False, str(e)))
+        else:
+            out.append((m.name, True, f"answered in {secs:.2f} s"))
+    return out
 
 
 def build_replay_env(spec: Spec):

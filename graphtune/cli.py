@@ -125,7 +125,10 @@ def init(path: Path = typer.Argument(Path("graphtune.yaml"), help="where to writ
 @app.command()
 @_guard
 def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
-             max_enumerate: int = typer.Option(3000, help="enumerate at most this many graphs to size the space")) -> None:
+             max_enumerate: int = typer.Option(3000, help="enumerate at most this many graphs to size the space"),
+             check_endpoints: bool = typer.Option(False, "--check-endpoints",
+                                                  help="live env: check every model's api_key_env variable and make "
+                                                       "one cheap call per model (1 completion token)")) -> None:
     """Check a spec; print it resolved, the size of its space and the cost range of its graphs."""
     import numpy as np
     import yaml
@@ -166,6 +169,18 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     con.print(t)
     con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
               f"search budget: {ctx.budget_runs} graph-question runs")
+    if check_endpoints:
+        from graphtune.api import check_endpoints as check
+
+        results = check(spec)
+        for name, ok, detail in results:
+            con.print(f"endpoint {name}: {'ok' if ok else 'failed'}: {detail}", soft_wrap=True, markup=False)
+        bad = [name for name, ok, _ in results if not ok]
+        if bad:
+            from graphtune.errors import EnvError
+
+            raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
+                           "before running a search")
 
 
 # -- optimize --------------------------------------------------------------------------
@@ -241,6 +256,11 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     if test and test.n_errors:
         lines.append(f"infrastructure  {test.n_errors} test questions failed to run (excluded from accuracy, not "
                      "scored wrong); see `graphtune trials`")
+    excluded = getattr(out, "excluded", None) or {}
+    if excluded:
+        per = ", ".join(f"{m} {n}" for m, n in excluded.items())
+        lines.append(f"excluded        {sum(excluded.values())} question runs (infrastructure failures: {per}); "
+                     "not scored wrong")
     modelled = sum(r.modelled for r in out.test_results)
     if modelled:
         lines.append(f"replay          {modelled} of {len(out.test_results)} test outcomes were modelled, not "

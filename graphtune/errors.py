@@ -62,6 +62,12 @@ class LLMTransientError(LLMError):
     retries: an infrastructure failure, never a wrong answer."""
 
 
+class EndpointDownError(LLMError):
+    """Every call to a model failed for ``max_consecutive_failures`` calls in a row (each
+    after its retries): the endpoint looks down, so the search stops before spending its
+    budget on failures. What finished is kept; the study continues once it is back."""
+
+
 class LLMFatalError(LLMError):
     """Authentication failure, unknown model or bad request: retrying or continuing
     would only spend more money, so the search stops."""

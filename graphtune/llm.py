@@ -10,7 +10,9 @@ versions, so everything that depends on them lives here:
   to download a cost map;
 * litellm's own retries are switched off; :func:`complete` retries transient failures
   (rate limit, 5xx, timeout, connection error, empty reply) with exponential backoff and
-  jitter and raises :class:`~graphtune.errors.LLMTransientError` when they outlive the
+  jitter, or after the wait a 429/503 reply asks for in its ``Retry-After`` header
+  (delta-seconds or HTTP-date; ``retry-after-ms`` too), capped at ``retry_after_max_s``
+  (default :data:`RETRY_AFTER_MAX_S`), and raises :class:`~graphtune.errors.LLMTransientError` when they outlive the
   retries; authentication, unknown model and bad request raise
   :class:`~graphtune.errors.LLMFatalError` at once (retrying would only spend money);
 * the API key is read from the environment variable named by ``api_key_env`` and is never
@@ -23,6 +25,7 @@ callers price the raw token counts of :class:`LLMReply` from the spec's own tabl
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import os
 import random
@@ -38,9 +41,16 @@ from graphtune.errors import LLMError, LLMFatalError, LLMTransientError
 BACKOFF_BASE_S = 1.0
 #: No single wait is longer than this.
 BACKOFF_MAX_S = 30.0
+#: Longest wait a ``Retry-After`` header can ask for (a longer one is cut to this; the
+#: spec's ``env.retry_after_max_s`` overrides it).
+RETRY_AFTER_MAX_S = 60.0
 #: Placeholder key for endpoints that need none (a local llama.cpp server): the OpenAI
 #: client refuses to start without some key.
 NO_KEY = "no-key"
+
+#: the waits between attempts (tests replace these, not the time and asyncio modules)
+_sleep = time.sleep
+_asleep = asyncio.sleep
 
 _TRANSIENT_NAMES = frozenset({
     "RateLimitError", "Timeout", "APITimeoutError", "APIConnectionError", "InternalServerError",
@@ -195,6 +205,65 @@ def _backoff_s(attempt: int) -> float:
     return base * (0.5 + random.random())  # jitter so parallel callers do not retry in step
 
 
+def _headers_of(exc: BaseException) -> Any:
+    """The HTTP response headers behind a litellm exception, where litellm kept them:
+    ``litellm_response_headers`` (set by its exception mapping), the exception's own
+    ``headers``, or its ``response.headers`` (an httpx response)."""
+    for h in (getattr(exc, "litellm_response_headers", None), getattr(exc, "headers", None),
+              getattr(getattr(exc, "response", None), "headers", None)):
+        if h:
+            return h
+    return None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    try:
+        v = headers.get(name)
+        if v is None:  # a plain dict: compare case-insensitively
+            v = next((val for k, val in dict(headers).items() if str(k).lower() == name), None)
+    except Exception:  # noqa: BLE001 - an odd headers object is no reason to fail the call
+        return None
+    return None if v is None else str(v).strip()
+
+
+def retry_after_s(headers: Any, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks to wait: delta-seconds
+    (fractions accepted) or an HTTP-date; None when absent or unreadable."""
+    if not headers:
+        return None
+    ms = _header(headers, "retry-after-ms")
+    if ms:
+        try:
+            v = float(ms) / 1000.0
+            if v == v and v >= 0:  # not NaN
+                return v
+        except ValueError:
+            pass
+    ra = _header(headers, "retry-after")
+    if not ra:
+        return None
+    try:
+        v = float(ra)
+        return v if v == v and v >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def _wait_s(attempt: int, retry_after: float | None, cap_s: float) -> float:
+    """Wait before retry ``attempt + 1``: what the server asked for (capped), else backoff."""
+    if retry_after is not None:
+        return min(max(0.0, cap_s), retry_after)
+    return _backoff_s(attempt)
+
+
 def _handle(exc: BaseException, model: str, api_key_env: str | None, secret: str | None) -> LLMTransientError:
     """Translate one failed attempt: raise fatal errors, return transient ones."""
     if isinstance(exc, LLMTransientError):
@@ -209,6 +278,14 @@ def _handle(exc: BaseException, model: str, api_key_env: str | None, secret: str
     return LLMTransientError(f"LLM call to {model!r} failed ({type(exc).__name__}: {_short(exc, secret)})")
 
 
+def _retry_after_of(exc: BaseException) -> float | None:
+    """The wait a rate-limit or unavailable reply asked for (429 or 503 only)."""
+    status = getattr(exc, "status_code", None)
+    if status not in (429, 503):
+        return None
+    return retry_after_s(_headers_of(exc))
+
+
 def _give_up(last: LLMTransientError, model: str, attempts: int) -> LLMTransientError:
     return LLMTransientError(f"{last} after {attempts} attempt{'s' if attempts > 1 else ''}; the endpoint may be "
                              "down or rate limited: try again later or raise `max_retries`/`timeout_s`")
@@ -219,49 +296,73 @@ def _give_up(last: LLMTransientError, model: str, attempts: int) -> LLMTransient
 
 def complete(model: str, messages: list[dict], *, api_base: str | None = None, api_key_env: str | None = None,
              temperature: float = 0.0, max_tokens: int | None = None, json_schema: dict | None = None,
-             timeout_s: float = 60.0, max_retries: int = 2, seed: int | None = None) -> LLMReply:
+             timeout_s: float = 60.0, max_retries: int = 2, seed: int | None = None,
+             retry_after_max_s: float = RETRY_AFTER_MAX_S) -> LLMReply:
     """One chat completion. With ``json_schema`` the reply is constrained to that schema
     (``response_format`` of type ``json_schema``) where the provider supports it; the
     caller still validates the text (:func:`parse_json` helps).
 
     Raises LLMFatalError (bad key, unknown model, bad request, missing key variable) at
-    once and LLMTransientError once ``max_retries`` retries have failed.
+    once and LLMTransientError once ``max_retries`` retries have failed. A 429/503 reply's
+    ``Retry-After`` sets the wait before the next attempt (at most ``retry_after_max_s``).
     """
     litellm = _import_litellm()
     key = _api_key(model, api_base, api_key_env)
     kw = _kwargs(model, messages, api_base, key, temperature, max_tokens, json_schema, timeout_s, seed)
     last: LLMTransientError | None = None
+    asked: float | None = None
     for attempt in range(max_retries + 1):
         if attempt:
-            time.sleep(_backoff_s(attempt - 1))
+            _sleep(_wait_s(attempt - 1, asked, retry_after_max_s))
         t0 = time.perf_counter()
         try:
             resp = litellm.completion(**kw)
             return _reply(resp, model, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - translated in one place
             last = _handle(exc, model, api_key_env, key)
+            asked = _retry_after_of(exc)
     raise _give_up(last, model, max_retries + 1)
 
 
 async def acomplete(model: str, messages: list[dict], *, api_base: str | None = None,
                     api_key_env: str | None = None, temperature: float = 0.0, max_tokens: int | None = None,
                     json_schema: dict | None = None, timeout_s: float = 60.0, max_retries: int = 2,
-                    seed: int | None = None) -> LLMReply:
+                    seed: int | None = None, retry_after_max_s: float = RETRY_AFTER_MAX_S) -> LLMReply:
     """Async :func:`complete` (same arguments, errors and retries)."""
     litellm = _import_litellm()
     key = _api_key(model, api_base, api_key_env)
     kw = _kwargs(model, messages, api_base, key, temperature, max_tokens, json_schema, timeout_s, seed)
     last: LLMTransientError | None = None
+    asked: float | None = None
     for attempt in range(max_retries + 1):
         if attempt:
-            await asyncio.sleep(_backoff_s(attempt - 1))
+            await _asleep(_wait_s(attempt - 1, asked, retry_after_max_s))
         t0 = time.perf_counter()
         try:
             resp = await litellm.acompletion(**kw)
             return _reply(resp, model, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - translated in one place
             last = _handle(exc, model, api_key_env, key)
+            asked = _retry_after_of(exc)
     raise _give_up(last, model, max_retries + 1)
+
+
+def ping(model: str, *, api_base: str | None = None, api_key_env: str | None = None,
+         timeout_s: float = 30.0) -> float:
+    """One cheap call (one completion token, no retry) that proves an endpoint answers
+    with these credentials; returns its latency in seconds. A reply without text still
+    counts as an answer here. Raises LLMFatalError or LLMTransientError, as
+    :func:`complete` does."""
+    litellm = _import_litellm()
+    key = _api_key(model, api_base, api_key_env)
+    kw = _kwargs(model, [{"role": "user", "content": "Reply with OK."}], api_base, key, 0.0, 1, None,
+                 timeout_s, None)
+    t0 = time.perf_counter()
+    try:
+        litellm.completion(**kw)
+    except Exception as exc:  # noqa: BLE001 - translated in one place
+        raise _handle(exc, model, api_key_env, key) from None
+    return time.perf_counter() - t0
 
 
 _FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)

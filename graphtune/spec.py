@@ -234,6 +234,11 @@ class EnvSpec(_Strict):
     cache: bool = Field(True, description="live: serve identical calls from the call ledger")
     timeout_s: float = Field(60.0, gt=0, description="live: per-call timeout")
     max_retries: int = Field(2, ge=0, le=20, description="live: retries of a transient failure (backoff)")
+    max_consecutive_failures: int = Field(20, ge=0, le=100000,
+                                          description="live: stop the search early after this many calls in a row "
+                                                      "to one model failed (each after its retries); 0: never")
+    retry_after_max_s: float = Field(60.0, ge=0, le=3600,
+                                     description="live: longest wait a 429/503 Retry-After header can ask for")
     temperature: float = Field(0.0, ge=0, le=2, description="live: sampling temperature (a node's params override)")
     max_tokens: int | None = Field(256, ge=1, description="live: completion cap per call (a node's params override)")
     records: str | None = Field(None, description="replay: a record table (CSV/JSONL, generic schema) or the "

@@ -124,13 +124,26 @@ class GraphStats:
 
     graph: Graph
     graph_hash: str
-    rewards: Mapping[str, float]  # question id -> reward
+    rewards: Mapping[str, float]  # question id -> reward (questions with an ok result)
     first_trial: int
     best_trial: int
+    #: every question the graph was run on, including infrastructure failures (which are
+    #: not in ``rewards``); empty when unknown (then ``rewards`` stands for it)
+    asked: frozenset[str] = frozenset()
 
     @property
     def n(self) -> int:
         return len(self.rewards)
+
+    @property
+    def coverage(self) -> int:
+        """Questions the graph was run on, failed runs included: an infrastructure
+        failure costs a graph a scored question, not its place among the best covered."""
+        return max(len(self.asked), self.n)
+
+    def mean_on(self, questions: Sequence[str]) -> float:
+        vals = [self.rewards[q] for q in questions]
+        return sum(vals) / len(vals) if vals else float("nan")
 
     @property
     def mean(self) -> float:
@@ -149,30 +162,59 @@ class GraphStats:
 
 
 def pool_stats(evals: Sequence[Evaluation], objective: Objective, unit_flops: float) -> dict[str, GraphStats]:
-    """Pool every evaluation's per-question rewards by graph hash."""
+    """Pool every evaluation's per-question rewards by graph hash. A graph with no scored
+    question (every run of it an infrastructure failure) has no evidence and is left out:
+    nothing may be recommended on zero questions."""
     acc: dict[str, dict] = {}
     for e in evals:
         if e.error is not None:
             continue
         d = acc.setdefault(e.graph_hash, {"graph": e.candidate.graph, "rewards": {}, "first": e.trial_number,
-                                          "best": e.trial_number, "best_n": -1})
+                                          "best": e.trial_number, "best_n": -1, "asked": set()})
         d["rewards"].update(e.rewards_by_question(objective, unit_flops))
+        d["asked"].update(r.question_id for r in e.results)
         if len(e.results) > d["best_n"]:
             d["best"], d["best_n"] = e.trial_number, len(e.results)
-    return {h: GraphStats(d["graph"], h, dict(d["rewards"]), d["first"], d["best"]) for h, d in acc.items()}
+    return {h: GraphStats(d["graph"], h, dict(d["rewards"]), d["first"], d["best"], frozenset(d["asked"]))
+            for h, d in acc.items() if d["rewards"]}
+
+
+def paired_better(a: GraphStats, b: GraphStats) -> bool:
+    """Whether ``a`` has a higher mean reward than ``b`` on the questions both have an ok
+    result for (infrastructure failures of either leave a question out of the pair, so a
+    fault does not change what two graphs are compared on); their own means when they
+    share no question."""
+    shared = sorted(q for q in a.rewards if q in b.rewards)
+    if shared:
+        return a.mean_on(shared) > b.mean_on(shared)
+    return a.mean > b.mean
+
+
+def best_paired(pool: Sequence[GraphStats]) -> GraphStats | None:
+    """The winner of pairwise comparisons (``paired_better``) in order of first trial: a
+    later graph replaces the holder only when strictly better, so ties go to the earlier
+    graph. With every graph scored on the same questions it is simply the best mean."""
+    best = None
+    for s in sorted(pool, key=lambda s: s.first_trial):
+        if best is None or paired_better(s, best):
+            best = s
+    return best
 
 
 def recommend_by_coverage(stats: Mapping[str, GraphStats]) -> GraphStats | None:
     """Default pick: among the graphs with the most dev evidence, the best mean reward.
 
     A graph seen on 5 lucky questions must not beat one measured on the whole dev set,
-    so only graphs at the maximum coverage compete; ties go to the earlier graph.
+    so only graphs at the maximum coverage (questions run on, infrastructure failures
+    included) compete, compared pairwise on the questions both have ok results for
+    (``best_paired``); ties go to the earlier graph. None when no graph was scored on
+    any question.
     """
+    stats = {h: s for h, s in stats.items() if s.n}
     if not stats:
         return None
-    top = max(s.n for s in stats.values())
-    pool = [s for s in stats.values() if s.n == top]
-    return max(pool, key=lambda s: (s.mean, -s.first_trial))
+    top = max(s.coverage for s in stats.values())
+    return best_paired([s for s in stats.values() if s.coverage == top])
 
 
 class SearcherOptions(BaseModel):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from graphtune.envs.base import Environment, QuestionResult, summarize
-from graphtune.errors import GraphError
+from graphtune.errors import GraphError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import GraphCost
 from graphtune.graphs.io import from_dict, to_dict
@@ -33,6 +33,9 @@ class SearchOutcome:
     runs_spent: int
     n_trials: int
     stopped: str  # "budget" | "exhausted" | "idle"
+    #: question runs left out of a trial's mean by infrastructure failures, per model
+    #: (over the study's trials, dev and test; "?" when the failing model is unknown)
+    excluded: dict[str, int] = field(default_factory=dict)
 
 
 def _evaluation_from_trial(t: TrialInfo, results: Sequence[QuestionResult], cand: Candidate,
@@ -67,10 +70,38 @@ def evaluate_candidate(cand: Candidate, *, env: Environment, storage: Storage, s
     reward = _mean([ctx.objective.question_reward(r, ctx.costs.unit_flops) for r in results if r.ok])
     metrics = summarize(results)
     t = storage.record_trial(study.id, status="complete", results=results, reused=reused,
-                             metrics=metrics.as_dict(), reward=reward, cost=cost.as_dict(),
+                             metrics=trial_metrics(results), reward=reward, cost=cost.as_dict(),
                              new_runs=len(missing), **common)
     return Evaluation(candidate=cand, trial_number=t.number, graph_hash=h, results=tuple(results),
                       metrics=metrics, reward=reward, cost=cost, new_runs=len(missing))
+
+
+def trial_metrics(results: Sequence[QuestionResult]) -> dict:
+    """A trial's stored metrics: ``summarize`` plus ``excluded``, the questions left out of
+    its mean by infrastructure failures, each with the pool model whose call failed."""
+    out = summarize(results).as_dict()
+    out["excluded"] = {r.question_id: (r.failed_model or "?") for r in results if not r.ok and
+                       (r.error or "").startswith("infrastructure")}
+    return out
+
+
+def excluded_by_model(trials: Sequence[TrialInfo]) -> dict[str, int]:
+    """Question runs excluded by infrastructure failures over ``trials``, per model."""
+    out: dict[str, int] = {}
+    for t in trials:
+        for model in ((t.metrics or {}).get("excluded") or {}).values():
+            out[model] = out.get(model, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def no_graph_measured(storage: Storage, study: StudyInfo) -> SearchError:
+    """The error when a search ends with trials but no graph scored on any question."""
+    trials = [t for t in storage.list_trials(study.id, split="dev") if t.status == "complete"]
+    last = next((r.error for t in reversed(trials) for r in storage.trial_results(t.id) if r.error), None)
+    return SearchError(f"study {study.name!r}: no graph was scored on any dev question ({len(trials)} trials, every "
+                       f"question run failed; last: {last or 'none'}); nothing is recommended and the study is kept: "
+                       "fix the endpoints (`graphtune validate SPEC --check-endpoints`), then continue it with more "
+                       "--evaluations")
 
 
 def run_missing(g, h: str, qids: Sequence[str], *, env: Environment, storage: Storage, study_id: int,
@@ -138,6 +169,10 @@ def run_search(searcher: Searcher, env: Environment, storage: Storage, study: St
             break
     history = load_history(storage, study, ctx)
     best = searcher.recommend(history)
+    if best is not None and not best.n:  # a searcher's own recommend must not pick an unmeasured graph either
+        best = None
+    if best is None and history:
+        raise no_graph_measured(storage, study)
     best_trial = storage.get_trial(study.id, best.best_trial) if best else None
     test_trial, test_results = None, ()
     if best is not None and test_ids:
@@ -147,9 +182,10 @@ def run_search(searcher: Searcher, env: Environment, storage: Storage, study: St
         test_trial = storage.get_trial(study.id, ev.trial_number)
         test_results = ev.results
     storage.set_status(study.id, "complete")
-    n_trials = len(storage.list_trials(study.id, split="dev"))
+    trials = storage.list_trials(study.id)
+    n_trials = sum(1 for t in trials if t.split == "dev")
     return SearchOutcome(best=best, best_trial=best_trial, test_trial=test_trial, test_results=test_results,
-                         runs_spent=spent, n_trials=n_trials, stopped=stopped)
+                         runs_spent=spent, n_trials=n_trials, stopped=stopped, excluded=excluded_by_model(trials))
 
 
 def _drain_agent_steps(searcher: Searcher) -> list[dict]:

@@ -49,6 +49,7 @@ from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph
 from graphtune.graphs.space import random_graph
 from graphtune.search.base import (Candidate, Evaluation, GraphStats, SearchContext, Searcher, SearcherOptions,
+                                   best_paired,
                                    pool_stats, rng_from_state, rng_state)
 from graphtune.search.probgraph import ProbabilisticGraph
 
@@ -460,13 +461,13 @@ class PolicySearcher(Searcher):
         """Among well-evaluated graphs (at least half the top coverage), the best mean on
         the questions they share with the best-covered leader; ``GraphStats.ci95`` gives
         the interval of its own mean."""
-        stats = pool_stats(history, self.ctx.objective, self.ctx.costs.unit_flops)
+        stats = pool_stats(history, self.ctx.objective, self.ctx.costs.unit_flops)  # only graphs scored somewhere
         if not stats:
             return None
-        top = max(s.n for s in stats.values())
-        well = [s for s in stats.values() if s.n >= max(1, top // 2)]
-        full = [s for s in well if s.n == top]
-        leader = max(full, key=lambda s: (s.mean, -s.first_trial))
+        # coverage counts infrastructure failures: a fault must not demote a graph
+        top = max(s.coverage for s in stats.values())
+        well = [s for s in stats.values() if s.coverage >= max(1, top // 2)]
+        leader = best_paired([s for s in well if s.coverage == top])
 
         def paired(s: GraphStats) -> float:
             # the leader's mean plus the paired difference on the questions both have

@@ -41,13 +41,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from graphtune.envs.base import Environment, summarize
+from graphtune.envs.base import Environment
 from graphtune.errors import GraphError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.space import validate
 from graphtune.search.base import Candidate, SearchContext, Searcher
-from graphtune.search.loop import MAX_IDLE_BATCHES, _evaluation_from_trial, _mean, load_history, run_missing
+from graphtune.search.loop import (MAX_IDLE_BATCHES, _evaluation_from_trial, _mean, load_history, no_graph_measured,
+                                   run_missing, trial_metrics)
 from graphtune.store.storage import Coordination, Storage, StudyInfo, TrialInfo
 
 FINISHED = ("complete", "failed")
@@ -160,7 +161,7 @@ class Worker:
                                                        storage=self.storage, study_id=self.study.id, split=t.split)
                 reward = _mean([ctx.objective.question_reward(r, ctx.costs.unit_flops) for r in results if r.ok])
                 ok = self.storage.finish_claim(t.id, self.name, status="complete", results=results, reused=reused,
-                                               metrics=summarize(results).as_dict(), reward=reward,
+                                               metrics=trial_metrics(results), reward=reward,
                                                cost=cost.as_dict(), new_runs=len(missing))
         except BaseException:
             self.storage.release_claim(t.id, self.name)  # someone else runs it (the ledger keeps paid calls)
@@ -266,7 +267,12 @@ class Worker:
     def _finish(self, co: Coordination, st: StudyInfo, searcher: Searcher, batch_index: int, spent: int,
                 why: str, state=None) -> bool:
         """The search is over: recommend a graph and queue its one test-split evaluation."""
-        best = searcher.recommend(load_history(self.storage, st, self.ctx))
+        history = load_history(self.storage, st, self.ctx)
+        best = searcher.recommend(history)
+        if best is not None and not best.n:  # never a graph measured on zero questions
+            best = None
+        if best is None and history:
+            raise no_graph_measured(self.storage, st)
         enqueue = []
         if best is not None and self.test_ids:
             g = best.graph
