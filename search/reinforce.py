@@ -49,8 +49,7 @@ from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph
 from graphtune.graphs.space import random_graph
 from graphtune.search.base import (Candidate, Evaluation, GraphStats, SearchContext, Searcher, SearcherOptions,
-                                   best_paired,
-                                   pool_stats, rng_from_state, rng_state)
+                                   best_paired, pool_stats, rng_from_state, rng_state)
 from graphtune.search.probgraph import ProbabilisticGraph
 
 
