@@ -507,18 +507,25 @@ class _Cgroup:
             return None
 
     def kill_all(self) -> None:
-        """SIGKILL every process in the cgroup, until none is left (bounded)."""
+        """SIGKILL every process in the cgroup, until none is left and every one killed
+        has finished dying (an exiting process leaves ``cgroup.procs`` before it is gone)."""
         deadline = time.monotonic() + 5
-        while True:
+        killed: set[int] = set()
+        while time.monotonic() < deadline:
             pids = self.pids()
-            if not pids or time.monotonic() > deadline:
-                return
+            if not pids:
+                break
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
                 except (ProcessLookupError, PermissionError):
                     pass
             time.sleep(0.002)
+        while killed and time.monotonic() < deadline:
+            killed = {pid for pid in killed if _alive(pid)}
+            if killed:
+                time.sleep(0.002)
 
     def remove(self) -> None:
         for _ in range(50):
@@ -532,6 +539,15 @@ class _Cgroup:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not finished dying (zombies count as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 def _count_user_procs(uid: int) -> int:
@@ -622,6 +638,10 @@ def _private_root_binds(python: str) -> list[str]:
 def _run(setup: _Setup, code: str, *, timeout_s: float, memory_mb: int, max_procs: int, file_mb: int,
          max_output_bytes: int, stdin: bytes = b"", report: bool = False) -> SandboxResult:
     t0 = time.monotonic()
+    if setup.mode == "basic" and os.geteuid() == 0:
+        # the program would run as root: kill(-1) alone would take the machine down
+        return SandboxResult(False, None, "", "", False, error="sandbox cannot start: basic mode refuses to run as root",
+                             mode=setup.mode)
     uid = random.SystemRandom().randrange(_UID_LO, _UID_HI) if setup.mode in ("kernel", "uid") else None
     host_dir = None
     root = None

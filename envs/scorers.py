@@ -550,8 +550,9 @@ class CodeScorer(Scorer):
                 answer = prompt + code
             prelude = f"{prompt}\n\n{meta['test']}\n"
             _names_used(prelude, f"example {example.id}")
+            # the entry point's own name too: some tests call it directly (HumanEval/33)
             return CodeJob(code, answer, prelude, "check(__graphtune_candidate__)\n",
-                           {"__graphtune_candidate__": entry})
+                           {"__graphtune_candidate__": entry, entry: entry})
         if meta.get("test_list"):
             tests = list(meta["test_list"])
             if self.challenge_tests:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,7 +28,8 @@ def _modes() -> list[str]:
     if best == "unavailable":
         return []
     order = ["kernel", "uid", "basic"]
-    return order[order.index(best):]
+    # never "basic" as root: the program would run as root, and kill(-1) would reach every process
+    return [m for m in order[order.index(best):] if not (IS_ROOT and m == "basic")]
 
 
 MODES = _modes()
@@ -37,11 +40,16 @@ pytestmark = pytest.mark.skipif(not MODES, reason=f"no sandbox can start here: {
 def run(request):
     """run(code, **limits) in one containment mode."""
     mode = request.param
-    setup = sb._Setup(mode, sb._get_setup().python)
-    if mode != sandbox_mode():
-        probe = sb._run(setup, "print('ok')", timeout_s=10, memory_mb=512, max_procs=8, file_mb=1,
-                        max_output_bytes=100)
-        if not probe.ok:
+    setup = sb._get_setup()
+    if mode != setup.mode:
+        for python in sb._python_candidates():  # the caller's interpreter may be closed to a fresh uid
+            trial = sb._Setup(mode, python, cgroups=setup.cgroups)
+            probe = sb._run(trial, "print('ok')", timeout_s=10, memory_mb=512, max_procs=8, file_mb=1,
+                            max_output_bytes=100)
+            if probe.ok:
+                setup = trial
+                break
+        else:
             pytest.skip(f"mode {mode} does not work here: {probe.error or probe.stderr[-200:]}")
 
     def _run(code, *, timeout_s=5.0, memory_mb=512, max_procs=16, file_mb=4, max_output_bytes=100_000):
@@ -271,3 +279,153 @@ def test_concurrent_runs_are_independent():
     assert sorted(r.stdout.split()[0] for r in results) == ["0", "1", "2", "3"]
     if sandbox_mode() in ("kernel", "uid"):
         assert len({r.stdout.split()[1] for r in results}) == 4  # a fresh uid each
+
+
+# ----------------------------------------------------------------------------- issue 10: escapes
+
+FEATURES = sb.sandbox_features() if MODES else {}
+needs_pidns = pytest.mark.skipif(not FEATURES.get("pid_namespace"),
+                                 reason="needs root with namespaces (the sandbox's kernel mode)")
+needs_root_fs = pytest.mark.skipif(not FEATURES.get("private_root"),
+                                   reason="needs root with namespaces (the sandbox's private root)")
+needs_cgroup = pytest.mark.skipif(not FEATURES.get("memory_cgroup"),
+                                  reason="needs a memory cgroup the sandbox can create (root, cgroup v1 memory or v2)")
+
+
+def test_stdin_and_report_channel_reach_the_program():
+    code = "import os, sys\nos.write(3, b'got ' + sys.stdin.buffer.read())\nprint('done')"
+    r = run_python(code, stdin=b"DATA", report=True, timeout_s=10)
+    assert r.ok and r.report == "got DATA" and r.stdout.strip() == "done"
+    assert run_python("import os\nos.write(3, b'x')", timeout_s=10).returncode != 0  # no fd 3 unless asked
+
+
+@needs_pidns
+def test_other_processes_command_lines_are_hidden():
+    secret = "postgresql://app:s3cr3t-" + os.urandom(4).hex() + "@db/prod"
+    host = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", secret])
+    try:
+        code = ("import os\nseen = []\nfor p in os.listdir('/proc'):\n    if p.isdigit():\n"
+                "        try:\n            seen.append(open(f'/proc/{p}/cmdline', 'rb').read().decode(errors='replace'))\n"
+                "        except OSError:\n            pass\nprint(len(seen))\nprint('\\n'.join(seen))")
+        r = sb.run_python(code, timeout_s=10)
+        assert r.ok, r.stderr
+        assert secret not in r.stdout and "s3cr3t" not in r.stdout
+        assert int(r.stdout.splitlines()[0]) <= 2  # the program itself (and ls-like helpers), nothing else
+    finally:
+        host.kill()
+        host.wait()
+
+
+@needs_root_fs
+def test_project_and_datasets_are_not_visible():
+    here = os.path.abspath(sb.__file__)
+    shared = os.path.join(os.path.dirname(os.path.dirname(here)), "..", "shared", "data")
+    targets = [here, os.path.dirname(here), os.path.abspath(shared), "/home", "/work", "/var", "/run"]
+    code = ("import os, json\nout = {}\nfor t in %r:\n    try:\n"
+            "        out[t] = sorted(os.listdir(t))[:3] if os.path.isdir(t) else open(t).read(20)\n"
+            "    except OSError as e:\n        out[t] = None\nprint(json.dumps(out))" % targets)
+    r = sb.run_python(code, timeout_s=10)
+    assert r.ok, r.stderr
+    import json
+    seen = json.loads(r.stdout)
+    assert all(v is None for v in seen.values()), seen
+
+
+@needs_root_fs
+def test_host_unix_sockets_are_unreachable():
+    import shutil
+    sock_dir = tempfile.mkdtemp(prefix="graphtune-sbtest-", dir="/run" if os.path.isdir("/run") else None)
+    os.chmod(sock_dir, 0o755)
+    path = os.path.join(sock_dir, ".s.PGSQL.5432")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o777)
+    listener.listen(5)
+    listener.settimeout(0.3)
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract.bind(b"\0graphtune-sbtest-" + os.urandom(4).hex().encode())
+    abstract.listen(5)
+    abstract.settimeout(0.3)
+    code = ("import socket\nfor addr in (%r, %r):\n    s = socket.socket(socket.AF_UNIX)\n    try:\n"
+            "        s.connect(addr)\n        print('connected', addr)\n    except OSError as e:\n"
+            "        print('refused', type(e).__name__)\n" % (path, abstract.getsockname()))
+    try:
+        r = sb.run_python(code, timeout_s=10)
+        assert r.error is None and "connected" not in r.stdout, r.stdout
+        for s in (listener, abstract):
+            with pytest.raises(OSError):
+                s.accept()
+    finally:
+        listener.close()
+        abstract.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_memory_is_bounded_for_the_whole_run_not_per_process():
+    # 4 children each holding 200 MB at once: 800 MB, over a 512 MB bound for the run
+    code = """
+import os, time
+kids = []
+for i in range(4):
+    try:
+        pid = os.fork()
+    except OSError:
+        print('no-fork', flush=True)
+        continue
+    if pid == 0:
+        try:
+            block = bytearray(b'x') * (200 * 2**20)
+            print('held', flush=True)
+            time.sleep(1.5)
+        except MemoryError:
+            print('memory-error', flush=True)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+"""
+    r = run_python(code, memory_mb=512, timeout_s=15)
+    assert r.error is None
+    held = r.stdout.split().count("held")
+    assert held * 200 <= 512, r.stdout
+    if FEATURES.get("memory_cgroup"):
+        assert r.memory_peak_mb is not None and r.memory_peak_mb <= 512 + 1
+
+
+@needs_cgroup
+def test_cgroup_reports_peak_and_is_removed():
+    r = run_python("block = bytearray(b'x') * (100 * 2**20)\nprint('ok')", memory_mb=512, timeout_s=10)
+    assert r.ok and 100 <= r.memory_peak_mb <= 512
+    kind, base = sb._cgroup_kind()
+    assert not [d for d in os.listdir(base) if d.startswith(f"graphtune-sandbox-{os.getpid()}-")]
+
+
+def test_signals_to_the_parent_and_everyone_do_not_hurt_the_caller(run):
+    if run.mode == "basic":
+        pytest.skip("basic mode runs the program as the caller's uid: kill(-1) would reach the caller's processes")
+    assert run.mode in ("kernel", "uid") and sb._UID_LO <= int(run("import os; print(os.getuid())").stdout) < sb._UID_HI
+    code = ("import os, signal\n"
+            "for target in (os.getppid(), 1, -1, 0):\n"
+            "    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
+            "        try:\n            os.kill(target, sig)\n        except OSError as e:\n            pass\n"
+            "print('survived')")
+    r = run(code, timeout_s=5)
+    assert r.error is None
+    again = run("print('alive')", timeout_s=5)
+    assert again.ok and again.stdout.strip() == "alive"
+
+
+def test_no_process_outlives_the_run(run):
+    if run.mode == "basic":
+        pytest.skip("basic mode kills the process group only")
+    code = ("import os, time\n"
+            "for _ in range(3):\n"
+            "    if os.fork() == 0:\n"
+            "        os.setsid()\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(60)\n"
+            "        os._exit(0)\n"
+            "time.sleep(0.2)\nprint('parent done')\n")
+    r = run(code, timeout_s=5)
+    assert r.ok and "parent done" in r.stdout
+    assert _live_sandbox_procs() == 0
