@@ -106,6 +106,8 @@ def enc(v, handle):
         return ["D", str(v)]
     if t is Remote:
         return ["h", object.__getattribute__(v, "_gt_ref")]
+    if t is type and getattr(builtins, getattr(v, "__name__", ""), None) is v:
+        return ["ty", v.__name__]  # a builtin type (MBPP passes int, str, float)
     if handle is None:
         raise TypeError("the tests cannot pass a %s to the answer" % t.__name__)
     # the answer process: subclasses of plain types travel as their base type
@@ -162,6 +164,10 @@ def dec(x, lookup):
         if tag == "D":
             from decimal import Decimal
             return Decimal(str(x[1]))
+        if tag == "ty":
+            v = getattr(builtins, str(x[1]), None)
+            if type(v) is type:
+                return v
         if tag == "h":
             return lookup(x[1], str(x[2]) if len(x) > 2 else "object")
     raise AnswerLost("unreadable value from the answer process")

@@ -492,8 +492,10 @@ class CodeJob:
     resolve: dict[str, str]
 
 
-def _names_used(source: str, where: str) -> list[str]:
-    """Names the tests read that are not builtins: the ones the answer may define."""
+def _names_used(source: str, where: str, reference: str = "") -> list[str]:
+    """Names the tests read that the answer may define: those that are not builtins, and
+    builtin names the reference solution defines at top level (MBPP's ``def sum(a, b)``).
+    A builtin the tests use for themselves (``len``) stays the real one."""
     import ast
     import builtins
 
@@ -501,8 +503,13 @@ def _names_used(source: str, where: str) -> list[str]:
         tree = ast.parse(source)
     except SyntaxError as e:
         raise EnvError(f"{where}: the tests are not valid Python ({e.msg}, line {e.lineno}); fix the dataset") from None
+    try:
+        defined = {n.name for n in ast.parse(reference).body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    except (SyntaxError, ValueError):
+        defined = set()
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    return sorted(n for n in names if not hasattr(builtins, n))
+    return sorted(n for n in names if not hasattr(builtins, n) or n in defined)
 
 
 class CodeScorer(Scorer):
@@ -561,7 +568,8 @@ class CodeScorer(Scorer):
             setup = str(meta.get("test_setup_code") or "")
             # setup before the asserts, in the tests process: MBPP's setup builds objects of the answer's classes
             source = f"{setup}\n\n" + "\n".join(tests) + "\n"
-            names = _names_used(source, f"example {example.id}")
+            reference = example.answer if isinstance(example.answer, str) else ""
+            names = _names_used(source, f"example {example.id}", reference)
             return CodeJob(code, code, "", source, {n: n for n in names})
         raise EnvError(f"example {example.id}: the code scorer needs tests in meta ('test' and 'entry_point' as in "
                        "HumanEval, or 'test_list' as in MBPP); use preset humaneval/mbpp or map them with fields")
