@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -434,6 +435,26 @@ def test_code_tests_failing_before_the_answer_runs_is_an_error_not_wrong():
                 test="def check(candidate):\n    assert candidate() == 1\n", entry_point="f")
     s = get_scorer("code", timeout_s=5).score("    return 1\n", ex("", **meta))
     assert s.correct is None and "no_such_module_graphtune" in s.error
+
+
+@needs_sandbox
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the sandbox's uid mode needs root")
+def test_code_forgeries_fail_in_uid_mode_too(monkeypatch):
+    # uid mode: no PID namespace, so the answer sees the tests process and can signal it
+    from graphtune.envs import sandbox as sb
+    best = sb._get_setup()
+    for python in sb._python_candidates():
+        trial = sb._Setup("uid", python, cgroups=best.cgroups)
+        if sb._run(trial, "print(1)", timeout_s=10, memory_mb=512, max_procs=8, file_mb=1, max_output_bytes=100).ok:
+            break
+    else:
+        pytest.skip("uid mode does not start here")
+    monkeypatch.setattr(sb, "_setup", trial)
+    scorer = get_scorer("code", timeout_s=5)
+    for name in ("token-hunt", "kill-the-tests", "exit-status", "always-true-eq"):
+        s = scorer.score(f"```python\n{FORGERIES[name]}\n```", ex("canonical", **HE))
+        assert s.correct is False and s.error is None, (name, s)
+    assert scorer.score("    return sum(xs)\n", ex("canonical", **HE)).correct is True
 
 
 def test_code_tests_that_are_not_python_are_a_config_error():
