@@ -120,7 +120,7 @@ try:
         os.dup2(cfg["report_fd"], %(rfd)d)
         os.close(cfg["report_fd"])
     libc = None
-    if cfg["namespaces"] or cfg["report_fd"] is not None:
+    if cfg["namespaces"]:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -133,6 +133,10 @@ try:
             fail("unshare: " + os.strerror(ctypes.get_errno()))
         pid = os.fork()
         if pid:  # stay outside as the relay: the caller waits for us, we wait for the run
+            libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG: if the caller dies, we die, and so does the run
+            if os.getppid() != cfg["caller"]:
+                os.kill(pid, 9)
+                os._exit(137)
             os.close(0)
             if cfg["report_fd"] is not None:
                 os.close(%(rfd)d)
@@ -629,12 +633,11 @@ def _private_root_binds(python: str) -> list[str]:
     the interpreter's prefix when it lives elsewhere (e.g. /opt/python)."""
     binds = [d for d in _ROOT_DIRS if os.path.lexists("/" + d)]
     binds += [f for f in _ROOT_FILES if os.path.isfile("/" + f)]
-    for p in {os.path.realpath(python), os.path.realpath(sys.base_prefix)}:
-        parts = p.strip("/").split("/")
-        if parts[0] not in _ROOT_DIRS:
-            prefix = "/".join(parts[:-2]) if p == os.path.realpath(python) else "/".join(parts)
-            if prefix and prefix not in binds and os.path.isdir("/" + prefix):
-                binds.append(prefix)
+    parts = os.path.realpath(python).strip("/").split("/")
+    if parts[0] not in _ROOT_DIRS:
+        prefix = "/".join(parts[:-2])  # <prefix>/bin/python3.X: the stdlib is in <prefix>/lib
+        if prefix and os.path.isdir("/" + prefix):
+            binds.append(prefix)
     return binds
 
 
@@ -693,7 +696,7 @@ def _run(setup: _Setup, code: str, *, timeout_s: float, memory_mb: int, max_proc
         report_r, report_w = os.pipe()
     cfg = {"uid": uid, "workdir": workdir, "namespaces": setup.mode == "kernel", "tmpfs_dirs": tmpfs, "root": root,
            "tmpfs_mb": max(int(file_mb) * 4, 16), "rlimits": rlimits, "python": setup.python,
-           "runner": _RUNNER, "mode": setup.mode, "report_fd": report_w,
+           "runner": _RUNNER, "mode": setup.mode, "report_fd": report_w, "caller": os.getpid(),
            "cgroup_procs": [cgroup.procs_file] if cgroup else [],
            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}}

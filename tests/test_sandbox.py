@@ -60,20 +60,32 @@ def run(request):
     return _run
 
 
-def _live_sandbox_procs() -> int:
-    """Live processes with a uid from the sandbox's range."""
-    n = 0
+def _sandbox_uids() -> dict[int, int]:
+    """Live (non-zombie) processes per uid from the sandbox's range."""
+    out: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            if sb._UID_LO <= os.stat(f"/proc/{name}").st_uid < sb._UID_HI:
+            uid = os.stat(f"/proc/{name}").st_uid
+            if sb._UID_LO <= uid < sb._UID_HI:
                 with open(f"/proc/{name}/stat", "rb") as f:
                     if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
-                        n += 1
+                        out[uid] = out.get(uid, 0) + 1
         except (OSError, IndexError):
             pass
-    return n
+    return out
+
+
+def _live_sandbox_procs(uid: int | None = None) -> int:
+    """Live processes of ``uid`` (a run's fresh uid), or of any sandbox uid. Runs print
+    their uid so that sandboxes running at the same time elsewhere do not count."""
+    counts = _sandbox_uids()
+    return counts.get(uid, 0) if uid is not None else sum(counts.values())
+
+
+def _first_uid(r: SandboxResult) -> int:
+    return int(r.stdout.split()[0])
 
 
 def test_public_entry_point_runs_code():
@@ -128,20 +140,20 @@ def test_infinite_loop_is_killed(run):
 def test_sleeping_child_that_leaves_the_group_is_killed(run):
     if run.mode == "basic":
         pytest.skip("basic mode kills the process group only; a child that calls setsid() outlives the run")
-    code = ("import os, time, subprocess, sys\n"
+    code = ("import os, time, subprocess, sys\nprint(os.getuid(), flush=True)\n"
             "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\n"
             "print('parent done')\n")
     r = run(code, timeout_s=5)
     assert r.ok and "parent done" in r.stdout
     if run.mode in ("kernel", "uid"):
-        assert _live_sandbox_procs() == 0
+        assert _live_sandbox_procs(_first_uid(r)) == 0
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run as a fresh uid (RLIMIT_NPROC is per uid)")
 def test_fork_bomb_is_contained(run):
     if run.mode == "basic":
         pytest.skip("basic mode as root: RLIMIT_NPROC does not bind root")
-    bomb = ("import os\n"
+    bomb = ("import os\nprint(os.getuid(), flush=True)\n"
             "while True:\n"
             "    try:\n"
             "        if os.fork() == 0:\n"
@@ -152,7 +164,7 @@ def test_fork_bomb_is_contained(run):
     r = run(bomb, timeout_s=1.5, max_procs=12)
     assert time.monotonic() - t0 < 10
     assert r.timed_out and not r.ok and r.error is None
-    assert _live_sandbox_procs() == 0
+    assert _live_sandbox_procs(_first_uid(r)) == 0
     # the machine is fine: we can still fork and run another sandbox
     again = run("print('alive')", timeout_s=5)
     assert again.ok and again.stdout.strip() == "alive"
@@ -422,7 +434,7 @@ def test_signals_to_the_parent_and_everyone_do_not_hurt_the_caller(run):
 def test_no_process_outlives_the_run(run):
     if run.mode == "basic":
         pytest.skip("basic mode kills the process group only")
-    code = ("import os, time\n"
+    code = ("import os, time\nprint(os.getuid(), flush=True)\n"
             "for _ in range(3):\n"
             "    if os.fork() == 0:\n"
             "        os.setsid()\n"
@@ -432,4 +444,28 @@ def test_no_process_outlives_the_run(run):
             "time.sleep(0.2)\nprint('parent done')\n")
     r = run(code, timeout_s=5)
     assert r.ok and "parent done" in r.stdout
-    assert _live_sandbox_procs() == 0
+    assert _live_sandbox_procs(_first_uid(r)) == 0
+
+
+@needs_pidns
+def test_killing_the_caller_kills_the_run():
+    before = set(_sandbox_uids())
+    script = ("from graphtune.envs.sandbox import run_python\n"
+              "run_python('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(60)', timeout_s=60)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 15
+        mine: list[int] = []
+        while time.monotonic() < deadline:
+            mine = [u for u, n in _sandbox_uids().items() if u not in before and n >= 2]
+            if mine:
+                break
+            time.sleep(0.05)
+        assert mine, "the run did not start"
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 5
+    while any(_live_sandbox_procs(u) for u in mine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_live_sandbox_procs(u) for u in mine)
