@@ -447,17 +447,37 @@ def test_no_process_outlives_the_run(run):
     assert _live_sandbox_procs(_first_uid(r)) == 0
 
 
+def _descendant_uids(root: int) -> set[int]:
+    """Sandbox uids among the processes below ``root``."""
+    parent, uid = {}, {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    parent[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+                uid[int(name)] = os.stat(f"/proc/{name}").st_uid
+            except (OSError, IndexError, ValueError):
+                pass
+    found = set()
+    for pid in parent:
+        p, seen = pid, 0
+        while p in parent and p != root and seen < 64:
+            p, seen = parent[p], seen + 1
+        if p == root and sb._UID_LO <= uid.get(pid, 0) < sb._UID_HI:
+            found.add(uid[pid])
+    return found
+
+
 @needs_pidns
 def test_killing_the_caller_kills_the_run():
-    before = set(_sandbox_uids())
     script = ("from graphtune.envs.sandbox import run_python\n"
               "run_python('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(60)', timeout_s=60)\n")
     caller = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 15
-        mine: list[int] = []
+        mine: set[int] = set()
         while time.monotonic() < deadline:
-            mine = [u for u, n in _sandbox_uids().items() if u not in before and n >= 2]
+            mine = {u for u in _descendant_uids(caller.pid) if _live_sandbox_procs(u) >= 2}
             if mine:
                 break
             time.sleep(0.05)
