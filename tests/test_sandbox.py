@@ -406,6 +406,12 @@ for pid in kids:
     assert held * 200 <= 512, r.stdout
     if FEATURES.get("memory_cgroup"):
         assert r.memory_peak_mb is not None and r.memory_peak_mb <= 512 + 1
+    # without a cgroup the process count and per-process bound keep the sum honest
+    setup = sb._get_setup()
+    r = sb._run(sb._Setup(setup.mode, setup.python, setup.private_root, cgroups=False), code, timeout_s=15,
+                memory_mb=512, max_procs=16, file_mb=1, max_output_bytes=10_000)
+    assert r.error is None and r.memory_peak_mb is None
+    assert r.stdout.split().count("held") * 200 <= 512, r.stdout
 
 
 @needs_cgroup
