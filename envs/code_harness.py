@@ -48,7 +48,7 @@ __all__ = ["HarnessResult", "run_tests"]
 
 # Runs in the sandbox as __main__, with the report channel on fd 3. Only the standard library.
 HARNESS = r'''
-import builtins, json, os, signal, sys, traceback
+import builtins, json, os, signal, sys
 
 REPORT = 3
 if hasattr(sys, "set_int_max_str_digits"):
@@ -380,6 +380,7 @@ def main():
         exec(tests, g)
     except BaseException as e:
         sys.stderr.write("graphtune-harness: FAILED: %s: %s\n" % (type(e).__name__, str(e)[:500]))
+        import traceback
         tb = traceback.extract_tb(e.__traceback__)
         for fr in tb[-3:]:
             if fr.filename == "tests.py":
