@@ -461,9 +461,6 @@ def _article(text: str, m: re.Match) -> bool:
 # --------------------------------------------------------------------------- code
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-#: The harness's exit status after every test passed; a program that exits early (even
-#: with status 0) never reaches it.
-_PASS_EXIT = 86
 
 
 def extract_code(output: str, entry_point: str | None = None) -> str:
@@ -483,19 +480,59 @@ def extract_code(output: str, entry_point: str | None = None) -> str:
     return blocks[0][1]
 
 
+@dataclass(frozen=True)
+class CodeJob:
+    """What the code harness runs: the answer's program, and the trusted ``prelude`` and
+    ``tests`` with the names they take from the answer (``resolve``)."""
+
+    code: str  # the code read from the reply
+    answer: str  # the answer process's program
+    prelude: str
+    tests: str
+    resolve: dict[str, str]
+
+
+def _names_used(source: str, where: str, reference: str = "") -> list[str]:
+    """Names the tests read that the answer may define: those that are not builtins, and
+    builtin names the reference solution defines at top level (MBPP's ``def sum(a, b)``).
+    A builtin the tests use for themselves (``len``) stays the real one."""
+    import ast
+    import builtins
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise EnvError(f"{where}: the tests are not valid Python ({e.msg}, line {e.lineno}); fix the dataset") from None
+    try:
+        defined = {n.name for n in ast.parse(reference).body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    except (SyntaxError, ValueError):
+        defined = set()
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return sorted(n for n in names if not hasattr(builtins, n) or n in defined)
+
+
 class CodeScorer(Scorer):
     """Runs the reply's code against *all* the example's tests in the sandbox
-    (:mod:`graphtune.envs.sandbox`); correct only when every test passes and the
-    harness reaches its end.
+    (:mod:`graphtune.envs.sandbox`) through :mod:`graphtune.envs.code_harness`: the
+    tests run in a process of their own and call the answer's functions in another, get
+    plain values back and compare them themselves; correct only when the tests process
+    reports, with its per-run token, that every test ran and passed.
 
-    HumanEval (``meta['test']``, ``meta['entry_point']``, ``meta['prompt']``): a reply
-    that defines the entry point runs after the prompt (so the prompt's imports and
-    helpers exist); one that does not is taken as the body and appended to the prompt;
-    then ``check(entry_point)``. MBPP (``meta['test_list']``, optional
-    ``meta['test_setup_code']``; ``challenge_tests=True`` adds ``challenge_test_list``):
-    the reply's code, the setup code (it may use the reply's classes), then every assert.
+    HumanEval (``meta['test']``, ``meta['entry_point']``, ``meta['prompt']``): the answer
+    process runs the prompt then the reply when the reply defines the entry point (so the
+    prompt's imports and helpers exist), else the prompt with the reply as its body; the
+    tests process runs the prompt (its helpers, e.g. ``poly``, are the dataset's, not the
+    reply's) and ``check(<the answer's entry point>)``. MBPP (``meta['test_list']``,
+    optional ``meta['test_setup_code']``; ``challenge_tests=True`` adds
+    ``challenge_test_list``): the answer process runs the reply's code; the tests process
+    runs the setup code (it may build the reply's classes) then every assert, with each
+    name they use that the reply defines bound to it (a module the reply imports is
+    imported afresh in the tests process).
 
-    A timeout, crash or failed assert is wrong; a sandbox that cannot start is an error.
+    A timeout, crash, failed assert or a result that is not equal as a plain value is
+    wrong; a sandbox that cannot start, or tests that fail before the answer runs, is an
+    error.
     """
 
     name = "code"
@@ -507,38 +544,45 @@ class CodeScorer(Scorer):
         self.max_procs = int(max_procs)
         self.challenge_tests = challenge_tests
 
-    def program(self, output: str, example: Example) -> tuple[str, str]:
-        """(the code read from the reply, the full test program)."""
+    def program(self, output: str, example: Example) -> CodeJob:
+        """The harness job for ``output`` on ``example``."""
         meta = example.meta
-        tail = f"\n\nimport os as _graphtune_os\n_graphtune_os._exit({_PASS_EXIT})\n"
         if meta.get("test") and meta.get("entry_point"):
             entry = str(meta["entry_point"])
             code = extract_code(output, entry)
             prompt = str(meta.get("prompt") or "")
             if re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
-                body = prompt + "\n\n" + code
+                answer = prompt + "\n\n" + code
             else:
-                body = prompt + code
-            return code, f"{body}\n\n{meta['test']}\n\ncheck({entry})\n{tail}"
+                answer = prompt + code
+            prelude = f"{prompt}\n\n{meta['test']}\n"
+            _names_used(prelude, f"example {example.id}")
+            # the entry point's own name too: some tests call it directly (HumanEval/33)
+            return CodeJob(code, answer, prelude, "check(__graphtune_candidate__)\n",
+                           {"__graphtune_candidate__": entry, entry: entry})
         if meta.get("test_list"):
             tests = list(meta["test_list"])
             if self.challenge_tests:
                 tests += list(meta.get("challenge_test_list") or ())
             code = extract_code(output)
             setup = str(meta.get("test_setup_code") or "")
-            # setup after the code: MBPP's setup builds objects of the solution's classes
-            return code, f"{code}\n\n{setup}\n\n" + "\n".join(tests) + f"\n{tail}"
+            # setup before the asserts, in the tests process: MBPP's setup builds objects of the answer's classes
+            source = f"{setup}\n\n" + "\n".join(tests) + "\n"
+            reference = example.answer if isinstance(example.answer, str) else ""
+            names = _names_used(source, f"example {example.id}", reference)
+            return CodeJob(code, code, "", source, {n: n for n in names})
         raise EnvError(f"example {example.id}: the code scorer needs tests in meta ('test' and 'entry_point' as in "
                        "HumanEval, or 'test_list' as in MBPP); use preset humaneval/mbpp or map them with fields")
 
     def score(self, output: str, example: Example) -> Score:
-        from graphtune.envs.sandbox import run_python
+        from graphtune.envs.code_harness import run_tests
 
-        code, program = self.program(output or "", example)
-        r = run_python(program, timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_procs=self.max_procs)
+        job = self.program(output or "", example)
+        r = run_tests(job.answer, tests=job.tests, prelude=job.prelude, resolve=job.resolve,
+                      timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_procs=self.max_procs)
         if r.error:
-            return Score(correct=None, score=0.0, extracted=code, error=r.error)
-        return _verdict(r.returncode == _PASS_EXIT and not r.timed_out, code)
+            return Score(correct=None, score=0.0, extracted=job.code, error=r.error)
+        return _verdict(bool(r.passed), job.code)
 
 
 # --------------------------------------------------------------------------- llm-judge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -299,6 +300,166 @@ def test_code_on_shared_canonical_solutions():
     for e in he + mbpp:
         assert scorer.score(f"```python\n{e.answer}\n```", e).correct, e.id
         assert not scorer.score("```python\npass\n```", e).correct, e.id
+
+
+# ----------------------------------------------------------------------------- code: forged verdicts (issue 10)
+
+# Each answer below tries to be scored correct without computing add_all. Each ends by
+# exiting with the status the old harness read as "all tests passed", so on the old
+# harness every one of them was scored correct.
+_OLD_PASS = "\nimport os as _o\n_o._exit(86)\n"
+FORGERIES = {
+    "exit-status": "import os\nos._exit(86)\n",
+    "sys-exit-in-call": "def add_all(xs):\n    import sys\n    sys.exit(0)\n" + _OLD_PASS,
+    "always-true-eq": "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+                      "def add_all(xs):\n    return Yes()\n",
+    "int-subclass-eq": "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                       "def add_all(xs):\n    return Yes(7)\n",
+    "patched-builtins": "import builtins\nclass Never(Exception):\n    pass\nbuiltins.AssertionError = Never\n"
+                        "builtins.len = lambda x: 0\ndef add_all(xs):\n    return 0\n" + _OLD_PASS,
+    # look for the token and the report channel everywhere the answer can reach, then write
+    # every candidate line to every descriptor
+    "token-hunt": """
+import gc, os, re, sys
+found = set()
+for o in gc.get_objects():
+    for s in ([o] if isinstance(o, str) else list(o.values()) if isinstance(o, dict) else []):
+        if isinstance(s, str):
+            found.update(re.findall(r"[0-9a-f]{32}", s))
+f = sys._getframe()
+while f:
+    found.update(v for v in f.f_locals.values() if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v))
+    f = f.f_back
+for path in ("/proc/%d/mem" % os.getppid(), "/proc/%d/environ" % os.getppid(), "/proc/1/environ", "main.py"):
+    try:
+        found.update(re.findall(r"[0-9a-f]{32}", open(path, "rb").read(1 << 20).decode("latin-1")))
+    except (OSError, ValueError):
+        pass
+fds = []
+for pid in ("self", str(os.getppid()), "1"):
+    try:
+        fds += ["/proc/%s/fd/%s" % (pid, n) for n in os.listdir("/proc/%s/fd" % pid)]
+    except OSError:
+        pass
+lines = [b"pass " + t.encode() + b"\\n" for t in found] or [b"pass x\\n"]
+for fd in list(range(3, 64)):
+    for line in lines:
+        try:
+            os.write(fd, line)
+        except OSError:
+            pass
+for path in fds:
+    try:
+        with open(path, "wb") as fh:
+            for line in lines:
+                fh.write(line)
+    except OSError:
+        pass
+def add_all(xs):
+    return 0
+""" + _OLD_PASS,
+    "kill-the-tests": "import os, signal\nfor sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):\n"
+                      "    try:\n        os.kill(os.getppid(), sig)\n    except OSError:\n        pass\n"
+                      "def add_all(xs):\n    return 0\n" + _OLD_PASS,
+}
+
+
+@needs_sandbox
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_code_forged_verdicts_are_wrong(name):
+    s = get_scorer("code", timeout_s=5).score(f"```python\n{FORGERIES[name]}\n```", ex("canonical", **HE))
+    assert s.correct is False and s.error is None, (name, s)
+
+
+@needs_sandbox
+def test_code_always_true_eq_fails_on_mbpp_too():
+    forged = "class Yes:\n    def __eq__(self, other):\n        return True\ndef sq(x):\n    return Yes()\n"
+    assert get_scorer("code", timeout_s=5).score(forged, ex("", **MBPP)).correct is False
+
+
+@needs_sandbox
+def test_code_prompt_helpers_are_the_datasets_not_the_answers():
+    # HumanEval/32 checks the answer with the prompt's poly(); an answer that redefines
+    # poly() to return 0 used to pass with any number
+    prompt = "def ref(x):\n    return x * 3\n\n\ndef triple(x):\n    \"\"\"3x.\"\"\"\n"
+    test = "def check(candidate):\n    for x in range(5):\n        assert ref(candidate(x)) == ref(3 * x)\n"
+    meta = dict(prompt=prompt, test=test, entry_point="triple")
+    cheat = "```python\ndef ref(x):\n    return 0\n\ndef triple(x):\n    return 1\n```"
+    assert get_scorer("code", timeout_s=5).score(cheat, ex("", **meta)).correct is False
+    assert get_scorer("code", timeout_s=5).score("    return 3 * x\n", ex("", **meta)).correct is True
+
+
+@needs_sandbox
+def test_code_answer_cannot_read_the_expected_values():
+    secret = "zebra-" + str(4821)
+    test = f"def check(candidate):\n    assert candidate() == {secret!r}\n"
+    meta = dict(prompt="def guess():\n    \"\"\"?\"\"\"\n", test=test, entry_point="guess")
+    snoop = r"""
+import gc, glob, os, re
+def guess():
+    texts = []
+    for path in glob.glob("*") + glob.glob("/tmp/**", recursive=True) + glob.glob("/proc/*/cmdline"):
+        try:
+            texts.append(open(path, errors="replace").read())
+        except OSError:
+            pass
+    texts += [o for o in gc.get_objects() if isinstance(o, str)]
+    for t in texts:
+        m = re.search(r"zebra-\d{4}", t)
+        if m:
+            return m.group(0)
+    return ""
+"""
+    assert get_scorer("code", timeout_s=5).score(f"```python\n{snoop}\n```", ex("", **meta)).correct is False
+
+
+@needs_sandbox
+def test_code_plain_value_subclasses_and_objects_still_work():
+    test = ("def check(candidate):\n    assert candidate(2) == (2, 4)\n    assert candidate(2)[1] == 4\n"
+            "    assert isinstance(candidate(1), tuple)\n")
+    meta = dict(prompt="def pair(x):\n    \"\"\"(x, 2x)\"\"\"\n", test=test, entry_point="pair")
+    named = ("```python\nfrom collections import namedtuple\nP = namedtuple('P', 'a b')\n"
+             "def pair(x):\n    return P(x, 2 * x)\n```")
+    assert get_scorer("code", timeout_s=5).score(named, ex("", **meta)).correct is True
+    # MBPP-style classes: objects stay in the answer's process, their attributes come back as values
+    cls = dict(test_list=("assert Stack([1, 2]).top() == 2", "assert len(Stack([1, 2, 3]).items) == 3",
+                          "s = Stack([]); s.items = [5]; assert s.top() == 5"), test_setup_code="")
+    answer = "class Stack:\n    def __init__(self, items):\n        self.items = list(items)\n" \
+             "    def top(self):\n        return self.items[-1]\n"
+    assert get_scorer("code", timeout_s=5).score(answer, ex("", **cls)).correct is True
+
+
+@needs_sandbox
+def test_code_tests_failing_before_the_answer_runs_is_an_error_not_wrong():
+    meta = dict(prompt="import no_such_module_graphtune\n\ndef f():\n    \"\"\"?\"\"\"\n",
+                test="def check(candidate):\n    assert candidate() == 1\n", entry_point="f")
+    s = get_scorer("code", timeout_s=5).score("    return 1\n", ex("", **meta))
+    assert s.correct is None and "no_such_module_graphtune" in s.error
+
+
+@needs_sandbox
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the sandbox's uid mode needs root")
+def test_code_forgeries_fail_in_uid_mode_too(monkeypatch):
+    # uid mode: no PID namespace, so the answer sees the tests process and can signal it
+    from graphtune.envs import sandbox as sb
+    best = sb._get_setup()
+    for python in sb._python_candidates():
+        trial = sb._Setup("uid", python, cgroups=best.cgroups)
+        if sb._run(trial, "print(1)", timeout_s=10, memory_mb=512, max_procs=8, file_mb=1, max_output_bytes=100).ok:
+            break
+    else:
+        pytest.skip("uid mode does not start here")
+    monkeypatch.setattr(sb, "_setup", trial)
+    scorer = get_scorer("code", timeout_s=5)
+    for name in ("token-hunt", "kill-the-tests", "exit-status", "always-true-eq"):
+        s = scorer.score(f"```python\n{FORGERIES[name]}\n```", ex("canonical", **HE))
+        assert s.correct is False and s.error is None, (name, s)
+    assert scorer.score("    return sum(xs)\n", ex("canonical", **HE)).correct is True
+
+
+def test_code_tests_that_are_not_python_are_a_config_error():
+    with pytest.raises(EnvError, match="not valid Python"):
+        get_scorer("code").program("def sq(x): return x*x", ex("", test_list=("assert sq(2) ==",)))
 
 
 # ----------------------------------------------------------------------------- llm-judge
