@@ -269,14 +269,18 @@ _FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 
 def parse_json(text: str) -> Any:
     """Parse a JSON reply, tolerating a markdown code fence or prose around one object
-    (providers without schema enforcement often add them). Raises ValueError."""
+    (providers without schema enforcement often add them). Raises ValueError, also for
+    ``NaN``/``Infinity``/overflowing numbers and for nesting deeper than
+    ``graphtune.agent.schema.MAX_REPLY_DEPTH`` (refused before the recursive parser runs)."""
+    from graphtune.agent.schema import loads_finite
+
     m = _FENCE.match(text)
     if m:
         text = m.group(1)
     try:
-        return json.loads(text)
+        return loads_finite(text)
     except json.JSONDecodeError:
         start, end = text.find("{"), text.rfind("}")
         if start != -1 and end > start:
-            return json.loads(text[start:end + 1])
+            return loads_finite(text[start:end + 1])
         raise
