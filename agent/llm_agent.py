@@ -131,6 +131,6 @@ class LLMAgent(Agent):
             reason = f"{reason}; fell back to the numeric update" if "fell back" not in reason else reason
         usd = (pt * float(s.get("usd_per_mtok_in", 0.0)) + ct * float(s.get("usd_per_mtok_out", 0.0))) / 1e6
         reply_text = replies[-1] if len(replies) == 1 else (
-            json.dumps({"attempts": replies}) if replies else None)
+            json.dumps({"attempts": replies}, ensure_ascii=False) if replies else None)
         return AgentStep(kind=kind, prompt=prompt, reply=reply_text, update=update, rejected_reason=reason,
                          calls=calls, prompt_tokens=pt, completion_tokens=ct, usd=usd, seconds=seconds)

@@ -37,7 +37,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from graphtune.agent.schema import ReplyLimits, ReplyRejected, load_reply_json, reply_excerpt
+from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
+                                    reply_excerpt)
 
 from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
 from graphtune.graphs.canonical import graph_hash
@@ -334,7 +335,8 @@ class LLMOptSearcher(Searcher):
             step["seconds"] += float(r.seconds)
             text = str(r.text or "")
             replies.append(reply_excerpt(text))  # stored and re-sent bounded, never whole
-            step["reply"] = replies[0] if len(replies) == 1 else json.dumps(replies)
+            step["reply"] = replies[0] if len(replies) == 1 else reply_excerpt(
+                json.dumps(replies, ensure_ascii=False), MAX_STORED_REPLY_CHARS)
             try:
                 parsed = parse_reply(text, self.limits)
             except ValueError as e:
