@@ -407,3 +407,55 @@ def test_spec_defaults_match_the_parser_defaults():
     assert (a.max_reply_chars, a.max_reply_depth) == (MAX_REPLY_CHARS, MAX_REPLY_DEPTH)
     assert ReplyLimits.from_settings(a.model_dump()) == ReplyLimits()
     assert ReplyLimits.from_settings({"max_reply_chars": 5000}).max_chars == 5000
+
+
+# -- hostile replies end as stored steps on every store --------------------------------------
+
+HOSTILE = {
+    "nan": json.dumps({"feedback": "x", "model_preference": {"llama-3.2-3b": "@N@"}}).replace('"@N@"', "NaN"),
+    "1e999": json.dumps({"feedback": "x", "role_preference": {"fuser": "@N@"}}).replace('"@N@"', "1e999"),
+    "deep": "[" * 100_000,
+    "huge": json.dumps({"feedback": "x", "proposals": []}) + " " * 1_000_000,
+    "nul": json.dumps({"feedback": "a\x00b"}),
+    "surrogate": '{"feedback": "\\ud800"}',
+    "raw surrogate and NUL in prose": "\ud800\x00 not json",
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory", pytest.param("postgresql", marks=pytest.mark.skipif(
+    not __import__("os").environ.get("GRAPHTUNE_TEST_POSTGRES_URL"),
+    reason="set GRAPHTUNE_TEST_POSTGRES_URL (bash scripts/postgres.sh start) to test PostgreSQL"))])
+def test_hostile_replies_are_stored_bounded_and_the_study_completes(kind, tmp_path, costs):
+    """NaN used to make PostgreSQL refuse the searcher state (the study stuck `running`);
+    NUL and lone surrogates cannot be written to PostgreSQL (or as UTF-8) at all."""
+    from test_store import open_store
+
+    from graphtune.search.loop import run_search
+
+    texts = list(HOSTILE.values())
+    n = iter(range(10 ** 6))
+
+    def complete(model, messages, **kw):
+        return FakeReply(texts[next(n) % len(texts)])
+
+    env = FakeEnv(costs, n_dev=10)
+    dev = tuple(env.split("dev"))
+    ctx = SearchContext(space=Space(models=LLAMA_POOL, max_nodes=5, max_in_degree=3), costs=costs,
+                        budget=Budget(units=18), objective=Objective(), dev_ids=dev, seed=0, batch_size=5,
+                        budget_runs=20 * len(dev), task_description="t",
+                        agent={"model": "fake/llm", "max_retries": 0}, options={"minibatch": 3})
+    store = open_store(kind, tmp_path)
+    try:
+        st_ = store.create_study("s", "agent-reinforce", {})
+        run_search(AgentReinforceSearcher(ctx, complete=complete), env, store, st_, ctx,
+                   budget_runs=ctx.budget_runs, test_ids=env.split("test")[:5])
+        assert store.get_study("s").status == "complete"
+        json.dumps(store.get_study("s").searcher_state, allow_nan=False)
+        steps = store.agent_steps(st_.id)
+        assert len(steps) >= len(HOSTILE)
+        for x in steps:
+            assert x["rejected_reason"] and x["applied"] == {"fallback": "numeric update only"}
+            assert len(x["reply"]) <= REPLY_EXCERPT_CHARS + 300
+        TRIED[f"hostile replies stored ({kind})"] += len(steps)
+    finally:
+        store.close()
