@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -80,8 +81,10 @@ numbers = st.one_of(
 )
 json_values = st.recursive(st.none() | st.booleans() | numbers | texts,
                            lambda c: st.lists(c, max_size=3) | st.dictionaries(texts, c, max_size=3), max_leaves=8)
-#: sometimes the right value, sometimes any JSON value (wrong types)
+
+
 def maybe_wrong(right):
+    """Mostly the right value, sometimes any JSON value (wrong types)."""
     return st.one_of(right, right, right, json_values)
 
 
@@ -327,7 +330,8 @@ def test_llm_opt_parse_reply_raises_only_value_error(text):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(text=st.one_of(st.text(max_size=12_000), st.text(alphabet=st.sampled_from([c for c in ODD if len(c) == 1] + ["a", "{"]), max_size=9000)))
+@given(text=st.one_of(st.text(max_size=12_000),
+                      st.text(alphabet=st.sampled_from([c for c in ODD if len(c) == 1] + ["a", "{"]), max_size=9000)))
 def test_reply_excerpt_is_bounded_storable_and_keeps_short_replies_whole(text):
     out = reply_excerpt(text)
     _storable(out)
@@ -423,7 +427,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "memory", pytest.param("postgresql", marks=pytest.mark.skipif(
-    not __import__("os").environ.get("GRAPHTUNE_TEST_POSTGRES_URL"),
+    not os.environ.get("GRAPHTUNE_TEST_POSTGRES_URL"),
     reason="set GRAPHTUNE_TEST_POSTGRES_URL (bash scripts/postgres.sh start) to test PostgreSQL"))])
 def test_hostile_replies_are_stored_bounded_and_the_study_completes(kind, tmp_path, costs):
     """NaN used to make PostgreSQL refuse the searcher state (the study stuck `running`);
