@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
 from graphtune.agent.schema import (AgentUpdate, ReplyLimits, ReplyRejected, parse_update, reply_excerpt,
-                                    update_json_schema)
+                                    short_location, update_json_schema)
 from graphtune.errors import LLMFatalError, LLMTransientError
 
 SYSTEM = (
@@ -48,7 +48,7 @@ def _short_error(e: Exception) -> str:
     if isinstance(e, ValidationError):
         errs = e.errors()
         first = errs[0]
-        loc = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
+        loc = short_location(first.get("loc", ()))
         more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
         return f"wrong schema: {loc}: {first.get('msg')}{more}"
     if isinstance(e, json.JSONDecodeError):

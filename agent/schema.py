@@ -195,10 +195,17 @@ def _check_values(obj: Any, where: str = "") -> None:
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_values(k, where)
-            _check_values(v, f"{where}.{k}" if where else str(k))
+            _check_values(v, short_location([where, k] if where else [k]))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             _check_values(v, f"{where}[{i}]")
+
+
+def short_location(loc: Any) -> str:
+    """A validation error's location, each part cut to 40 characters: dict keys come from
+    the reply, and a reason is stored and sent back to the model."""
+    parts = [str(p) if len(str(p)) <= 40 else str(p)[:40] + "..." for p in loc]
+    return ".".join(parts) or "(top level)"
 
 
 def check_reply_size(text: str, limits: ReplyLimits) -> None:
@@ -242,7 +249,8 @@ def parse_update(text: str, limits: ReplyLimits = ReplyLimits()) -> AgentUpdate:
 
 
 def reply_excerpt(text: str | None, limit: int = REPLY_EXCERPT_CHARS) -> str | None:
-    """What is stored of a reply: the reply when it has at most ``limit`` characters,
+    """What is stored of a reply (or of any text that came from one, such as a long list
+    of rejection reasons): the text when it has at most ``limit`` characters,
     else its first ``limit`` characters and a last line with its full length and sha256
     (of its UTF-8 bytes). NUL characters and unpaired surrogates, which some stores
     cannot hold, are replaced by U+FFFD in what is kept."""
@@ -253,8 +261,8 @@ def reply_excerpt(text: str | None, limit: int = REPLY_EXCERPT_CHARS) -> str | N
     if len(text) <= limit:
         return kept
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return (f"{kept}\n[graphtune: reply truncated for storage: first {limit} of {len(text)} characters "
-            f"kept; sha256 of the whole reply {digest}]")
+    return (f"{kept}\n[graphtune: truncated for storage: first {limit} of {len(text)} characters kept; "
+            f"sha256 of the whole text {digest}]")
 
 
 def _storable(s: str) -> str:

@@ -38,7 +38,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
-                                    reply_excerpt)
+                                    reply_excerpt, short_location)
 
 from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
 from graphtune.graphs.canonical import graph_hash
@@ -123,7 +123,7 @@ def parse_reply(text: str, limits: ReplyLimits = ReplyLimits()) -> ProposalReply
         return ProposalReply.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = short_location(err["loc"])
         raise ValueError(f"reply does not match the schema: {where}: {err['msg']}") from None
 
 
@@ -204,7 +204,8 @@ class LLMOptSearcher(Searcher):
         reasons = ([failure] if failure else []) + rejected
         step["applied"] = {"proposals": outcomes, "accepted": sum(o["status"] == "accepted" for o in outcomes),
                            "random_fill": n_random}
-        step["rejected_reason"] = "; ".join(reasons) if reasons else None
+        # one reason per rejected proposal (up to 1,024): bounded like a reply
+        step["rejected_reason"] = reply_excerpt("; ".join(reasons), MAX_STORED_REPLY_CHARS) if reasons else None
         self._steps.append(step)
         self.batch += 1
         return out

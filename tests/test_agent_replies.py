@@ -54,12 +54,15 @@ ROLES = ["assistant", "fuser"]
 STORED_BOUND = MAX_STORED_REPLY_CHARS + 300
 
 TRIED: Counter = Counter()
+#: largest stored step seen (characters of its JSON, the prompt, which graphtune writes, left out)
+LARGEST: Counter = Counter()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts():
     yield
     print("\nagent-reply cases tried:", dict(sorted(TRIED.items())))
+    print("largest stored step (chars of JSON without the prompt):", dict(LARGEST))
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -153,14 +156,18 @@ noise = st.lists(st.sampled_from(TOKENS), max_size=300).map("".join)
 nesting = st.builds(lambda n, open_, tail: open_ * n + tail,
                     st.integers(1, 3 * TEST_MAX_CHARS // 5), st.sampled_from(["[", "{", '{"a":', '[{"x":']),
                     st.sampled_from(["", "1", "]" * 40, "}"]))
+#: long dict keys (they appear in validation errors) and many unknown names
+long_keys = st.builds(lambda n, k, v: json.dumps({"feedback": "x", "model_preference": {("k" * n) + str(i): v
+                                                                                     for i in range(k)}}),
+                      st.integers(1, 5000), st.integers(1, 200), st.sampled_from([1.0, "x", None]))
 huge = st.builds(lambda n, c: json.dumps({"feedback": c * n, "proposals": []}),
                  st.integers(TEST_MAX_CHARS // 2, 3 * TEST_MAX_CHARS), st.sampled_from(["x", "é", "\U0001F600"]))
 
 
 def replies(structured, typed=None):
     typed = typed if typed is not None else structured
-    return st.one_of(st.text(max_size=400), noise, nesting, huge, dressed(structured), dressed(structured),
-                     typed.map(dumps), typed.map(dumps))
+    return st.one_of(st.text(max_size=400), noise, nesting, huge, long_keys, dressed(structured),
+                     dressed(structured), typed.map(dumps), typed.map(dumps))
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -182,13 +189,16 @@ def _storable(obj, where="") -> None:
             _storable(v, where)
 
 
-def _check_step(step: dict) -> str:
+def _check_step(step: dict, method: str) -> str:
     """The invariants of one stored agent step; returns how it ended."""
     _storable(step)
     json.dumps(step, allow_nan=False)
-    reply = step["reply"]
-    assert reply is None or len(reply) <= STORED_BOUND
-    assert len(json.dumps(step["parsed"])) <= 4 * REPLY_EXCERPT_CHARS + 2 * TEST_MAX_CHARS
+    for field in ("reply", "rejected_reason", "feedback"):
+        assert step[field] is None or len(step[field]) <= STORED_BOUND, field
+    # what is parsed was read from at most TEST_MAX_CHARS characters (6x: \u escapes)
+    assert len(json.dumps(step["parsed"])) <= 6 * TEST_MAX_CHARS
+    size = len(json.dumps({k: v for k, v in step.items() if k != "prompt"}, ensure_ascii=False))
+    LARGEST[method] = max(LARGEST[method], size)
     if step["parsed"] is None:
         assert step["rejected_reason"], "a rejected reply keeps its reason"
         return "rejected"
@@ -248,7 +258,7 @@ def test_agent_reinforce_applies_or_rejects_any_reply(reinforce_setup, text):
     steps = s.drain_agent_steps()
     assert [x["kind"] for x in steps][:2] == ["init", "feedback"]
     for x in steps:
-        TRIED[f"agent-reinforce step {_check_step(x)}"] += 1
+        TRIED[f"agent-reinforce step {_check_step(x, 'agent-reinforce')}"] += 1
         if x["parsed"] is None:
             assert x["applied"] == {"fallback": "numeric update only"}
         elif x["applied"] != {"fallback": "numeric update only"}:
@@ -287,7 +297,7 @@ def test_llm_opt_uses_or_rejects_any_reply(reinforce_setup, text):
     for c in cands:
         validate(c.graph, ctx.space, ctx.costs, ctx.budget)
     [step] = s.drain_agent_steps()
-    TRIED[f"llm-opt step {_check_step(step)}"] += 1
+    TRIED[f"llm-opt step {_check_step(step, 'llm-opt')}"] += 1
     accepted = sum(c.origin == "agent" for c in cands)
     assert step["applied"]["accepted"] == accepted
     if accepted < len(step["parsed"]["proposals"] if step["parsed"] else []) or step["parsed"] is None:
@@ -463,3 +473,13 @@ def test_hostile_replies_are_stored_bounded_and_the_study_completes(kind, tmp_pa
         TRIED[f"hostile replies stored ({kind})"] += len(steps)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a": NaN}', '{"a": 1e999}', "```json\n{\"a\": -Infinity}\n```",
+                                  'Sure: {"a": ' + "[" * 50_000 + "}"])
+def test_llm_parse_json_raises_value_error_for_deep_or_non_finite_json(text):
+    from graphtune.llm import parse_json
+
+    with pytest.raises(ValueError):  # not RecursionError, and no NaN handed to the caller
+        parse_json(text)
+    assert parse_json('Sure! {"a": [1, 2.5]} Hope that helps.') == {"a": [1, 2.5]}
