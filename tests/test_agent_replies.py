@@ -483,3 +483,31 @@ def test_llm_parse_json_raises_value_error_for_deep_or_non_finite_json(text):
     with pytest.raises(ValueError):  # not RecursionError, and no NaN handed to the caller
         parse_json(text)
     assert parse_json('Sure! {"a": [1, 2.5]} Hope that helps.') == {"a": [1, 2.5]}
+
+
+@pytest.mark.parametrize("pathological", ['"\\' * 100_000, "```" + " " * 100_000, "```json\n" + " " * 100_000 + "x",
+                                          '["' * 100_000, "[" * 200_000, '{"a":' * 40_000])
+def test_reading_a_reply_is_linear_in_its_length(pathological):
+    """Hostile text must not buy CPU time: every reply path stays well under a second on
+    200,000 characters (a quote-backslash run was quadratic in the depth scan, and
+    parse_json's fence regex took minutes on 5,000 spaces)."""
+    import time
+
+    from graphtune.llm import parse_json
+
+    for read in (json_depth, lambda t: parse_update(t), parse_json, lambda t: parse_reply(t)):
+        t0 = time.perf_counter()
+        try:
+            read(pathological)
+        except ValueError:
+            pass
+        assert time.perf_counter() - t0 < 1.0
+
+
+def test_fenced_and_prose_wrapped_replies_still_parse():
+    from graphtune.llm import parse_json
+
+    for text in ('```json\n{"a": 1}\n```', '```\n{"a": 1}\n```', '  ```JSON{"a": 1}```  ', 'ok {"a": 1} bye',
+                 '{"a": 1}'):
+        assert parse_json(text) == {"a": 1}, text
+    assert parse_update('```json\n{"feedback": "f"}\n```').feedback == "f"
