@@ -164,9 +164,14 @@ huge = st.builds(lambda n, c: json.dumps({"feedback": c * n, "proposals": []}),
                  st.integers(TEST_MAX_CHARS // 2, 3 * TEST_MAX_CHARS), st.sampled_from(["x", "é", "\U0001F600"]))
 
 
+#: runs that once cost quadratic (or worse) time to scan: quote-backslash, fences, spaces
+repeats = st.builds(lambda p, n: p * n, st.sampled_from(['"\\', "```", " ", "\\", '"', '["', "```json\n "]),
+                    st.integers(1, TEST_MAX_CHARS // 2))
+
+
 def replies(structured, typed=None):
     typed = typed if typed is not None else structured
-    return st.one_of(st.text(max_size=400), noise, nesting, huge, long_keys, dressed(structured),
+    return st.one_of(st.text(max_size=400), noise, nesting, huge, long_keys, repeats, dressed(structured),
                      dressed(structured), typed.map(dumps), typed.map(dumps))
 
 
