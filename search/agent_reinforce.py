@@ -137,11 +137,10 @@ class AgentReinforceSearcher(PolicySearcher):
     def _apply(self, step: AgentStep, key: str, trial_numbers: list[int], default_parents: Sequence[int]) -> None:
         for k in ("calls", "prompt_tokens", "completion_tokens", "usd", "seconds"):
             self.usage[k] += getattr(step, k)
-        applied: dict[str, Any] | None
+        applied: dict[str, Any] = {"fallback": "numeric update only"}
         rejected = step.rejected_reason
-        update = step.update
-        if update is not None:
-            u = update
+        u = step.update
+        if u is not None:
             scale = self.lr_agent * u.confidence
             try:
                 deltas = self.pg.apply_deltas(
@@ -150,11 +149,8 @@ class AgentReinforceSearcher(PolicySearcher):
                     target_depth=u.target_depth, scale=scale, max_delta=self.max_agent_delta)
             except GraphError as e:  # a non-finite value: the distribution refused it, unchanged
                 rejected = f"{e}; fell back to the numeric update"
-                update = None
             else:
                 applied = {"deltas": deltas, "proposals": self._queue_proposals(u, key, default_parents)}
-        if update is None:
-            applied = {"fallback": "numeric update only"}
         self._steps.append({
             "key": key, "batch": self.batches_told, "kind": step.kind, "backend": self.agent.backend,
             "is_llm": self.agent.is_llm, "prompt": step.prompt,

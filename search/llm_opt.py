@@ -12,11 +12,10 @@ with pydantic either way, after the agent's guards (length and nesting bounded b
 parsing, non-finite numbers refused: ``search.agent.max_reply_chars`` /
 ``max_reply_depth``, see :mod:`graphtune.agent.schema`); an unusable reply is re-asked
 once with the error. The step stores a bounded excerpt of each reply (its first 4 KB,
-length and sha256), never a multi-megabyte text. Each
-proposal is then checked like any graph (structure, space, budget) and against the
-graphs already proposed; rejected proposals keep their reason in the step record, and
-random valid graphs fill the batch, so every batch is full. Each proposed graph is
-evaluated on the whole dev split.
+length and sha256), never a multi-megabyte text. Each proposal is then checked like any
+graph (structure, space, budget) and against the graphs already proposed; rejected
+proposals keep their reason in the step record, and random valid graphs fill the batch,
+so every batch is full. Each proposed graph is evaluated on the whole dev split.
 
 With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
 graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
@@ -39,7 +38,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
                                     reply_excerpt, short_location)
-
 from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
