@@ -279,4 +279,6 @@ def test_a_huge_reply_is_stored_as_a_bounded_excerpt_with_its_length_and_hash(co
         assert digest in x["reply"] and str(len(huge)) in x["reply"]
     # the retry sends back the excerpt, not 5 MB
     assert all(sum(len(m["content"]) for m in msgs) < 100_000 for msgs in calls)
-    assert db.stat().st_size < 2_000_000  # six 5 MB replies made a 30 MB store
+    store.close()
+    size = sum(f.stat().st_size for f in tmp_path.glob("g.db*"))  # the database and its WAL
+    assert size < 2_000_000  # two 5 MB replies made a 15 MB store (six made 30 MB)
