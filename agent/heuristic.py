@@ -179,6 +179,12 @@ def mutations(g: Graph, p: ProblemInfo) -> list[Graph]:
     return out
 
 
+def _finite(prefs: dict[str, float]) -> dict[str, float]:
+    """Preferences without non-finite values: the update schema refuses NaN/inf (a
+    degenerate fit must not poison the distribution, nor crash the critic)."""
+    return {k: v for k, v in prefs.items() if math.isfinite(v)}
+
+
 def _to_proposal(g: Graph, why: str) -> GraphProposal:
     return GraphProposal(nodes=[ProposedNode(id=n.id, role=n.role, model=n.model) for n in g.nodes],
                          edges=[(u, v) for u, v in g.edges], rationale=why)
@@ -221,7 +227,8 @@ class HeuristicAgent(Agent):
         lines.append("Preferences follow the probe accuracies; first proposals test width (several copies of a "
                      "strong affordable model merged by a synthesiser), depth (a refinement chain) and the best "
                      "single model, so the next paired batch tells which kind of scaling this task rewards.")
-        upd = AgentUpdate(feedback=" ".join(lines), model_preference=pref, proposals=props[: p.max_proposals + 2],
+        upd = AgentUpdate(feedback=" ".join(lines), model_preference=_finite(pref),
+                          proposals=props[: p.max_proposals + 2],
                           confidence=0.6)
         return AgentStep(kind="init", prompt=render_init(report), reply=None, update=upd,
                          seconds=time.perf_counter() - t0)
@@ -322,6 +329,8 @@ class HeuristicAgent(Agent):
             scored = [(np.mean(v) - base, k, len(v)) for k, v in present.items() if len(v) >= 2]
             scored.sort(key=lambda t: -abs(t[0]))
             for d, (u, v), n in scored[:4]:
+                if not math.isfinite(d):
+                    continue
                 edge_changes.append(EdgeChange(src=u, dst=v, delta=float(np.clip(d * 10, -1.0, 1.0))))
             if scored:
                 text.append("Edges with the largest paired effect: "
@@ -343,7 +352,8 @@ class HeuristicAgent(Agent):
             text.append(f"Proposing {len(props)} untried neighbours of the best graphs with the highest predicted "
                         "effect.")
         conf = float(min(0.9, 0.2 + 0.04 * len(hist)))
-        upd = AgentUpdate(feedback=" ".join(text), model_preference=pref, role_preference=role_pref,
+        upd = AgentUpdate(feedback=" ".join(text), model_preference=_finite(pref),
+                          role_preference=_finite(role_pref),
                           edge_changes=edge_changes, target_width=tw, target_depth=td, proposals=props,
                           confidence=conf)
         return AgentStep(kind="feedback", prompt=render_batch(report), reply=None, update=upd,

@@ -7,6 +7,12 @@ with the validation error (up to ``max_retries`` more times). If no usable reply
 the step carries ``update=None`` and a ``rejected_reason``: the search falls back to its
 numeric update. Calls, tokens, seconds and dollars (from ``usd_per_mtok_in/out``) are
 counted per step, apart from the environment's cost.
+
+Replies are read under :class:`~graphtune.agent.schema.ReplyLimits` (``max_reply_chars``,
+``max_reply_depth`` of the settings): a longer or deeper reply, or one holding a
+non-finite number, is an unusable reply like any other. What the step keeps of a reply
+(and what is sent back to the model when it is asked again) is its bounded excerpt
+(:func:`~graphtune.agent.schema.reply_excerpt`), never a multi-megabyte text.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pydantic import ValidationError
 
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
-from graphtune.agent.schema import AgentUpdate, parse_update, update_json_schema
+from graphtune.agent.schema import (AgentUpdate, ReplyLimits, ReplyRejected, parse_update, reply_excerpt,
+                                    short_location, update_json_schema)
 from graphtune.errors import LLMFatalError, LLMTransientError
 
 SYSTEM = (
@@ -41,18 +48,21 @@ def _short_error(e: Exception) -> str:
     if isinstance(e, ValidationError):
         errs = e.errors()
         first = errs[0]
-        loc = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
+        loc = short_location(first.get("loc", ()))
         more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
         return f"wrong schema: {loc}: {first.get('msg')}{more}"
     if isinstance(e, json.JSONDecodeError):
         return f"not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    if isinstance(e, ReplyRejected):
+        return f"refused: {e}"
     return f"{type(e).__name__}: {e}"
 
 
 class LLMAgent(Agent):
     """Feedback from an LLM. ``settings`` is the spec's ``search.agent`` (model,
     api_base, api_key_env, temperature, max_retries, timeout_s, max_tokens,
-    usd_per_mtok_in/out). ``complete`` is injectable for tests (a fake LLM)."""
+    usd_per_mtok_in/out, max_reply_chars, max_reply_depth). ``complete`` is injectable
+    for tests (a fake LLM)."""
 
     is_llm = True
 
@@ -64,6 +74,7 @@ class LLMAgent(Agent):
         self.backend = self.model
         self._complete = complete or _default_complete
         self.schema = update_json_schema()
+        self.limits = ReplyLimits.from_settings(self.settings)
 
     def initial(self, report: InitReport) -> AgentStep:
         return self._ask("init", render_init(report))
@@ -103,14 +114,15 @@ class LLMAgent(Agent):
             pt += int(getattr(reply, "prompt_tokens", 0) or 0)
             ct += int(getattr(reply, "completion_tokens", 0) or 0)
             text = str(getattr(reply, "text", "") or "")
-            replies.append(text)
+            replies.append(reply_excerpt(text))
             try:
-                update = parse_update(text)
+                update = parse_update(text, self.limits)
                 reason = None
                 break
             except (ValueError, ValidationError) as e:
                 reason = f"unusable reply after {attempt + 1} attempt(s): {_short_error(e)}"
-                messages += [{"role": "assistant", "content": text},
+                # the excerpt, not a multi-megabyte reply, goes back into the context
+                messages += [{"role": "assistant", "content": replies[-1]},
                              {"role": "user", "content": f"That reply was rejected: {_short_error(e)}. Reply again "
                               "with one JSON object matching the schema, nothing else."}]
         if update is None and reason is None:
@@ -119,6 +131,6 @@ class LLMAgent(Agent):
             reason = f"{reason}; fell back to the numeric update" if "fell back" not in reason else reason
         usd = (pt * float(s.get("usd_per_mtok_in", 0.0)) + ct * float(s.get("usd_per_mtok_out", 0.0))) / 1e6
         reply_text = replies[-1] if len(replies) == 1 else (
-            json.dumps({"attempts": replies}) if replies else None)
+            json.dumps({"attempts": replies}, ensure_ascii=False) if replies else None)
         return AgentStep(kind=kind, prompt=prompt, reply=reply_text, update=update, rejected_reason=reason,
                          calls=calls, prompt_tokens=pt, completion_tokens=ct, usd=usd, seconds=seconds)

@@ -1,21 +1,86 @@
-"""The structured update an agent returns, validated with pydantic (outside text).
+"""The structured update an agent returns, validated with pydantic (outside text), and
+the guarded reading of every agent reply.
 
 Both backends fill the same schema: the LLM agent as JSON (structured output where the
 provider supports it), the heuristic critic directly. Semantic checks that need the
 search space (unknown models or slots, budget, cycles) happen where the update is
 applied, each failure stored with its reason; this schema only checks shape and ranges.
+
+A reply is outside text, possibly hostile. :func:`load_reply_json` reads it in this
+order, each step raising :class:`ReplyRejected` (a ``ValueError``) with a one-line
+reason, so a caller treats it like any other unusable reply (stored reason, fallback):
+
+1. its length is bounded (``max_reply_chars``) before anything else looks at it;
+2. the nesting depth of the JSON is bounded (``max_reply_depth``) by a linear scan
+   before the recursive parser runs (100,000 ``[`` used to end in RecursionError);
+3. ``NaN``, ``Infinity`` and numbers that overflow a float (``1e999``) are refused while
+   parsing; the schemas refuse non-finite floats given any other way (``"nan"``), so
+   no non-finite number ever reaches the probabilistic graph;
+4. strings holding a NUL character or an unpaired UTF-16 surrogate (``"\\ud800"``) are
+   refused: neither can be written to PostgreSQL (NUL) or encoded as UTF-8.
+
+What is stored of a reply is :func:`reply_excerpt`: the reply itself up to
+``REPLY_EXCERPT_CHARS`` characters, else its first ``REPLY_EXCERPT_CHARS`` characters
+plus its full length and sha256, so a 5 MB reply costs the store about 4 KB.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any
+import math
+import re
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+#: Default bound on a reply's length in characters. The agent is asked for one JSON
+#: object of at most a few KB (``max_tokens`` defaults to 1024 tokens, ~4 KB); 200,000
+#: characters (~50k tokens) leaves room for any sane ``max_tokens`` while a hostile or
+#: runaway reply is refused before it is parsed, re-sent or stored.
+MAX_REPLY_CHARS = 200_000
+#: Default bound on the nesting depth of a reply's JSON (objects and arrays). The deepest
+#: valid reply is 5 levels (``{"proposals": [{"edges": [["a", "b"]]}]}``); 32 leaves room
+#: for prose-wrapped or pretty replies and stays far below the parsers' recursion limits.
+MAX_REPLY_DEPTH = 32
+#: Characters of a reply kept in the store (agent steps) when it is longer.
+REPLY_EXCERPT_CHARS = 4096
+#: Bound on the stored reply field of one agent step, whatever the backend (the LLM
+#: agent stores one excerpt per attempt: 11 attempts at most with the spec's max_retries).
+MAX_STORED_REPLY_CHARS = 16 * REPLY_EXCERPT_CHARS
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """Bounds applied to a reply before it is parsed (see the module docstring)."""
+
+    max_chars: int = MAX_REPLY_CHARS
+    max_depth: int = MAX_REPLY_DEPTH
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ReplyLimits:
+        """The limits of the spec's ``search.agent`` (``max_reply_chars``,
+        ``max_reply_depth``), defaults for the missing ones."""
+        get = getattr(settings, "get", lambda k, d=None: d)
+        return cls(max_chars=int(get("max_reply_chars") or MAX_REPLY_CHARS),
+                   max_depth=int(get("max_reply_depth") or MAX_REPLY_DEPTH))
+
+
+class ReplyRejected(ValueError):
+    """A reply refused before or while it was parsed; the message is one line, fit to
+    store as the step's reason and to send back to the model."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN/inf given as strings ("nan", "-inf") are refused too
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+#: bounds of a preference map (checked by a validator, so the JSON schema sent to
+#: providers is unchanged): every unknown name costs a stored rejection line
+_MAX_PREFERENCES = 64
+_MAX_NAME_CHARS = 200
 
 
 class EdgeChange(_Strict):
@@ -24,6 +89,9 @@ class EdgeChange(_Strict):
     src: str = Field(min_length=1, max_length=64)
     dst: str = Field(min_length=1, max_length=64)
     delta: float = Field(ge=-5.0, le=5.0)
+
+
+_NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class ProposedNode(_Strict):
@@ -37,7 +105,7 @@ class GraphProposal(_Strict):
     node without successors (the sink) gives the final answer."""
 
     nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
-    edges: list[tuple[str, str]] = Field(default_factory=list, max_length=512)
+    edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
     rationale: str = Field("", max_length=2000)
 
 
@@ -53,6 +121,16 @@ class AgentUpdate(_Strict):
     target_depth: int | None = Field(None, ge=1, le=64)
     proposals: list[GraphProposal] = Field(default_factory=list, max_length=16)
     confidence: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("model_preference", "role_preference")
+    @classmethod
+    def _bounded_names(cls, v: dict[str, float]) -> dict[str, float]:
+        if len(v) > _MAX_PREFERENCES:
+            raise ValueError(f"at most {_MAX_PREFERENCES} names, got {len(v)}")
+        for k in v:
+            if not 1 <= len(k) <= _MAX_NAME_CHARS:
+                raise ValueError(f"a name must have 1 to {_MAX_NAME_CHARS} characters, got {len(k)}")
+        return v
 
 
 def update_json_schema() -> dict[str, Any]:
@@ -73,9 +151,131 @@ def extract_json(text: str) -> str:
     return t[start:end + 1]
 
 
-def parse_update(text: str) -> AgentUpdate:
-    """Parse and validate a reply; raises ``ValueError`` (pydantic's ValidationError or
-    json's JSONDecodeError) with a message fit to send back to the model."""
-    raw = extract_json(text)
-    json.loads(raw)  # a clear "not JSON" error before schema errors
-    return AgentUpdate.model_validate_json(raw)
+# A JSON string literal, or an unterminated one running to the end of the text. Every
+# match attempt that starts at a quote succeeds, so the scan stays linear: with a closing
+# quote required, each quote of `"\"\"\"...` (never closed) would rescan the rest of the
+# text (quadratic: 20,000 characters took 2.7 s).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[``/``{`` in JSON text, outside string literals (a linear
+    scan). Exact on valid JSON and on the prefix a parser accepts before its first error
+    (an unterminated string hides what follows it from both), which is all the recursive
+    parser can descend into."""
+    brackets = _BRACKETS.findall(_STRING.sub("", text))
+    return max(accumulate(_STEP[c] for c in brackets), default=0)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ReplyRejected(f"non-finite number {name} in the reply; numbers must be finite")
+
+
+def _finite_float(token: str) -> float:
+    x = float(token)
+    if not math.isfinite(x):
+        raise ReplyRejected(f"number {token[:40]} is out of range (not finite); numbers must be finite")
+    return x
+
+
+def _check_values(obj: Any, where: str = "") -> None:
+    """Refuse non-finite floats and strings that cannot be stored (NUL, lone surrogates).
+    Depth is already bounded, so the recursion is too."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ReplyRejected(f"non-finite number at {where or '(top level)'}; numbers must be finite")
+    elif isinstance(obj, str):
+        if obj.isascii():
+            if "\x00" in obj:
+                raise ReplyRejected(f"NUL character in a string at {where or '(top level)'}")
+        else:
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ReplyRejected(f"unpaired UTF-16 surrogate in a string at {where or '(top level)'}") from None
+            if "\x00" in obj:
+                raise ReplyRejected(f"NUL character in a string at {where or '(top level)'}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_values(k, where)
+            _check_values(v, short_location([where, k] if where else [k]))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_values(v, f"{where}[{i}]")
+
+
+def short_location(loc: Any) -> str:
+    """A validation error's location, each part cut to 40 characters: dict keys come from
+    the reply, and a reason is stored and sent back to the model."""
+    parts = [str(p) if len(str(p)) <= 40 else str(p)[:40] + "..." for p in loc]
+    return ".".join(parts) or "(top level)"
+
+
+def check_reply_size(text: str, limits: ReplyLimits) -> None:
+    """Refuse a reply over ``limits.max_chars`` characters (before any other work)."""
+    if len(text) > limits.max_chars:
+        raise ReplyRejected(f"reply of {len(text)} characters is over the limit of {limits.max_chars} "
+                            "(search.agent.max_reply_chars)")
+
+
+def load_reply_json(text: str, limits: ReplyLimits = ReplyLimits()) -> Any:
+    """The JSON value of a reply (code fences and prose around one object tolerated),
+    read under ``limits`` (see the module docstring). Raises :class:`ReplyRejected` for
+    a refused reply and ``json.JSONDecodeError`` (a ``ValueError``) for text that is not
+    JSON."""
+    check_reply_size(text, limits)
+    data = loads_finite(extract_json(text), max_depth=limits.max_depth)
+    _check_values(data)
+    return data
+
+
+def loads_finite(raw: str, *, max_depth: int = MAX_REPLY_DEPTH) -> Any:
+    """``json.loads`` for outside text: nesting deeper than ``max_depth`` is refused by a
+    linear scan before the recursive parser runs, and ``NaN``, ``Infinity`` and numbers
+    that overflow a float are refused while parsing (:class:`ReplyRejected`); text that
+    is not JSON raises ``json.JSONDecodeError``. Both are ``ValueError``."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ReplyRejected(f"reply nested {depth} levels deep, over the limit of {max_depth} "
+                            "(search.agent.max_reply_depth)")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:  # the scan bounds depth; this only guards a parser change
+        raise ReplyRejected("reply nested too deeply to parse") from None
+
+
+def parse_update(text: str, limits: ReplyLimits = ReplyLimits()) -> AgentUpdate:
+    """Parse and validate a reply under ``limits``; raises ``ValueError`` (ReplyRejected,
+    json's JSONDecodeError or pydantic's ValidationError) with a message fit to send
+    back to the model."""
+    return AgentUpdate.model_validate(load_reply_json(text, limits))
+
+
+def reply_excerpt(text: str | None, limit: int = REPLY_EXCERPT_CHARS) -> str | None:
+    """What is stored of a reply (or of any text that came from one, such as a long list
+    of rejection reasons): the text when it has at most ``limit`` characters,
+    else its first ``limit`` characters and a last line with its full length and sha256
+    (of its UTF-8 bytes). NUL characters and unpaired surrogates, which some stores
+    cannot hold, are replaced by U+FFFD in what is kept."""
+    if text is None:
+        return None
+    kept = text if len(text) <= limit else text[:limit]
+    kept = _storable(kept)
+    if len(text) <= limit:
+        return kept
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return (f"{kept}\n[graphtune: truncated for storage: first {limit} of {len(text)} characters kept; "
+            f"sha256 of the whole text {digest}]")
+
+
+def _storable(s: str) -> str:
+    if "\x00" in s:
+        s = s.replace("\x00", "\ufffd")
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:  # unpaired surrogates: pairs are joined, lone ones replaced
+            s = s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return s

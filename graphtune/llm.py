@@ -365,19 +365,24 @@ def ping(model: str, *, api_base: str | None = None, api_key_env: str | None = N
     return time.perf_counter() - t0
 
 
-_FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
-
-
 def parse_json(text: str) -> Any:
     """Parse a JSON reply, tolerating a markdown code fence or prose around one object
-    (providers without schema enforcement often add them). Raises ValueError."""
-    m = _FENCE.match(text)
-    if m:
-        text = m.group(1)
+    (providers without schema enforcement often add them). Raises ValueError, also for
+    ``NaN``/``Infinity``/overflowing numbers and for nesting deeper than
+    ``graphtune.agent.schema.MAX_REPLY_DEPTH`` (refused before the recursive parser runs).
+    Linear in the length of the text (the fence is cut with string operations: a regex
+    with a lazy body and ``\\s*`` around the closing fence took minutes on 5,000 spaces)."""
+    from graphtune.agent.schema import loads_finite
+
+    t = text.strip()
+    if len(t) >= 6 and t.startswith("```") and t.endswith("```"):
+        text = t[3:-3]
+        if text.startswith(("json", "JSON")):
+            text = text[4:]
     try:
-        return json.loads(text)
+        return loads_finite(text)
     except json.JSONDecodeError:
         start, end = text.find("{"), text.rfind("}")
         if start != -1 and end > start:
-            return json.loads(text[start:end + 1])
+            return loads_finite(text[start:end + 1])
         raise

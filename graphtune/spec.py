@@ -203,6 +203,10 @@ class AgentSpec(_Strict):
     max_tokens: int = Field(1024, ge=16)
     usd_per_mtok_in: float = Field(0.0, ge=0, description="agent prompt price, for its own cost report")
     usd_per_mtok_out: float = Field(0.0, ge=0)
+    # defaults: graphtune.agent.schema.MAX_REPLY_CHARS / MAX_REPLY_DEPTH (why those, there)
+    max_reply_chars: int = Field(200_000, ge=1_000, le=10_000_000,
+                                 description="agent replies longer than this are refused before parsing")
+    max_reply_depth: int = Field(32, ge=8, le=200, description="agent replies nested deeper are refused before parsing")
 
 
 class SearchSpec(_Strict):

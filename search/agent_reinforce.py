@@ -32,7 +32,7 @@ from pydantic import Field
 from graphtune.agent import make_agent
 from graphtune.agent.base import AgentStep
 from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemInfo, node_flips
-from graphtune.agent.schema import AgentUpdate, GraphProposal
+from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, AgentUpdate, GraphProposal, reply_excerpt
 from graphtune.errors import GraphError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
@@ -145,21 +145,25 @@ class AgentReinforceSearcher(PolicySearcher):
     def _apply(self, step: AgentStep, key: str, trial_numbers: list[int], default_parents: Sequence[int]) -> None:
         for k in ("calls", "prompt_tokens", "completion_tokens", "usd", "seconds"):
             self.usage[k] += getattr(step, k)
-        applied: dict[str, Any] | None
+        applied: dict[str, Any] = {"fallback": "numeric update only"}
         rejected = step.rejected_reason
-        if step.update is None:
-            applied = {"fallback": "numeric update only"}
-        else:
-            u = step.update
+        u = step.update
+        if u is not None:
             scale = self.lr_agent * u.confidence
-            deltas = self.pg.apply_deltas(
-                model_preference=u.model_preference, role_preference=u.role_preference,
-                edge_changes=[c.model_dump() for c in u.edge_changes], target_width=u.target_width,
-                target_depth=u.target_depth, scale=scale, max_delta=self.max_agent_delta)
-            applied = {"deltas": deltas, "proposals": self._queue_proposals(u, key, default_parents)}
+            try:
+                deltas = self.pg.apply_deltas(
+                    model_preference=u.model_preference, role_preference=u.role_preference,
+                    edge_changes=[c.model_dump() for c in u.edge_changes], target_width=u.target_width,
+                    target_depth=u.target_depth, scale=scale, max_delta=self.max_agent_delta)
+            except GraphError as e:  # a non-finite value: the distribution refused it, unchanged
+                rejected = f"{e}; fell back to the numeric update"
+            else:
+                applied = {"deltas": deltas, "proposals": self._queue_proposals(u, key, default_parents)}
         self._steps.append({
             "key": key, "batch": self.batches_told, "kind": step.kind, "backend": self.agent.backend,
-            "is_llm": self.agent.is_llm, "prompt": step.prompt, "reply": step.reply,
+            "is_llm": self.agent.is_llm, "prompt": step.prompt,
+            # bounded whatever the backend: a reply is stored as an excerpt with its length and hash
+            "reply": reply_excerpt(step.reply, MAX_STORED_REPLY_CHARS),
             "parsed": step.update.model_dump(mode="json") if step.update is not None else None,
             "applied": applied, "rejected_reason": rejected, "feedback": step.feedback,
             "trial_numbers": trial_numbers, "calls": step.calls, "prompt_tokens": step.prompt_tokens,

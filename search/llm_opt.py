@@ -8,11 +8,14 @@ as OPRO does), and asks for ``batch_size`` new graphs as JSON::
     {"reasoning": str, "proposals": [{"nodes": [{"id", "role", "model"}], "edges": [[src, dst]]}]}
 
 The reply is constrained by a JSON schema where the provider supports it and validated
-with pydantic either way; an unparsable reply is re-asked once with the error. Each
-proposal is then checked like any graph (structure, space, budget) and against the
-graphs already proposed; rejected proposals keep their reason in the step record, and
-random valid graphs fill the batch, so every batch is full. Each proposed graph is
-evaluated on the whole dev split.
+with pydantic either way, after the agent's guards (length and nesting bounded before
+parsing, non-finite numbers refused: ``search.agent.max_reply_chars`` /
+``max_reply_depth``, see :mod:`graphtune.agent.schema`); an unusable reply is re-asked
+once with the error. The step stores a bounded excerpt of each reply (its first 4 KB,
+length and sha256), never a multi-megabyte text. Each proposal is then checked like any
+graph (structure, space, budget) and against the graphs already proposed; rejected
+proposals keep their reason in the step record, and random valid graphs fill the batch,
+so every batch is full. Each proposed graph is evaluated on the whole dev split.
 
 With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
 graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
@@ -29,10 +32,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
+                                    reply_excerpt, short_location)
 from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
@@ -62,22 +67,27 @@ SYSTEM_PROMPT = (
 # -- reply schema ------------------------------------------------------------------------
 
 
+# Bounds as in the agent's schema (graphtune.agent.schema): a reply is outside text;
+# every rejected proposal costs a stored reason, so counts and names are bounded too.
+_NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
 class ProposedNode(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=64)
-    role: str
-    model: str
+    id: _NodeId
+    role: str = Field(max_length=64)
+    model: str = Field(max_length=200)
 
 
 class ProposedGraph(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    nodes: list[ProposedNode] = Field(min_length=1)
-    edges: list[tuple[str, str]] = Field(default_factory=list)
+    nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
+    edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
 
 
 class ProposalReply(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    proposals: list[ProposedGraph]
+    proposals: list[ProposedGraph] = Field(max_length=1024)  # the spec's largest batch_size
     reasoning: str = ""
 
 
@@ -98,19 +108,21 @@ def reply_schema(models: Sequence[str], roles: Sequence[str]) -> dict:
             "properties": {"reasoning": {"type": "string"}, "proposals": {"type": "array", "items": graph}}}
 
 
-def parse_reply(text: str) -> ProposalReply:
-    """Validate a reply; raises ValueError with a one-line reason."""
-    from graphtune.llm import parse_json
-
+def parse_reply(text: str, limits: ReplyLimits = ReplyLimits()) -> ProposalReply:
+    """Validate a reply read under ``limits`` (length and nesting bounded before parsing,
+    non-finite numbers and unstorable strings refused: see ``graphtune.agent.schema``);
+    raises ValueError with a one-line reason."""
     try:
-        data = parse_json(text)
+        data = load_reply_json(text, limits)
+    except ReplyRejected as e:
+        raise ValueError(f"reply refused: {e}") from None
     except ValueError as e:
         raise ValueError(f"reply is not JSON ({str(e).splitlines()[0]})") from None
     try:
         return ProposalReply.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = short_location(err["loc"])
         raise ValueError(f"reply does not match the schema: {where}: {err['msg']}") from None
 
 
@@ -145,6 +157,7 @@ class LLMOptSearcher(Searcher):
         self.max_history = self.opts.max_history
         self.elite = self.opts.elite
         self.parse_retries = self.opts.parse_retries
+        self.limits = ReplyLimits.from_settings(agent)
         self.rng = ctx.rng(salt=13)
         self.history: list[dict[str, Any]] = []  # evaluated graphs, in trial order
         self.seen: set[str] = set()  # every hash proposed (never proposed twice)
@@ -196,7 +209,8 @@ class LLMOptSearcher(Searcher):
         reasons = ([failure] if failure else []) + rejected
         step["applied"] = {"proposals": outcomes, "accepted": sum(o["status"] == "accepted" for o in outcomes),
                            "random_fill": n_random}
-        step["rejected_reason"] = "; ".join(reasons) if reasons else None
+        # one reason per rejected proposal (up to 1,024): bounded like a reply
+        step["rejected_reason"] = reply_excerpt("; ".join(reasons), MAX_STORED_REPLY_CHARS) if reasons else None
         self._steps.append(step)
         self.batch += 1
         return out
@@ -325,18 +339,22 @@ class LLMOptSearcher(Searcher):
             step["completion_tokens"] += int(r.completion_tokens)
             step["usd"] += (r.prompt_tokens * price_in + r.completion_tokens * price_out) / 1e6
             step["seconds"] += float(r.seconds)
-            replies.append(r.text)
-            step["reply"] = r.text if len(replies) == 1 else json.dumps(replies)
+            text = str(r.text or "")
+            replies.append(reply_excerpt(text))  # stored and re-sent bounded, never whole
+            step["reply"] = replies[0] if len(replies) == 1 else reply_excerpt(
+                json.dumps(replies, ensure_ascii=False), MAX_STORED_REPLY_CHARS)
             try:
-                parsed = parse_reply(r.text)
+                parsed = parse_reply(text, self.limits)
             except ValueError as e:
                 error = str(e)
-                messages = messages + [{"role": "assistant", "content": r.text},
+                messages = messages + [{"role": "assistant", "content": replies[-1]},
                                        {"role": "user", "content": f"Your reply was invalid: {error}. Reply again "
                                                                    "with JSON that matches the schema."}]
                 continue
             step["parsed"] = parsed.model_dump(mode="json")
-            step["feedback"] = parsed.reasoning or None
+            # the reasoning is free text of any length: stored as a bounded excerpt
+            step["parsed"]["reasoning"] = reply_excerpt(parsed.reasoning)
+            step["feedback"] = step["parsed"]["reasoning"] or None
             return list(parsed.proposals), None
         return [], f"unusable reply after {len(replies)} attempt(s), batch filled with random graphs: {error}"
 

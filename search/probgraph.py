@@ -82,6 +82,23 @@ def _bern_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
+def _non_finite(model_preference: Mapping[str, Any] | None, role_preference: Mapping[str, Any] | None,
+                edge_changes: Sequence[Mapping[str, Any]], scale: float, max_delta: float) -> str | None:
+    """The first non-finite number of an update, named (None when all are finite)."""
+    named: list[tuple[str, Any]] = [("scale", scale), ("max_delta", max_delta)]
+    named += [(f"model_preference[{k!r}]", x) for k, x in (model_preference or {}).items()]
+    named += [(f"role_preference[{k!r}]", x) for k, x in (role_preference or {}).items()]
+    named += [(f"edge_changes[{i}].delta", ch.get("delta", 0.0)) for i, ch in enumerate(edge_changes)]
+    for name, x in named:
+        try:
+            ok = math.isfinite(float(x))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class GraphSample:
     """One latent draw: per slot model and role index (role -1 where no role is
@@ -506,16 +523,22 @@ class ProbabilisticGraph:
     def step(self, grad: np.ndarray, lr: float, *, beta1: float = 0.9, beta2: float = 0.999,
              max_step: float = 1.0) -> float:
         """One Adam ascent step along ``grad`` (a REINFORCE estimate); each coordinate
-        moves at most ``max_step``. Returns the largest move."""
+        moves at most ``max_step``. Returns the largest move. A step that would leave a
+        non-finite logit or moment is refused: nothing changes and it returns 0.0."""
         g = np.asarray(grad, dtype=float)
-        self._adam_t += 1
-        self._adam_m = beta1 * self._adam_m + (1 - beta1) * g
-        self._adam_v = beta2 * self._adam_v + (1 - beta2) * g * g
-        mh = self._adam_m / (1 - beta1 ** self._adam_t)
-        vh = self._adam_v / (1 - beta2 ** self._adam_t)
+        t = self._adam_t + 1
+        m = beta1 * self._adam_m + (1 - beta1) * g
+        v = beta2 * self._adam_v + (1 - beta2) * g * g
+        mh = m / (1 - beta1 ** t)
+        vh = v / (1 - beta2 ** t)
         delta = np.clip(lr * mh / (np.sqrt(vh) + 1e-8), -max_step, max_step)
-        self.set_params(self.params + delta)
-        self._clip()
+        theta = np.clip(self.params + delta, -self.logit_clip, self.logit_clip)
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v)) and np.all(np.isfinite(theta))):
+            # a non-finite gradient or rate would turn every logit and moment into NaN
+            # for good (and a NaN state cannot be saved as JSON): refuse the step
+            return 0.0
+        self._adam_t, self._adam_m, self._adam_v = t, m, v
+        self.set_params(theta)
         return float(np.max(np.abs(delta))) if delta.size else 0.0
 
     def expected_in_degree(self, j: int, shift: float = 0.0) -> float:
@@ -530,7 +553,28 @@ class ProbabilisticGraph:
                      scale: float = 1.0, max_delta: float = 2.0) -> dict[str, Any]:
         """Apply an agent's structured update, each delta times ``scale`` and clipped to
         ``max_delta``. Unknown models, roles or slots are skipped with a reason. Returns
-        what was applied and what was rejected (plain data, for the store)."""
+        what was applied and what was rejected (plain data, for the store).
+
+        The distribution never stores a non-finite logit: an update holding a non-finite
+        number (delta, ``scale``, ``max_delta``), or one that would leave one, raises
+        :class:`~graphtune.errors.GraphError` and leaves every logit as it was."""
+        bad = _non_finite(model_preference, role_preference, edge_changes, scale, max_delta)
+        if bad:
+            raise GraphError(f"agent update refused: {bad} is not a finite number; the distribution is unchanged")
+        saved = self.params.copy()
+        try:
+            applied = self._apply_deltas(model_preference, role_preference, edge_changes, target_width,
+                                         target_depth, scale, max_delta)
+        except BaseException:
+            self.set_params(saved)
+            raise
+        if not np.all(np.isfinite(self.params)):
+            self.set_params(saved)
+            raise GraphError("agent update refused: it would leave a non-finite logit; the distribution is unchanged")
+        return applied
+
+    def _apply_deltas(self, model_preference, role_preference, edge_changes, target_width, target_depth,
+                      scale, max_delta) -> dict[str, Any]:
         applied: dict[str, Any] = {"scale": scale, "model": {}, "role": {}, "edges": [], "rejected": []}
 
         def d(x: float) -> float:
@@ -617,7 +661,12 @@ class ProbabilisticGraph:
                 or list(state.get("roles", [])) != list(self.roles)):
             raise GraphError("probabilistic-graph state does not match this space (slots, models or roles "
                              "changed); start a new study")
-        self.set_params(np.array(state["params"], dtype=float))
-        self._adam_m = np.array(state["adam"]["m"], dtype=float)
-        self._adam_v = np.array(state["adam"]["v"], dtype=float)
+        params = np.array(state["params"], dtype=float)
+        m = np.array(state["adam"]["m"], dtype=float)
+        v = np.array(state["adam"]["v"], dtype=float)
+        if not (np.all(np.isfinite(params)) and np.all(np.isfinite(m)) and np.all(np.isfinite(v))):
+            raise GraphError("probabilistic-graph state holds non-finite values (NaN or inf, stored before "
+                             "graphtune refused non-finite agent replies); start a new study")
+        self.set_params(params)
+        self._adam_m, self._adam_v = m, v
         self._adam_t = int(state["adam"]["t"])

@@ -203,3 +203,82 @@ def test_runs_on_the_simulator_if_available(tmp_path):
     out = run_search(make_searcher(spec, p.ctx), p.env, store, st, p.ctx, budget_runs=p.ctx.budget_runs,
                      test_ids=p.test_ids)
     assert out.runs_spent >= p.ctx.budget_runs and out.best is not None and len(out.test_results) == 40
+
+
+# -- hostile replies (issue 10, defects 14 and 15) ---------------------------------------
+
+
+def _nan_reply(token: str, where: str) -> str:
+    g = json.loads(json.dumps(GOOD))
+    if where == "model_preference":
+        g["model_preference"] = {"llama-3.2-3b": "@X@"}
+    elif where == "role_preference":
+        g["role_preference"] = {"fuser": "@X@"}
+    elif where == "edge_changes":
+        g["edge_changes"] = [{"src": "s0", "dst": "s4", "delta": "@X@"}]
+    else:
+        g["confidence"] = "@X@"
+    return json.dumps(g).replace('"@X@"', token)
+
+
+@pytest.mark.parametrize("where", ["model_preference", "role_preference", "edge_changes", "confidence"])
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999", '"nan"', '"-inf"'])
+def test_non_finite_numbers_in_a_reply_are_refused_and_the_saved_state_stays_finite(costs, token, where):
+    env = FakeEnv(costs, n_dev=20)
+    ctx = _ctx(costs, env, evaluations=4, agent={"model": "fake/llm", "max_retries": 0})
+    reply = _nan_reply(token, where)
+    s = AgentReinforceSearcher(ctx, complete=lambda m, msgs, **kw: FakeReply(reply))
+    out, store, st = _run(ctx, env, searcher=s)
+    # JSON has no NaN: PostgreSQL could not save a NaN state and the study was stuck
+    json.dumps(s.state_dict(), allow_nan=False)
+    json.dumps(store.get_study("s").searcher_state, allow_nan=False)
+    steps = store.agent_steps(st.id)
+    assert steps
+    for x in steps:
+        assert x["parsed"] is None and x["applied"] == {"fallback": "numeric update only"}
+        assert "finite" in x["rejected_reason"] and "fell back" in x["rejected_reason"]
+        json.dumps(x, allow_nan=False, default=str)
+
+
+def test_a_deeply_nested_reply_is_refused_not_a_crash(costs):
+    # 100,000 `[` used to end the search with RecursionError, the study left `running`
+    env = FakeEnv(costs, n_dev=20)
+    ctx = _ctx(costs, env, evaluations=4, agent={"model": "fake/llm", "max_retries": 1})
+    s = AgentReinforceSearcher(ctx, complete=lambda m, msgs, **kw: FakeReply("[" * 100_000))
+    out, store, st = _run(ctx, env, searcher=s)
+    assert out.runs_spent >= ctx.budget_runs
+    steps = store.agent_steps(st.id)
+    assert steps and all("nested 100000 levels deep" in x["rejected_reason"] for x in steps)
+    assert all(x["applied"] == {"fallback": "numeric update only"} for x in steps)
+
+
+def test_a_huge_reply_is_stored_as_a_bounded_excerpt_with_its_length_and_hash(costs, tmp_path):
+    import hashlib
+
+    from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, REPLY_EXCERPT_CHARS
+    from graphtune.store import Storage
+
+    huge = json.dumps(GOOD) + " " * 5_000_000  # valid JSON, but 5 MB
+    calls = []
+
+    def complete(model, messages, **kw):
+        calls.append(messages)
+        return FakeReply(huge)
+
+    env = FakeEnv(costs, n_dev=20)
+    ctx = _ctx(costs, env, evaluations=4, agent={"model": "fake/llm", "max_retries": 1})
+    db = tmp_path / "g.db"
+    out, store, st = _run(ctx, env, store=Storage(f"sqlite:///{db}"),
+                          searcher=AgentReinforceSearcher(ctx, complete=complete))
+    steps = store.agent_steps(st.id)
+    assert len(steps) >= 2
+    digest = hashlib.sha256(huge.encode()).hexdigest()
+    for x in steps:
+        assert "over the limit of 200000" in x["rejected_reason"]
+        assert len(x["reply"]) <= 2 * (REPLY_EXCERPT_CHARS + 300) < MAX_STORED_REPLY_CHARS
+        assert digest in x["reply"] and str(len(huge)) in x["reply"]
+    # the retry sends back the excerpt, not 5 MB
+    assert all(sum(len(m["content"]) for m in msgs) < 100_000 for msgs in calls)
+    store.close()
+    size = sum(f.stat().st_size for f in tmp_path.glob("g.db*"))  # the database and its WAL
+    assert size < 2_000_000  # two 5 MB replies made a 15 MB store (six made 30 MB)

@@ -209,3 +209,61 @@ def test_reply_schema_and_parser_agree():
         parse_reply("hello")
     with pytest.raises(ValueError, match="schema"):
         parse_reply(json.dumps({"proposals": [{"nodes": [{"id": "a"}], "edges": []}]}))
+
+
+# -- hostile replies (issue 10, defects 14 and 15) ---------------------------------------
+
+
+def test_a_deeply_nested_reply_is_refused_and_the_batch_filled(costs):
+    # 100,000 `[` used to end the search with RecursionError
+    env = FakeEnv(costs, n_dev=4)
+    fake = FakeComplete("[" * 100_000)
+    s = LLMOptSearcher(_ctx(costs, env, batch=3), complete=fake)
+    cands = s.ask()
+    assert len(cands) == 3 and all(c.origin == "random" for c in cands)
+    [step] = s.drain_agent_steps()
+    assert step["calls"] == 2 and "nested 100000 levels deep" in step["rejected_reason"]
+    assert step["parsed"] is None
+
+
+def test_a_huge_reply_is_refused_and_stored_as_a_bounded_excerpt(costs):
+    import hashlib
+
+    from graphtune.agent.schema import REPLY_EXCERPT_CHARS
+
+    huge = json.dumps(dict(GOOD, reasoning="x" * 5_000_000))
+    env = FakeEnv(costs, n_dev=4)
+    fake = FakeComplete(huge)
+    s = LLMOptSearcher(_ctx(costs, env, batch=2), complete=fake)
+    assert all(c.origin == "random" for c in s.ask())
+    [step] = s.drain_agent_steps()
+    assert "over the limit of 200000" in step["rejected_reason"]
+    assert len(step["reply"]) < 3 * REPLY_EXCERPT_CHARS  # two attempts, one excerpt each
+    assert hashlib.sha256(huge.encode()).hexdigest() in step["reply"]
+    # the re-ask carries the excerpt, not 5 MB
+    assert len(fake.calls[1]["messages"][-2]["content"]) < REPLY_EXCERPT_CHARS + 300
+
+
+def test_a_long_reasoning_is_used_but_stored_bounded(costs):
+    from graphtune.agent.schema import REPLY_EXCERPT_CHARS
+
+    env = FakeEnv(costs, n_dev=4)
+    s = LLMOptSearcher(_ctx(costs, env, batch=2), complete=FakeComplete(dict(GOOD, reasoning="y" * 50_000)))
+    assert [c.origin for c in s.ask()] == ["agent", "agent"]
+    [step] = s.drain_agent_steps()
+    assert step["rejected_reason"] is None
+    for text in (step["reply"], step["feedback"], step["parsed"]["reasoning"]):
+        assert len(text) < REPLY_EXCERPT_CHARS + 300
+
+
+@pytest.mark.parametrize("bad", ["NaN", "1e999", '"a\\u0000"', '"\\ud800"'])
+def test_non_finite_numbers_and_unstorable_strings_are_refused(costs, bad):
+    # a NUL or a lone surrogate in a node id cannot be written to PostgreSQL (or as UTF-8)
+    reply = json.dumps({"reasoning": "ok", "proposals": [
+        {"nodes": [{"id": "@X@", "role": "assistant", "model": "llama-3.1-8b"}], "edges": []}]})
+    env = FakeEnv(costs, n_dev=4)
+    s = LLMOptSearcher(_ctx(costs, env, batch=1), complete=FakeComplete(reply.replace('"@X@"', bad)))
+    assert [c.origin for c in s.ask()] == ["random"]
+    [step] = s.drain_agent_steps()
+    assert "reply refused" in step["rejected_reason"]
+    json.dumps(step, allow_nan=False).encode("utf-8")
