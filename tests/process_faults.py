@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -110,6 +111,7 @@ storage: {storage}
 """
 
 STUDY = "faults"
+_LITELLM_LOG = re.compile(r"^\d\d:\d\d:\d\d - LiteLLM")
 
 
 # -- hooks, installed in the forked child ------------------------------------------------------
@@ -403,10 +405,11 @@ class Runner:
                     except Exception:  # noqa: BLE001
                         time.sleep(0.1)
                 text = log.read_text()
-                # litellm may log its own warnings to stderr; ours is the one "error:" line
-                errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
-                firsts.append(errors[0] if errors else text[-300:])
-                one_line.append(len(errors) == 1 and "Traceback" not in text)
+                # litellm may log its own warnings to stderr; ours must be one "error:" line
+                # and nothing else
+                lines = [ln for ln in text.splitlines() if ln.strip() and not _LITELLM_LOG.match(ln)]
+                firsts.append(lines[0] if lines else text[-300:])
+                one_line.append(len(lines) == 1 and lines[0].startswith("error:"))
         finally:
             os.kill(dropper, signal.SIGKILL)
             os.waitpid(dropper, 0)
@@ -432,7 +435,9 @@ def start_dropper(url: str, counts: Path, every_s: float) -> int:
             except Exception:  # noqa: BLE001 - the server is busy; next round
                 continue
             rounds += 1
-            counts.write_text(f"{rounds} {backends}")
+            tmp = counts.with_suffix(".tmp")
+            tmp.write_text(f"{rounds} {backends}")
+            tmp.replace(counts)  # atomic: the parent never reads a half-written file
     finally:
         os._exit(0)
 

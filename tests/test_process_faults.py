@@ -66,3 +66,29 @@ def test_a_fault_then_resume_loses_nothing_and_pays_nothing_twice(faults, backen
     else:
         assert r["env_extra_requests"] <= r["lost_in_flight"]
         assert r["resumes"] >= 1
+
+
+def test_a_ledger_write_failure_is_one_line_without_the_prompts(tmp_path):
+    """A failed batch of the call ledger (here its table is gone; on PostgreSQL a dropped
+    connection) surfaces as one line naming the store, not SQLAlchemy's SQL, parameters
+    (every prompt and reply of the batch) and link."""
+    from graphtune.errors import StoreError
+    from graphtune.store.ledger import CallRecord, SQLLedger
+    from graphtune.store.storage import Storage
+
+    def rec(key: str) -> CallRecord:
+        return CallRecord(key=key, model="m", endpoint="openai/m", reply="4",
+                          messages=[{"role": "user", "content": "a prompt that must not be echoed"}])
+
+    led = SQLLedger(Storage(f"sqlite:///{tmp_path / 'l.db'}"))
+    led.put(rec("a"))
+    led.flush()
+    with led.storage.engine.begin() as c:
+        c.exec_driver_sql("DROP TABLE llm_calls")
+    led.put(rec("b"))
+    with pytest.raises(StoreError) as e:
+        led.flush()
+    msg = str(e.value)
+    assert "\n" not in msg and "no such table: llm_calls" in msg and str(tmp_path / "l.db") in msg
+    assert "a prompt that must not be echoed" not in msg and "[SQL:" not in msg
+    led.close()
