@@ -112,6 +112,8 @@ storage: {storage}
 
 STUDY = "faults"
 _LITELLM_LOG = re.compile(r"^\d\d:\d\d:\d\d - LiteLLM")
+_UNAWAITED = re.compile(r"RuntimeWarning: (coroutine '[\w.]+' was never awaited|Enable tracemalloc to get the "
+                        r"object allocation traceback)")
 
 
 # -- hooks, installed in the forked child ------------------------------------------------------
@@ -387,7 +389,7 @@ class Runner:
         """Terminate the search's connections every 0.3 s while it runs; resume after a stop."""
         counts = self.work / "pg-drop.counts"
         dropper = start_dropper(url, counts, every_s=0.3)
-        stops, one_line, runs, firsts, finished = 0, [], 0, [], {}
+        stops, one_line, runs, firsts, finished, stray = 0, [], 0, [], {}, 0
         try:
             while runs < 8:
                 runs += 1
@@ -405,9 +407,20 @@ class Runner:
                     except Exception:  # noqa: BLE001
                         time.sleep(0.1)
                 text = log.read_text()
-                # litellm may log its own warnings to stderr; ours must be one "error:" line
-                # and nothing else
-                lines = [ln for ln in text.splitlines() if ln.strip() and not _LITELLM_LOG.match(ln)]
+                # ours must be one "error:" line and nothing else, apart from litellm's own log
+                # lines and Python's warning about a coroutine litellm leaves unawaited when a
+                # call is cancelled at the stop (counted in `stray_warnings`: a known issue of
+                # the live environment's shutdown, not of the store)
+                lines, skip = [], False
+                for ln in text.splitlines():
+                    indented, skip = skip and ln.startswith((" ", "\t")), False
+                    if indented or not ln.strip() or _LITELLM_LOG.match(ln):
+                        continue
+                    if _UNAWAITED.search(ln):
+                        stray += 1
+                        skip = True  # the warning's source line follows it
+                        continue
+                    lines.append(ln)
                 firsts.append(lines[0] if lines else text[-300:])
                 one_line.append(len(lines) == 1 and lines[0].startswith("error:"))
         finally:
@@ -417,7 +430,8 @@ class Runner:
         rounds, backends = (int(x) for x in (counts.read_text().split() if counts.exists() else (0, 0)))
         return {"drop_rounds": rounds, "backends_terminated": backends, "runs": runs, "stops": stops,
                 "stops_one_line": all(one_line), "first_lines": sorted(set(firsts))[:3],
-                "resumes_without_drops": resumes, "survived": stops == 0, "at_stops": finished}
+                "resumes_without_drops": resumes, "survived": stops == 0, "stray_warnings": stray,
+                "at_stops": finished}
 
 
 def start_dropper(url: str, counts: Path, every_s: float) -> int:
