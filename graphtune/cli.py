@@ -383,8 +383,6 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
            split: Optional[str] = typer.Option(None, help="dev or test"),
            top: Optional[int] = typer.Option(None, help="only the N best by reward")) -> None:
     """List the trials of a study."""
-    from rich.table import Table
-
     from graphtune.graphs.io import from_dict
     from graphtune.graphs.render import to_short
 
@@ -393,15 +391,17 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     rows = store.list_trials(st.id, split=split)
     if top:
         rows = sorted((r for r in rows if r.reward is not None), key=lambda r: -r.reward)[:top]
-    t = Table(title=f"trials of {study} ({len(rows)})")
-    for col in ("#", "split", "status", "n", "reward", "units"):
-        t.add_column(col, no_wrap=True)
-    t.add_column("graph", overflow="fold")
-    for r in rows:
-        graph = to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]
-        t.add_row(str(r.number), r.split, r.status, str(len(r.question_ids)), _fmt(r.reward),
-                  _fmt(r.cost_units, ".2f"), graph)
-    _console().print(t)
+    # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
+    # thousands of rows (3 s for 1,000 trials, benchmarks/load_bench.py)
+    head = ("#", "split", "status", "n", "reward", "units", "graph")
+    cells = [(str(r.number), r.split, r.status, str(len(r.question_ids)), _fmt(r.reward), _fmt(r.cost_units, ".2f"),
+              to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head[:-1])]
+    lines = [f"trials of {study} ({len(rows)})"]
+    for c in [head, *cells]:
+        lines.append("  ".join([x.rjust(w) if i in (0, 3, 4, 5) else x.ljust(w) for i, (x, w) in
+                                enumerate(zip(c, widths))] + [c[-1]]))
+    typer.echo("\n".join(lines))
 
 
 @app.command()

@@ -303,7 +303,11 @@ class SQLLedger(Ledger):
             e, self._error = self._error, None
             if isinstance(e, StoreError):
                 raise e
-            raise StoreError(f"the call ledger could not be written: {e}") from None
+            # one line: SQLAlchemy's message adds the SQL, every row's parameters (prompts and
+            # replies) and a link on lines of their own
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            raise StoreError(f"the call ledger could not be written to {self.storage._safe_url()}: {reason}; "
+                             "finished trials are kept: resume the study once the database is reachable") from None
 
     def _ensure_thread(self) -> None:
         if self._thread is None:

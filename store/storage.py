@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -64,6 +65,9 @@ NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse.sshfs",
 
 # the table Alembic keeps its revision in (same definition as Alembic's own)
 _VERSION_TABLE = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+
+
+_NULL_HANDLER = logging.NullHandler()
 
 
 class SharedSQLiteWarning(UserWarning):
@@ -334,6 +338,10 @@ class Storage:
                 cur.close()
 
             return engine
+        # psycopg logs "error ignored terminating <Pipeline>" itself when a connection drops
+        # mid-batch; with no logging configured Python prints it to stderr beside our one-line
+        # StoreError. A NullHandler (the library convention) silences only that fallback.
+        logging.getLogger("psycopg").addHandler(_NULL_HANDLER)
         return create_engine(url, pool_pre_ping=True)
 
     @contextlib.contextmanager

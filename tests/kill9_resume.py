@@ -118,7 +118,7 @@ def preload(api_base: str) -> None:
         raise RuntimeError(f"threads alive before fork: {threading.enumerate()}")
 
 
-def _child(args: list[str], cwd: Path, log: Path) -> None:
+def _child(args: list[str], cwd: Path, log: Path, setup=None) -> None:
     code = 1
     try:
         os.setsid()
@@ -127,6 +127,8 @@ def _child(args: list[str], cwd: Path, log: Path) -> None:
         os.dup2(fd, 2)
         os.chdir(cwd)
         sys.argv = ["graphtune", *args]
+        if setup is not None:  # a fault hook of tests/process_faults.py, installed in this child only
+            setup()
         from graphtune.cli import main
 
         try:
@@ -146,15 +148,17 @@ def _child(args: list[str], cwd: Path, log: Path) -> None:
             os._exit(code)
 
 
-def run_cli(args: list[str], *, cwd: Path, kill=None) -> tuple[int | None, float]:
+def run_cli(args: list[str], *, cwd: Path, kill=None, setup=None, check: bool = True,
+            log: Path | None = None) -> tuple[int | None, float]:
     """Run a graphtune command in a forked child. ``kill(t)`` (optional) is polled every
-    20 ms while it runs and returns True to SIGKILL it. Returns (exit code, or None when
-    killed; wall seconds)."""
-    log = cwd / "last-run.log"
+    20 ms while it runs and returns True to SIGKILL it; ``setup()`` (optional) runs in the
+    child before the command (a fault hook). Returns (exit code, or None when killed; wall
+    seconds); a non-zero exit raises unless ``check`` is False."""
+    log = log or cwd / "last-run.log"
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:
-        _child(args, cwd, log)
+        _child(args, cwd, log, setup)
     status = None
     try:
         while True:
@@ -177,7 +181,7 @@ def run_cli(args: list[str], *, cwd: Path, kill=None) -> tuple[int | None, float
             except (ProcessLookupError, ChildProcessError):
                 pass
     code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    if code != 0 and check:
         raise RuntimeError(f"graphtune {' '.join(args)} failed ({code}):\n{log.read_text()[-3000:]}")
     return code, time.perf_counter() - t0
 
