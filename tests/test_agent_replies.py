@@ -235,8 +235,7 @@ def reinforce_setup():
     ctx = SearchContext(space=Space(models=LLAMA_POOL, max_nodes=5, max_in_degree=3), costs=costs,
                         budget=Budget(units=18), objective=Objective(), dev_ids=dev, seed=0, batch_size=5,
                         budget_runs=100 * len(dev), task_description="t",
-                        agent={"model": "fake/llm", "max_retries": 1, "max_reply_chars": TEST_MAX_CHARS},
-                        options={"minibatch": 3})
+                        agent={"model": "fake/llm", "max_retries": 1, "max_reply_chars": TEST_MAX_CHARS})
     return ctx, env
 
 
@@ -462,7 +461,7 @@ def test_hostile_replies_are_stored_bounded_and_the_study_completes(kind, tmp_pa
     ctx = SearchContext(space=Space(models=LLAMA_POOL, max_nodes=5, max_in_degree=3), costs=costs,
                         budget=Budget(units=18), objective=Objective(), dev_ids=dev, seed=0, batch_size=5,
                         budget_runs=20 * len(dev), task_description="t",
-                        agent={"model": "fake/llm", "max_retries": 0}, options={"minibatch": 3})
+                        agent={"model": "fake/llm", "max_retries": 0})
     store = open_store(kind, tmp_path)
     try:
         st_ = store.create_study("s", "agent-reinforce", {})

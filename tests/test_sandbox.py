@@ -402,10 +402,13 @@ for pid in kids:
 """
     r = run_python(code, memory_mb=512, timeout_s=15)
     assert r.error is None
-    held = r.stdout.split().count("held")
-    assert held * 200 <= 512, r.stdout
     if FEATURES.get("memory_cgroup"):
-        assert r.memory_peak_mb is not None and r.memory_peak_mb <= 512 + 1
+        # the kernel's own account of the run: the OOM killer may end a child after it
+        # printed "held", so a count of "held" lines says nothing about the sum at one time
+        assert r.memory_peak_mb is not None and r.memory_peak_mb <= 512 + 1, r.memory_peak_mb
+        assert r.stdout.split().count("held") < 4, r.stdout
+    else:
+        assert r.stdout.split().count("held") * 200 <= 512, r.stdout
     # without a cgroup the process count and per-process bound keep the sum honest
     setup = sb._get_setup()
     r = sb._run(sb._Setup(setup.mode, setup.python, setup.private_root, cgroups=False), code, timeout_s=15,
