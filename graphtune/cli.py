@@ -173,6 +173,9 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     spec = load_spec(spec_path, overrides={"study": study, "storage": storage, "search.evaluations": evaluations,
                                            "search.method": method, "search.seed": seed,
                                            "env.cache": False if no_cache else None})
+    from graphtune.store.storage import require_persistent
+
+    require_persistent(spec.storage, "optimize")  # before the progress bar: one line
     con = _console()
     if quiet:
         problem, st, out = run(spec, force=force, take_over=take_over)
@@ -617,7 +620,9 @@ def resume(study: str = typer.Argument(..., help="name of a stored study"), stor
     """Continue a stored study from its stored spec: finished trials are kept, interrupted
     ones are run again, and no LLM call is paid twice."""
     from graphtune.api import resume as run
+    from graphtune.store.storage import require_persistent
 
+    require_persistent(storage, "resume")
     if quiet:
         problem, st, out = run(study, storage, evaluations=evaluations, force=force, take_over=take_over)
     else:

@@ -124,7 +124,10 @@ def url_without_password(url: str) -> str:
         return url
     if u.password is None:
         return url
-    return u.set(password=None).render_as_string(hide_password=False)
+    from sqlalchemy.engine import URL
+
+    bare = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
+    return bare.render_as_string(hide_password=False)
 
 
 def is_unnamed_memory_url(url: str) -> bool:
@@ -317,7 +320,7 @@ class Storage:
                 self.engine = self._make_engine(url, readonly=readonly)
                 self._check_schema(create and not readonly)
             except SQLAlchemyError as e:
-                if not (readonly and sqlite_path(url) and "unable to open" in str(e)):
+                if not (readonly and sqlite_path(url) and ("unable to open" in str(e) or "readonly" in str(e))):
                     raise
                 # a WAL store in a folder we may not write: no -shm can be made; read the
                 # file as it is (nobody can be writing it without that folder's rights)
@@ -654,6 +657,10 @@ class Storage:
                 self._lock_study(s, study_id)
                 now = self._now()
                 cutoff = now - timedelta(seconds=stale_after_s)
+                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at <= cutoff]
+                if kind == "worker":
+                    stale.append(WorkerRow.name.startswith(LEASE_PREFIX))
+                s.execute(update(WorkerRow).where(*stale).values(status="stopped"))  # dead: their leases end
                 live = list(s.scalars(select(WorkerRow).where(
                     WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)
                     .order_by(WorkerRow.id)))
