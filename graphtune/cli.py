@@ -251,7 +251,7 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
             no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
             nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
     """Execute one graph on live endpoints; print the answer, its cost and latency."""
-    from graphtune.api import run_graph
+    from graphtune.api import redact, run_graph
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
     from graphtune.graphs.render import to_text
@@ -272,11 +272,11 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
                 head = f"[{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, " \
                        f"{nr.latency_s:.2f} s{tag}"
                 con.print(head)
-                con.print("    " + (nr.text or f"error: {nr.error}").strip().replace("\n", "\n    "))
+                con.print("    " + redact(nr.text or f"error: {nr.error}").strip().replace("\n", "\n    "))
         if r.error:
-            con.print(f"error     {r.error}")
+            con.print(f"error     {redact(r.error)}")
         else:
-            con.print("answer    " + (r.answer or "").strip().replace("\n", "\n          "))
+            con.print("answer    " + redact(r.answer or "").strip().replace("\n", "\n          "))
         con.print(f"cost      {r.prompt_tokens} prompt + {r.completion_tokens} completion tokens, "
                   f"{r.flops:.3g} FLOPs, ${r.usd:.6f}")
         con.print(f"latency   {r.latency_s:.2f} s (critical path)")
@@ -293,7 +293,7 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     con.print(f"calls     {calls}")
     errs = [r.error for r in out.results if r.error]
     if errs:
-        con.print(f"first failure: {errs[0]}")
+        con.print(f"first failure: {redact(errs[0])}")
 
 
 # -- studies / trials / show -----------------------------------------------------------
