@@ -375,3 +375,23 @@ def test_secret_values_are_redacted_from_everything_a_store_writes(tmp_path):
                  db.execute("select name from sqlite_master where type='table'")])
     assert key not in text
     assert "'random', '{\"note\": \"k=[redacted]\"}'" in text  # short values ("ab") are left alone
+
+
+def test_contract_every_backend_redacts_its_secrets_from_trials_steps_and_state(store):
+    from graphtune.store.redact import MASK
+
+    key = "sk-contract-secret-42"
+    store.redactor.add([key])
+    st = store.create_study("s", "random", {"x": key})
+    res = [QuestionResult(question_id="q1", answer=f"a {key}", correct=False, error=None,
+                          nodes=(NodeOutcome("n", key, False),))]
+    t = store.record_trial(st.id, split="dev", batch=0, slot=0, status="complete", graph={"nodes": []},
+                           graph_hash="h", method="random", origin="random", parents=[], info={"i": key},
+                           question_ids=["q1"], results=res, reused=set(), metrics={"accuracy": 0.0}, reward=0.0,
+                           cost=None, new_runs=1, error=f"e {key}", feedback=key)
+    store.save_progress(st.id, state={"s": key}, batch_index=1, runs_spent=1,
+                        agent_steps=[{"key": "b0", "batch": 0, "kind": "feedback", "backend": "x", "is_llm": True,
+                                      "prompt": key, "reply": key, "feedback": key}])
+    got = store.get_trial(st.id, t.number)
+    seen = repr((store.get_study("s"), got, store.trial_results(got.id), store.agent_steps(st.id)))
+    assert key not in seen and MASK in seen
