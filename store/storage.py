@@ -79,6 +79,9 @@ LEASE_HEARTBEAT_S = 5.0
 LEASE_STALE_S = 60.0
 #: name prefix of the ``workers`` row that is an ``optimize`` process's lease
 LEASE_PREFIX = "optimize:"
+#: the leases this process holds now (a lease of this host and pid not in it is a leftover
+#: of an earlier run in this process whose release failed: taken over)
+_HELD_HERE: set[str] = set()
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -666,7 +669,7 @@ class Storage:
                     .order_by(WorkerRow.id)))
                 if kind == "worker":
                     live = [w for w in live if w.name.startswith(LEASE_PREFIX)]
-                dead = [w for w in live if take_over or _process_gone(w.host, w.pid)]
+                dead = [w for w in live if take_over or _process_gone(w.host, w.pid) or _leftover(w)]
                 for w in dead:
                     w.status = "stopped"
                 live = [w for w in live if w not in dead]
@@ -679,7 +682,10 @@ class Storage:
                 s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
                                 heartbeat_at=now))
                 return None
-        return self._retrying(go, "taking the study's lease")
+        holder = self._retrying(go, "taking the study's lease")
+        if holder is None and kind == "optimize":
+            _HELD_HERE.add(name)
+        return holder
 
     def renew_lease(self, study_id: int, name: str) -> bool:
         """Refresh the heartbeat of a lease still held (False: it was taken over, or is gone)."""
@@ -692,6 +698,8 @@ class Storage:
         return self._retrying(go, "renewing the study's lease")
 
     def release_lease(self, study_id: int, name: str) -> None:
+        _HELD_HERE.discard(name)
+
         def go():
             with self.session() as s:
                 s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name)
@@ -839,6 +847,13 @@ class Storage:
         with self.session() as s:
             rows = s.scalars(select(AgentStepRow).where(AgentStepRow.study_id == study_id).order_by(AgentStepRow.id))
             return [{c.name: getattr(r, c.name) for c in AgentStepRow.__table__.columns} for r in rows]
+
+
+def _leftover(w: WorkerRow) -> bool:
+    """A row of this very process that it no longer holds (its release failed)."""
+    import socket
+
+    return w.pid == os.getpid() and w.host == socket.gethostname() and w.name not in _HELD_HERE
 
 
 def _process_gone(host: str, pid: int) -> bool:

@@ -395,3 +395,17 @@ def test_contract_every_backend_redacts_its_secrets_from_trials_steps_and_state(
     got = store.get_trial(st.id, t.number)
     seen = repr((store.get_study("s"), got, store.trial_results(got.id), store.agent_steps(st.id)))
     assert key not in seen and MASK in seen
+
+
+def test_a_lease_this_process_failed_to_release_does_not_block_it(sql_store):
+    import socket
+
+    s, me = sql_store, socket.gethostname()
+    st = s.create_study("own", "random", {})
+    assert s.acquire_lease(st.id, "optimize:a", me, os.getpid()) is None
+    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is not None  # held: refused
+    from graphtune.store import storage as mod
+
+    mod._HELD_HERE.discard("optimize:a")  # as if its release had failed (store unreachable then)
+    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is None
+    s.release_lease(st.id, "optimize:b")
