@@ -125,7 +125,8 @@ def build_live_env(spec: Spec, examples: list | None = None):
         est = estimate_shape(dev or test, prompts, settings)
         shape = TaskShape(t.input_tokens or est.input_tokens, t.output_tokens or est.output_tokens)
     return LiveEnvironment(dev, test, scorer, prompts, endpoints, settings=settings, concurrency=e.concurrency,
-                           ledger=lambda: open_ledger(spec.storage, secrets=spec_secrets(spec)), cache=e.cache, study=spec.study, task_shape=shape,
+                           ledger=lambda: open_ledger(spec.storage, secrets=spec_secrets(spec)), cache=e.cache,
+                           study=spec.study, task_shape=shape,
                            servers=servers, description=t.description)
 
 
@@ -325,77 +326,6 @@ def _spec_of_study(stored: Mapping[str, Any], name: str, storage: str, *,
     return parse_spec(data, where=f"stored spec of study {name!r}")
 
 
-class StudyLease:
-    """This process's lease on a study while ``optimize`` runs it (see ``Storage.acquire_lease``):
-    taken on entry (``StoreError`` naming the holder when another live process runs the
-    study), refreshed by a heartbeat thread, released on exit. ``check()`` raises once the
-    lease was taken over by another process (this one hung past the stale timeout)."""
-
-    def __init__(self, storage, study, *, take_over: bool = False, heartbeat_s: float | None = None,
-                 stale_after_s: float | None = None):
-        import os
-        import secrets
-        import socket
-
-        from graphtune.store.storage import LEASE_HEARTBEAT_S, LEASE_PREFIX, LEASE_STALE_S
-
-        self.storage, self.study, self.take_over = storage, study, take_over
-        self.heartbeat_s = heartbeat_s or LEASE_HEARTBEAT_S
-        self.stale_after_s = stale_after_s or LEASE_STALE_S
-        self.host, self.pid = socket.gethostname(), os.getpid()
-        self.name = f"{LEASE_PREFIX}{self.host}:{self.pid}:{secrets.token_hex(3)}"
-        self.lost = False
-        self._stop = None
-        self._thread = None
-
-    def __enter__(self) -> StudyLease:
-        import threading
-
-        from graphtune.errors import StoreError
-        from graphtune.store.storage import mask_url
-
-        holder = self.storage.acquire_lease(self.study.id, self.name, self.host, self.pid, kind="optimize",
-                                            stale_after_s=self.stale_after_s, take_over=self.take_over)
-        if holder is not None:
-            name, url = self.study.name, mask_url(self.storage.url)
-            if holder.kind == "workers":
-                raise StoreError(f"study {name!r} is being run by {holder.describe()}; help them with "
-                                 f"`graphtune worker --study {name} --storage {url}`, or wait for them to finish")
-            raise StoreError(f"study {name!r} is being run by {holder.describe()}; wait for it to finish, or if "
-                             "that process is dead rerun with --take-over (its lease is taken over by itself "
-                             f"{self.stale_after_s:g} s after its last heartbeat)")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="graphtune-lease", daemon=True)
-        self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if not self.storage.renew_lease(self.study.id, self.name):
-                    self.lost = True
-                    return
-            except Exception:  # a missed beat only risks a takeover, which check() reports
-                pass
-
-    def check(self) -> None:
-        from graphtune.errors import StoreError
-
-        if self.lost:
-            raise StoreError(f"study {self.study.name!r} was taken over by another process (this one missed its "
-                             f"heartbeats for {self.stale_after_s:g} s); finished trials are stored, and that "
-                             "process continues the study")
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.storage.release_lease(self.study.id, self.name)
-        except Exception:
-            if exc[0] is None:
-                raise
-
-
 def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool = False,
              lease_heartbeat_s: float | None = None, lease_stale_s: float | None = None):
     """Run the study ``spec.study`` in ``spec.storage``, continuing it if it exists.
@@ -406,12 +336,13 @@ def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool 
     method's state is not loaded into the new searcher (the study's trials, its batch
     counter and spent budget stay; the new searcher starts after them).
 
-    One process runs a study at a time (:class:`StudyLease`): a second one is refused with
+    One process runs a study at a time (``graphtune.store.lease.StudyLease``): a second one is refused with
     the running process's host, pid and start time; a dead one's lease is taken over after
     ``lease_stale_s`` (at once when its pid is gone from this machine, or with ``take_over``).
     """
     from graphtune.errors import StoreError
     from graphtune.search.loop import run_search
+    from graphtune.store.lease import StudyLease
     from graphtune.store.storage import Storage, mask_url, require_persistent
 
     require_persistent(spec.storage, "optimize")

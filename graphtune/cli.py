@@ -548,7 +548,8 @@ def dashboard_cmd(study: str = typer.Argument(..., metavar="NAME"), storage: str
             last["error"] = str(e)
             typer.echo(f"warning: cannot refresh {study!r}: {e}; showing the last data read", err=True)
 
-    server = DashboardServer(_storage(storage, readonly=True), study, host=host, port=port, refresh_s=refresh, on_error=on_error)
+    server = DashboardServer(_storage(storage, readonly=True), study, host=host, port=port, refresh_s=refresh,
+                             on_error=on_error)
     typer.echo(f"graphtune dashboard of {study!r}: {server.url}  (read-only, refreshed every {refresh:g} s; "
                "Ctrl-C stops it)")
     try:

@@ -269,7 +269,8 @@ class LeaseHolder:
         if self.kind == "optimize":
             return f"`graphtune optimize` (host {self.host}, pid {self.pid}, since {since} UTC)"
         more = f" and {self.n_workers - 1} more" if self.n_workers > 1 else ""
-        return f"{self.n_workers} `graphtune worker` process(es) (host {self.host}, pid {self.pid}{more}, since {since} UTC)"
+        return (f"{self.n_workers} `graphtune worker` process(es) (host {self.host}, pid {self.pid}{more}, "
+                f"since {since} UTC)")
 
 
 def _study_info(r: StudyRow, n_trials: int = 0) -> StudyInfo:
@@ -660,7 +661,8 @@ class Storage:
                 self._lock_study(s, study_id)
                 now = self._now()
                 cutoff = now - timedelta(seconds=stale_after_s)
-                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at <= cutoff]
+                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running",
+                         WorkerRow.heartbeat_at <= cutoff]
                 if kind == "worker":
                     stale.append(WorkerRow.name.startswith(LEASE_PREFIX))
                 s.execute(update(WorkerRow).where(*stale).values(status="stopped"))  # dead: their leases end

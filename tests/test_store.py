@@ -409,3 +409,23 @@ def test_a_lease_this_process_failed_to_release_does_not_block_it(sql_store):
     mod._HELD_HERE.discard("optimize:a")  # as if its release had failed (store unreachable then)
     assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is None
     s.release_lease(st.id, "optimize:b")
+
+
+def test_a_lease_taken_over_is_noticed_by_its_old_holder_at_its_next_heartbeat(sql_store):
+    import time
+
+    from graphtune.store.lease import StudyLease
+
+    s = sql_store
+    st = s.create_study("hung", "random", {})
+    with StudyLease(s, st, heartbeat_s=0.05) as lease:
+        lease.check()
+        with pytest.raises(StoreError, match=r"being run by `graphtune optimize` \(host .*--take-over"):
+            StudyLease(s, st).__enter__()
+        assert s.acquire_lease(st.id, "optimize:other", "other", 1, take_over=True) is None
+        for _ in range(100):
+            if lease.lost:
+                break
+            time.sleep(0.02)
+        with pytest.raises(StoreError, match="taken over by another process"):
+            lease.check()
