@@ -24,6 +24,40 @@ SAFE_TO_CHANGE = {("search", "evaluations"), ("storage",), ("env", "cache"), ("e
                   ("env", "retry_after_max_s")}
 
 
+#: every secret value this process has seen in a spec (API keys from `api_key_env`, storage
+#: passwords): the CLI runs its messages through it (``redact``); stores get their own set
+_SEEN_SECRETS = None
+
+
+def spec_secrets(spec: Spec) -> set[str]:
+    """The secret values a spec refers to: the values of its models' ``api_key_env``
+    variables (when set) and the password of its storage URL. Stores are given these so
+    that nothing they write holds them (a key pasted into a question, echoed in a reply)."""
+    import os
+
+    from graphtune.store.storage import url_password
+
+    out = {os.environ.get(m.api_key_env) for m in spec.models if getattr(m, "api_key_env", None)}
+    out.add(url_password(spec.storage))
+    out = {v for v in out if v}
+    _seen().add(out)
+    return out
+
+
+def _seen():
+    global _SEEN_SECRETS
+    if _SEEN_SECRETS is None:
+        from graphtune.store.redact import Redactor
+
+        _SEEN_SECRETS = Redactor()
+    return _SEEN_SECRETS
+
+
+def redact(text: str) -> str:
+    """``text`` without any secret value a spec of this process referred to."""
+    return _seen().text(text)
+
+
 @dataclass
 class Problem:
     """Everything built from a spec: environment, costing, search context."""
@@ -93,7 +127,8 @@ def build_live_env(spec: Spec, examples: list | None = None):
         est = estimate_shape(dev or test, prompts, settings)
         shape = TaskShape(t.input_tokens or est.input_tokens, t.output_tokens or est.output_tokens)
     return LiveEnvironment(dev, test, scorer, prompts, endpoints, settings=settings, concurrency=e.concurrency,
-                           ledger=lambda: open_ledger(spec.storage), cache=e.cache, study=spec.study, task_shape=shape,
+                           ledger=lambda: open_ledger(spec.storage, secrets=spec_secrets(spec)), cache=e.cache,
+                           study=spec.study, task_shape=shape,
                            servers=servers, description=t.description)
 
 
@@ -269,8 +304,13 @@ PATH_FIELDS = (("task", "dataset"), ("env", "records"))
 def stored_spec(spec: Spec) -> dict[str, Any]:
     """The resolved spec as a study stores it: local dataset/record paths made absolute
     (resolved like the loader does: working directory, else beside the spec file), so the
-    stored spec alone can run the study again (``resume``)."""
+    stored spec alone can run the study again (``resume``); the storage URL without its
+    password (``resume`` and ``worker`` are given the URL again)."""
+    from graphtune.store.storage import url_without_password
+
     out = spec.resolved()
+    if isinstance(out.get("storage"), str):
+        out["storage"] = url_without_password(out["storage"])
     for (sec, key), src in zip(PATH_FIELDS, (spec.dataset_source(), spec.records_source())):
         val = (out.get(sec) or {}).get(key)
         if val and src and not str(val).startswith("hf:") and Path(src).exists():
@@ -319,7 +359,8 @@ def _spec_of_study(stored: Mapping[str, Any], name: str, storage: str, *,
     return parse_spec(data, where=f"stored spec of study {name!r}")
 
 
-def optimize(spec: Spec, *, force: bool = False, progress=None):
+def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool = False,
+             lease_heartbeat_s: float | None = None, lease_stale_s: float | None = None):
     """Run the study ``spec.study`` in ``spec.storage``, continuing it if it exists.
 
     Returns ``(problem, study, outcome)``. A stored study whose spec differs in anything
@@ -327,23 +368,41 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
     unless ``force``. A forced change of ``search.method`` resets the searcher: the old
     method's state is not loaded into the new searcher (the study's trials, its batch
     counter and spent budget stay; the new searcher starts after them).
-    """
-    from graphtune.search.loop import run_search
-    from graphtune.store.storage import Storage
 
-    # everything a spec can get wrong (environment, dataset, scorer, space, the searcher and
-    # its options) is built before the study row is written: a bad spec leaves no study
+    Everything a spec can get wrong (environment, dataset, scorer, space, the searcher and
+    its options) is built before the study row is written, and a study this call created
+    is removed again when the run fails before its first trial: a bad spec leaves no study.
+
+    One process runs a study at a time (``graphtune.store.lease.StudyLease``): a second one is
+    refused with the running process's host, pid and start time; a dead one's lease is taken
+    over after ``lease_stale_s`` (at once when its pid is gone from this machine, or with
+    ``take_over``).
+    """
+    from graphtune.errors import StoreError
+    from graphtune.search.loop import run_search
+    from graphtune.store.lease import StudyLease
+    from graphtune.store.storage import Storage, mask_url, require_persistent
+
+    require_persistent(spec.storage, "optimize")
     problem = build_problem(spec)
     searcher = None
+    created = False
+    storage = None
     try:
         searcher = make_searcher(spec, problem.ctx)
-        storage = Storage(spec.storage)
+        storage = Storage(spec.storage, secrets=spec_secrets(spec))
         study = storage.get_study(spec.study)
         resolved = stored_spec(spec)
-        created = study is None
-        if created:
-            study = storage.create_study(spec.study, spec.search.method, resolved)
-        else:
+        if study is None:
+            try:
+                study = storage.create_study(spec.study, spec.search.method, resolved)
+                created = True
+            except StoreError:  # another process created it between our look and our write
+                study = storage.get_study(spec.study)
+                if study is None:
+                    raise
+        with StudyLease(storage, study, take_over=take_over, heartbeat_s=lease_heartbeat_s,
+                        stale_after_s=lease_stale_s) as lease:
             names = _changed_names(study.spec, resolved)
             if names and not force:
                 raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
@@ -356,14 +415,21 @@ def optimize(spec: Spec, *, force: bool = False, progress=None):
             queued = storage.unfinished_trials(study.id)
             if queued:
                 raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
-                                f"continue it with `graphtune worker --study {spec.study} --storage {spec.storage}`")
-        try:
+                                f"continue it with `graphtune worker --study {spec.study} --storage "
+                                f"{mask_url(spec.storage)}`")
+
+            def checked(ev: dict) -> None:  # stop at the next trial once the lease is lost
+                lease.check()
+                if progress is not None:
+                    progress(ev)
+
             outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
-                                 budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids, progress=progress)
-        except BaseException:
-            if created:
-                _drop_if_empty(storage, spec.study)
-            raise
+                                 budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids,
+                                 progress=checked)
+    except BaseException:
+        if created and storage is not None:
+            _drop_if_empty(storage, spec.study)
+        raise
     finally:
         if searcher is not None:
             searcher.close()
@@ -383,17 +449,19 @@ def _drop_if_empty(storage, name: str) -> None:
         pass
 
 
-def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None):
+def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None,
+           take_over: bool = False):
     """Continue the stored study ``name`` in ``storage`` from its stored spec (the same
     checks and exact resume as ``optimize``); ``evaluations`` raises its search budget.
     Returns ``(problem, study, outcome)``."""
     from graphtune.errors import StoreError
-    from graphtune.store.storage import Storage, sqlite_path
+    from graphtune.store.storage import Storage, require_persistent, sqlite_path
 
+    require_persistent(storage, "resume")
     path = sqlite_path(storage)
     if path is not None and not path.exists():
         raise StoreError(f"no store at {path}; pass the --storage the study was run with")
-    store = Storage(storage, create=False)
+    store = Storage(storage, create=False, readonly=True)
     try:
         study = store.get_study(name)
         if study is None:
@@ -402,7 +470,8 @@ def resume(name: str, storage: str, *, evaluations: int | None = None, force: bo
         stored = study.spec
     finally:
         store.close()
-    return optimize(_spec_of_study(stored, name, storage, evaluations=evaluations), force=force, progress=progress)
+    return optimize(_spec_of_study(stored, name, storage, evaluations=evaluations), force=force, progress=progress,
+                    take_over=take_over)
 
 
 def work(name: str, storage: str, *, spec: Spec | None = None, options=None, progress=None,
@@ -413,9 +482,10 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
     ``spec`` that differs from it is refused. Returns ``(problem, study, WorkerReport)``."""
     from graphtune.errors import StoreError
     from graphtune.search.worker import Worker, WorkerOptions
-    from graphtune.store.storage import Storage
+    from graphtune.store.storage import Storage, require_persistent
 
-    store = Storage(storage, workers=True)
+    require_persistent(storage, "worker")
+    store = Storage(storage, workers=True, secrets=spec_secrets(spec) if spec is not None else ())
     study = store.get_study(name)
     if spec is not None:
         resolved = stored_spec(spec)
@@ -436,6 +506,7 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
         raise StoreError(f"no study named {name!r} in {store._safe_url()} (known: {known or 'none'}); create it by "
                          "passing --spec SPEC to the first worker")
     sp = _spec_of_study(study.spec, name, storage)
+    store.redactor.add(spec_secrets(sp))
     problem = build_problem(sp)
     try:
         w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids,
@@ -469,9 +540,11 @@ def dump_study(store, name: str) -> dict[str, Any]:
     if st is None:
         known = [s.name for s in store.list_studies()]
         raise StoreError(f"no study named {name!r}; known studies: {known or 'none'}")
+    from graphtune.store.storage import mask_url
+
     spec = dict(st.spec)
     if isinstance(spec.get("storage"), str):
-        spec["storage"] = _mask_url(spec["storage"])
+        spec["storage"] = mask_url(spec["storage"])
     trials = []
     for t in store.list_trials(st.id):
         d = asdict(t)
@@ -491,9 +564,6 @@ def dump_study(store, name: str) -> dict[str, Any]:
 
 
 def _mask_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
+    from graphtune.store.storage import mask_url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<storage url>"
+    return mask_url(url)

@@ -68,9 +68,23 @@ def _fail(e: Exception) -> None:
         raise e
     code = e.exit_code if isinstance(e, GraphtuneError) else 1
     msg = str(e) if isinstance(e, GraphtuneError) else f"internal error: {type(e).__name__}: {e} (rerun with --debug)"
-    # one line, whatever text a file or a reply put into the message
-    typer.echo(f"error: {msg.replace(chr(13), '').replace(chr(10), ' | ')}", err=True)
+    typer.echo(f"error: {_safe_line(msg)}", err=True)
     raise typer.Exit(code)
+
+
+def _safe_line(msg: str) -> str:
+    """One line, without any secret value a spec of this process referred to."""
+    api = sys.modules.get("graphtune.api")
+    if api is not None:
+        msg = api.redact(msg)
+    return " ".join(msg.split())
+
+
+def _url(url: str) -> str:
+    """A storage URL as it may be shown (password masked)."""
+    from graphtune.store.storage import mask_url
+
+    return mask_url(url)
 
 
 def _guard(fn):
@@ -146,7 +160,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         problem.env.close()  # validate runs nothing (a live env has started nothing yet)
     con = _console()
     con.print(f"{spec_path}: valid")
-    con.print(yaml.safe_dump(spec.resolved(), sort_keys=False).rstrip())
+    shown = spec.resolved()
+    shown["storage"] = _url(spec.storage)
+    con.print(yaml.safe_dump(shown, sort_keys=False).rstrip())
     ctx = problem.ctx
     try:
         graphs = enumerate_graphs(ctx.space, ctx.costs, ctx.budget, limit=max_enumerate)
@@ -196,6 +212,9 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
              method: Optional[str] = typer.Option(None, "--method", help="search method"),
              seed: Optional[int] = typer.Option(None, "--seed"),
              force: bool = typer.Option(False, "--force", help="continue a study whose spec changed"),
+             take_over: bool = typer.Option(False, "--take-over",
+                                            help="take the study over from another optimize process that is dead "
+                                                 "(its lease is not stale yet); never use it on a live one"),
              no_cache: bool = typer.Option(False, "--no-cache",
                                            help="live env: make every LLM call again instead of serving identical "
                                                 "calls from the call ledger (calls are still recorded)"),
@@ -209,9 +228,12 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                                            "env.cache": False if no_cache else None},
                      flags={"study": "--study", "storage": "--storage", "search.evaluations": "--evaluations",
                             "search.method": "--method", "search.seed": "--seed", "env.cache": "--no-cache"})
+    from graphtune.store.storage import require_persistent
+
+    require_persistent(spec.storage, "optimize")  # before the progress bar: one line
     con = _console()
     if quiet:
-        problem, st, out = run(spec, force=force)
+        problem, st, out = run(spec, force=force, take_over=take_over)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -225,7 +247,7 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                 bar.update(task, total=ev["budget_runs"], completed=min(ev["runs_spent"], ev["budget_runs"]),
                            best="-" if best == float("-inf") else f"{best:.3f}")
 
-            problem, st, out = run(spec, force=force, progress=progress)
+            problem, st, out = run(spec, force=force, progress=progress, take_over=take_over)
     _print_outcome(con, spec, problem, st, out)
 
 
@@ -251,7 +273,7 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         f"cost / query    {c.units:.2f} units, {c.flops:.3g} FLOPs, ${c.usd:.6f}, {c.latency_s:.2f} s latency",
         f"search          {out.n_trials} trials, {out.runs_spent} graph-question runs "
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
-        f"study           {spec.study} in {spec.storage}",
+        f"study           {spec.study} in {_url(spec.storage)}",
     ]
     if test and test.n_errors:
         lines.append(f"infrastructure  {test.n_errors} test questions failed to run (excluded from accuracy, not "
@@ -266,9 +288,10 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         lines.append(f"replay          {modelled} of {len(out.test_results)} test outcomes were modelled, not "
                      "recorded (docs/replay.md)")
     con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
-    con.print(f"next: graphtune show {spec.study} --storage {spec.storage}")
-    con.print(f"      graphtune export {spec.study} --format langgraph -o {spec.study}_graph.py --storage {spec.storage}")
-    con.print(f"      graphtune report {spec.study} -o {spec.study}_report.html --storage {spec.storage}")
+    url = _url(spec.storage)
+    con.print(f"next: graphtune show {spec.study} --storage {url}")
+    con.print(f"      graphtune export {spec.study} --format langgraph -o {spec.study}_graph.py --storage {url}")
+    con.print(f"      graphtune report {spec.study} -o {spec.study}_report.html --storage {url}")
 
 
 # -- run -------------------------------------------------------------------------------
@@ -288,7 +311,7 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
             no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
             nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
     """Execute one graph on live endpoints; print the answer, its cost and latency."""
-    from graphtune.api import run_graph
+    from graphtune.api import redact, run_graph
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
     from graphtune.graphs.render import to_text
@@ -310,11 +333,11 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
                 head = f"[{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, " \
                        f"{nr.latency_s:.2f} s{tag}"
                 con.print(head)
-                con.print("    " + (nr.text or f"error: {nr.error}").strip().replace("\n", "\n    "))
+                con.print("    " + redact(nr.text or f"error: {nr.error}").strip().replace("\n", "\n    "))
         if r.error:
-            con.print(f"error     {r.error}")
+            con.print(f"error     {redact(r.error)}")
         else:
-            con.print("answer    " + (r.answer or "").strip().replace("\n", "\n          "))
+            con.print("answer    " + redact(r.answer or "").strip().replace("\n", "\n          "))
         con.print(f"cost      {r.prompt_tokens} prompt + {r.completion_tokens} completion tokens, "
                   f"{r.flops:.3g} FLOPs, ${r.usd:.6f}")
         con.print(f"latency   {r.latency_s:.2f} s (critical path)")
@@ -331,14 +354,15 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     con.print(f"calls     {calls}")
     errs = [r.error for r in out.results if r.error]
     if errs:
-        con.print(f"first failure: {errs[0]}")
+        con.print(f"first failure: {redact(errs[0])}")
 
 
 # -- studies / trials / show -----------------------------------------------------------
 
 
-def _storage(url: str):
-    """Open an existing store (a missing SQLite file is an error, not a new empty store)."""
+def _storage(url: str, *, readonly: bool = False):
+    """Open an existing store (a missing SQLite file is an error, not a new empty store);
+    ``readonly`` for commands that only read (they work on a store the user may not write)."""
     from graphtune.errors import StoreError
     from graphtune.store.storage import Storage
 
@@ -346,7 +370,7 @@ def _storage(url: str):
         path = url.split("///", 1)[1]
         if path and path != ":memory:" and not Path(path).exists():
             raise StoreError(f"no store at {path}; run `graphtune optimize SPEC` first or pass --storage")
-    return Storage(url)
+    return Storage(url, readonly=readonly)
 
 
 def _study(store, name: str):
@@ -355,7 +379,7 @@ def _study(store, name: str):
     st = store.get_study(name)
     if st is None:
         known = [s.name for s in store.list_studies()]
-        raise StoreError(f"no study named {name!r} in {store.url}; known studies: {known or 'none'}")
+        raise StoreError(f"no study named {name!r} in {_url(store.url)}; known studies: {known or 'none'}")
     return st
 
 
@@ -368,8 +392,8 @@ def studies(storage: str = STORAGE_OPT) -> None:
     """List the studies of a store."""
     from rich.table import Table
 
-    store = _storage(storage)
-    t = Table(title=f"studies in {storage}")
+    store = _storage(storage, readonly=True)
+    t = Table(title=f"studies in {_url(storage)}")
     for col in ("name", "method", "status", "trials", "runs spent", "created"):
         t.add_column(col)
     for s in store.list_studies():
@@ -386,7 +410,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     from graphtune.graphs.io import from_dict
     from graphtune.graphs.render import to_short
 
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     st = _study(store, study)
     rows = store.list_trials(st.id, split=split)
     if top:
@@ -413,7 +437,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     from graphtune.graphs.io import from_dict
     from graphtune.graphs.render import to_mermaid, to_text
 
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     st = _study(store, study)
     con = _console()
     if trial is None:
@@ -486,7 +510,7 @@ def export_cmd(study: str = typer.Argument(..., metavar="NAME", help="study name
     from graphtune.pareto import select as pick
 
     fmt = check_format(fmt)
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     sp = _points(store, study, min_questions)
     chosen = pick(sp.points, select, metric=metric, recommended=sp.recommended)
     paths = []
@@ -527,7 +551,7 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     from graphtune.pareto import cost_attr, default_ref_cost, hypervolume_points, pareto_front
 
     cost_attr(metric)
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     sp = _points(store, study, min_questions)
     front = pareto_front(sp.points, metric)
     ref = default_ref_cost(sp.study.spec, metric, sp.points)
@@ -557,7 +581,7 @@ def report_cmd(study: str = typer.Argument(..., metavar="NAME"),
     """Write one self-contained HTML report of a study (plots inline; no network needed to view it)."""
     from graphtune.report import write_report
 
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     path, pngs = write_report(store, _study(store, study), out, png_dir=png_dir, metric=metric, top=top)
     con = _console()
     con.print(f"wrote {path}")
@@ -585,7 +609,8 @@ def dashboard_cmd(study: str = typer.Argument(..., metavar="NAME"), storage: str
             last["error"] = str(e)
             typer.echo(f"warning: cannot refresh {study!r}: {e}; showing the last data read", err=True)
 
-    server = DashboardServer(_storage(storage), study, host=host, port=port, refresh_s=refresh, on_error=on_error)
+    server = DashboardServer(_storage(storage, readonly=True), study, host=host, port=port, refresh_s=refresh,
+                             on_error=on_error)
     typer.echo(f"graphtune dashboard of {study!r}: {server.url}  (read-only, refreshed every {refresh:g} s; "
                "Ctrl-C stops it)")
     try:
@@ -607,10 +632,10 @@ def compare_cmd(studies_: list[str] = typer.Argument(..., metavar="NAME..."),
 
     from graphtune.report import compare_rows, compare_png
 
-    store = _storage(storage)
+    store = _storage(storage, readonly=True)
     infos = [_study(store, n) for n in studies_]
     rows = compare_rows(store, infos, metric=metric)
-    t = Table(title=f"studies in {storage}")
+    t = Table(title=f"studies in {_url(storage)}")
     cols = [c for c in (rows[0].keys() if rows else []) if c != "best graph"]
     for c in cols:
         t.add_column(c, overflow="fold")
@@ -651,16 +676,20 @@ def resume(study: str = typer.Argument(..., help="name of a stored study"), stor
            evaluations: Optional[int] = typer.Option(None, "--evaluations", "-n", min=1,
                                                      help="raise the search budget (full-dev graph evaluations)"),
            force: bool = typer.Option(False, "--force", help="continue even if the stored spec no longer matches"),
+           take_over: bool = typer.Option(False, "--take-over",
+                                          help="take the study over from another optimize process that is dead"),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
     """Continue a stored study from its stored spec: finished trials are kept, interrupted
     ones are run again, and no LLM call is paid twice."""
     from graphtune.api import resume as run
+    from graphtune.store.storage import require_persistent
 
+    require_persistent(storage, "resume")
     if quiet:
-        problem, st, out = run(study, storage, evaluations=evaluations, force=force)
+        problem, st, out = run(study, storage, evaluations=evaluations, force=force, take_over=take_over)
     else:
         problem, st, out = _run_with_progress(f"{study} (resume)", lambda progress: run(
-            study, storage, evaluations=evaluations, force=force, progress=progress))
+            study, storage, evaluations=evaluations, force=force, progress=progress, take_over=take_over))
     _print_outcome(_console(), problem.spec, problem, st, out)
 
 
@@ -714,7 +743,7 @@ def worker(study: str = typer.Option(..., "--study", help="the study to work on"
     con.print(f"worker {rep.name}: {rep.trials} trials, {rep.runs_paid} graph-question runs paid, "
               f"{rep.batch_updates} batch updates; study {study} is {rep.study_status}")
     if st is not None and st.status == "complete":
-        store = _storage(storage)
+        store = _storage(storage, readonly=True)
         test = [t for t in store.list_trials(st.id, split="test")]
         if test:
             from graphtune.graphs.io import from_dict
@@ -723,7 +752,7 @@ def worker(study: str = typer.Option(..., "--study", help="the study to work on"
             t = test[-1]
             con.print(f"best graph {to_text(from_dict(t.graph))} (trial #{t.parents[0] if t.parents else '?'}); "
                       f"test accuracy {_fmt(t.accuracy)}")
-        con.print(f"next: graphtune show {study} --storage {storage}")
+        con.print(f"next: graphtune show {study} --storage {_url(storage)}")
 
 
 storage_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage a store's schema.")
@@ -738,9 +767,9 @@ def storage_upgrade(storage: str = STORAGE_OPT) -> None:
 
     before, after = Storage.upgrade(storage)
     if before == after:
-        typer.echo(f"{storage}: already at revision {after}")
+        typer.echo(f"{_url(storage)}: already at revision {after}")
     else:
-        typer.echo(f"{storage}: upgraded from revision {before or '(empty)'} to {after}; now at revision {after}")
+        typer.echo(f"{_url(storage)}: upgraded from revision {before or '(empty)'} to {after}; now at revision {after}")
 
 
 @app.command()
@@ -750,7 +779,7 @@ def delete(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     """Delete a study with its trials, results and agent steps (the call ledger stays)."""
     store = _storage(storage)
     st = _study(store, study)
-    if not yes and not typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {storage}?"):
+    if not yes and not typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {_url(storage)}?"):
         typer.echo("nothing deleted")
         raise typer.Exit(1)
     store.delete_study(study)
@@ -766,7 +795,7 @@ def dump(study: str = typer.Argument(...), output: Path = typer.Option(..., "--o
 
     from graphtune.api import dump_study
 
-    data = dump_study(_storage(storage), study)
+    data = dump_study(_storage(storage, readonly=True), study)
     output.write_text(json.dumps(data, indent=1, default=str))
     typer.echo(f"wrote {output}: study {study!r}, {len(data['trials'])} trials, {len(data['agent_steps'])} agent steps")
 

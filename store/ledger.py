@@ -14,7 +14,11 @@ Invariants every ledger keeps:
   a later identical call is made again.
 * ``flush`` returns when everything put before it is durable; ``close`` flushes.
 * No secret is ever stored: records hold the model string and sampling parameters, never
-  an API key or a header.
+  an API key or a header; and a secret value that appears in a prompt, a reply or an
+  error (a key pasted into a question, echoed by the model) is replaced by
+  :data:`~graphtune.store.redact.MASK` when the record is put (``secrets``: the values
+  the app gives the ledger). The record served back from the ledger is the redacted one,
+  in this process as after a resume.
 
 ``SQLLedger`` stores the ``llm_calls`` table next to the studies (the same database);
 with :meth:`SQLLedger.share` (``graphtune worker``) it also shares calls *in flight*
@@ -41,6 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from graphtune.errors import StoreError
 from graphtune.store.models import LLMCallClaimRow, LLMCallRow, WorkerRow
+from graphtune.store.redact import Redactor
 
 #: the writer thread commits at most this many records per transaction
 WRITE_BATCH = 500
@@ -93,8 +98,19 @@ class LedgerStats:
 class Ledger:
     """Base of the call ledgers (see the module docstring for the contract)."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets=()) -> None:
         self.stats = LedgerStats()
+        self.redactor = secrets if isinstance(secrets, Redactor) else Redactor(secrets)
+
+    def _redacted(self, r: CallRecord) -> CallRecord:
+        red = self.redactor
+        if not red:
+            return r
+        return CallRecord(key=r.key, model=red.text(r.model), endpoint=red.text(r.endpoint),
+                          messages=red.value(list(r.messages)), params=red.value(dict(r.params)),
+                          sample_index=r.sample_index, reply=red.text(r.reply), prompt_tokens=r.prompt_tokens,
+                          completion_tokens=r.completion_tokens, latency_s=r.latency_s, usd=r.usd, flops=r.flops,
+                          error=red.text(r.error), study=r.study)
 
     #: shares calls in flight with other processes (SQLLedger.share)
     shared = False
@@ -129,8 +145,8 @@ class Ledger:
 class MemoryLedger(Ledger):
     """In-process ledger with the same contract."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, secrets=()) -> None:
+        super().__init__(secrets)
         self._rows: list[CallRecord] = []
         self._ok: dict[str, CallRecord] = {}
         self._lock = threading.Lock()
@@ -142,6 +158,7 @@ class MemoryLedger(Ledger):
         return self._ok.get(key)
 
     def put(self, record: CallRecord) -> None:
+        record = self._redacted(record)
         with self._lock:
             self._rows.append(record)
             self.stats.puts += 1
@@ -166,7 +183,7 @@ class SQLLedger(Ledger):
     so a miss costs no database read; a hit is one indexed read."""
 
     def __init__(self, storage, *, batch: int = WRITE_BATCH, linger_s: float = WRITE_LINGER_S) -> None:
-        super().__init__()
+        super().__init__(storage.redactor)  # the store's secrets
         self.storage = storage
         self.batch = int(batch)
         self.linger_s = float(linger_s)
@@ -267,6 +284,7 @@ class SQLLedger(Ledger):
         if self._closed:
             raise StoreError("the call ledger is closed; open a new environment to record calls")
         self._raise_writer_error()
+        record = self._redacted(record)
         if record.ok:
             with self._lock:
                 self._pending.setdefault(record.key, record)
@@ -303,11 +321,9 @@ class SQLLedger(Ledger):
             e, self._error = self._error, None
             if isinstance(e, StoreError):
                 raise e
-            # one line: SQLAlchemy's message adds the SQL, every row's parameters (prompts and
-            # replies) and a link on lines of their own
-            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-            raise StoreError(f"the call ledger could not be written to {self.storage._safe_url()}: {reason}; "
-                             "finished trials are kept: resume the study once the database is reachable") from None
+            from graphtune.store.storage import store_error
+
+            raise store_error(e, f"the call ledger could not be written to {self.storage._safe_url()}") from None
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -341,7 +357,12 @@ class SQLLedger(Ledger):
                 if self.owner is not None:  # the replies are visible: other workers stop waiting
                     conn.execute(delete(LLMCallClaimRow).where(LLMCallClaimRow.key.in_([r.key for r in records]),
                                                                LLMCallClaimRow.owner == self.owner))
-        except (SQLAlchemyError, StoreError) as e:  # surfaced on the next put/flush
+        except SQLAlchemyError as e:  # surfaced on the next put/flush, as one line
+            from graphtune.store.storage import store_error
+
+            self._error = store_error(e, f"the call ledger could not be written to {self.storage._safe_url()}")
+            return
+        except StoreError as e:
             self._error = e
             return
         finally:
@@ -368,11 +389,12 @@ def _record(row: LLMCallRow) -> CallRecord:
                       latency_s=row.latency_s, usd=row.usd, flops=row.flops, error=row.error, study=row.study)
 
 
-def open_ledger(storage_url: str) -> Ledger:
+def open_ledger(storage_url: str, *, secrets=()) -> Ledger:
     """The ledger of the store at ``storage_url``: in its database, or in memory for an
-    in-memory SQLite store (whose connections cannot be shared with a writer thread)."""
+    in-memory SQLite store (whose connections cannot be shared with a writer thread).
+    ``secrets``: values never written (see the module docstring)."""
     if storage_url.startswith("sqlite") and (":memory:" in storage_url or storage_url.rstrip("/") == "sqlite:"):
-        return MemoryLedger()
+        return MemoryLedger(secrets)
     from graphtune.store.storage import Storage
 
-    return SQLLedger(Storage(storage_url))
+    return SQLLedger(Storage(storage_url, secrets=secrets))

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from graphtune.envs.base import QuestionResult
 from graphtune.errors import StoreError
 from graphtune.store.models import utcnow
+from graphtune.store.redact import Redactor
 from graphtune.store.storage import StudyInfo, TrialInfo, _finite, spec_hash
 
 
 class MemoryStorage:
+    """``secrets``: values replaced in everything written, as in the SQL store."""
+
     url = "memory://"
 
-    def __init__(self) -> None:
+    def __init__(self, *, secrets=()) -> None:
+        self.redactor = Redactor(secrets)
         self._studies: dict[str, dict] = {}
         self._trials: dict[int, list[TrialInfo]] = {}
         self._results: dict[int, list[QuestionResult]] = {}  # trial id -> results
@@ -41,7 +46,8 @@ class MemoryStorage:
     def create_study(self, name: str, method: str, spec: Mapping[str, Any]) -> StudyInfo:
         if name in self._studies:
             raise StoreError(f"study {name!r} already exists; pick another --study name or resume it")
-        d = {"id": len(self._studies) + 1, "name": name, "method": method, "spec": dict(spec),
+        spec = self.redactor.value(dict(spec))
+        d = {"id": len(self._studies) + 1, "name": name, "method": method, "spec": spec,
              "spec_hash": spec_hash(spec), "status": "running", "searcher_state": None, "batch_index": 0,
              "runs_spent": 0, "created_at": utcnow()}
         self._studies[name] = d
@@ -55,7 +61,8 @@ class MemoryStorage:
 
     def update_study_spec(self, study_id: int, spec: Mapping[str, Any]) -> None:
         d = self._by_id(study_id)
-        d["spec"], d["spec_hash"] = dict(spec), spec_hash(spec)
+        spec = self.redactor.value(dict(spec))
+        d["spec"], d["spec_hash"] = spec, spec_hash(spec)
 
     def delete_study(self, name: str) -> bool:
         d = self._studies.pop(name, None)
@@ -77,11 +84,11 @@ class MemoryStorage:
     def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
         d = self._by_id(study_id)
-        d["searcher_state"] = json.loads(json.dumps(state))
+        d["searcher_state"] = self.redactor.value(json.loads(json.dumps(state)))
         d["batch_index"], d["runs_spent"] = batch_index, runs_spent
         steps = self._steps.setdefault(study_id, [])
         keys = {s["key"] for s in steps}
-        steps.extend(dict(s) for s in agent_steps if s["key"] not in keys)
+        steps.extend(self.redactor.value(dict(s)) for s in agent_steps if s["key"] not in keys)
 
     # trials
     def find_trial(self, study_id: int, split: str, batch: int, slot: int, graph_hash: str) -> TrialInfo | None:
@@ -101,6 +108,13 @@ class MemoryStorage:
                      started_at=None) -> TrialInfo:
         trials = self._trials.setdefault(study_id, [])
         cost = cost or {}
+        red = self.redactor
+        if red:  # what the SQL store keeps: secrets replaced in every text
+            info, metrics = red.value(json.loads(json.dumps(dict(info), default=str))), red.value(dict(metrics))
+            error, feedback = red.text(error), red.text(feedback)
+            results = [replace(r, answer=red.text(r.answer), error=red.text(r.error),
+                               nodes=tuple(replace(n, answer=red.text(n.answer)) for n in r.nodes))
+                       for r in results]
         t = TrialInfo(self._next_trial_id, len(trials) + 1, split, batch, slot, status, graph, graph_hash, method,
                       origin, list(parents), dict(info), list(question_ids), dict(metrics), _finite(reward),
                       _finite(metrics.get("accuracy")), cost.get("units"), cost.get("flops"), cost.get("usd"),

@@ -16,7 +16,16 @@ Invariants every backend keeps:
   :meth:`Storage.coordination`, which holds the study row's lock (PostgreSQL) or SQLite's
   write lock for the whole update and commits state, counters, agent steps and the next
   batch's trials in one transaction, fenced by the batch counter.
-* Secrets are never stored (the spec references them by environment-variable name).
+* Secrets are never stored: the spec references API keys by environment-variable name,
+  the stored spec's ``storage`` URL has no password, and every text written (trial info
+  and errors, question results, agent steps, searcher state; the call ledger too) goes
+  through the store's :class:`~graphtune.store.redact.Redactor`, to which the app gives
+  the secret values it knows (``Storage(url, secrets=...)``).
+* One process runs a study at a time with ``graphtune optimize``: it holds a **lease**
+  (a ``workers`` row named ``optimize:...`` whose heartbeat it refreshes); a second
+  ``optimize`` or a ``graphtune worker`` is refused while the lease is fresh, and a lease
+  whose heartbeat is older than the stale timeout (its process died), or whose process is
+  gone from this machine, is taken over. ``graphtune worker`` processes join each other.
 
 Schema: versioned with Alembic (``graphtune.store.migrations``). A fresh database gets
 ``create_all`` plus an ``alembic_version`` stamped with the code's head revision (one
@@ -29,7 +38,14 @@ SQLite: WAL and a busy timeout, so several processes of one machine can share a 
 file on a network filesystem (NFS, SMB/CIFS, sshfs...), or one shared by ``workers``,
 gets a warning: SQLite's locking is not reliable there; use PostgreSQL.
 
-SQLAlchemy errors are translated to ``StoreError`` here, in one place.
+Read-only use (``Storage(url, readonly=True)``: ``studies``, ``trials``, ``show``,
+``report``...): no schema creation, no stamping, no pragma that writes; SQLite files are
+opened with ``mode=ro``, PostgreSQL sessions are read-only, so a store the user may only
+read still works.
+
+SQLAlchemy errors are translated to ``StoreError`` here, in one place
+(:func:`store_error`): one line, the password masked, with what to do for a full disk or a
+read-only store.
 """
 
 from __future__ import annotations
@@ -56,6 +72,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from graphtune.envs.base import NodeOutcome, QuestionResult
 from graphtune.errors import StoreError
 from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, WorkerRow, utcnow
+from graphtune.store.redact import Redactor
+
+#: ``graphtune optimize`` refreshes its lease on a study this often ...
+LEASE_HEARTBEAT_S = 5.0
+#: ... and a lease whose heartbeat is older than this is taken over (its process died)
+LEASE_STALE_S = 60.0
+#: name prefix of the ``workers`` row that is an ``optimize`` process's lease
+LEASE_PREFIX = "optimize:"
+#: the leases this process holds now (a lease of this host and pid not in it is a leftover
+#: of an earlier run in this process whose release failed: taken over)
+_HELD_HERE: set[str] = set()
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -72,6 +99,72 @@ _NULL_HANDLER = logging.NullHandler()
 
 class SharedSQLiteWarning(UserWarning):
     """An SQLite store that several machines (or workers) would share."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` as it may be shown: the password replaced by ``***``."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<storage url>"
+
+
+def url_password(url: str) -> str | None:
+    """The password of a storage URL (None when it has none)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).password
+    except Exception:
+        return None
+
+
+def url_without_password(url: str) -> str:
+    """``url`` as it may be stored: without its password (the same URL when it has none)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+    except Exception:
+        return url
+    if u.password is None:
+        return url
+    from sqlalchemy.engine import URL
+
+    bare = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
+    return bare.render_as_string(hide_password=False)
+
+
+def is_unnamed_memory_url(url: str) -> bool:
+    """``sqlite://`` and ``sqlite:///``: an in-memory SQLite store nobody asked for by name
+    (``sqlite:///:memory:`` is asked for by name)."""
+    return url.startswith("sqlite") and "://" in url and url.split("://", 1)[1].split("?", 1)[0] in ("", "/")
+
+
+def require_persistent(url: str, command: str) -> None:
+    """Refuse a store that keeps nothing for a command that writes a study."""
+    if is_unnamed_memory_url(url):
+        raise StoreError(f"storage {url!r} is an in-memory SQLite store: `graphtune {command}` would keep nothing; "
+                         "give a file, e.g. --storage sqlite:///graphtune.db")
+
+
+def store_error(e: BaseException, what: str) -> StoreError:
+    """The one-line ``StoreError`` for a database error (SQLAlchemy's or the driver's):
+    its first line, without SQLAlchemy's background link, with what to do when the disk is
+    full or the store is read-only."""
+    orig = getattr(e, "orig", None) or e
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(orig).__name__
+    msg = msg.split("(Background on this error at:")[0].strip()
+    low = msg.lower()
+    if "disk is full" in low or "no space left" in low or "could not extend file" in low:
+        msg += ("; free disk space, then rerun the same command (the interrupted write was rolled back, "
+                "nothing stored is lost)")
+    elif "readonly database" in low or "read-only" in low or "read only" in low:
+        msg += "; the store is read-only here: make it writable, or use a read-only command (studies, show, report)"
+    return StoreError(f"{what}: {msg}")
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -164,6 +257,26 @@ class TrialInfo:
     worker: str | None = None  # the worker holding (or that held) the claim (graphtune worker)
 
 
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a study (``graphtune optimize``'s lease, or live workers)."""
+
+    kind: str  # "optimize" | "workers"
+    host: str
+    pid: int
+    since: Any
+    heartbeat_at: Any
+    n_workers: int = 1
+
+    def describe(self) -> str:
+        since = str(self.since)[:19]
+        if self.kind == "optimize":
+            return f"`graphtune optimize` (host {self.host}, pid {self.pid}, since {since} UTC)"
+        more = f" and {self.n_workers - 1} more" if self.n_workers > 1 else ""
+        return (f"{self.n_workers} `graphtune worker` process(es) (host {self.host}, pid {self.pid}{more}, "
+                f"since {since} UTC)")
+
+
 def _study_info(r: StudyRow, n_trials: int = 0) -> StudyInfo:
     return StudyInfo(r.id, r.name, r.method, r.spec, r.spec_hash, r.status, r.searcher_state,
                      r.batch_index, r.runs_spent, n_trials, r.created_at)
@@ -176,12 +289,12 @@ def _trial_info(r: TrialRow) -> TrialInfo:
                      r.started_at, r.finished_at, r.worker)
 
 
-def _result_row(i: int, r: QuestionResult, reused: bool) -> QuestionResultRow:
+def _result_row(i: int, r: QuestionResult, reused: bool, red: Redactor) -> QuestionResultRow:
     return QuestionResultRow(
-        position=i, question_id=r.question_id, answer=r.answer, correct=r.correct, score=r.score,
+        position=i, question_id=r.question_id, answer=red.text(r.answer), correct=r.correct, score=r.score,
         prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, flops=r.flops, usd=r.usd,
-        latency_s=r.latency_s, error=r.error, modelled=r.modelled, reused=reused,
-        nodes=[[n.node_id, n.answer, n.correct, n.prompt_tokens, n.completion_tokens, n.latency_s]
+        latency_s=r.latency_s, error=red.text(r.error), modelled=r.modelled, reused=reused,
+        nodes=[[n.node_id, red.text(n.answer), n.correct, n.prompt_tokens, n.completion_tokens, n.latency_s]
                for n in r.nodes])
 
 
@@ -197,19 +310,33 @@ class Storage:
     """A graphtune store at a SQLAlchemy URL (e.g. ``sqlite:///graphtune.db``).
 
     ``create``: build the schema in an empty database (else an empty one is left alone);
-    ``workers``: this process is one of several sharing the store (warns for SQLite)."""
+    ``workers``: this process is one of several sharing the store (warns for SQLite);
+    ``readonly``: only read (no schema creation or stamping, SQLite opened ``mode=ro``);
+    ``secrets``: values never to be written (see :class:`~graphtune.store.redact.Redactor`;
+    more can be added later with ``storage.redactor.add``)."""
 
-    def __init__(self, url: str, *, create: bool = True, workers: bool = False):
+    def __init__(self, url: str, *, create: bool = True, workers: bool = False, readonly: bool = False,
+                 secrets=()):
         self.url = url
-        why = shared_sqlite_warning(url, workers=workers)
+        self.readonly = readonly
+        self.redactor = Redactor(secrets)
+        why = shared_sqlite_warning(url, workers=workers) if not readonly else None
         if why:
             warnings.warn(why, SharedSQLiteWarning, stacklevel=2)
         try:
-            self.engine = self._make_engine(url)
-            self._check_schema(create)
+            try:
+                self.engine = self._make_engine(url, readonly=readonly)
+                self._check_schema(create and not readonly)
+            except SQLAlchemyError as e:
+                if not (readonly and sqlite_path(url) and ("unable to open" in str(e) or "readonly" in str(e))):
+                    raise
+                # a WAL store in a folder we may not write: no -shm can be made; read the
+                # file as it is (nobody can be writing it without that folder's rights)
+                self.engine.dispose()
+                self.engine = self._make_engine(url, readonly=True, immutable=True)
+                self._check_schema(False)
         except SQLAlchemyError as e:
-            raise StoreError(f"cannot open storage {self._safe_url()}: {str(e.orig if hasattr(e, 'orig') else e).splitlines()[0]}; "
-                             "check the `storage` URL") from None
+            raise store_error(e, f"cannot open storage {self._safe_url()}") from None
         except ImportError as e:
             raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -228,7 +355,10 @@ class Storage:
     def _check_schema(self, create: bool) -> None:
         from graphtune.store.migrations import HEAD, REVISIONS
 
-        if self.engine.dialect.name == "sqlite":
+        if self.engine.dialect.name == "sqlite" and self.readonly:
+            with self.engine.connect() as c:
+                rev = self._look_or_create(c, False, readonly=True)
+        elif self.engine.dialect.name == "sqlite":
             # one process at a time looks at (and creates) the schema: pysqlite runs DDL
             # outside transactions, so a second process could see the tables before the
             # revision stamp and take a brand-new store for a pre-migration one
@@ -244,7 +374,7 @@ class Storage:
             for attempt in range(2):  # a concurrent process may create the schema between our look and write
                 try:
                     with self.engine.begin() as c:
-                        rev = self._look_or_create(c, create)
+                        rev = self._look_or_create(c, create, readonly=self.readonly)
                     break
                 except SQLAlchemyError:
                     if attempt:
@@ -260,7 +390,7 @@ class Storage:
                          f"(needs {HEAD}); it was written by a newer graphtune: upgrade graphtune")
 
     @staticmethod
-    def _look_or_create(c, create: bool) -> str | None:
+    def _look_or_create(c, create: bool, readonly: bool = False) -> str | None:
         """The store's revision (creating an empty store at the head revision when
         ``create``); None for an empty store left empty."""
         from graphtune.store.migrations import BASELINE, HEAD
@@ -274,6 +404,8 @@ class Storage:
             _VERSION_TABLE.create(c, checkfirst=True)
             c.execute(_VERSION_TABLE.insert().values(version_num=HEAD))
             return HEAD
+        if rev is None and readonly:  # made before migrations existed: read as the baseline
+            return BASELINE
         if rev is None:  # made before migrations existed: its schema is the baseline
             _VERSION_TABLE.create(c, checkfirst=True)
             c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
@@ -287,7 +419,7 @@ class Storage:
         from graphtune.store.migrations import BASELINE, HEAD, upgrade
 
         self = cls.__new__(cls)
-        self.url = url
+        self.url, self.readonly, self.redactor = url, False, Redactor()
         try:
             self.engine = self._make_engine(url)
             try:
@@ -302,8 +434,7 @@ class Storage:
             finally:
                 self.engine.dispose()
         except SQLAlchemyError as e:
-            raise StoreError(f"cannot upgrade storage {self._safe_url()}: "
-                             f"{str(getattr(e, 'orig', e) or e).splitlines()[0]}") from None
+            raise store_error(e, f"cannot upgrade storage {self._safe_url()}") from None
         except ImportError as e:
             raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
         if after != HEAD:
@@ -311,30 +442,35 @@ class Storage:
         return before, after
 
     def _safe_url(self) -> str:
-        try:
-            from sqlalchemy.engine import make_url
-
-            return make_url(self.url).render_as_string(hide_password=True)
-        except Exception:
-            return "<storage url>"
+        return mask_url(self.url)
 
     @staticmethod
-    def _make_engine(url: str) -> Engine:
+    def _make_engine(url: str, *, readonly: bool = False, immutable: bool = False) -> Engine:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 parent = Path(path).expanduser().parent
                 if not parent.exists():
                     raise StoreError(f"storage directory {parent} does not exist; create it or change `storage`")
-            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            file = sqlite_path(url)
+            if readonly and file is not None:
+                from urllib.parse import quote
+
+                # a URI filename: mode=ro never writes (not even the WAL pragma's header change)
+                mode = "ro&immutable=1" if immutable else "ro"
+                url = f"sqlite:///file:{quote(str(file.resolve()))}?mode={mode}&uri=true"
+            engine = create_engine(url, connect_args=args)
 
             @event.listens_for(engine, "connect")
             def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
                 cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
+                if not readonly:
+                    cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA synchronous=NORMAL")
+                if not readonly:
+                    cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
 
             return engine
@@ -342,7 +478,13 @@ class Storage:
         # mid-batch; with no logging configured Python prints it to stderr beside our one-line
         # StoreError. A NullHandler (the library convention) silences only that fallback.
         logging.getLogger("psycopg").addHandler(_NULL_HANDLER)
-        return create_engine(url, pool_pre_ping=True)
+        kw = {}
+        if readonly:
+            from sqlalchemy.engine import make_url
+
+            if make_url(url).get_driver_name() in ("psycopg", "psycopg2"):  # every transaction read-only
+                kw["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+        return create_engine(url, pool_pre_ping=True, **kw)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -351,8 +493,11 @@ class Storage:
             yield s
             s.commit()
         except SQLAlchemyError as e:
-            s.rollback()
-            raise StoreError(f"storage {self._safe_url()}: {str(getattr(e, 'orig', e) or e).splitlines()[0]}") from None
+            try:
+                s.rollback()
+            except SQLAlchemyError:
+                pass  # the connection is gone; the transaction is rolled back with it
+            raise store_error(e, f"storage {self._safe_url()}") from None
         except BaseException:
             s.rollback()
             raise
@@ -375,7 +520,8 @@ class Storage:
         with self.session() as s:
             if s.scalar(select(StudyRow.id).where(StudyRow.name == name)) is not None:
                 raise StoreError(f"study {name!r} already exists; pick another --study name or resume it")
-            r = StudyRow(name=name, method=method, spec=dict(spec), spec_hash=spec_hash(spec))
+            spec = self.redactor.value(dict(spec))
+            r = StudyRow(name=name, method=method, spec=spec, spec_hash=spec_hash(spec))
             s.add(r)
             s.flush()
             return _study_info(r)
@@ -388,7 +534,8 @@ class Storage:
     def update_study_spec(self, study_id: int, spec: Mapping[str, Any]) -> None:
         with self.session() as s:
             r = s.get(StudyRow, study_id)
-            r.spec, r.spec_hash = dict(spec), spec_hash(spec)
+            spec = self.redactor.value(dict(spec))
+            r.spec, r.spec_hash = spec, spec_hash(spec)
 
     def delete_study(self, name: str) -> bool:
         with self.session() as s:
@@ -414,13 +561,13 @@ class Storage:
         """Searcher state + counters + the batch's agent steps, in one transaction."""
         with self.session() as s:
             r = s.get(StudyRow, study_id)
-            r.searcher_state = json.loads(json.dumps(state))
+            r.searcher_state = self.redactor.value(json.loads(json.dumps(state)))
             r.batch_index = batch_index
             r.runs_spent = runs_spent
             for step in agent_steps:
                 if s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == study_id,
                                                           AgentStepRow.key == step["key"])) is None:
-                    s.add(AgentStepRow(study_id=study_id, **step))
+                    s.add(AgentStepRow(study_id=study_id, **self.redactor.value(dict(step))))
 
     # -- trials ----------------------------------------------------------------------
     def find_trial(self, study_id: int, split: str, batch: int, slot: int, graph_hash: str) -> TrialInfo | None:
@@ -463,10 +610,11 @@ class Storage:
             r = TrialRow(
                 study_id=study_id, number=number, split=split, batch=batch, slot=slot, graph=graph,
                 graph_hash=graph_hash, method=method, origin=origin, parents=list(parents),
-                info=json.loads(json.dumps(dict(info), default=str)), question_ids=list(question_ids),
-                feedback=feedback, agent_step_id=step_id, started_at=started_at or utcnow())
+                info=self.redactor.value(json.loads(json.dumps(dict(info), default=str))),
+                question_ids=list(question_ids), feedback=self.redactor.text(feedback), agent_step_id=step_id,
+                started_at=started_at or utcnow())
             _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
-                          cost=cost, new_runs=new_runs, error=error)
+                          cost=cost, new_runs=new_runs, error=error, redactor=self.redactor)
             s.add(r)
             s.flush()
             return _trial_info(r)
@@ -489,10 +637,84 @@ class Storage:
                 time.sleep(0.02 * (i + 1))
 
     def register_worker(self, study_id: int, name: str, host: str, pid: int) -> None:
+        """Add a ``graphtune worker`` process to the study; refused (``StoreError`` naming
+        the process) while a ``graphtune optimize`` holds the study's lease."""
+        holder = self.acquire_lease(study_id, name, host, pid, kind="worker")
+        if holder is not None:
+            raise StoreError(f"study {self._study_name(study_id)!r} is being run by {holder.describe()}; "
+                             "a worker cannot join it: wait for it to finish, or if that process is dead, "
+                             "take it over with `graphtune optimize SPEC --take-over` (or wait "
+                             f"{LEASE_STALE_S:g} s after its last heartbeat)")
+
+    def _study_name(self, study_id: int) -> str:
         with self.session() as s:
-            now = self._now()
-            s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
-                            heartbeat_at=now))
+            return s.scalar(select(StudyRow.name).where(StudyRow.id == study_id)) or f"#{study_id}"
+
+    def _lock_study(self, s: Session, study_id: int) -> None:
+        """Hold the study row's lock (SQLite: the database's write lock) until commit."""
+        if self.engine.dialect.name == "sqlite":
+            s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
+        s.scalar(select(StudyRow.id).where(StudyRow.id == study_id).with_for_update())
+
+    def acquire_lease(self, study_id: int, name: str, host: str, pid: int, *, kind: str = "optimize",
+                      stale_after_s: float = LEASE_STALE_S, take_over: bool = False) -> LeaseHolder | None:
+        """Register ``name`` (host, pid) on the study, in one transaction holding the study's
+        lock: ``kind="optimize"`` only when no other live process runs the study;
+        ``kind="worker"`` unless a live ``optimize`` holds it (workers join each other).
+        A holder is dead when its heartbeat is older than ``stale_after_s``, when it runs on
+        this machine and its pid is gone, or (``take_over``) when the caller says so; a
+        dead holder is marked stopped. Returns None when registered, else who holds it."""
+        def go():
+            with self.session() as s:
+                self._lock_study(s, study_id)
+                now = self._now()
+                cutoff = now - timedelta(seconds=stale_after_s)
+                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running",
+                         WorkerRow.heartbeat_at <= cutoff]
+                if kind == "worker":
+                    stale.append(WorkerRow.name.startswith(LEASE_PREFIX))
+                s.execute(update(WorkerRow).where(*stale).values(status="stopped"))  # dead: their leases end
+                live = list(s.scalars(select(WorkerRow).where(
+                    WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)
+                    .order_by(WorkerRow.id)))
+                if kind == "worker":
+                    live = [w for w in live if w.name.startswith(LEASE_PREFIX)]
+                dead = [w for w in live if take_over or _process_gone(w.host, w.pid) or _leftover(w)]
+                for w in dead:
+                    w.status = "stopped"
+                live = [w for w in live if w not in dead]
+                if live:
+                    lease = next((w for w in live if w.name.startswith(LEASE_PREFIX)), None)
+                    if lease is not None:
+                        return LeaseHolder("optimize", lease.host, lease.pid, lease.started_at, lease.heartbeat_at)
+                    w = live[0]
+                    return LeaseHolder("workers", w.host, w.pid, w.started_at, w.heartbeat_at, len(live))
+                s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
+                                heartbeat_at=now))
+                return None
+        holder = self._retrying(go, "taking the study's lease")
+        if holder is None and kind == "optimize":
+            _HELD_HERE.add(name)
+        return holder
+
+    def renew_lease(self, study_id: int, name: str) -> bool:
+        """Refresh the heartbeat of a lease still held (False: it was taken over, or is gone)."""
+        def go():
+            with self.session() as s:
+                got = s.execute(update(WorkerRow).where(
+                    WorkerRow.study_id == study_id, WorkerRow.name == name, WorkerRow.status == "running")
+                    .values(heartbeat_at=self._now()))
+                return got.rowcount == 1
+        return self._retrying(go, "renewing the study's lease")
+
+    def release_lease(self, study_id: int, name: str) -> None:
+        _HELD_HERE.discard(name)
+
+        def go():
+            with self.session() as s:
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name)
+                          .values(status="stopped"))
+        self._retrying(go, "releasing the study's lease")
 
     def worker_heartbeat(self, study_id: int, name: str, *, trial_id: int | None = None, trials_done: int = 0,
                          batches_updated: int = 0, status: str = "running") -> None:
@@ -560,7 +782,7 @@ class Storage:
                 if r is None or r.status != "running" or r.worker != worker:
                     return False
                 _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
-                              cost=cost, new_runs=new_runs, error=error)
+                              cost=cost, new_runs=new_runs, error=error, redactor=self.redactor)
                 s.execute(update(TrialRow).where(TrialRow.study_id == r.study_id, TrialRow.status == "waiting",
                                                  TrialRow.after_trial == r.number).values(status="pending"))
                 return True
@@ -637,6 +859,29 @@ class Storage:
             return [{c.name: getattr(r, c.name) for c in AgentStepRow.__table__.columns} for r in rows]
 
 
+def _leftover(w: WorkerRow) -> bool:
+    """A row of this very process that it no longer holds (its release failed)."""
+    import socket
+
+    return w.pid == os.getpid() and w.host == socket.gethostname() and w.name not in _HELD_HERE
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """True when ``pid`` runs on this machine (same host name) and no such process exists;
+    a process of another machine is judged by its heartbeat only."""
+    import socket
+
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 def _finite(x) -> float | None:
     if x is None:
         return None
@@ -646,15 +891,15 @@ def _finite(x) -> float | None:
 
 def _fill_outcome(r: TrialRow, *, status: str, results: Sequence[QuestionResult], reused: set[str],
                   metrics: Mapping[str, Any], reward: float | None, cost: Mapping[str, float] | None,
-                  new_runs: int, error: str | None) -> None:
+                  new_runs: int, error: str | None, redactor: Redactor) -> None:
     cost = cost or {}
     r.status = status
-    r.metrics = json.loads(json.dumps(dict(metrics), default=str))
+    r.metrics = redactor.value(json.loads(json.dumps(dict(metrics), default=str)))
     r.reward, r.accuracy = _finite(reward), _finite(metrics.get("accuracy"))
     r.cost_units, r.flops, r.usd, r.latency_s = (cost.get("units"), cost.get("flops"), cost.get("usd"),
                                                  cost.get("latency_s"))
-    r.new_runs, r.error, r.finished_at = new_runs, error, utcnow()
-    r.results = [_result_row(i, q, q.question_id in reused) for i, q in enumerate(results)]
+    r.new_runs, r.error, r.finished_at = new_runs, redactor.text(error), utcnow()
+    r.results = [_result_row(i, q, q.question_id in reused, redactor) for i, q in enumerate(results)]
 
 
 class Coordination:
@@ -678,19 +923,19 @@ class Coordination:
         """Save the searcher state and counters, the agent steps, and queue ``enqueue``
         (trial fields; ``after_slot``: the slot of this batch it must wait for); returns the
         new trials' numbers. Refused if the batch counter moved (another update won)."""
-        s, r = self._s, self._r
+        s, r, red = self._s, self._r, self._storage.redactor
         if r.batch_index != expect_batch_index:
             raise StoreError(f"study {r.name!r} moved to batch {r.batch_index} during the update of batch "
                              f"{expect_batch_index}; it is retried")
         if state is not None:
-            r.searcher_state = json.loads(json.dumps(state))
+            r.searcher_state = red.value(json.loads(json.dumps(state)))
         r.batch_index, r.runs_spent = batch_index, runs_spent
         if status:
             r.status = status
         for step in agent_steps:
             if s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == r.id,
                                                       AgentStepRow.key == step["key"])) is None:
-                s.add(AgentStepRow(study_id=r.id, **step))
+                s.add(AgentStepRow(study_id=r.id, **red.value(dict(step))))
         s.flush()
         number = s.scalar(select(func.max(TrialRow.number)).where(TrialRow.study_id == r.id)) or 0
         by_slot: dict[int, int] = {}
@@ -705,7 +950,7 @@ class Coordination:
                     after = None
                 else:
                     by_slot[after] = prev.number
-            info = json.loads(json.dumps(dict(item.pop("info", {})), default=str))
+            info = red.value(json.loads(json.dumps(dict(item.pop("info", {})), default=str)))
             step_id = None
             if info.get("agent_step"):
                 step_id = s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == r.id,

@@ -133,3 +133,178 @@ def test_exhaustive_from_the_cli_on_a_small_space(tmp_path, db):
     r = run("optimize", p, "--storage", db, "--method", "exhaustive", "-n", 1000, "-q")
     assert r.exit_code == 0, r.output
     assert "stopped: exhausted" in r.output
+
+
+# -- one process per study (issue 10, defect 8): two real processes ----------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+PG_URL = os.environ.get("GRAPHTUNE_TEST_POSTGRES_URL")
+SQL = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    not PG_URL, reason="set GRAPHTUNE_TEST_POSTGRES_URL (bash scripts/postgres.sh start) to test PostgreSQL"))]
+
+# an optimize process slowed down per trial (so a second process meets it running)
+SLOW_OPTIMIZE = r"""
+import sys, time
+from graphtune.api import optimize
+from graphtune.spec import load_spec
+spec = load_spec(sys.argv[1], overrides={"storage": sys.argv[2], "study": "twice", "search.evaluations": 8})
+def slow(ev):
+    print("TRIAL", ev["trial"], flush=True)
+    time.sleep(0.3)
+optimize(spec, progress=slow)
+print("DONE", flush=True)
+"""
+
+
+def cli(*args, as_nobody: bool = False, **kw):
+    # root may write anything: a read-only store is only read-only to another user
+    who = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+    return subprocess.run([*who, sys.executable, "-m", "graphtune.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def store_url(kind, tmp_path):
+    if kind == "postgresql":
+        from test_store import fresh_postgres
+
+        return fresh_postgres(PG_URL)
+    return f"sqlite:///{tmp_path / 'g.db'}"
+
+
+@pytest.mark.parametrize("kind", SQL)
+def test_a_second_optimize_is_refused_naming_the_first_and_a_killed_one_is_taken_over(kind, tmp_path):
+    url = store_url(kind, tmp_path)
+    first = subprocess.Popen([sys.executable, "-c", SLOW_OPTIMIZE, QUICK, url], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # it holds the study and has stored trials
+            assert first.stdout.readline().startswith("TRIAL")
+        second = cli("optimize", QUICK, "--storage", url, "--study", "twice", "-n", 8, "-q")
+        assert second.returncode == 1, second.stdout + second.stderr
+        line = second.stderr.strip()
+        assert "\n" not in line and line.startswith("error: study 'twice' is being run by `graphtune optimize`")
+        assert f"host {socket.gethostname()}, pid {first.pid}, since " in line and "--take-over" in line
+        w = cli("worker", "--study", "twice", "--storage", url, "--max-trials", 1, "-q")
+        err = [x for x in w.stderr.splitlines() if x.startswith("error:")]
+        assert w.returncode == 1 and len(err) == 1 and f"pid {first.pid}" in err[0], w.stderr
+        assert first.poll() is None  # the first one ran on, undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        first.stdout.close()
+    # the killed process's lease does not block the study: its pid is gone from this machine
+    again = cli("optimize", QUICK, "--storage", url, "--study", "twice", "-n", 8, "-q")
+    assert again.returncode == 0, again.stderr
+    store = Storage(url, readonly=True)
+    st = store.get_study("twice")
+    trials = store.list_trials(st.id)
+    places = [(t.split, t.batch, t.slot) for t in trials]
+    assert len(places) == len(set(places)), "a place of the search was evaluated twice"
+    assert sum(t.new_runs for t in trials if t.split == "dev") == st.runs_spent  # nothing paid twice
+    assert st.status == "complete" and 800 <= st.runs_spent < 900
+    assert [w["status"] for w in store.list_workers(st.id)] == ["stopped", "stopped"]
+    store.close()
+
+
+# -- read-only stores and in-memory URLs (defect 12) -------------------------------------------
+
+
+def test_read_only_commands_work_on_a_store_nobody_may_write():
+    """The store's file and folder are read-only (as another user when the tests run as root)."""
+    import shutil
+
+    base = Path(tempfile.mkdtemp(prefix="gt-ro-"))
+    out = Path(tempfile.mkdtemp(prefix="gt-out-"))
+    os.chmod(base, 0o755)
+    os.chmod(out, 0o777)
+    try:
+        url = f"sqlite:///{base / 'g.db'}"
+        r = cli("optimize", QUICK, "--storage", url, "-n", 2, "--study", "ro", "-q")
+        assert r.returncode == 0, r.stderr
+        os.chmod(base / "g.db", 0o444)
+        os.chmod(base, 0o555)
+        if os.geteuid() == 0 and not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot make a store read-only")
+        kw = {"as_nobody": os.geteuid() == 0, "cwd": out}
+        commands = [["studies"], ["trials", "ro"], ["show", "ro"], ["show", "ro", "1"],
+                    ["report", "ro", "-o", str(out / "r.html")], ["export", "ro", "-o", str(out / "g.yaml")],
+                    ["pareto", "ro"], ["dump", "ro", "-o", str(out / "d.json")],
+                    ["optimize", QUICK, "-n", "3", "--study", "ro", "-q"]]
+        # one process (one start-up) runs them all, as the other user
+        script = ("import json, sys; from typer.testing import CliRunner; from graphtune.cli import app; "
+                  "print(json.dumps([(lambda r: [r.exit_code, r.output])(CliRunner().invoke(app, a + ['--storage', "
+                  f"{url!r}])) for a in json.loads(sys.argv[1])]))")
+        who = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if kw["as_nobody"] else []
+        r = subprocess.run([*who, sys.executable, "-c", script, json.dumps(commands)], capture_output=True,
+                           text=True, cwd=out, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results = json.loads(r.stdout.strip().splitlines()[-1])
+        for args, (code, output) in zip(commands[:-1], results[:-1]):
+            assert code == 0, (args, output)
+        assert "ro" in results[0][1] and "best graph" in results[2][1]
+        # a command that writes says the store is read-only, in one line
+        code, output = results[-1]
+        assert code == 1 and output.strip().count("\n") == 0 and "read-only" in output, output
+    finally:
+        os.chmod(base, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_unnamed_in_memory_stores_are_refused_for_commands_that_keep_a_study(url):
+    for args in (("optimize", QUICK, "--storage", url), ("resume", "quickstart", "--storage", url),
+                 ("worker", "--study", "quickstart", "--storage", url, "--spec", QUICK)):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.strip().count("\n") == 0 and "in-memory SQLite store" in r.output, r.output
+        assert "--storage sqlite:///graphtune.db" in r.output
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    from test_store import _small_disk
+
+    url = f"sqlite:///{tmp_path / 'full.db'}"
+    Storage(url).close()
+    _small_disk(monkeypatch, pages=60)
+    r = runner.invoke(app, ["optimize", QUICK, "--storage", url, "-n", 20, "-q"])
+    assert r.exit_code == 1
+    assert r.output.strip().count("\n") == 0 and "disk is full" in r.output and "free disk space" in r.output
+
+
+# -- passwords (defect 13) ---------------------------------------------------------------------
+
+
+def test_a_storage_password_is_masked_in_errors_and_never_stored(tmp_path):
+    from graphtune.api import stored_spec
+    from graphtune.spec import load_spec
+
+    url = "postgresql+psycopg://alice:hunter2secret@127.0.0.1:1/db"
+    for args in (("studies",), ("show", "x"), ("optimize", QUICK, "-q"), ("storage", "upgrade")):
+        r = runner.invoke(app, [*args, "--storage", url])
+        assert r.exit_code != 0 and "hunter2secret" not in r.output and "***" in r.output, (args, r.output)
+    spec = load_spec(QUICK, overrides={"storage": url})
+    assert stored_spec(spec)["storage"] == "postgresql+psycopg://alice@127.0.0.1:1/db"
+
+
+@pytest.mark.skipif(not PG_URL, reason="set GRAPHTUNE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_a_storage_password_is_masked_in_the_result_panel_hints_and_studies_on_postgres():
+    from sqlalchemy.engine import make_url
+
+    from test_store import fresh_postgres
+
+    url = make_url(fresh_postgres(PG_URL)).set(password="hunter2secret").render_as_string(hide_password=False)
+    r = run("optimize", QUICK, "--storage", url, "-n", 2, "--study", "pw", "-q")
+    assert r.exit_code == 0, r.output
+    assert "hunter2secret" not in r.output and "***" in r.output and "next: graphtune show pw" in r.output
+    for args in (("studies",), ("show", "pw"), ("trials", "pw")):
+        r = run(*args, "--storage", url)
+        assert r.exit_code == 0 and "hunter2secret" not in r.output
+    st = Storage(url).get_study("pw")
+    assert "hunter2secret" not in repr(st.spec) and st.spec["storage"].startswith("postgresql")
+    r = run("resume", "pw", "--storage", url, "-n", 3, "-q")  # the URL is given again: the study runs on
+    assert r.exit_code == 0 and "hunter2secret" not in r.output, r.output

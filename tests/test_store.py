@@ -188,3 +188,244 @@ def test_search_loop_resumes_on_every_backend(kind, tmp_path, costs):
     assert got == [(t.split, t.batch, t.slot, t.graph_hash, t.reward) for t in ref_store.list_trials(ref.id)]
     assert env.calls == ref_env.calls
     store.close()
+
+
+# -- one process per study: the optimize lease (issue 10, defect 8) --------------------------
+
+SQL_BACKENDS = ["sqlite", BACKENDS[2]]
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_store(request, tmp_path):
+    s = open_store(request.param, tmp_path)
+    yield s
+    s.close()
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_stale_gone_or_abandoned_one(sql_store):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    s = sql_store
+    st = s.create_study("leased", "random", {})
+    assert s.acquire_lease(st.id, "optimize:far:11:a", "far", 11) is None
+    held = s.acquire_lease(st.id, "optimize:me:12:b", "me", 12)
+    assert (held.kind, held.host, held.pid) == ("optimize", "far", 11)
+    assert "host far, pid 11, since" in held.describe()
+    with pytest.raises(StoreError, match=r"host far, pid 11.*--take-over") as e:
+        s.register_worker(st.id, "far:13:c", "far", 13)  # a worker cannot join an optimize-run study
+    assert "\n" not in str(e.value)
+    assert s.renew_lease(st.id, "optimize:far:11:a") is True
+    # stale heartbeat: taken over, and the old holder learns it when it renews
+    time.sleep(1.1)
+    assert s.acquire_lease(st.id, "optimize:me:12:b", "me", 12, stale_after_s=1.0) is None
+    assert s.renew_lease(st.id, "optimize:far:11:a") is False
+    # --take-over: the caller says the holder is dead
+    assert s.acquire_lease(st.id, "optimize:me2:14:d", "me2", 14) is not None
+    assert s.acquire_lease(st.id, "optimize:me2:14:d", "me2", 14, take_over=True) is None
+    # a holder on this machine whose process is gone is taken over at once
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    st2 = s.create_study("leased2", "random", {})
+    assert s.acquire_lease(st2.id, "optimize:here:dead", socket.gethostname(), p.pid) is None
+    assert s.acquire_lease(st2.id, "optimize:here:live", socket.gethostname(), os.getpid()) is None
+    # live workers join each other, and keep optimize out
+    st3 = s.create_study("by-workers", "random", {})
+    s.register_worker(st3.id, "w1", "far", 21)
+    s.register_worker(st3.id, "w2", "far", 22)
+    held = s.acquire_lease(st3.id, "optimize:me:12:e", "me", 12)
+    assert held.kind == "workers" and held.n_workers == 2 and "2 `graphtune worker`" in held.describe()
+
+
+# -- read-only stores, in-memory URLs, one-line errors (defect 12) ---------------------------
+
+
+def test_a_read_only_open_never_writes_and_reads_everything(tmp_path):
+    url = f"sqlite:///{tmp_path / 'ro.db'}"
+    w = Storage(url)
+    st = w.create_study("s", "random", {"a": 1})
+    _record(w, st.id)
+    w.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    ro = Storage(url, readonly=True)
+    assert ro.get_study("s").n_trials == 1 and [x.name for x in ro.list_studies()] == ["s"]
+    assert len(ro.trial_results(ro.list_trials(st.id)[0].id)) == 2
+    with pytest.raises(StoreError) as e:
+        ro.create_study("t", "random", {})
+    assert "read-only" in str(e.value) and "\n" not in str(e.value)
+    ro.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    # an empty file is not given a schema by a read-only open
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    Storage(f"sqlite:///{empty}", readonly=True).close()
+    assert sqlite3.connect(empty).execute("select count(*) from sqlite_master").fetchone() == (0,)
+
+
+@pytest.mark.skipif(not PG_URL, reason="set GRAPHTUNE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_a_read_only_postgres_session_refuses_writes_in_one_line():
+    w = Storage(fresh_postgres(PG_URL))
+    w.create_study("s", "random", {})
+    w.close()
+    ro = Storage(PG_URL, readonly=True)
+    assert ro.get_study("s") is not None
+    with pytest.raises(StoreError) as e:
+        ro.create_study("t", "random", {})
+    assert "read-only" in str(e.value) and "\n" not in str(e.value)
+    ro.close()
+
+
+def test_unnamed_in_memory_urls_are_refused_for_commands_that_keep_a_study():
+    from graphtune.store.storage import is_unnamed_memory_url, require_persistent
+
+    for url in ("sqlite://", "sqlite:///", "sqlite:///?timeout=3"):
+        assert is_unnamed_memory_url(url)
+        with pytest.raises(StoreError, match="in-memory SQLite store.*sqlite:///graphtune.db"):
+            require_persistent(url, "optimize")
+    for url in ("sqlite:///g.db", "sqlite:////tmp/g.db", "sqlite:///:memory:", "postgresql://h/db"):
+        assert not is_unnamed_memory_url(url)
+        require_persistent(url, "optimize")
+
+
+def _small_disk(monkeypatch, pages: int = 40):
+    """SQLite stores opened from now on fill up at ``pages`` pages: 'database or disk is full'."""
+    from sqlalchemy import event
+
+    from graphtune.store import storage as mod
+
+    orig = mod.Storage._make_engine
+
+    def make(url, **kw):
+        eng = orig(url, **kw)
+
+        @event.listens_for(eng, "connect")
+        def _limit(conn, _rec):
+            conn.execute(f"PRAGMA max_page_count={pages}")
+
+        return eng
+
+    monkeypatch.setattr(mod.Storage, "_make_engine", staticmethod(make))
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing_stored(tmp_path, monkeypatch):
+    from graphtune.store.ledger import CallRecord, SQLLedger
+
+    url = f"sqlite:///{tmp_path / 'full.db'}"
+    Storage(url).close()
+    _small_disk(monkeypatch)
+    s = Storage(url)
+    st = s.create_study("s", "random", {})
+    stored = 0
+    with pytest.raises(StoreError) as e:
+        for i in range(10_000):
+            _record(s, st.id, h=f"h{i}", qids=[f"q{j}" for j in range(20)], batch=i)
+            stored += 1
+    msg = str(e.value)
+    assert "\n" not in msg and "disk is full" in msg and "free disk space" in msg and "sqlalche.me" not in msg
+    assert stored > 0 and len(s.list_trials(st.id)) == stored  # the failed write left nothing half-written
+    led = SQLLedger(s)
+    with pytest.raises(StoreError) as e:
+        for i in range(10_000):
+            led.put(CallRecord(key=f"k{i}", model="m", endpoint="openai/m", messages=[{"content": "x" * 500}],
+                               reply="y" * 500))
+        led.flush()
+    msg = str(e.value)
+    assert "\n" not in msg and "disk is full" in msg and "sqlalche.me" not in msg
+
+
+# -- secrets never stored (defect 16) ---------------------------------------------------------
+
+
+def test_secret_values_are_redacted_from_everything_a_store_writes(tmp_path):
+    from graphtune.store.ledger import CallRecord, SQLLedger
+    from graphtune.store.redact import MASK
+
+    key = "sk-PLANTED-0123456789abcdef"
+    url = f"sqlite:///{tmp_path / 'sec.db'}"
+    s = Storage(url, secrets={key, "ab"})  # "ab": too short to be a secret, left alone
+    st = s.create_study("s", "random", {"note": f"k={key}"})
+    res = [QuestionResult(question_id="q1", answer=f"the key is {key}", correct=False, error=f"echo {key}",
+                          nodes=(NodeOutcome("a", f"{key}!", False, 1, 1, 0.1),))]
+    s.record_trial(st.id, split="dev", batch=0, slot=0, status="complete", graph={"nodes": []}, graph_hash="h",
+                   method="random", origin="random", parents=[], info={"why": key, key: 1}, question_ids=["q1"],
+                   results=res, reused=set(), metrics={"accuracy": 0.0, "msg": key}, reward=0.0, cost=None,
+                   new_runs=1, error=f"failed with {key}", feedback=f"fb {key}")
+    step = {"key": "b0", "batch": 0, "kind": "feedback", "backend": "openai/x", "is_llm": True,
+            "prompt": f"question: {key}", "reply": f"answer: {key}", "parsed": {"t": key}, "applied": [key],
+            "rejected_reason": f"bad {key}", "feedback": key}
+    s.save_progress(st.id, state={"history": [key]}, batch_index=1, runs_spent=1, agent_steps=[step])
+    with s.coordination(st.id) as co:
+        co.advance(expect_batch_index=1, state={"h": key}, batch_index=2, runs_spent=1,
+                   agent_steps=[dict(step, key="b1")],
+                   enqueue=[dict(split="dev", batch=2, slot=0, graph={}, graph_hash="h2", method="random",
+                                 origin="random", parents=[], info={"k": key}, question_ids=["q1"])])
+    led = SQLLedger(s)
+    led.put(CallRecord(key="c1", model="m", endpoint="openai/m", messages=[{"role": "user", "content": key}],
+                       reply=f"ok {key}", error=None))
+    led.put(CallRecord(key="c2", model="m", endpoint="openai/m", messages=[], reply=None, error=f"401 {key}"))
+    led.close()
+    assert led.get("c1").reply == f"ok {MASK}"  # what is served is what is stored
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert key.encode() not in raw and MASK.encode() in raw
+    db = sqlite3.connect(tmp_path / "sec.db")
+    text = repr([db.execute(f"select * from {t}").fetchall() for (t,) in
+                 db.execute("select name from sqlite_master where type='table'")])
+    assert key not in text
+    assert "'random', '{\"note\": \"k=[redacted]\"}'" in text  # short values ("ab") are left alone
+
+
+def test_contract_every_backend_redacts_its_secrets_from_trials_steps_and_state(store):
+    from graphtune.store.redact import MASK
+
+    key = "sk-contract-secret-42"
+    store.redactor.add([key])
+    st = store.create_study("s", "random", {"x": key})
+    res = [QuestionResult(question_id="q1", answer=f"a {key}", correct=False, error=None,
+                          nodes=(NodeOutcome("n", key, False),))]
+    t = store.record_trial(st.id, split="dev", batch=0, slot=0, status="complete", graph={"nodes": []},
+                           graph_hash="h", method="random", origin="random", parents=[], info={"i": key},
+                           question_ids=["q1"], results=res, reused=set(), metrics={"accuracy": 0.0}, reward=0.0,
+                           cost=None, new_runs=1, error=f"e {key}", feedback=key)
+    store.save_progress(st.id, state={"s": key}, batch_index=1, runs_spent=1,
+                        agent_steps=[{"key": "b0", "batch": 0, "kind": "feedback", "backend": "x", "is_llm": True,
+                                      "prompt": key, "reply": key, "feedback": key}])
+    got = store.get_trial(st.id, t.number)
+    seen = repr((store.get_study("s"), got, store.trial_results(got.id), store.agent_steps(st.id)))
+    assert key not in seen and MASK in seen
+
+
+def test_a_lease_this_process_failed_to_release_does_not_block_it(sql_store):
+    import socket
+
+    s, me = sql_store, socket.gethostname()
+    st = s.create_study("own", "random", {})
+    assert s.acquire_lease(st.id, "optimize:a", me, os.getpid()) is None
+    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is not None  # held: refused
+    from graphtune.store import storage as mod
+
+    mod._HELD_HERE.discard("optimize:a")  # as if its release had failed (store unreachable then)
+    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is None
+    s.release_lease(st.id, "optimize:b")
+
+
+def test_a_lease_taken_over_is_noticed_by_its_old_holder_at_its_next_heartbeat(sql_store):
+    import time
+
+    from graphtune.store.lease import StudyLease
+
+    s = sql_store
+    st = s.create_study("hung", "random", {})
+    with StudyLease(s, st, heartbeat_s=0.05) as lease:
+        lease.check()
+        with pytest.raises(StoreError, match=r"being run by `graphtune optimize` \(host .*--take-over"):
+            StudyLease(s, st).__enter__()
+        assert s.acquire_lease(st.id, "optimize:other", "other", 1, take_over=True) is None
+        for _ in range(100):
+            if lease.lost:
+                break
+            time.sleep(0.02)
+        with pytest.raises(StoreError, match="taken over by another process"):
+            lease.check()
