@@ -249,8 +249,9 @@ def study_exists(url: str) -> bool:
 
 
 def _study_exists(url: str) -> bool:
-    d = durable(url)
-    if not d["trials"] and d["ledger_rows"] == 0:
+    # the studies row itself: a run that stops before its first trial removes the study it
+    # created (its ledger rows stay, so the next run pays nothing twice)
+    if not durable(url)["trials"]:
         from sqlalchemy import create_engine, text
 
         eng = create_engine(url)
