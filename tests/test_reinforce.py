@@ -85,6 +85,8 @@ def _documented_pick(scores, first):
 
     def paired(h: str) -> float:
         shared = [q for q in scores[h] if q in lead]
+        if not shared:
+            return _mean(scores[h].values())
         return _mean(lead.values()) + _mean(scores[h][q] - lead[q] for q in shared)
 
     return max(well, key=lambda h: (paired(h), len(scores[h]), -first[h]))
