@@ -6,16 +6,25 @@ import hashlib
 from collections.abc import Sequence
 
 from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
-from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import CostModel, TaskShape
-from graphtune.graphs.model import Graph
+from graphtune.graphs.model import Graph, Node
 
 SKILL = {"llama-3.2-1b": 0.3, "llama-3.2-3b": 0.45, "llama-3.1-8b": 0.6, "llama-3.1-70b": 0.8}
 
 
 class FakeEnv(Environment):
-    """Correct with a probability set by the graph's best model plus a bonus per extra
-    node (capped), decided by a hash of (graph, question): deterministic, no RNG."""
+    """Every node answers for itself, decided by a hash (no RNG, deterministic):
+
+    * a node without inputs is right with its model's ``SKILL``;
+    * a node with inputs keeps a right majority of its inputs with probability
+      ``(1 + SKILL) / 2`` (so a weak synthesiser turns right inputs wrong more often than a
+      strong one), is right with ``SKILL`` when only a minority of its inputs is right, and
+      with ``SKILL / 2`` when all of them are wrong (wrong inputs mislead);
+    * the graph's answer is the sink's.
+
+    A node's draw depends on its model, role, number of inputs and the question only (not
+    on node ids), so graphs with the same canonical hash give the same results, and copies
+    of one model with the same inputs agree, as deterministic decoding would."""
 
     kind = "fake"
 
@@ -32,23 +41,41 @@ class FakeEnv(Environment):
     def shape(self) -> TaskShape:
         return self.costs.shape
 
-    def p_correct(self, g: Graph) -> float:
-        return min(0.95, max(SKILL.get(n.model, 0.3) for n in g.nodes) + 0.04 * (g.size - 1))
+    @staticmethod
+    def _draw(node: Node, n_inputs: int, question_id: str) -> float:
+        key = f"{node.model}/{node.role}/{n_inputs}/{question_id}"
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    def node_correct(self, graph: Graph, question_id: str) -> dict[str, bool]:
+        """Node id -> whether that node's answer is right on the question."""
+        ok: dict[str, bool] = {}
+        for nid in graph.topo_order:
+            node, preds = graph.node_map[nid], graph.preds[nid]
+            skill = SKILL.get(node.model, 0.3)
+            right = sum(ok[p] for p in preds)
+            if not preds:
+                p = skill
+            elif 2 * right > len(preds):
+                p = (1 + skill) / 2
+            elif right:
+                p = skill
+            else:
+                p = skill / 2
+            ok[nid] = self._draw(node, len(preds), question_id) < p
+        return ok
 
     def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
-        h = graph_hash(graph)
-        p = self.p_correct(graph)
         c = self.costs.cost(graph)
         out = []
         for q in question_ids:
             self.calls += 1
-            u = int(hashlib.sha256(f"{h}/{q}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            ok = u < p
+            per_node = self.node_correct(graph, q)
+            ok = per_node[graph.sink]
             out.append(QuestionResult(
                 question_id=q, answer="0" if ok else "1", correct=ok, score=float(ok),
                 prompt_tokens=int(c.prompt_tokens), completion_tokens=int(c.completion_tokens), flops=c.flops,
                 usd=c.usd, latency_s=c.latency_s,
-                nodes=tuple(NodeOutcome(n.id, "0" if ok else "1", ok) for n in graph.nodes)))
+                nodes=tuple(NodeOutcome(n.id, "0" if per_node[n.id] else "1", per_node[n.id]) for n in graph.nodes)))
         return out
 
 
