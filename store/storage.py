@@ -167,6 +167,23 @@ def store_error(e: BaseException, what: str) -> StoreError:
     return StoreError(f"{what}: {msg}")
 
 
+def _retry_locked(fn, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000):
+    """Run ``fn`` again while SQLite says "database is locked". Switching a new file to WAL
+    needs the file to itself, and SQLite may answer that at once, without its busy handler,
+    while other processes open the same new store (seen with 6 processes on a loaded machine)."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of an SQLite URL (None for in-memory or other databases)."""
     if not url.startswith("sqlite") or "///" not in url:
@@ -466,7 +483,7 @@ class Storage:
             def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
                 cur = dbapi_conn.cursor()
                 if not readonly:
-                    cur.execute("PRAGMA journal_mode=WAL")
+                    _retry_locked(lambda: cur.execute("PRAGMA journal_mode=WAL"))
                 cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 if not readonly:
