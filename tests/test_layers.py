@@ -146,3 +146,82 @@ def test_the_result_values_are_one_set_of_classes():
     for name in ("QuestionResult", "NodeOutcome", "Metrics", "summarize"):
         assert getattr(base, name) is getattr(graphs, name)
     assert ledger.CallRecord is graphs.CallRecord and ledger.call_key is graphs.call_key
+
+
+# -- the composition root wires what the layers below do not import -----------------------
+
+
+def _live_spec(tmp_path, task=None, **search):
+    import yaml
+
+    from graphtune.spec import parse_spec
+
+    data = yaml.safe_load((ROOT / "examples" / "local-live.yaml").read_text())
+    data["task"]["dataset"] = str(ROOT / "examples" / "data" / "easy-arith.jsonl")
+    data["models"][0].update(provider="litellm", litellm="openai/smollm2", api_base="http://127.0.0.1:9/v1")
+    data["storage"] = f"sqlite:///{tmp_path / 'g.db'}"
+    data["search"].update(search)
+    data["task"].update(task or {})
+    return parse_spec(data)
+
+
+def test_the_app_wires_the_llm_client_and_the_ledger_into_the_live_env(tmp_path):
+    from graphtune import llm
+    from graphtune.api import build_live_env
+    from graphtune.envs.base import CallLedger
+
+    spec = _live_spec(tmp_path, task={"scorer": "llm-judge", "scorer_options": {"model": "openai/judge"}})
+    env = build_live_env(spec)
+    try:
+        assert env.acomplete.func is llm.acomplete
+        assert env.acomplete.keywords == {"retry_after_max_s": spec.env.retry_after_max_s}
+        assert env.scorer._complete is llm.complete  # the judge gets the client too
+        assert env.ledger is not None and not isinstance(env.ledger, CallLedger)  # opened on first use
+        env.start()
+        assert isinstance(env.ledger, CallLedger) and env.executor.ledger is env.ledger
+    finally:
+        env.close()
+    from graphtune.errors import SpecError
+
+    bad = _live_spec(tmp_path, task={"scorer": "llm-judge", "scorer_options": {"model": "j", "complete": "x"}})
+    with pytest.raises(SpecError, match="unknown option 'complete'"):
+        build_live_env(bad)
+
+
+@pytest.mark.parametrize("method", ["llm-opt", "agent-reinforce"])
+def test_the_app_gives_the_llm_client_to_the_searchers_that_use_one(tmp_path, method):
+    from graphtune import llm
+    from graphtune.api import build_problem, make_searcher
+
+    spec = _live_spec(tmp_path, method=method, agent={"model": "openai/agent"})
+    problem = build_problem(spec)
+    try:
+        s = make_searcher(spec, problem.ctx)
+        client = s._complete if method == "llm-opt" else s.agent._complete
+        assert client is llm.complete
+    finally:
+        problem.env.close()
+
+
+def test_the_layers_below_the_app_require_the_llm_client(costs):
+    from graphtune.agent import make_agent
+    from graphtune.agent.report import ProblemInfo
+    from graphtune.envs.live import Endpoint, Executor
+    from graphtune.errors import AgentError, EnvError, SearchError
+    from graphtune.graphs import Budget, Space
+    from graphtune.graphs.catalog import KNOWN_MODELS, LLAMA_POOL
+    from graphtune.search.base import Objective, SearchContext
+    from graphtune.search.llm_opt import LLMOptSearcher
+
+    with pytest.raises(EnvError, match="needs an LLM client: pass acomplete="):
+        Executor({"m": Endpoint("m", "openai/m", KNOWN_MODELS["llama-3.2-1b"])})
+    space = Space(models=LLAMA_POOL, max_nodes=4, max_in_degree=3)
+    problem = ProblemInfo(task_description="t", space=space, costs=costs, budget=Budget(units=18),
+                          objective="accuracy", slots=("s0",), max_proposals=1, seed=0)
+    with pytest.raises(AgentError, match="needs an LLM client: pass complete="):
+        make_agent({"model": "openai/agent"}, problem)
+    assert make_agent({}, problem).is_llm is False  # the heuristic needs none
+    ctx = SearchContext(space=space, costs=costs, budget=Budget(units=18), objective=Objective(), dev_ids=("q",),
+                        agent={"model": "openai/agent"})
+    with pytest.raises(SearchError, match="needs an LLM client: pass complete="):
+        LLMOptSearcher(ctx)
