@@ -18,7 +18,8 @@ HEURISTIC = "heuristic"
 
 
 def make_agent(settings: Mapping[str, Any], problem: ProblemInfo, *, complete=None) -> Agent:
-    """The agent named by ``settings["model"]`` ("heuristic" when unset)."""
+    """The agent named by ``settings["model"]`` ("heuristic" when unset). ``complete`` is
+    the LLM client an LLM agent calls (required for one; see :class:`LLMAgent`)."""
     model = str(settings.get("model") or HEURISTIC)
     if model == HEURISTIC:
         from graphtune.agent.heuristic import HeuristicAgent

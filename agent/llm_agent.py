@@ -1,4 +1,5 @@
-"""An agent backed by any litellm model string (through ``graphtune.llm.complete``).
+"""An agent backed by any litellm model string, through the LLM client the app passes in
+(``complete``: :func:`graphtune.llm.complete`; the agent does not import it).
 
 Each step renders the report to a prompt, asks for JSON matching
 :class:`graphtune.agent.schema.AgentUpdate` (structured output where the provider
@@ -28,7 +29,7 @@ from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
 from graphtune.agent.schema import (AgentUpdate, ReplyLimits, ReplyRejected, parse_update, reply_excerpt,
                                     short_location, update_json_schema)
-from graphtune.errors import LLMFatalError, LLMTransientError
+from graphtune.errors import AgentError, LLMFatalError, LLMTransientError
 
 SYSTEM = (
     "You optimise a collaboration graph of LLM calls for a task under a per-query compute budget. Each node is "
@@ -36,12 +37,6 @@ SYSTEM = (
     "final answer. You read paired measurements and reply with ONE JSON object matching this JSON schema, and "
     "nothing else:\n{schema}"
 )
-
-
-def _default_complete(*args, **kwargs):
-    from graphtune.llm import complete  # lazy: litellm only when an LLM agent is used
-
-    return complete(*args, **kwargs)
 
 
 def _short_error(e: Exception) -> str:
@@ -61,8 +56,9 @@ def _short_error(e: Exception) -> str:
 class LLMAgent(Agent):
     """Feedback from an LLM. ``settings`` is the spec's ``search.agent`` (model,
     api_base, api_key_env, temperature, max_retries, timeout_s, max_tokens,
-    usd_per_mtok_in/out, max_reply_chars, max_reply_depth). ``complete`` is injectable
-    for tests (a fake LLM)."""
+    usd_per_mtok_in/out, max_reply_chars, max_reply_depth). ``complete`` (required) makes
+    the calls: a function with the signature of :func:`graphtune.llm.complete`, which the
+    app passes (tests pass a fake LLM)."""
 
     is_llm = True
 
@@ -72,7 +68,10 @@ class LLMAgent(Agent):
         self.settings = dict(settings)
         self.model = str(self.settings["model"])
         self.backend = self.model
-        self._complete = complete or _default_complete
+        if complete is None:
+            raise AgentError(f"the LLM agent {self.model!r} needs an LLM client: pass complete=, a completion "
+                             "function such as graphtune.llm.complete (graphtune.api passes it to the searcher)")
+        self._complete = complete
         self.schema = update_json_schema()
         self.limits = ReplyLimits.from_settings(self.settings)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from graphtune.envs.base import QuestionResult
 from graphtune.graphs.cost import Budget, CostModel
 from graphtune.graphs.model import Graph
 from graphtune.graphs.render import to_text
+from graphtune.graphs.results import QuestionResult
 from graphtune.graphs.space import Space
 
 #: The paper's three test-time-scaling insights, stated generally (no task numbers).

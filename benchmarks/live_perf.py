@@ -44,6 +44,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
+from graphtune.api import live_acomplete  # noqa: E402
 from graphtune.envs.datasets import Example  # noqa: E402
 from graphtune.envs.live import CallSettings, Endpoint, LiveEnvironment  # noqa: E402
 from graphtune.envs.prompts import build_prompts  # noqa: E402
@@ -74,9 +75,9 @@ def layered_graph(widths: list[int]) -> Graph:
 
 def make_env(api_base: str, exs, *, ledger, concurrency: int, model: str = "openai/echo") -> LiveEnvironment:
     eps = {"m": Endpoint("m", model, INFO, api_base=api_base)}
-    return LiveEnvironment(exs, [], get_scorer("numeric"), build_prompts("math"), eps,
-                           settings=CallSettings(max_tokens=32, timeout_s=120, max_retries=0),
-                           concurrency=concurrency, ledger=ledger, cache=True)
+    settings = CallSettings(max_tokens=32, timeout_s=120, max_retries=0)
+    return LiveEnvironment(exs, [], get_scorer("numeric"), build_prompts("math"), eps, settings=settings,
+                           concurrency=concurrency, ledger=ledger, cache=True, acomplete=live_acomplete(settings))
 
 
 async def bare_litellm(api_base: str, n: int, concurrency: int, tag: str) -> float:
@@ -203,9 +204,10 @@ def part_smollm2(n_questions: int, max_tokens: int, concurrency: int) -> dict:
         alone_pt = sum(u["prompt_tokens"] for u in usages)
 
         eps = {"m": Endpoint("m", srv.model, INFO, api_base=srv.api_base, identity="local:smollm2")}
-        env = LiveEnvironment(exs, [], get_scorer("numeric"), prompts, eps,
-                              settings=CallSettings(max_tokens=max_tokens, timeout_s=300, max_retries=0),
-                              concurrency=concurrency, ledger=MemoryLedger(), cache=True)
+        settings = CallSettings(max_tokens=max_tokens, timeout_s=300, max_retries=0)
+        env = LiveEnvironment(exs, [], get_scorer("numeric"), prompts, eps, settings=settings,
+                              concurrency=concurrency, ledger=MemoryLedger(), cache=True,
+                              acomplete=live_acomplete(settings))
         env.run_text(layered_graph([1]), "What is 1 + 1?")  # warm up litellm
         made0 = env.executor.stats.made
         ct0, pt0 = env.executor.stats.completion_tokens, env.executor.stats.prompt_tokens

@@ -18,85 +18,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
+from graphtune.graphs.calls import CallRecord
 from graphtune.graphs.cost import TaskShape
 from graphtune.graphs.model import Graph
+# the result values live at the bottom (graphs); re-exported here for existing users
+from graphtune.graphs.results import Metrics, NodeOutcome, QuestionResult, summarize
+
+__all__ = ["CallLedger", "Environment", "Metrics", "NodeOutcome", "QuestionResult", "summarize"]
 
 
-@dataclass(frozen=True)
-class NodeOutcome:
-    """What one node of a graph did on one question."""
+@runtime_checkable
+class CallLedger(Protocol):
+    """What an environment needs of a call ledger: the cache and record of its LLM calls.
 
-    node_id: str
-    answer: str
-    correct: bool | None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
+    The store's ledgers (:mod:`graphtune.store.ledger`) have these methods without
+    importing this module (a structural type); the app builds one from the spec's store
+    and hands it to the environment, so environments never import the store.
 
+    * ``may_have(key)`` is cheap and in memory: False means ``get`` would return None.
+    * ``get(key)`` is the successful record of ``key`` (served instead of a new call), or None.
+    * ``put(record)`` queues a record, successful or failed, and never blocks on a database.
+    * ``flush()`` returns when every record put so far is durable; ``close()`` flushes.
+    * ``records()`` is every record, oldest first.
+    * ``shared`` is True when calls in flight are shared with other processes; such a
+      ledger also has ``claim(key) -> bool``, ``claim_status(key) -> "held" | "free"``,
+      ``release(key)`` and ``share(owner, stale_after_s=...)`` (``graphtune worker``).
+    """
 
-@dataclass(frozen=True)
-class QuestionResult:
-    """A graph's outcome on one question."""
+    shared: bool
 
-    question_id: str
-    answer: str | None
-    correct: bool | None
-    score: float = 0.0  # in [0, 1]; 1.0 when correct for exact-match tasks
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    flops: float = 0.0
-    usd: float = 0.0
-    latency_s: float = 0.0  # critical path
-    error: str | None = None  # infrastructure failure: excluded from accuracy
-    modelled: bool = False  # outcome modelled rather than observed (replay)
-    nodes: tuple[NodeOutcome, ...] = ()
-    #: infrastructure failure: the pool model whose call failed (None when unknown); kept
-    #: in the trial's ``metrics["excluded"]``, not in the per-question rows
-    failed_model: str | None = None
+    def may_have(self, key: str) -> bool: ...
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    def get(self, key: str) -> CallRecord | None: ...
 
+    def put(self, record: CallRecord) -> None: ...
 
-@dataclass(frozen=True)
-class Metrics:
-    """Aggregate of a list of question results."""
+    def flush(self, timeout_s: float | None = None) -> None: ...
 
-    n: int
-    n_scored: int
-    n_errors: int
-    accuracy: float  # mean score over scored questions (nan when none)
-    mean_flops: float
-    mean_usd: float
-    mean_latency_s: float
-    prompt_tokens: int
-    completion_tokens: int
+    def records(self) -> list[CallRecord]: ...
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def summarize(results: Sequence[QuestionResult]) -> Metrics:
-    scored = [r for r in results if r.ok]
-    n = len(results)
-    k = len(scored)
-
-    def mean(xs):
-        xs = list(xs)
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    return Metrics(
-        n=n, n_scored=k, n_errors=n - k,
-        accuracy=mean(r.score for r in scored),
-        mean_flops=mean(r.flops for r in scored),
-        mean_usd=mean(r.usd for r in scored),
-        mean_latency_s=mean(r.latency_s for r in scored),
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        completion_tokens=sum(r.completion_tokens for r in results),
-    )
+    def close(self) -> None: ...
 
 
 class Environment(ABC):

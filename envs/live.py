@@ -10,15 +10,17 @@ run's config (``configurable["graphtune_caller"]``), which here is the :class:`E
 * the nodes of one topological level run concurrently (one LangGraph superstep), the
   questions of an evaluation run concurrently, all under a global concurrency limit and
   the per-model limits of the spec;
-* every call goes through :func:`graphtune.llm.acomplete` (transient errors retried with
-  backoff there); a call that still fails makes its question an infrastructure failure
+* every call goes through the ``acomplete`` function the app passes in
+  (:func:`graphtune.llm.acomplete`: transient errors retried with backoff there); a call
+  that still fails makes its question an infrastructure failure
   (``QuestionResult.error``, ``correct=None``, excluded from accuracy), its successors are
   skipped; an authentication or bad-model error (``LLMFatalError``) cancels the
   evaluation and propagates, so a search stops before spending more; so does a run of
   ``max_consecutive_failures`` failed calls in a row to one model (``EndpointDownError``:
   the endpoint looks down; calls already recorded are kept, so a resumed search pays
   nothing twice);
-* every call is recorded in the call ledger (:mod:`graphtune.store.ledger`), and an
+* every call is recorded in the call ledger passed in (a
+  :class:`~graphtune.envs.base.CallLedger`; the app opens the store's), and an
   identical call (same endpoint, messages, sampling parameters and sample index) is
   served from it; concurrent identical calls are made once;
 * cost is measured: prompt and completion tokens per node, FLOPs from the measured tokens
@@ -40,12 +42,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypedDict
 
-from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
+from graphtune.envs.base import CallLedger, Environment, NodeOutcome, QuestionResult
 from graphtune.envs.prompts import PromptSet
 from graphtune.errors import EndpointDownError, EnvError, GraphtuneError, LLMFatalError, LLMTransientError
+from graphtune.graphs.calls import CallRecord, call_key
 from graphtune.graphs.cost import ModelInfo, TaskShape, node_flops, node_usd
 from graphtune.graphs.model import Graph, Node
-from graphtune.store.ledger import CallRecord, Ledger, call_key
 
 #: chars per token, for estimating a task's prompt length before any call is made
 CHARS_PER_TOKEN = 4.0
@@ -202,19 +204,25 @@ def _node_fn(node: Node, preds: tuple[str, ...], prompts: PromptSet):
 # -- the executor ------------------------------------------------------------------------------
 
 AcompleteFn = Callable[..., Awaitable[Any]]
+NO_ACOMPLETE = ("the live environment needs an LLM client: pass acomplete=, an async completion function such "
+                "as graphtune.llm.acomplete (graphtune.api passes it when it builds the environment from a spec)")
 
 
 class Executor:
     """Makes the LLM calls of graph runs: ledger, sharing, concurrency limits, costing.
 
-    Use it from one event loop. ``acomplete`` defaults to :func:`graphtune.llm.acomplete`
-    (tests and benchmarks may pass another with the same signature)."""
+    Use it from one event loop. ``acomplete`` makes one call: an async function with the
+    signature of :func:`graphtune.llm.acomplete` (which the app passes, with the spec's
+    ``retry_after_max_s``; tests and benchmarks may pass a fake). It is required: the
+    environments do not import the LLM client."""
 
     def __init__(self, endpoints: Mapping[str, Endpoint], *, settings: CallSettings = CallSettings(),
-                 concurrency: int = 16, ledger: Ledger | None = None, cache: bool = True,
+                 concurrency: int = 16, ledger: CallLedger | None = None, cache: bool = True,
                  study: str | None = None, acomplete: AcompleteFn | None = None):
         if concurrency < 1:
             raise EnvError(f"concurrency must be >= 1 (got {concurrency})")
+        if acomplete is None:
+            raise EnvError(NO_ACOMPLETE)
         self.endpoints = dict(endpoints)
         self.settings = settings
         self.concurrency = int(concurrency)
@@ -339,11 +347,6 @@ class Executor:
                          key: str) -> CallRecord:
         acomplete = self._acomplete
         s = self.settings
-        if acomplete is None:
-            from functools import partial
-
-            from graphtune.llm import acomplete
-            acomplete = partial(acomplete, retry_after_max_s=s.retry_after_max_s)
         g, m = self._sems(ep)
         base = dict(key=key, model=ep.name, endpoint=ep.key_identity, messages=messages, params=params,
                     sample_index=sample_index, study=self.study)
@@ -577,7 +580,10 @@ class LiveEnvironment(Environment):
     local servers started on first use (their endpoints are filled in then) and stopped
     by :meth:`close`. ``shape`` (A, B for analytic costing) defaults to an estimate: A is
     the mean length of the from-scratch prompt over the dev questions (chars / 4), B the
-    completion cap ``settings.max_tokens`` (256 when unset)."""
+    completion cap ``settings.max_tokens`` (256 when unset). ``acomplete`` (required) makes
+    the LLM calls and ``ledger`` (a :class:`~graphtune.envs.base.CallLedger`, or a
+    function that opens one on first use) records and serves them: see :class:`Executor`;
+    :func:`graphtune.api.build_live_env` wires both from a spec."""
 
     dev: Sequence[Any]
     test: Sequence[Any]
@@ -586,7 +592,7 @@ class LiveEnvironment(Environment):
     endpoints: Mapping[str, Endpoint]
     settings: CallSettings = field(default_factory=CallSettings)
     concurrency: int = 16
-    ledger: Ledger | Callable[[], Ledger] | None = None  # a factory is called on first use
+    ledger: CallLedger | Callable[[], CallLedger] | None = None  # a factory is called on first use
     cache: bool = True
     study: str | None = None
     task_shape: TaskShape | None = None
@@ -628,7 +634,7 @@ class LiveEnvironment(Environment):
 
     def share_calls(self, owner: str, *, stale_after_s: float) -> None:
         self._share_calls = (owner, float(stale_after_s))
-        if isinstance(self.ledger, Ledger) and hasattr(self.ledger, "share"):
+        if isinstance(self.ledger, CallLedger) and hasattr(self.ledger, "share"):
             self.ledger.share(owner, stale_after_s=stale_after_s)
 
     def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
@@ -651,7 +657,7 @@ class LiveEnvironment(Environment):
             try:
                 return await self.run_graph(graph, question)
             finally:
-                if isinstance(self.ledger, Ledger):
+                if isinstance(self.ledger, CallLedger):
                     await asyncio.to_thread(self.ledger.flush)
 
         return self._loop.run(go())
@@ -661,7 +667,7 @@ class LiveEnvironment(Environment):
             return
         self._closed = True
         try:
-            if isinstance(self.ledger, Ledger):
+            if isinstance(self.ledger, CallLedger):
                 self.ledger.close()
         finally:
             if self._loop is not None:
@@ -674,7 +680,7 @@ class LiveEnvironment(Environment):
         """Start the local servers (once) and point their models' endpoints at them."""
         if self._started:
             return
-        if self.ledger is not None and not isinstance(self.ledger, Ledger):
+        if self.ledger is not None and not isinstance(self.ledger, CallLedger):
             self.ledger = self.ledger()  # opened on first use: `validate` writes nothing
             share = getattr(self, "_share_calls", None)
             if share is not None and hasattr(self.ledger, "share"):
@@ -729,7 +735,7 @@ class LiveEnvironment(Environment):
         finally:
             for t in tasks:
                 t.cancel()
-            if isinstance(self.ledger, Ledger):
+            if isinstance(self.ledger, CallLedger):
                 await asyncio.to_thread(self.ledger.flush)
 
     async def run_graph(self, graph: Graph, question: str) -> dict[str, NodeRun]:

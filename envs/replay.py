@@ -51,7 +51,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from functools import cached_property
@@ -62,9 +62,10 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
-from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
+from graphtune.envs.base import CallLedger, Environment, NodeOutcome, QuestionResult
 from graphtune.envs.simulated.profile import Profile, load_profile
 from graphtune.errors import EnvError, GraphtuneError
+from graphtune.graphs.calls import CallRecord
 from graphtune.graphs.canonical import canonical_form, canonical_order
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
 from graphtune.graphs.model import ASSISTANT, FUSER, Graph
@@ -475,12 +476,14 @@ def import_gsm8k_recorded(data_dir: str | Path, *, task: str = "gsm8k") -> Recor
 
 
 def records_from_ledger(source: Any, examples: Sequence[Any], scorer: Any, *, prompts: Any = None,
-                        task: str = "task") -> RecordTable:
+                        task: str = "task", open_ledger: Callable[[str], CallLedger] | None = None) -> RecordTable:
     """Records of the *from-scratch* calls found in the call ledger of earlier live runs.
 
-    ``source`` is a store URL (its ``llm_calls`` table), a
-    :class:`~graphtune.store.ledger.Ledger`, or an iterable of
-    :class:`~graphtune.store.ledger.CallRecord`. The ledger stores no question id, node
+    ``source`` is a store URL (its ``llm_calls`` table, opened with ``open_ledger``: the
+    environments do not import the store, so :func:`graphtune.api.records_from_ledger`
+    passes :func:`graphtune.store.ledger.open_ledger`), a
+    :class:`~graphtune.envs.base.CallLedger`, or an iterable of
+    :class:`~graphtune.graphs.calls.CallRecord`. The ledger stores no question id, node
     role or verdict, so they are recovered: a successful call is a source-node call on
     example e when its messages equal ``prompts.messages("assistant", e.question)``
     (``prompts``: the live run's :class:`~graphtune.envs.prompts.PromptSet`, default the
@@ -489,7 +492,6 @@ def records_from_ledger(source: Any, examples: Sequence[Any], scorer: Any, *, pr
     synthesisers and fusers (prompts with predecessors' responses), failed calls and
     replies the scorer could not judge are skipped (counted in ``source``)."""
     from graphtune.envs.prompts import build_prompts
-    from graphtune.store.ledger import CallRecord, Ledger, open_ledger
 
     if prompts is None:
         prompts = build_prompts(scorer=getattr(scorer, "name", None))
@@ -501,10 +503,13 @@ def records_from_ledger(source: Any, examples: Sequence[Any], scorer: Any, *, pr
                            "that ran the search: pass that Ledger object instead")
         if source.startswith("sqlite:///") and not Path(source[len("sqlite:///"):]).is_file():
             raise EnvError(f"records_from_ledger: no store at {source}; give the `storage` URL of the live runs")
+        if open_ledger is None:
+            raise EnvError("records_from_ledger: a store URL needs open_ledger= to open its ledger; call "
+                           "graphtune.api.records_from_ledger, which passes the store's")
         owned = open_ledger(source)
         calls: Iterable[CallRecord] = owned.records()
         label = f"ledger {source}"
-    elif isinstance(source, Ledger):
+    elif isinstance(source, CallLedger):
         calls = source.records()
         label = f"ledger {type(source).__name__}"
     else:

@@ -625,38 +625,45 @@ def _parse_verdict(text: str) -> bool | None:
 
 
 class LLMJudgeScorer(Scorer):
-    """Asks a judge model (through :func:`graphtune.llm.complete`) whether the output
-    matches the reference. Options: ``model`` (required, a litellm model string),
-    ``api_base``, ``api_key_env``, ``timeout_s``, ``max_retries``, ``prompt`` (a template
-    with ``{question}``, ``{reference}``, ``{output}``).
+    """Asks a judge model whether the output matches the reference. Options: ``model``
+    (required, a litellm model string), ``api_base``, ``api_key_env``, ``timeout_s``,
+    ``max_retries``, ``prompt`` (a template with ``{question}``, ``{reference}``,
+    ``{output}``). ``complete`` (required, not an option) makes the call: a function with
+    the signature of :func:`graphtune.llm.complete`, which the app passes
+    (``get_scorer(..., complete=...)``); the environments do not import the LLM client.
 
     An endpoint that stays down (LLMTransientError) or a reply with no verdict is an
     error, not a wrong answer; LLMFatalError (bad key, unknown model) propagates, since
     every later call would fail the same way."""
 
     name = "llm-judge"
+    #: takes the app's LLM client (``complete``): see :func:`get_scorer`
+    uses_llm = True
 
     def __init__(self, *, model: str | None = None, api_base: str | None = None, api_key_env: str | None = None,
-                 timeout_s: float = 60.0, max_retries: int = 2, prompt: str = _JUDGE_PROMPT, max_tokens: int = 200):
+                 timeout_s: float = 60.0, max_retries: int = 2, prompt: str = _JUDGE_PROMPT, max_tokens: int = 200,
+                 complete: Callable[..., Any] | None = None):
         if not model:
             raise SpecError("scorer llm-judge needs a judge model: give the scorer option model "
                             "(a litellm model string, e.g. openai/gpt-4o-mini)")
         for key in ("{question}", "{reference}", "{output}"):
             if key not in prompt:
                 raise SpecError(f"scorer llm-judge: the prompt template must contain {key}")
+        if complete is None:
+            raise EnvError("scorer llm-judge needs an LLM client: pass complete=, a completion function such as "
+                           "graphtune.llm.complete (graphtune.api passes it when it builds the scorer from a spec)")
+        self._complete = complete
         self.model, self.api_base, self.api_key_env = model, api_base, api_key_env
         self.timeout_s, self.max_retries, self.prompt, self.max_tokens = timeout_s, max_retries, prompt, max_tokens
 
     def score(self, output: str, example: Example) -> Score:
-        from graphtune import llm
-
         values = {"question": example.question, "reference": str(example.answer), "output": output or ""}
         # one pass, so a question that contains "{output}" is not filled in twice
         text = re.sub(r"\{(question|reference|output)\}", lambda m: values[m.group(1)], self.prompt)
         try:
-            reply = llm.complete(self.model, [{"role": "user", "content": text}], api_base=self.api_base,
-                                 api_key_env=self.api_key_env, temperature=0.0, max_tokens=self.max_tokens,
-                                 json_schema=_JUDGE_SCHEMA, timeout_s=self.timeout_s, max_retries=self.max_retries)
+            reply = self._complete(self.model, [{"role": "user", "content": text}], api_base=self.api_base,
+                                   api_key_env=self.api_key_env, temperature=0.0, max_tokens=self.max_tokens,
+                                   json_schema=_JUDGE_SCHEMA, timeout_s=self.timeout_s, max_retries=self.max_retries)
         except LLMFatalError:
             raise
         except LLMError as e:
@@ -728,8 +735,10 @@ SCORERS: Mapping[str, type[Scorer]] = {
 _DEFAULTS = {"gsm8k": "numeric", "math500": "math", "mmlu": "choice", "humaneval": "code", "mbpp": "code"}
 
 
-def get_scorer(name: str, **options) -> Scorer:
-    """The scorer called ``name``, configured by ``options`` (see each class)."""
+def get_scorer(name: str, *, complete: Callable[..., Any] | None = None, **options) -> Scorer:
+    """The scorer called ``name``, configured by ``options`` (see each class).
+    ``complete`` is the LLM client (:func:`graphtune.llm.complete`'s signature), given to
+    the scorers that call a model (``uses_llm``: ``llm-judge``) and ignored by the others."""
     if name.startswith("python:"):
         try:
             return _python_scorer(name, **options)
@@ -738,6 +747,8 @@ def get_scorer(name: str, **options) -> Scorer:
     cls = SCORERS.get(name)
     if cls is None:
         raise SpecError(f"unknown scorer {name!r}; known scorers: {', '.join(SCORERS)}, python:module:function")
+    if getattr(cls, "uses_llm", False):
+        options = {**options, "complete": complete}
     try:
         return cls(**options)
     except TypeError as e:

@@ -1,6 +1,11 @@
 """Python API: build the pieces a spec describes and run or continue a study.
 
-The CLI is a thin layer over these functions; nothing here imports the CLI.
+This is the composition root: the layers below (graphs, envs, agent, store, search) do
+not import each other sideways or the app, so the pieces they need from elsewhere are
+wired here: the store's call ledger into the live environment, the LLM client
+(:mod:`graphtune.llm`) into the live environment, the ``llm-judge`` scorer and the
+searchers whose proposals come from an LLM. The CLI is a thin layer over these
+functions; nothing here imports the CLI.
 """
 
 from __future__ import annotations
@@ -78,6 +83,24 @@ def task_shape(spec: Spec) -> TaskShape:
     return TaskShape(a, b)
 
 
+def live_acomplete(settings):
+    """The live environment's LLM client: :func:`graphtune.llm.acomplete` with the spec's
+    ``retry_after_max_s`` cap (``settings``: the environment's ``CallSettings``)."""
+    from functools import partial
+
+    from graphtune.llm import acomplete
+
+    return partial(acomplete, retry_after_max_s=settings.retry_after_max_s)
+
+
+def llm_complete():
+    """The synchronous LLM client handed to the judge scorer, the LLM agent and llm-opt:
+    :func:`graphtune.llm.complete` (imports no litellm until a call is made)."""
+    from graphtune.llm import complete
+
+    return complete
+
+
 def build_live_env(spec: Spec, examples: list | None = None):
     """The live environment a spec describes: its dataset split into dev and test, its
     scorer and prompts, an endpoint per model (local llama.cpp servers are started on
@@ -99,7 +122,9 @@ def build_live_env(spec: Spec, examples: list | None = None):
     else:  # `graphtune run --dataset`: every example is a question to run
         dev, test = list(examples), []
     scorer_name = t.scorer or default_scorer_for(t.preset)
-    scorer = get_scorer(scorer_name, **t.scorer_options)
+    if "complete" in t.scorer_options:  # the LLM client is the app's to give, not an option
+        raise SpecError(f"scorer {scorer_name}: unknown option 'complete' in task.scorer_options")
+    scorer = get_scorer(scorer_name, complete=llm_complete(), **t.scorer_options)
     prompts = build_prompts(t.prompts.style, t.prompts.model_dump(), scorer=scorer_name, preset=t.preset)
     e = spec.env
     settings = CallSettings(temperature=e.temperature, max_tokens=e.max_tokens, timeout_s=e.timeout_s,
@@ -129,7 +154,7 @@ def build_live_env(spec: Spec, examples: list | None = None):
     return LiveEnvironment(dev, test, scorer, prompts, endpoints, settings=settings, concurrency=e.concurrency,
                            ledger=lambda: open_ledger(spec.storage, secrets=spec_secrets(spec)), cache=e.cache,
                            study=spec.study, task_shape=shape,
-                           servers=servers, description=t.description)
+                           servers=servers, description=t.description, acomplete=live_acomplete(settings))
 
 
 def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
@@ -175,6 +200,16 @@ def build_replay_env(spec: Spec):
     shape = TaskShape(t.input_tokens, t.output_tokens) if t.input_tokens and t.output_tokens else None
     return ReplayEnvironment(records, spec.pool(), seed=spec.env.seed, dev_size=t.dev_size, test_size=t.test_size,
                              task=spec.env.task, synthesis=spec.env.synthesis, shape=shape)
+
+
+def records_from_ledger(source, examples, scorer, *, prompts=None, task: str = "task"):
+    """:func:`graphtune.envs.replay.records_from_ledger` with the store's ledger opener, so
+    ``source`` may be a store URL (its ``llm_calls`` table) as well as a ledger or call
+    records: a :class:`~graphtune.envs.replay.RecordTable` of the from-scratch calls."""
+    from graphtune.envs.replay import records_from_ledger as from_ledger
+    from graphtune.store.ledger import open_ledger
+
+    return from_ledger(source, examples, scorer, prompts=prompts, task=task, open_ledger=open_ledger)
 
 
 def build_problem(spec: Spec) -> Problem:
@@ -247,8 +282,8 @@ def run_graph(spec: Spec, graph, *, question: str | None = None, dataset: str | 
     """Run one graph on live endpoints: on one question text, or on every example of a
     dataset file (read with the spec's fields and preset, scored with its scorer)."""
     from graphtune.envs.datasets import Example, load_dataset
-    from graphtune.envs.base import QuestionResult
     from graphtune.envs.live import critical_path_s
+    from graphtune.graphs.results import QuestionResult
 
     if spec.env.kind != "live":
         raise SpecError(f"graphtune run needs a spec with `env: {{kind: live}}` (this one is {spec.env.kind!r})")
@@ -280,9 +315,14 @@ def run_graph(spec: Spec, graph, *, question: str | None = None, dataset: str | 
 
 
 def make_searcher(spec: Spec, ctx: SearchContext) -> Searcher:
+    """The searcher the spec names, for ``ctx``; one whose proposals may come from an LLM
+    (``uses_llm``) is given the LLM client."""
     from graphtune.search.registry import searcher_class
 
-    return searcher_class(spec.search.method)(ctx)
+    cls = searcher_class(spec.search.method)
+    if getattr(cls, "uses_llm", False):
+        return cls(ctx, complete=llm_complete())
+    return cls(ctx)
 
 
 def spec_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: tuple = ()) -> list[tuple]:

@@ -66,10 +66,14 @@ class AgentReinforceSearcher(PolicySearcher):
     - ``samples`` defaults to ``search.batch_size - proposals`` (at least 2) here;
     - ``pareto`` / ``pareto_weights``: search the accuracy-vs-cost front (see
       :class:`~graphtune.search.reinforce.PolicySearcher`); the agent is told so.
+
+    ``complete`` is the LLM client an LLM agent calls (:func:`graphtune.llm.complete`'s
+    signature; ``graphtune.api.make_searcher`` passes it); the heuristic needs none.
     """
 
     name = "agent-reinforce"
     Options = AgentReinforceOptions
+    uses_llm = True  # takes the app's LLM client (``complete``)
     probes = True
 
     def __init__(self, ctx: SearchContext, *, complete: Callable[..., Any] | None = None):

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from graphtune.envs.base import Metrics, QuestionResult
 from graphtune.graphs.cost import Budget, CostModel, GraphCost
 from graphtune.graphs.model import Graph
+from graphtune.graphs.results import Metrics, QuestionResult
 from graphtune.errors import SpecError
 from graphtune.graphs.space import Space
 
@@ -248,6 +248,9 @@ class Searcher(ABC):
     name: str = "abstract"
     #: the searcher's ``search.options`` (subclasses declare their own)
     Options: type[SearcherOptions] = SearcherOptions
+    #: True when the constructor takes the app's LLM client as ``complete=`` (a function
+    #: with the signature of :func:`graphtune.llm.complete`): searchers never import it
+    uses_llm: bool = False
 
     def __init__(self, ctx: SearchContext):
         self.ctx = ctx

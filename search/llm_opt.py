@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
                                     reply_excerpt, short_location)
-from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError
+from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
@@ -138,7 +138,9 @@ class LLMOptOptions(SearcherOptions):
 
 
 class LLMOptSearcher(Searcher):
-    """OPRO-style proposer. ``complete`` replaces :func:`graphtune.llm.complete` (tests).
+    """OPRO-style proposer. ``complete`` is the LLM client it calls (required when
+    ``ctx.agent["model"]`` is an LLM; :func:`graphtune.llm.complete`'s signature, passed by
+    ``graphtune.api.make_searcher``; tests pass a fake).
 
     Options: ``max_history`` (200 graphs shown, the best ones), ``elite`` (4: graphs the
     heuristic mutates), ``parse_retries`` (1: re-asks after an unparsable reply).
@@ -146,6 +148,7 @@ class LLMOptSearcher(Searcher):
 
     name = "llm-opt"
     Options = LLMOptOptions
+    uses_llm = True  # takes the app's LLM client (``complete``)
 
     def __init__(self, ctx: SearchContext, *, complete: CompleteFn | None = None):
         super().__init__(ctx)
@@ -153,6 +156,9 @@ class LLMOptSearcher(Searcher):
         self.model = str(agent.get("model") or HEURISTIC)
         self.is_llm = self.model != HEURISTIC
         self.agent = agent
+        if self.is_llm and complete is None:
+            raise SearchError(f"llm-opt with the LLM {self.model!r} needs an LLM client: pass complete=, a completion "
+                              "function such as graphtune.llm.complete (graphtune.api.make_searcher passes it)")
         self._complete = complete
         self.max_history = self.opts.max_history
         self.elite = self.opts.elite
@@ -308,14 +314,11 @@ class LLMOptSearcher(Searcher):
         return "\n".join(lines)
 
     def _call(self, messages: list[dict], schema: dict):
-        complete = self._complete
-        if complete is None:
-            from graphtune.llm import complete
         a = self.agent
-        return complete(self.model, messages, api_base=a.get("api_base"), api_key_env=a.get("api_key_env"),
-                        temperature=float(a.get("temperature", 0.2)), max_tokens=a.get("max_tokens"),
-                        json_schema=schema, timeout_s=float(a.get("timeout_s", 120.0)),
-                        max_retries=int(a.get("max_retries", 2)), seed=self.ctx.seed * 1000 + self.batch)
+        return self._complete(self.model, messages, api_base=a.get("api_base"), api_key_env=a.get("api_key_env"),
+                              temperature=float(a.get("temperature", 0.2)), max_tokens=a.get("max_tokens"),
+                              json_schema=schema, timeout_s=float(a.get("timeout_s", 120.0)),
+                              max_retries=int(a.get("max_retries", 2)), seed=self.ctx.seed * 1000 + self.batch)
 
     def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[ProposedGraph], str | None]:
         space = self.ctx.space

@@ -10,11 +10,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from graphtune.envs.base import Environment, QuestionResult, summarize
+from graphtune.envs.base import Environment
 from graphtune.errors import GraphError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import GraphCost
 from graphtune.graphs.io import from_dict, to_dict
+from graphtune.graphs.results import QuestionResult, summarize
 from graphtune.graphs.space import validate
 from graphtune.search.base import (Candidate, Evaluation, GraphStats, ProgressCallback, SearchContext, Searcher,
                                    pool_stats)

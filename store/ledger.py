@@ -1,9 +1,13 @@
 """The call ledger: every LLM call of a live environment, and the cache it serves.
 
-A call is identified by :func:`call_key`, a digest of the endpoint, the messages, the
-sampling parameters and the **sample index** (the how-manieth identical request this is
-within one graph run), so two nodes of one model with the same prompt in one graph stay
-two samples, while a repeated or resumed search finds every call it already paid for.
+A call is identified by :func:`~graphtune.graphs.calls.call_key`, a digest of the
+endpoint, the messages, the sampling parameters and the **sample index** (the how-manieth
+identical request this is within one graph run), so two nodes of one model with the same
+prompt in one graph stay two samples, while a repeated or resumed search finds every call
+it already paid for. The record (:class:`~graphtune.graphs.calls.CallRecord`) and the key
+are plain values in :mod:`graphtune.graphs.calls` (re-exported here); the ledgers satisfy
+the live environment's :class:`~graphtune.envs.base.CallLedger` protocol structurally,
+without importing it, and the app (:mod:`graphtune.api`) hands one to the environment.
 
 Invariants every ledger keeps:
 
@@ -31,19 +35,18 @@ once its worker heartbeat is stale).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from graphtune.errors import StoreError
+# the call record and its key are plain values shared with the live environment
+from graphtune.graphs.calls import CallRecord, call_key
 from graphtune.store.models import LLMCallClaimRow, LLMCallRow, WorkerRow
 from graphtune.store.redact import Redactor
 
@@ -53,37 +56,7 @@ WRITE_BATCH = 500
 #: transactions: less time holding the GIL); a flush never waits for it
 WRITE_LINGER_S = 0.05
 
-
-def call_key(endpoint: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
-             sample_index: int) -> str:
-    """Digest of everything that determines a reply (and the sample it is)."""
-    payload = json.dumps({"e": endpoint, "m": list(messages), "p": dict(params), "s": int(sample_index)},
-                         sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:40]
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One LLM call as the ledger keeps it."""
-
-    key: str
-    model: str
-    endpoint: str
-    messages: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)
-    sample_index: int = 0
-    reply: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
-    usd: float = 0.0
-    flops: float = 0.0
-    error: str | None = None
-    study: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.reply is not None
+__all__ = ["CallRecord", "Ledger", "LedgerStats", "MemoryLedger", "SQLLedger", "call_key", "open_ledger"]
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graphtune.envs.base import QuestionResult
 from graphtune.errors import StoreError
+from graphtune.graphs.results import QuestionResult
 from graphtune.store.models import utcnow
 from graphtune.store.redact import Redactor
 from graphtune.store.storage import StudyInfo, TrialInfo, _finite, spec_hash

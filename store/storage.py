@@ -69,8 +69,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from graphtune.envs.base import NodeOutcome, QuestionResult
 from graphtune.errors import StoreError
+from graphtune.graphs.results import NodeOutcome, QuestionResult
 from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, WorkerRow, utcnow
 from graphtune.store.redact import Redactor
 

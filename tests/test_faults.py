@@ -32,6 +32,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 from graphtune import errors, llm  # noqa: E402
+from graphtune.api import live_acomplete  # noqa: E402
 from graphtune.envs.datasets import Example  # noqa: E402
 from graphtune.envs.live import CallSettings, Endpoint, LiveEnvironment  # noqa: E402
 from graphtune.envs.prompts import build_prompts  # noqa: E402
@@ -327,7 +328,7 @@ def test_executor_stops_after_a_run_of_failed_calls_naming_the_model(server):
     env = LiveEnvironment(exs, [], get_scorer("numeric"), build_prompts("math"),
                           {"pool-a": Endpoint("pool-a", "openai/echo", INFO, api_base=server.api_base)},
                           settings=CallSettings(max_retries=0, timeout_s=5),  # default: stop after 20
-                          concurrency=2, ledger=MemoryLedger())
+                          concurrency=2, ledger=MemoryLedger(), acomplete=live_acomplete(CallSettings()))
     try:
         before = server.requests()
         with pytest.raises(getattr(errors, "EndpointDownError", errors.LLMError)) as e:

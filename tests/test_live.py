@@ -21,6 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 from graphtune import llm  # noqa: E402
+from graphtune.api import live_acomplete  # noqa: E402
 from graphtune.envs.base import summarize  # noqa: E402
 from graphtune.envs.datasets import Example  # noqa: E402
 from graphtune.envs.live import (CallSettings, Endpoint, LiveEnvironment, compile_graph, critical_path_s,  # noqa: E402
@@ -60,10 +61,11 @@ def make_env(srv, model: str = "echo", *, ledger=None, cache=True, concurrency=8
     models = models or {"m": model}
     eps = {name: Endpoint(name, f"openai/{lit}", INFO, api_base=srv.api_base, max_concurrency=kw.pop("mc", None))
            for name, lit in models.items()}
+    settings = CallSettings(max_retries=kw.pop("max_retries", 2), timeout_s=10)
+    kw.setdefault("acomplete", live_acomplete(settings))  # the LLM client the app wires in
     return LiveEnvironment(examples(n), [], get_scorer("numeric"), build_prompts("math"), eps,
-                           settings=CallSettings(max_retries=kw.pop("max_retries", 2), timeout_s=10),
-                           concurrency=concurrency, ledger=ledger if ledger is not None else MemoryLedger(),
-                           cache=cache, **kw)
+                           settings=settings, concurrency=concurrency,
+                           ledger=ledger if ledger is not None else MemoryLedger(), cache=cache, **kw)
 
 
 def g_single(model="m"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from graphtune.api import records_from_ledger as app_records_from_ledger
 from graphtune.envs.base import summarize
 from graphtune.envs.datasets import Example, split_examples
 from graphtune.envs.prompts import build_prompts
@@ -399,16 +400,19 @@ def test_records_from_ledger_memory_and_sql(tmp_path):
     for c in calls:
         sql.put(c)
     sql.close()
-    t = records_from_ledger(url, exs, scorer, task="gsm8k")
+    with pytest.raises(EnvError, match="needs open_ledger"):  # envs do not import the store: the app opens it
+        records_from_ledger(url, exs, scorer, task="gsm8k")
+    t = app_records_from_ledger(url, exs, scorer, task="gsm8k")
     check_ledger_table(t)
     # ... and the table replays: two samples recorded, so two nodes of m are both recorded
     env = ReplayEnvironment(t, CostModel({"m": TOY_POOL["big"]}, TaskShape(30, 6)), dev_size=2)
     res = env.evaluate(fan_in(["m", "m"], "m"), [e.id for e in exs])
     assert all(sorted(n.correct for n in r.nodes[:2]) == [False, True] for r in res)
     with pytest.raises(EnvError, match="no store at"):
-        records_from_ledger(f"sqlite:///{tmp_path / 'none.db'}", exs, scorer)
+        app_records_from_ledger(f"sqlite:///{tmp_path / 'none.db'}", exs, scorer)
     with pytest.raises(EnvError, match="in-memory store"):
-        records_from_ledger("sqlite:///:memory:", exs, scorer)
+        app_records_from_ledger("sqlite:///:memory:", exs, scorer)
+    check_ledger_table(app_records_from_ledger(mem, exs, scorer, task="gsm8k"))  # a ledger object as well
 
 
 def test_schema_columns_are_documented():

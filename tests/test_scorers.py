@@ -471,24 +471,28 @@ class _Reply:
 
 
 @pytest.fixture
-def fake_llm(monkeypatch):
-    import graphtune.llm as llm
+def fake_llm():
+    """``install(reply | exc)`` sets what the fake LLM client ``install.complete`` (the
+    judge's ``complete``, as the app would pass graphtune.llm.complete) does next."""
     calls = []
+    now: dict = {}
+
+    def complete(model, messages, **kw):
+        calls.append((model, messages, kw))
+        if now["exc"]:
+            raise now["exc"]
+        return _Reply(now["reply"])
 
     def install(reply=None, exc=None):
-        def complete(model, messages, **kw):
-            calls.append((model, messages, kw))
-            if exc:
-                raise exc
-            return _Reply(reply)
-        monkeypatch.setattr(llm, "complete", complete)
+        now.update(reply=reply, exc=exc)
         return calls
+    install.complete = complete
     return install
 
 
 def test_llm_judge_verdicts(fake_llm):
     calls = fake_llm('{"correct": true, "reason": "same"}')
-    judge = get_scorer("llm-judge", model="openai/judge", api_key_env="JUDGE_KEY")
+    judge = get_scorer("llm-judge", model="openai/judge", api_key_env="JUDGE_KEY", complete=fake_llm.complete)
     s = judge.score("It is Paris.", Example("q", "Capital of France?", "Paris", {}))
     assert s == Score(correct=True, score=1.0)
     model, messages, kw = calls[0]
@@ -502,7 +506,7 @@ def test_llm_judge_verdicts(fake_llm):
 
 
 def test_llm_judge_failures_are_errors(fake_llm):
-    judge = get_scorer("llm-judge", model="openai/judge")
+    judge = get_scorer("llm-judge", model="openai/judge", complete=fake_llm.complete)
     fake_llm(exc=LLMTransientError("judge endpoint down after 2 retries"))
     s = judge.score("Paris", ex("Paris"))
     assert s.correct is None and "unavailable" in s.error
@@ -519,6 +523,9 @@ def test_llm_judge_options_are_validated():
         get_scorer("llm-judge")
     with pytest.raises(SpecError, match="must contain {output}"):
         get_scorer("llm-judge", model="m", prompt="{question} {reference}")
+    with pytest.raises(EnvError, match="needs an LLM client"):  # the app passes graphtune.llm.complete
+        get_scorer("llm-judge", model="m")
+    assert get_scorer("numeric", complete=lambda *a, **k: None).name == "numeric"  # no LLM: ignored
 
 
 # ----------------------------------------------------------------------------- python:module:fn

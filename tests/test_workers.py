@@ -221,12 +221,16 @@ def test_the_batch_update_lock_is_held_by_one_worker_at_a_time(store_url):
     store.close()
 
 
+async def _no_call(model, messages, **kw):
+    raise AssertionError("no LLM call expected")
+
+
 def test_live_workers_split_the_concurrency_limits():
     from graphtune.envs.live import Endpoint, Executor
     from graphtune.graphs.catalog import KNOWN_MODELS
 
     ep = Endpoint(name="m", model="openai/x", info=KNOWN_MODELS["llama-3.2-1b"], max_concurrency=8)
-    ex = Executor({"m": ep}, concurrency=32)
+    ex = Executor({"m": ep}, concurrency=32, acomplete=_no_call)
     g, m = ex._sems(ep)
     assert (g._value, m._value) == (32, 8)
     ex.set_share(4)

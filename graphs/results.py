@@ -1,0 +1,88 @@
+"""Plain result values: what a graph did on one question, and their summary.
+
+Every environment returns these (simulated, live, replayed), the store keeps them, the
+agent's reports and the searchers read them; they live here, at the bottom, so none of
+those packages needs another to name them. ``graphtune.envs.base`` re-exports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """What one node of a graph did on one question."""
+
+    node_id: str
+    answer: str
+    correct: bool | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class QuestionResult:
+    """A graph's outcome on one question."""
+
+    question_id: str
+    answer: str | None
+    correct: bool | None
+    score: float = 0.0  # in [0, 1]; 1.0 when correct for exact-match tasks
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    flops: float = 0.0
+    usd: float = 0.0
+    latency_s: float = 0.0  # critical path
+    error: str | None = None  # infrastructure failure: excluded from accuracy
+    modelled: bool = False  # outcome modelled rather than observed (replay)
+    nodes: tuple[NodeOutcome, ...] = ()
+    #: infrastructure failure: the pool model whose call failed (None when unknown); kept
+    #: in the trial's ``metrics["excluded"]``, not in the per-question rows
+    failed_model: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Aggregate of a list of question results."""
+
+    n: int
+    n_scored: int
+    n_errors: int
+    accuracy: float  # mean score over scored questions (nan when none)
+    mean_flops: float
+    mean_usd: float
+    mean_latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize(results: Sequence[QuestionResult]) -> Metrics:
+    """The :class:`Metrics` of ``results``: means over the scored (error-free) ones,
+    token totals over all."""
+    scored = [r for r in results if r.ok]
+    n = len(results)
+    k = len(scored)
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return Metrics(
+        n=n, n_scored=k, n_errors=n - k,
+        accuracy=mean(r.score for r in scored),
+        mean_flops=mean(r.flops for r in scored),
+        mean_usd=mean(r.usd for r in scored),
+        mean_latency_s=mean(r.latency_s for r in scored),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+    )
