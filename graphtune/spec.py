@@ -1,7 +1,8 @@
 """The YAML spec of a search, validated with pydantic.
 
 Sections: ``study``, ``task``, ``models``, ``space``, ``budget``, ``objective``,
-``search``, ``env``, ``storage`` (and ``stages``, reserved for multi-stage pipelines).
+``search``, ``env`` (one model per ``kind``), ``storage`` (and ``stages``, reserved for
+multi-stage pipelines: absent, or one stage equal to the top level).
 ``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,
 the field path and what is allowed. Secrets are referenced by environment-variable name
 (``api_key_env``), never written in the file.
@@ -305,7 +306,8 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class StageSpec(_Strict):
-    """One stage of a multi-stage pipeline (reserved; one stage is the common case)."""
+    """One stage of a multi-stage pipeline (reserved: until pipelines exist a spec gives no
+    stage, or one equal to the top level; ``Spec`` refuses anything else)."""
 
     name: str
     task: TaskSpec
