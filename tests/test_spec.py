@@ -405,7 +405,8 @@ def test_each_env_kind_loads_with_only_its_own_fields(tmp_path):
     sim = load_spec(QUICKSTART)
     assert isinstance(sim.env, SimulatedEnv) and sim.env.seed == 0 and not hasattr(sim.env, "concurrency")
     live = load_spec(write(tmp_path, LIVE))
-    assert isinstance(live.env, LiveEnv) and (live.env.concurrency, live.env.max_tokens, live.env.cache) == (4, 32, True)
+    assert isinstance(live.env, LiveEnv)
+    assert (live.env.concurrency, live.env.max_tokens, live.env.cache) == (4, 32, True)
     rep = load_spec(write(tmp_path, REPLAY))
     assert isinstance(rep.env, ReplayEnv) and rep.env.records == "table.csv" and rep.env.synthesis == "math"
     assert rep.records_source().endswith("table.csv")
