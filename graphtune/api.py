@@ -212,31 +212,45 @@ def records_from_ledger(source, examples, scorer, *, prompts=None, task: str = "
     return from_ledger(source, examples, scorer, prompts=prompts, task=task, open_ledger=open_ledger)
 
 
+def _live_env_and_costs(spec: Spec, space, budget):
+    env = build_live_env(spec)
+    try:
+        costs = CostModel(spec.pool(), env.shape)
+        check_space_not_empty(space, costs, budget)
+    except BaseException:
+        env.close()
+        raise
+    return env, costs
+
+
+def _replay_env_and_costs(spec: Spec, space, budget):
+    env = build_replay_env(spec)
+    costs = env.costs
+    check_space_not_empty(space, costs, budget)
+    return env, costs
+
+
+def _simulated_env_and_costs(spec: Spec, space, budget):
+    from graphtune.envs.simulated import SimulatedEnvironment
+
+    shape = task_shape(spec)
+    costs = CostModel(spec.pool(), shape)
+    check_space_not_empty(space, costs, budget)
+    env = SimulatedEnvironment(spec.task.profile, costs, seed=spec.env.seed, dev_size=spec.task.dev_size,
+                               test_size=spec.task.test_size)
+    return env, costs
+
+
+#: env kind (graphtune.spec.ENV_KINDS) -> ``(spec, space, budget) -> (environment, cost model)``
+ENV_BUILDERS = {"simulated": _simulated_env_and_costs, "live": _live_env_and_costs, "replay": _replay_env_and_costs}
+
+
 def build_problem(spec: Spec) -> Problem:
     """Resolve a spec into an environment and a search context; raises a one-line error
     for an unknown model, an impossible budget or an empty space."""
     space = spec.space_obj()
     budget = spec.budget.budget()
-    if spec.env.kind == "live":
-        env = build_live_env(spec)
-        try:
-            costs = CostModel(spec.pool(), env.shape)
-            check_space_not_empty(space, costs, budget)
-        except BaseException:
-            env.close()
-            raise
-    elif spec.env.kind == "replay":
-        env = build_replay_env(spec)
-        costs = env.costs
-        check_space_not_empty(space, costs, budget)
-    else:
-        from graphtune.envs.simulated import SimulatedEnvironment
-
-        shape = task_shape(spec)
-        costs = CostModel(spec.pool(), shape)
-        check_space_not_empty(space, costs, budget)
-        env = SimulatedEnvironment(spec.task.profile, costs, seed=spec.env.seed, dev_size=spec.task.dev_size,
-                                   test_size=spec.task.test_size)
+    env, costs = ENV_BUILDERS[spec.env.kind](spec, space, budget)
     obj = Objective(cost_weight=spec.objective.cost_weight, latency_weight=spec.objective.latency_weight,
                     usd_weight=spec.objective.usd_weight)
     dev = tuple(env.split("dev"))
@@ -368,7 +382,11 @@ def _same_path(old: Any, new: Any) -> bool:
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple]:
     """Fields of a stored spec that changed in a way a continued study cannot take
-    (everything but ``SAFE_TO_CHANGE``)."""
+    (everything but ``SAFE_TO_CHANGE``). ``old`` may be in a store's older shape
+    (``graphtune.spec.stored_spec_data``)."""
+    from graphtune.spec import stored_spec_data
+
+    old = stored_spec_data(old)
     out = []
     for c in spec_changes(old, new):
         if c in SAFE_TO_CHANGE:
@@ -390,9 +408,9 @@ def _spec_of_study(stored: Mapping[str, Any], name: str, storage: str, *,
     """The spec a stored study runs with (its stored spec, in this store)."""
     import copy
 
-    from graphtune.spec import parse_spec
+    from graphtune.spec import parse_spec, stored_spec_data
 
-    data = copy.deepcopy(dict(stored))
+    data = stored_spec_data(copy.deepcopy(dict(stored)))
     data["study"], data["storage"] = name, storage
     if evaluations is not None:
         data.setdefault("search", {})["evaluations"] = evaluations

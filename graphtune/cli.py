@@ -221,13 +221,14 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
     """Run a search (or continue the stored study of the same name) and print the best graph."""
     from graphtune.api import optimize as run
-    from graphtune.spec import load_spec
+    from graphtune.spec import load_spec, without_cache
 
     spec = load_spec(spec_path, overrides={"study": study, "storage": storage, "search.evaluations": evaluations,
-                                           "search.method": method, "search.seed": seed,
-                                           "env.cache": False if no_cache else None},
+                                           "search.method": method, "search.seed": seed},
                      flags={"study": "--study", "storage": "--storage", "search.evaluations": "--evaluations",
-                            "search.method": "--method", "search.seed": "--seed", "env.cache": "--no-cache"})
+                            "search.method": "--method", "search.seed": "--seed"})
+    if no_cache:  # a live env's field: the other kinds have no call cache
+        spec = without_cache(spec)
     from graphtune.store.storage import require_persistent
 
     require_persistent(spec.storage, "optimize")  # before the progress bar: one line
@@ -315,10 +316,11 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
     from graphtune.graphs.render import to_text
-    from graphtune.spec import load_spec
+    from graphtune.spec import load_spec, without_cache
 
-    spec = load_spec(spec_path, overrides={"storage": storage, "env.cache": False if no_cache else None},
-                     flags={"storage": "--storage", "env.cache": "--no-cache"})
+    spec = load_spec(spec_path, overrides={"storage": storage}, flags={"storage": "--storage"})
+    if no_cache:
+        spec = without_cache(spec)
     graph = load(graph_path)
     out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
     con = _console()

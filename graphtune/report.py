@@ -77,9 +77,9 @@ def best_so_far(trials: Sequence[Any]) -> tuple[list[int], list[float]]:
 
 def _pool_prices(spec: dict) -> dict:
     try:
-        from graphtune.spec import Spec
+        from graphtune.spec import Spec, stored_spec_data
 
-        return Spec.model_validate(spec).pool()
+        return Spec.model_validate(stored_spec_data(spec)).pool()
     except Exception:  # noqa: BLE001 - an old or foreign spec: no per-model prices
         return {}
 

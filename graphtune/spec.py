@@ -1,7 +1,8 @@
 """The YAML spec of a search, validated with pydantic.
 
 Sections: ``study``, ``task``, ``models``, ``space``, ``budget``, ``objective``,
-``search``, ``env``, ``storage`` (and ``stages``, reserved for multi-stage pipelines).
+``search``, ``env`` (one model per ``kind``), ``storage`` (and ``stages``, reserved for
+multi-stage pipelines: absent, or one stage equal to the top level).
 ``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,
 the field path and what is allowed. Secrets are referenced by environment-variable name
 (``api_key_env``), never written in the file.
@@ -14,10 +15,11 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from graphtune.errors import SpecError
 from graphtune.graphs.catalog import KNOWN_MODELS
@@ -229,30 +231,83 @@ class SearchSpec(_Strict):
         return v
 
 
-class EnvSpec(_Strict):
-    """Where graphs run: the calibrated simulator, or live endpoints (``live``)."""
+def _seed_field() -> Any:
+    return Field(0, ge=0, le=MAX_SEED, description="seed of the environment's random choices (dev/test split, "
+                                                   "simulated outcomes, sampling)")
 
-    kind: Literal["simulated", "live", "replay"] = "simulated"
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    concurrency: int = Field(16, ge=1, le=4096, description="live: LLM calls in flight at once (all models)")
-    cache: bool = Field(True, description="live: serve identical calls from the call ledger")
-    timeout_s: float = Field(60.0, gt=0, description="live: per-call timeout")
-    max_retries: int = Field(2, ge=0, le=20, description="live: retries of a transient failure (backoff)")
+
+class SimulatedEnv(_Strict):
+    """``kind: simulated`` (the default): the calibrated simulator of ``task.profile``."""
+
+    kind: Literal["simulated"] = "simulated"
+    seed: int = _seed_field()
+
+
+class LiveEnv(_Strict):
+    """``kind: live``: real LLM endpoints (``task.dataset``, scored with ``task.scorer``)."""
+
+    kind: Literal["live"] = "live"
+    seed: int = _seed_field()
+    concurrency: int = Field(16, ge=1, le=4096, description="LLM calls in flight at once (all models)")
+    cache: bool = Field(True, description="serve identical calls from the call ledger")
+    timeout_s: float = Field(60.0, gt=0, description="per-call timeout")
+    max_retries: int = Field(2, ge=0, le=20, description="retries of a transient failure (backoff)")
     max_consecutive_failures: int = Field(20, ge=0, le=100000,
-                                          description="live: stop the search early after this many calls in a row "
+                                          description="stop the search early after this many calls in a row "
                                                       "to one model failed (each after its retries); 0: never")
     retry_after_max_s: float = Field(60.0, ge=0, le=3600,
-                                     description="live: longest wait a 429/503 Retry-After header can ask for")
-    temperature: float = Field(0.0, ge=0, le=2, description="live: sampling temperature (a node's params override)")
-    max_tokens: int | None = Field(256, ge=1, description="live: completion cap per call (a node's params override)")
-    records: str | None = Field(None, description="replay: a record table (CSV/JSONL, generic schema) or the "
-                                                  "folder of the recorded GSM8K fixture")
-    task: str | None = Field(None, description="replay: the task of the table to use when it holds several")
-    synthesis: str = Field("math", description="replay: simulator profile whose rules model nodes with inputs")
+                                     description="longest wait a 429/503 Retry-After header can ask for")
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (a node's params override)")
+    max_tokens: int | None = Field(256, ge=1, description="completion cap per call (a node's params override)")
+
+
+class ReplayEnv(_Strict):
+    """``kind: replay``: recorded outcomes from a record table (docs/replay.md)."""
+
+    kind: Literal["replay"] = "replay"
+    seed: int = _seed_field()
+    records: str | None = Field(None, description="a record table (CSV/JSONL, generic schema) or the folder of the "
+                                                  "recorded GSM8K fixture")
+    task: str | None = Field(None, description="the task of the table to use when it holds several")
+    synthesis: str = Field("math", description="simulator profile whose rules model nodes with inputs")
+
+    @model_validator(mode="after")
+    def _has_records(self) -> ReplayEnv:
+        if not self.records:
+            raise ValueError("env.kind `replay` needs env.records (a record table, see docs/replay.md)")
+        return self
+
+
+#: env kind -> its model; the ``env`` section is one of these, chosen by ``kind``
+ENV_KINDS: dict[str, type[_Strict]] = {"simulated": SimulatedEnv, "live": LiveEnv, "replay": ReplayEnv}
+
+#: the ``env`` section: where graphs run (``kind`` picks the model; default ``simulated``)
+EnvSpec = Annotated[SimulatedEnv | LiveEnv | ReplayEnv, Field(discriminator="kind")]
+
+
+def _env_kind_default(v: Any) -> Any:
+    """An ``env`` mapping without ``kind`` is the simulator's (as before kinds were typed)."""
+    if isinstance(v, dict) and "kind" not in v:
+        return {"kind": "simulated", **v}
+    return v
+
+
+def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec as a study stored it, in today's shape: stores written while ``env`` was one
+    flat model hold every kind's fields (defaults and nulls); the fields that are not of the
+    stored kind meant nothing for it and are dropped (never refused) so the study loads."""
+    out = dict(data)
+    env = out.get("env")
+    if isinstance(env, dict):
+        model = ENV_KINDS.get(env.get("kind", "simulated"))
+        if model is not None:
+            out["env"] = {k: v for k, v in env.items() if k in model.model_fields}
+    return out
 
 
 class StageSpec(_Strict):
-    """One stage of a multi-stage pipeline (reserved; one stage is the common case)."""
+    """One stage of a multi-stage pipeline (reserved: until pipelines exist a spec gives no
+    stage, or one equal to the top level; ``Spec`` refuses anything else)."""
 
     name: str
     task: TaskSpec
@@ -268,11 +323,37 @@ class Spec(_Strict):
     budget: BudgetSpec
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
-    env: EnvSpec = Field(default_factory=EnvSpec)
+    env: EnvSpec = Field(default_factory=SimulatedEnv)
     storage: str = "sqlite:///graphtune.db"
-    stages: list[StageSpec] | None = None
+    stages: list[StageSpec] | None = Field(None, description="reserved for multi-stage pipelines: absent, or one "
+                                                             "stage equal to the top level")
     #: the folder of the spec file (set by load_spec), for relative dataset paths
     _source_dir: Path | None = PrivateAttr(None)
+
+    _env_kind = field_validator("env", mode="before")(_env_kind_default)
+
+    @field_validator("stages")
+    @classmethod
+    def _one_stage(cls, v: list[StageSpec] | None, info: ValidationInfo) -> list[StageSpec] | None:
+        # until multi-stage pipelines exist (issue 12) a stage is only another way to write
+        # the top level: anything a single run would not honour is refused, never ignored
+        if v is None:
+            return v
+        unsupported = "multi-stage pipelines are not supported yet"
+        if len(v) != 1:
+            raise ValueError(f"{unsupported}; give one stage equal to the top level, or drop `stages` "
+                             f"(got {len(v)} stages)")
+        stage, top = v[0], info.data
+        if "task" in top and stage.task != top["task"]:
+            raise ValueError(f"{unsupported}; stages[0].task differs from the top-level task: make them equal or "
+                             "drop `stages`")
+        if "space" in top and stage.space not in (SpaceSpec(), top["space"]):
+            raise ValueError(f"{unsupported}; stages[0].space differs from the top-level space: make them equal or "
+                             "drop `stages`")
+        if "budget" in top and stage.budget is not None and stage.budget != top["budget"]:
+            raise ValueError(f"{unsupported}; stages[0].budget differs from the top-level budget: make them equal or "
+                             "drop `stages`")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
@@ -290,8 +371,6 @@ class Spec(_Strict):
             bad = [r for r in self.space.sink_roles if r not in self.space.roles]
             if bad:
                 raise ValueError(f"space.sink_roles: {bad} not in space.roles {list(self.space.roles)}")
-        if self.stages is not None and len(self.stages) > 1:
-            raise ValueError("multi-stage pipelines are not supported yet; give one stage (or none)")
         if self.env.kind == "simulated" and self.task.profile is None:
             raise ValueError("env.kind `simulated` needs task.profile (math, mmlu, humaneval or a profile file)")
         if self.env.kind == "live":
@@ -301,8 +380,6 @@ class Spec(_Strict):
             if self.task.scorer is None and self.task.preset is None:
                 raise ValueError("env.kind `live` needs task.scorer (exact, numeric, math, choice, code, llm-judge) "
                                  "or a task.preset that implies one")
-        if self.env.kind == "replay" and not self.env.records:
-            raise ValueError("env.kind `replay` needs env.records (a record table, see docs/replay.md)")
         if self.env.kind != "simulated" and self.task.profile:
             raise ValueError(f"task.profile is for the simulator; env.kind {self.env.kind!r} takes "
                              f"{'task.dataset' if self.env.kind == 'live' else 'env.records'} instead")
@@ -336,7 +413,7 @@ class Spec(_Strict):
 
     def records_source(self) -> str | None:
         """``env.records`` resolved like ``task.dataset`` (working directory, else beside the spec)."""
-        src = self.env.records
+        src = getattr(self.env, "records", None)
         if src is None:
             return None
         p = Path(src).expanduser()
@@ -347,6 +424,14 @@ class Spec(_Strict):
     def resolved(self) -> dict[str, Any]:
         """The spec as plain data with every default filled in (stored with the study)."""
         return self.model_dump(mode="json")
+
+
+def without_cache(spec: Spec) -> Spec:
+    """``--no-cache``: the spec with a live env's ``cache`` off; other kinds have no call
+    cache, so their spec is returned unchanged (the flag means nothing for them)."""
+    if not isinstance(spec.env, LiveEnv):
+        return spec
+    return spec.model_copy(update={"env": spec.env.model_copy(update={"cache": False})})
 
 
 # -- loading with precise errors -------------------------------------------------------
@@ -513,6 +598,20 @@ def _model_for_path(path: tuple) -> type[BaseModel] | None:
 def _format_error(err: dict, where: str, lines: dict[tuple, int], *, flags: Mapping[tuple, str] | None = None,
                   owner: type[BaseModel] | None = None, unknown: str = "unknown field") -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    typ = err["type"]
+    env_kind = None
+    if loc[:1] == ("env",) and len(loc) > 1 and loc[1] in ENV_KINDS:  # the union's tag: not a key of the file
+        env_kind, loc = loc[1], ("env",) + loc[2:]
+        if typ == "extra_forbidden":
+            owner = ENV_KINDS[env_kind]
+            other = [k for k, m in ENV_KINDS.items() if k != env_kind and loc[-1] in m.model_fields]
+            default = " (the default when `kind` is omitted)" if env_kind == "simulated" else ""
+            unknown = f"not a field of env kind {env_kind!r}{default}" + \
+                (f", only of kind {' and '.join(map(repr, other))}" if other else "")
+    if typ == "union_tag_invalid" and loc == ("env",):
+        loc, typ = ("env", "kind"), "literal_error"
+        err = dict(err, msg=f"must be one of {', '.join(map(repr, ENV_KINDS))}",
+                   input=(err.get("ctx") or {}).get("tag", err.get("input")))
     dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
     flag = next((f for path, f in (flags or {}).items() if loc[:len(path)] == path), None)
     if flag is not None:  # the value came from a command-line flag, not from a line of the file
@@ -524,7 +623,6 @@ def _format_error(err: dict, where: str, lines: dict[tuple, int], *, flags: Mapp
                 line = lines[loc[:k]]
                 break
         prefix = f"{where}:{line}" if line else where
-    typ = err["type"]
     if typ == "extra_forbidden":
         owner = owner or _model_for_path(loc[:-1])
         allowed = list(owner.model_fields) if owner else []

@@ -137,3 +137,19 @@ env: {kind: live}
     assert changed_fields(old, stored) == []
     other = dict(stored, task=dict(stored["task"], dataset="/elsewhere/other.jsonl"))
     assert changed_fields(old, other) == [("task", "dataset")]
+
+
+def test_a_study_stored_with_the_flat_env_resumes_and_continues_unforced(tmp_path):
+    # stores written while `env` was one model for every kind hold all kinds' fields
+    spec, url = write(tmp_path)
+    invoke("optimize", spec, "--quiet")
+    store = Storage(url)
+    st = store.get_study("s")
+    flat = {"kind": "simulated", "seed": 0, "concurrency": 16, "cache": True, "timeout_s": 60.0, "max_retries": 2,
+            "max_consecutive_failures": 20, "retry_after_max_s": 60.0, "temperature": 0.0, "max_tokens": 256,
+            "records": None, "task": None, "synthesis": "math"}
+    store.update_study_spec(st.id, dict(st.spec, env=flat))
+    invoke("resume", "s", "--storage", url, "--quiet", "-n", "5")
+    assert store.get_study("s").runs_spent == 5 * 20
+    invoke("optimize", spec, "--quiet", "-n", "6")  # the same spec file: not a changed spec
+    assert store.get_study("s").runs_spent == 6 * 20

@@ -361,3 +361,150 @@ def test_failure_before_the_first_trial_removes_the_new_study(tmp_path, monkeypa
     assert Storage(db).get_study("quickstart") is None
     _, st, _ = optimize(spec)  # the same spec runs once the endpoint answers
     assert st.status == "complete" and st.n_trials >= 1
+
+
+# -- env: one model per kind; stages: absent or one stage equal to the top level -----------
+
+LIVE = """
+study: l
+task: {dataset: qs.jsonl, scorer: numeric}
+models: [{name: llama-3.2-1b, litellm: openai/echo, api_base: "http://127.0.0.1:9/v1"}]
+budget: {units: 10}
+env:
+  kind: live
+  concurrency: 4
+  max_tokens: 32
+"""
+
+REPLAY = """
+study: r
+task: {dev_size: 5, test_size: 5}
+models: [{name: llama-3.2-1b}]
+budget: {units: 10}
+env:
+  kind: replay
+  records: table.csv
+  synthesis: math
+"""
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) +
+                         sorted((ROOT / "graphtune" / "templates").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.env.kind in ("simulated", "live", "replay")
+
+
+def test_each_env_kind_loads_with_only_its_own_fields(tmp_path):
+    from graphtune.spec import LiveEnv, ReplayEnv, SimulatedEnv
+
+    sim = load_spec(QUICKSTART)
+    assert isinstance(sim.env, SimulatedEnv) and sim.env.seed == 0 and not hasattr(sim.env, "concurrency")
+    live = load_spec(write(tmp_path, LIVE))
+    assert isinstance(live.env, LiveEnv)
+    assert (live.env.concurrency, live.env.max_tokens, live.env.cache) == (4, 32, True)
+    rep = load_spec(write(tmp_path, REPLAY))
+    assert isinstance(rep.env, ReplayEnv) and rep.env.records == "table.csv" and rep.env.synthesis == "math"
+    assert rep.records_source().endswith("table.csv")
+    assert set(live.resolved()["env"]) == set(LiveEnv.model_fields)
+    assert sim.resolved()["env"] == {"kind": "simulated", "seed": 0}
+
+
+def test_env_without_kind_is_the_simulator(tmp_path):
+    for env in ("env: {seed: 3}\n", "env: {}\n", ""):
+        spec = load_spec(write(tmp_path, QUICKSTART.read_text().replace("env:\n  kind: simulated\n", env)))
+        assert spec.env.kind == "simulated"
+    assert load_spec(write(tmp_path, QUICKSTART.read_text().replace("  kind: simulated", "  seed: 3"))).env.seed == 3
+
+
+def test_a_field_of_another_env_kind_is_refused_with_its_line(tmp_path):
+    text = LIVE + "  records: table.csv\n"
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = one_line(e)
+    assert msg.startswith(f"{p}:{line_of(text, 'records:')}: env.records: not a field of env kind 'live', "
+                          "only of kind 'replay'; allowed: kind, seed, concurrency, cache,")
+    text = REPLAY + "  concurrency: 4\n"
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:{line_of(text, 'concurrency')}: env.concurrency: not a field of env kind 'replay', only of kind " \
+           "'live'; allowed: kind, seed, records, task, synthesis" in one_line(e)
+    # no kind: the simulator's, which has no call cache
+    text = QUICKSTART.read_text().replace("  kind: simulated", "  cache: false")
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:{line_of(text, 'cache: false')}: env.cache: not a field of env kind 'simulated' (the default when " \
+           "`kind` is omitted), only of kind 'live'; allowed: kind, seed" in one_line(e)
+
+
+def test_an_unknown_env_field_or_kind_is_refused_with_its_line(tmp_path):
+    text = LIVE + "  concurency: 4\n"
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:{line_of(text, 'concurency')}: env.concurency: not a field of env kind 'live'; did you mean " \
+           "'concurrency'? allowed: kind, seed," in one_line(e)
+    text = QUICKSTART.read_text().replace("kind: simulated", "kind: simulator")
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert f"{p}:{line_of(text, 'kind: simulator')}: env.kind: must be one of 'simulated', 'live', 'replay' " \
+           "(got 'simulator')" in one_line(e)
+
+
+def test_no_cache_turns_off_a_live_cache_and_leaves_other_kinds_alone(tmp_path):
+    from graphtune.spec import without_cache
+
+    live = load_spec(write(tmp_path, LIVE))
+    off = without_cache(live)
+    assert off.env.cache is False and live.env.cache is True and off._source_dir == live._source_dir
+    sim = load_spec(QUICKSTART)
+    assert without_cache(sim) is sim
+
+
+def test_a_store_written_with_the_flat_env_loads_dropping_other_kinds_fields():
+    from graphtune.api import _spec_of_study, changed_fields, stored_spec
+
+    spec = load_spec(QUICKSTART)
+    new = stored_spec(spec)
+    old = dict(new, env={"kind": "simulated", "seed": 0, "concurrency": 16, "cache": True, "timeout_s": 60.0,
+                         "max_retries": 2, "max_consecutive_failures": 20, "retry_after_max_s": 60.0,
+                         "temperature": 0.0, "max_tokens": 256, "records": None, "task": None, "synthesis": "math"})
+    assert _spec_of_study(old, "quickstart", "sqlite://").env == spec.env
+    assert changed_fields(old, new) == []
+    assert changed_fields(dict(old, env=dict(old["env"], seed=1)), new) == [("env", "seed")]
+
+
+def test_one_stage_equal_to_the_top_level_is_accepted(tmp_path):
+    text = QUICKSTART.read_text() + "stages:\n  - name: only\n    task: {profile: math, dev_size: 100, " \
+                                    "test_size: 500}\n    budget: {units: 18}\n"
+    spec = load_spec(write(tmp_path, text))
+    assert len(spec.stages) == 1 and spec.stages[0].task == spec.task
+    again = load_spec(write(tmp_path, QUICKSTART.read_text() + "stages: [{name: only, task: {profile: math}}]\n"))
+    from graphtune.api import _spec_of_study, stored_spec
+
+    assert _spec_of_study(stored_spec(again), "q", "sqlite://").stages == again.stages  # a stored one reloads
+
+
+@pytest.mark.parametrize("stages, why", [
+    ("[]", "got 0 stages"),
+    ("[{name: a, task: {profile: math}}, {name: b, task: {profile: math}}]", "got 2 stages"),
+    ("[{name: a, task: {profile: mmlu}}]", "stages[0].task differs from the top-level task"),
+    ("[{name: a, task: {profile: math}, space: {max_nodes: 2}}]", "stages[0].space differs"),
+    ("[{name: a, task: {profile: math}, budget: {units: 5}}]", "stages[0].budget differs"),
+])
+def test_stages_a_single_run_would_not_honour_are_refused_with_their_line(tmp_path, stages, why):
+    text = QUICKSTART.read_text() + f"stages: {stages}\n"
+    p = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = one_line(e)
+    assert msg.startswith(f"{p}:{line_of(text, 'stages:')}: stages: multi-stage pipelines are not supported yet")
+    assert why in msg
