@@ -1,0 +1,105 @@
+"""Pinned outcomes of the simulator and the replay environment: the execution plan and
+the synthesis rule they share (``graphtune.envs.synthesis``) must not move a single bit.
+
+The digests were computed on the code before the rule was factored out; a change to them
+is a change of behaviour (recompute them only on purpose, and say so in the commit)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from graphtune.envs.base import QuestionResult
+from graphtune.envs.replay import Record, RecordTable, ReplayEnvironment
+from graphtune.envs.simulated.calibrate import make_env
+from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape
+from graphtune.graphs.model import Graph, Node
+
+B1, B3, B8 = "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"
+
+
+def digest(results: list[QuestionResult]) -> str:
+    return hashlib.sha256(repr(results).encode()).hexdigest()[:16]
+
+
+def graphs(m1: str, m2: str, m3: str) -> dict[str, Graph]:
+    N = Node.make
+    return {
+        "single": Graph.build([N("x", "assistant", m1)]),
+        "fan_in": Graph.build([N("a", "assistant", m1), N("b", "assistant", m1), N("c", "assistant", m2),
+                               N("f", "fuser", m3)], [("a", "f"), ("b", "f"), ("c", "f")]),
+        "deep": Graph.build([N("a", "assistant", m1), N("b", "assistant", m2), N("c", "assistant", m1),
+                             N("d", "assistant", m2), N("f", "fuser", m3)],
+                            [("a", "d"), ("b", "d"), ("c", "f"), ("d", "f"), ("a", "f")]),
+        "chain": Graph.build([N("a", "assistant", m2), N("b", "assistant", m2), N("c", "assistant", m2)],
+                             [("a", "b"), ("b", "c")]),
+    }
+
+
+SIM_PINS = {
+    "math/single": "de99c96b3c1259cb", "math/fan_in": "c4f4daa1f37e7e23", "math/deep": "9b40834ea82f8633",
+    "math/chain": "a004f3b12c119efb", "mmlu/single": "dc15b20c0d56b0da", "mmlu/fan_in": "dd04e30e500a4af9",
+    "mmlu/deep": "f7a8430cd3eb97f0", "mmlu/chain": "b8bd1a75b45e592d",
+}
+
+
+@pytest.mark.parametrize("task", ["math", "mmlu"])
+@pytest.mark.parametrize("name", ["single", "fan_in", "deep", "chain"])
+def test_simulator_outcomes_are_pinned(task, name):
+    env = make_env(task, seed=3, test_size=60)
+    got = digest(env.evaluate(graphs(B1, B3, B8)[name], env.split("test")))
+    assert got == SIM_PINS[f"{task}/{name}"]
+
+
+def small_table() -> RecordTable:
+    """Three models on 40 questions, some samples missing, wrong answers that collide."""
+    recs = []
+    for q in range(40):
+        for j, m in enumerate(("m-small", "m-mid", "m-big")):
+            for s in range(1 + (q + j) % 2):
+                if (q * 7 + j) % 11 == 0:
+                    continue
+                right = (q * 13 + j * 5 + s * 3) % (4 - j) != 0
+                recs.append(Record(task="t", question_id=f"q{q:02d}", model=m, sample=s,
+                                   answer=str(q) if right else str(q + 1 + (q + s) % 2), correct=right,
+                                   text="x" * (20 + q + j), question="y" * (40 + q)))
+    return RecordTable(tuple(recs))
+
+
+POOL = {"m-small": ModelInfo("m-small", 1e9, 16, 2048, 0.1, 0.1),
+        "m-mid": ModelInfo("m-mid", 8e9, 32, 4096, 0.3, 0.6),
+        "m-big": ModelInfo("m-big", 70e9, 80, 8192, 1.0, 3.0)}
+
+REPLAY_PINS = {
+    "single": "2ea1c17c1c0577d4", "fan_in": "9237409a5f6732e5", "deep": "df697348b546a379", "chain": "bed956851d15c127",
+}
+
+
+@pytest.mark.parametrize("name", ["single", "fan_in", "deep", "chain"])
+def test_replay_outcomes_are_pinned(name):
+    env = ReplayEnvironment(small_table(), CostModel(POOL, TaskShape(50, 40)), seed=5, dev_size=10)
+    qids = env.split("dev") + env.split("test")
+    got = digest(env.evaluate(graphs("m-small", "m-mid", "m-big")[name], qids))
+    assert got == REPLAY_PINS[name]
+
+
+RECORDED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "recorded"
+GSM8K_PINS = {
+    "single": "bfdf5784a1c95e2b", "fan_in": "b287127057ec02d0", "deep": "077f009592f4c394", "chain": "f20acfcbdcd4cae4",
+}
+
+
+@pytest.mark.skipif(not (RECORDED / "gsm8k_gpt3_solutions.jsonl").is_file(),
+                    reason=f"the recorded GSM8K answers are not at {RECORDED} (../shared/data/recorded)")
+def test_replay_of_the_recorded_gsm8k_answers_is_pinned():
+    from graphtune.envs.replay import import_gsm8k_recorded
+
+    pool = {m: ModelInfo(m, 10e9, 32, 4096, 1.0, 1.0) for m in
+            ("mixtral-8x7b-instruct", "gpt-4-1106-preview", "gpt3-6b-finetuning")}
+    env = ReplayEnvironment(import_gsm8k_recorded(RECORDED), CostModel(pool, TaskShape(60, 80)), seed=0,
+                            dev_size=100)
+    gs = graphs("gpt3-6b-finetuning", "mixtral-8x7b-instruct", "gpt-4-1106-preview")
+    got = {name: digest(env.evaluate(g, env.split("dev"))) for name, g in gs.items()}
+    assert got == GSM8K_PINS
