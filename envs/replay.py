@@ -63,10 +63,11 @@ from graphtune.envs.records import (OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Record, 
                                     normalize_answer, save_records)
 from graphtune.envs.records_cli import main
 from graphtune.envs.simulated.profile import Profile, load_profile
+from graphtune.envs.synthesis import SUPPORTED_ROLES  # noqa: F401  (kept importable from here)
+from graphtune.envs.synthesis import NodePlan, Plan, SynthesisRule, check_graph, execution_plan
 from graphtune.errors import EnvError
-from graphtune.graphs.canonical import canonical_form, canonical_order
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
-from graphtune.graphs.model import ASSISTANT, FUSER, Graph
+from graphtune.graphs.model import Graph, Node
 
 __all__ = ["Record", "RecordTable", "ReplayEnvironment", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "GSM8K_SYSTEMS",
            "load_records", "save_records", "import_gsm8k_recorded", "records_from_ledger", "normalize_answer",
@@ -74,7 +75,6 @@ __all__ = ["Record", "RecordTable", "ReplayEnvironment", "REQUIRED_COLUMNS", "OP
 
 #: characters per token, for estimating tokens from text (as the live environment does)
 CHARS_PER_TOKEN = 4.0
-SUPPORTED_ROLES = (ASSISTANT, FUSER)
 SPLITS = ("dev", "test")
 
 # ------------------------------------------------------------------------------- hashing
@@ -100,23 +100,6 @@ def _logit(p: float) -> float:
 # ------------------------------------------------------------------------------- the environment
 
 _CORRECT = "\x00correct"  # the vote group of every right answer (correctness decides, not the string)
-
-
-@dataclass(frozen=True)
-class _NodePlan:
-    pos: int  # canonical position
-    model: str
-    role: str
-    preds: tuple[int, ...]
-    level: int
-    rank: int  # source nodes: rank among same-model source nodes in canonical order
-
-
-@dataclass(frozen=True)
-class _Plan:
-    nodes: tuple[_NodePlan, ...]  # topological order
-    sink: int
-    original_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -182,7 +165,12 @@ class ReplayEnvironment(Environment):
         self._fit_difficulty()
         self._shape = shape or self._estimate_shape()
         self.costs = costs if isinstance(costs, CostModel) else CostModel(pool, self._shape)
-        self._plans: dict[Graph, _Plan] = {}
+        self._plans: dict[Graph, Plan] = {}
+
+    @property
+    def rule(self) -> SynthesisRule:
+        """The synthesis rule with the parameters of the ``synthesis`` profile."""
+        return SynthesisRule(self.profile)
 
     # -- the Environment contract -------------------------------------------------------
     def split(self, name: str) -> list[str]:
@@ -345,42 +333,22 @@ class ReplayEnvironment(Environment):
         return TaskShape(max(1.0, a), max(1.0, b))
 
     # -- plans ------------------------------------------------------------------------
-    def _plan_of(self, graph: Graph) -> _Plan:
+    def _plan_of(self, graph: Graph) -> Plan:
         plan = self._plans.get(graph)
         if plan is not None:
             return plan
-        for n in graph.nodes:
-            if n.role not in SUPPORTED_ROLES:
-                raise EnvError(f"node {n.id!r} has role {n.role!r}, which the replay environment does not model; "
-                               f"supported roles: {list(SUPPORTED_ROLES)}")
-            if n.model not in self._mindex:
-                raise EnvError(f"node {n.id!r} uses model {n.model!r}, which has no records in {self.table.source}; "
-                               f"recorded models: {list(self._models)}")
-            self.costs.model(n.model)
-            if n.role == FUSER and not graph.preds[n.id]:
-                raise EnvError(f"node {n.id!r} is a fuser with no predecessor; a fuser needs at least one input")
-        canon = canonical_form(graph)
-        order = canonical_order(graph)
-        levels = canon.levels
-        ranks: dict[str, int] = {}
-        rank_of: dict[int, int] = {}
-        for i in range(len(order)):  # canonical order: n0, n1, ...
-            n = canon.node_map[f"n{i}"]
-            if not canon.preds[n.id]:
-                rank_of[i] = ranks.get(n.model, 0)
-                ranks[n.model] = rank_of[i] + 1
-        nodes = []
-        for nid in canon.topo_order:
-            n = canon.node_map[nid]
-            pos = int(nid[1:])
-            nodes.append(_NodePlan(pos=pos, model=n.model, role=n.role,
-                                   preds=tuple(sorted(int(p[1:]) for p in canon.preds[nid])),
-                                   level=levels[nid], rank=rank_of.get(pos, -1)))
-        plan = _Plan(nodes=tuple(nodes), sink=int(canon.sink[1:]), original_ids=tuple(order))
+        check_graph(graph, "the replay environment", self._check_model)
+        plan = execution_plan(graph)
         if len(self._plans) > 4096:
             self._plans.clear()
         self._plans[graph] = plan
         return plan
+
+    def _check_model(self, n: Node) -> None:
+        if n.model not in self._mindex:
+            raise EnvError(f"node {n.id!r} uses model {n.model!r}, which has no records in {self.table.source}; "
+                           f"recorded models: {list(self._models)}")
+        self.costs.model(n.model)
 
     # -- one question -------------------------------------------------------------------
     def _draw_wrong(self, qid: str, model: str, u: float, *salt: object) -> str:
@@ -402,7 +370,7 @@ class ReplayEnvironment(Environment):
     def _completion(self, qid: str, model: str) -> int:
         return max(1, int(round(self._comp_qm.get((qid, model), self._comp_m[model]))))
 
-    def _source(self, node: _NodePlan, qid: str) -> _Outcome:
+    def _source(self, node: NodePlan, qid: str) -> _Outcome:
         recs = self._samples.get((qid, node.model), ())
         if node.rank < len(recs):
             r = recs[node.rank]
@@ -419,33 +387,30 @@ class ReplayEnvironment(Environment):
         return _Outcome(_CORRECT if right else ans, ans, right, self._prompt_q[qid], self._completion(qid, node.model),
                         None, None, modelled=True)
 
-    def _synthesise(self, node: _NodePlan, qid: str, inputs: list[_Outcome]) -> _Outcome:
-        """The simulator's synthesis rule (docs/simulator.md) on recorded inputs."""
-        p = self.profile
-        info = self.costs.model(node.model)
-        z = max(info.params / 1e9, 1e-3) ** p.size_exponent
-        d = len(inputs)
-        penalty = p.context_penalty * d ** p.context_power / z
+    def _synthesise(self, node: NodePlan, qid: str, inputs: list[_Outcome]) -> _Outcome:
+        """The simulator's synthesis rule (docs/simulator.md, graphtune.envs.synthesis) on
+        recorded inputs."""
+        rule = self.rule
+        z = rule.tolerance(self.costs.model(node.model).params)
+        penalty = rule.context_penalty(len(inputs), z)
         logit = _logit(self._p(qid, node.model))
         groups = tuple(sorted(o.group for o in inputs))
         salt = (self.seed, self.task, qid, "node", node.pos, node.model, node.role, *groups)
-        own_right = _u(*salt, "own") < expit(logit - penalty)
+        own_right = _u(*salt, "own") < rule.own_right(logit, penalty)
         own = _CORRECT if own_right else self._draw_wrong(qid, node.model, _u(*salt, "wrong"), *salt, "own")
-        fuser = node.role == FUSER
         votes: dict[str, float] = {}
         for o in inputs:
             votes[o.group] = votes.get(o.group, 0.0) + 1.0
-        votes[own] = votes.get(own, 0.0) + (p.fuser_own_weight if fuser else p.assistant_own_weight)
-        gamma = p.fuser_sharpness if fuser else p.assistant_sharpness
-        verify = float(expit(logit + p.verify_offset - penalty))
-        beta = (p.synthesis_gain + p.weak_synth_penalty) * verify - p.weak_synth_penalty
+        votes[own] = votes.get(own, 0.0) + rule.own_weight(node.role)
+        gamma = rule.sharpness(node.role)
+        beta = float(rule.beta(logit, penalty))
         cands = sorted(votes, key=lambda g: (g != _CORRECT, g))
         weights = [votes[g] ** gamma * (math.exp(beta) if g == _CORRECT else 1.0) for g in cands]
         total = sum(weights)
         # nodes of one model and role that see the same inputs share most of their selection
         # randomness (identical prompts pick alike); the rest is their own
         u_pick = _u(*salt, "pick")
-        if _u(*salt, "mode") >= p.synthesis_diversity:
+        if _u(*salt, "mode") >= rule.diversity:
             u_pick = _u(self.seed, self.task, qid, "pick", node.model, node.role, *groups)
         pick = own
         if total > 0:
@@ -455,14 +420,14 @@ class ReplayEnvironment(Environment):
                 if x < w:
                     break
                 x -= w
-        if pick == _CORRECT and _u(*salt, "garble") < 1.0 - math.exp(-p.corruption * node.level / z):
+        if pick == _CORRECT and _u(*salt, "garble") < rule.garble(node.level, z):
             pick = self._draw_wrong(qid, node.model, _u(*salt, "broken"), *salt, "broken")
         right = pick == _CORRECT
         answer = self._right_text[qid] if right else pick
         pt = self._prompt_q[qid] + sum(o.completion_tokens for o in inputs)
         return _Outcome(pick, answer, right, pt, self._completion(qid, node.model), None, None, modelled=True)
 
-    def _one(self, plan: _Plan, qid: str) -> QuestionResult:
+    def _one(self, plan: Plan, qid: str) -> QuestionResult:
         outs: dict[int, _Outcome] = {}
         finish: dict[int, float] = {}
         node_outcomes = []

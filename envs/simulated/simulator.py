@@ -24,6 +24,9 @@ The model (details and every parameter in ``docs/simulator.md``):
 * A synthesiser at topological level l garbles a right answer with probability
   ``1 - exp(-rho * l / z_m)``: deep chains of weak models lose what they gained.
 
+The execution plan and the synthesis rule are shared with the replay environment
+(:mod:`graphtune.envs.synthesis`); this module applies them over arrays of questions.
+
 Randomness comes from a splitmix64 hash of (seed, question, canonical node position,
 model, role, sorted input answers), never from a global RNG; graphs are evaluated in
 canonical form, so node naming does not change anything. Work is vectorised over
@@ -33,7 +36,6 @@ questions with numpy.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,13 +46,13 @@ from scipy.special import expit, ndtri
 
 from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
 from graphtune.envs.simulated.profile import Profile, load_profile
+from graphtune.envs.synthesis import SUPPORTED_ROLES, NodePlan, Plan, SynthesisRule, check_graph, execution_plan
 from graphtune.errors import EnvError
-from graphtune.graphs.canonical import canonical_form, canonical_order
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
-from graphtune.graphs.model import ASSISTANT, FUSER, Graph
+from graphtune.graphs.model import Graph
 
 SPLITS = ("dev", "test")
-SUPPORTED_ROLES = (ASSISTANT, FUSER)
+__all__ = ["SPLITS", "SUPPORTED_ROLES", "SimulatedEnvironment", "Simulation"]
 
 # -- counter-based hashing (splitmix64 over uint64 arrays) ----------------------------
 
@@ -83,38 +85,6 @@ def _streams(base: np.ndarray, n: int) -> list[np.ndarray]:
     """``n`` independent uniform streams derived from per-question keys ``base``."""
     with np.errstate(over="ignore"):
         return [_unit(_mix(base + np.uint64(j + 1) * _GOLDEN)) for j in range(n)]
-
-
-# -- the plan of a graph (cached per canonical graph) -----------------------------------
-
-
-@dataclass(frozen=True)
-class _NodePlan:
-    pos: int  # canonical position
-    model: str
-    role: str
-    preds: tuple[int, ...]  # canonical positions of predecessors
-    level: int
-
-
-@dataclass(frozen=True)
-class _Plan:
-    nodes: tuple[_NodePlan, ...]  # in topological order
-    sink: int
-    original_ids: tuple[str, ...]  # original id of canonical node n{i}
-
-
-def _plan(graph: Graph) -> _Plan:
-    canon = canonical_form(graph)
-    order = canonical_order(graph)
-    sink = int(canon.sink[1:])
-    levels = canon.levels
-    nodes = []
-    for nid in canon.topo_order:
-        n = canon.node_map[nid]
-        nodes.append(_NodePlan(pos=int(nid[1:]), model=n.model, role=n.role,
-                               preds=tuple(sorted(int(p[1:]) for p in canon.preds[nid])), level=levels[nid]))
-    return _Plan(nodes=tuple(nodes), sink=sink, original_ids=tuple(order))
 
 
 @dataclass(frozen=True)
@@ -159,10 +129,15 @@ class SimulatedEnvironment(Environment):
                 raise EnvError(f"{label} must be at least 1, got {size}")
         self._sizes = {"dev": int(dev_size), "test": int(test_size)}
         self._build_questions()
-        self._plans: dict[Graph, _Plan] = {}
+        self._plans: dict[Graph, Plan] = {}
         self._source_cache: dict[tuple[int, str, str], np.ndarray] = {}
         self._wrong_cdf: dict[str, np.ndarray] = {}
         self._hardness: dict[str, np.ndarray] = {}
+
+    @property
+    def rule(self) -> SynthesisRule:
+        """The synthesis rule with this profile's parameters (shared with the replay)."""
+        return SynthesisRule(self.profile)
 
     # -- the Environment contract ----------------------------------------------------
     def split(self, name: str) -> list[str]:
@@ -261,7 +236,7 @@ class SimulatedEnvironment(Environment):
         out = {}
         for name, info in self.costs.pool.items():
             mp = self.profile.model(name)
-            z = max(info.params / 1e9, 1e-3) ** self.profile.size_exponent
+            z = self.rule.tolerance(info.params)
             out[name] = (mp.ability, z, mp.verbosity, info)
         return out
 
@@ -297,7 +272,7 @@ class SimulatedEnvironment(Environment):
         cdf = self._wrong_cdf_of(model)[idx]
         return 1 + np.minimum((cdf <= u[:, None]).sum(axis=1), self.profile.n_wrong - 1)
 
-    def _source_correct(self, node: _NodePlan) -> np.ndarray:
+    def _source_correct(self, node: NodePlan) -> np.ndarray:
         """(N_questions,) bool: is the first attempt of a source node right?
 
         Systematic sampling within each split (in a hashed order): every question keeps
@@ -325,24 +300,19 @@ class SimulatedEnvironment(Environment):
         return hit
 
     # -- evaluation ---------------------------------------------------------------------
-    def _plan_of(self, graph: Graph) -> _Plan:
+    def _plan_of(self, graph: Graph) -> Plan:
         plan = self._plans.get(graph)
         if plan is None:
-            for n in graph.nodes:
-                if n.role not in SUPPORTED_ROLES:
-                    raise EnvError(f"node {n.id!r} has role {n.role!r}, which the simulator does not model; "
-                                   f"supported roles: {list(SUPPORTED_ROLES)}")
-                self._model(n.model)
-                if n.role == FUSER and not graph.preds[n.id]:
-                    raise EnvError(f"node {n.id!r} is a fuser with no predecessor; a fuser needs at least one input")
-            plan = _plan(graph)
+            check_graph(graph, "the simulator", lambda n: self._model(n.model))
+            plan = execution_plan(graph)
             if len(self._plans) > 4096:
                 self._plans.clear()
             self._plans[graph] = plan
         return plan
 
-    def _run(self, plan: _Plan, idx: np.ndarray) -> Simulation:
+    def _run(self, plan: Plan, idx: np.ndarray) -> Simulation:
         p = self.profile
+        rule = SynthesisRule(p)
         nq, nn = len(idx), len(plan.nodes)
         answers = np.zeros((nq, nn), dtype=np.int64)
         completion = np.zeros((nq, nn), dtype=np.int64)
@@ -373,31 +343,28 @@ class SimulatedEnvironment(Environment):
                 ans = np.where(correct, 0, self._draw_wrong(node.model, idx, u_wrong))
                 prompt[:, node.pos] = self._prompt_base[idx]
             else:
-                d = len(node.preds)
-                penalty = p.context_penalty * d ** p.context_power / z
-                own_right = u_own < expit(ability - b - penalty)
+                x = ability - b  # the node's ability on each question, in logits
+                penalty = rule.context_penalty(len(node.preds), z)
+                own_right = u_own < rule.own_right(x, penalty)
                 own = np.where(own_right, 0, self._draw_wrong(node.model, idx, u_wrong))
-                fuser = node.role == FUSER
                 votes = np.zeros((nq, n_answers))
                 for q in node.preds:
                     votes[rows, answers[:, q]] += 1.0
-                votes[rows, own] += p.fuser_own_weight if fuser else p.assistant_own_weight
-                gamma = p.fuser_sharpness if fuser else p.assistant_sharpness
+                votes[rows, own] += rule.own_weight(node.role)
+                gamma = rule.sharpness(node.role)
                 weight = votes ** gamma if gamma != 1.0 else votes
-                verify = expit(ability - b + p.verify_offset - penalty)
-                beta = (p.synthesis_gain + p.weak_synth_penalty) * verify - p.weak_synth_penalty
-                weight[:, 0] *= np.exp(beta)
+                weight[:, 0] *= np.exp(rule.beta(x, penalty))
                 cum = np.cumsum(weight, axis=1)
                 total = cum[:, -1]
-                if p.synthesis_diversity < 1.0:
+                if rule.diversity < 1.0:
                     u_shared = _streams(shared, 1)[0]
-                    u_pick = np.where(u_mode < p.synthesis_diversity, u_pick, u_shared)
+                    u_pick = np.where(u_mode < rule.diversity, u_pick, u_shared)
                 ans = (cum <= (u_pick * total)[:, None]).sum(axis=1)
                 ans = np.minimum(ans, n_answers - 1)
                 # nothing to choose from (all weights zero) cannot happen: own votes > 0
                 # unless own weight is 0 and every input weight vanished; fall back to own
                 ans = np.where(total > 0, ans, own)
-                garble = 1.0 - math.exp(-p.corruption * node.level / z)
+                garble = rule.garble(node.level, z)
                 broken = (ans == 0) & (u_garble < garble)
                 if broken.any():
                     ans = np.where(broken, self._draw_wrong(node.model, idx, u_broken), ans)
@@ -408,7 +375,7 @@ class SimulatedEnvironment(Environment):
                 1, np.rint(p.output_tokens * verbosity * np.exp(tau * noise - tau * tau / 2)))
         return Simulation(answers=answers, prompt_tokens=prompt, completion_tokens=completion, sink=plan.sink)
 
-    def _package(self, plan: _Plan, sim: Simulation, question_ids: list[str]) -> list[QuestionResult]:
+    def _package(self, plan: Plan, sim: Simulation, question_ids: list[str]) -> list[QuestionResult]:
         infos = {node.pos: self._model(node.model)[3] for node in plan.nodes}
         answers = sim.answers.tolist()
         prompts = sim.prompt_tokens.tolist()
