@@ -7,6 +7,7 @@ is a change of behaviour (recompute them only on purpose, and say so in the comm
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,22 @@ def test_replay_of_the_recorded_gsm8k_answers_is_pinned():
     gs = graphs("gpt3-6b-finetuning", "mixtral-8x7b-instruct", "gpt-4-1106-preview")
     got = {name: digest(env.evaluate(g, env.split("dev"))) for name, g in gs.items()}
     assert got == GSM8K_PINS
+
+
+def test_the_execution_plan_is_canonical_and_ranks_same_model_sources():
+    from graphtune.envs.synthesis import execution_plan
+
+    g = graphs(B1, B3, B8)["deep"]
+    renamed = Graph.build([Node.make(f"z{n.id}", n.role, n.model) for n in g.nodes],
+                          [(f"z{a}", f"z{b}") for a, b in g.edges])
+    plan, plan2 = execution_plan(g), execution_plan(renamed)
+    assert plan.nodes == plan2.nodes and plan.sink == plan2.sink
+    assert sorted(plan.original_ids) == sorted(n.id for n in g.nodes)
+    sources = [n for n in plan.nodes if not n.preds]
+    for model, k in Counter(n.model for n in sources).items():  # distinct samples of one model
+        assert sorted(n.rank for n in sources if n.model == model) == list(range(k))
+    assert all(n.rank == -1 and n.level > 0 for n in plan.nodes if n.preds)
+    seen: set[int] = set()
+    for n in plan.nodes:  # topological: inputs run first
+        assert set(n.preds) <= seen
+        seen.add(n.pos)
