@@ -4,7 +4,8 @@
 Each step renders the report to a prompt, asks for JSON matching
 :class:`graphtune.agent.schema.AgentUpdate` (structured output where the provider
 supports it), validates the reply with pydantic and, when it is unusable, asks again
-with the validation error (up to ``max_retries`` more times). If no usable reply comes,
+with the validation error (up to ``max_retries`` more times): the loop is
+:func:`graphtune.agent.toolkit.ask_structured`, shared with ``llm-opt``. If no usable reply comes,
 the step carries ``update=None`` and a ``rejected_reason``: the search falls back to its
 numeric update. Calls, tokens, seconds and dollars (from ``usd_per_mtok_in/out``) are
 counted per step, apart from the environment's cost.
@@ -19,7 +20,6 @@ non-finite number, is an unusable reply like any other. What the step keeps of a
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,9 +27,9 @@ from pydantic import ValidationError
 
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
-from graphtune.agent.schema import (AgentUpdate, ReplyLimits, ReplyRejected, parse_update, reply_excerpt,
-                                    short_location, update_json_schema)
-from graphtune.errors import AgentError, LLMFatalError, LLMTransientError
+from graphtune.agent.schema import AgentUpdate, ReplyLimits, ReplyRejected, short_location, update_json_schema
+from graphtune.agent.toolkit import ask_structured
+from graphtune.errors import AgentError
 
 SYSTEM = (
     "You optimise a collaboration graph of LLM calls for a task under a per-query compute budget. Each node is "
@@ -51,6 +51,10 @@ def _short_error(e: Exception) -> str:
     if isinstance(e, ReplyRejected):
         return f"refused: {e}"
     return f"{type(e).__name__}: {e}"
+
+
+def _retry_prompt(reason: str) -> str:
+    return f"That reply was rejected: {reason}. Reply again with one JSON object matching the schema, nothing else."
 
 
 class LLMAgent(Agent):
@@ -83,52 +87,37 @@ class LLMAgent(Agent):
 
     def _ask(self, kind: str, prompt: str) -> AgentStep:
         s = self.settings
-        messages: list[dict[str, str]] = [
+        messages = [
             {"role": "system", "content": SYSTEM.format(schema=json.dumps(self.schema))},
             {"role": "user", "content": prompt},
         ]
-        calls = pt = ct = 0
+        retries = int(s.get("max_retries", 2))
+        r = ask_structured(self._complete, self.model, messages, AgentUpdate, limits=self.limits,
+                           parse_retries=retries, json_schema=self.schema, describe_error=_short_error,
+                           retry_prompt=_retry_prompt, api_base=s.get("api_base"),
+                           api_key_env=s.get("api_key_env"), temperature=float(s.get("temperature", 0.2)),
+                           max_tokens=s.get("max_tokens"), timeout_s=float(s.get("timeout_s", 60.0)),
+                           max_retries=retries)
+        update: AgentUpdate | None = r.value
+        calls = r.calls
         seconds = 0.0
-        replies: list[str] = []
+        for a in r.attempts:
+            seconds += a.seconds or a.wall_s
         reason: str | None = None
-        update: AgentUpdate | None = None
-        attempts = 1 + int(s.get("max_retries", 2))
-        for attempt in range(attempts):
-            t0 = time.perf_counter()
-            try:
-                reply = self._complete(self.model, messages, api_base=s.get("api_base"),
-                                       api_key_env=s.get("api_key_env"), temperature=float(s.get("temperature", 0.2)),
-                                       max_tokens=s.get("max_tokens"), json_schema=self.schema,
-                                       timeout_s=float(s.get("timeout_s", 60.0)), max_retries=int(s.get("max_retries", 2)))
-            except LLMTransientError as e:
-                # the endpoint failed after its own retries: fall back, never score it
-                seconds += time.perf_counter() - t0
-                calls += 1
-                reason = f"LLM call failed ({e}); fell back to the numeric update"
-                break
-            except LLMFatalError:
-                raise
+        if r.transient is not None:
+            # the endpoint failed after its own retries: fall back, never score it
+            seconds += r.transient_wall_s
             calls += 1
-            seconds += float(getattr(reply, "seconds", 0.0) or (time.perf_counter() - t0))
-            pt += int(getattr(reply, "prompt_tokens", 0) or 0)
-            ct += int(getattr(reply, "completion_tokens", 0) or 0)
-            text = str(getattr(reply, "text", "") or "")
-            replies.append(reply_excerpt(text))
-            try:
-                update = parse_update(text, self.limits)
-                reason = None
-                break
-            except (ValueError, ValidationError) as e:
-                reason = f"unusable reply after {attempt + 1} attempt(s): {_short_error(e)}"
-                # the excerpt, not a multi-megabyte reply, goes back into the context
-                messages += [{"role": "assistant", "content": replies[-1]},
-                             {"role": "user", "content": f"That reply was rejected: {_short_error(e)}. Reply again "
-                              "with one JSON object matching the schema, nothing else."}]
+            reason = f"LLM call failed ({r.transient}); fell back to the numeric update"
+        elif update is None and r.error is not None:
+            reason = f"unusable reply after {r.calls} attempt(s): {r.error}"
         if update is None and reason is None:
             reason = "no reply"
         if update is None:
             reason = f"{reason}; fell back to the numeric update" if "fell back" not in reason else reason
+        pt, ct = r.prompt_tokens, r.completion_tokens
         usd = (pt * float(s.get("usd_per_mtok_in", 0.0)) + ct * float(s.get("usd_per_mtok_out", 0.0))) / 1e6
+        replies = r.excerpts
         reply_text = replies[-1] if len(replies) == 1 else (
             json.dumps({"attempts": replies}, ensure_ascii=False) if replies else None)
         return AgentStep(kind=kind, prompt=prompt, reply=reply_text, update=update, rejected_reason=reason,

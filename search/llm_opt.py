@@ -31,14 +31,14 @@ one (bad key, unknown model) stops the search.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, load_reply_json,
-                                    reply_excerpt, short_location)
-from graphtune.errors import GraphError, GraphtuneError, LLMFatalError, LLMTransientError, SearchError
+from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, reply_excerpt, short_location
+from graphtune.agent.toolkit import CompleteFn, ask_structured, parse_structured
+from graphtune.errors import GraphError, GraphtuneError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
@@ -108,27 +108,32 @@ def reply_schema(models: Sequence[str], roles: Sequence[str]) -> dict:
             "properties": {"reasoning": {"type": "string"}, "proposals": {"type": "array", "items": graph}}}
 
 
+def describe_reply_error(e: Exception) -> str:
+    """The one-line reason for a reply refused by :func:`parse_reply` (stored in the
+    step and sent back to the model)."""
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"reply does not match the schema: {short_location(err['loc'])}: {err['msg']}"
+    if isinstance(e, ReplyRejected):
+        return f"reply refused: {e}"
+    return f"reply is not JSON ({str(e).splitlines()[0]})"
+
+
 def parse_reply(text: str, limits: ReplyLimits = ReplyLimits()) -> ProposalReply:
     """Validate a reply read under ``limits`` (length and nesting bounded before parsing,
     non-finite numbers and unstorable strings refused: see ``graphtune.agent.schema``);
     raises ValueError with a one-line reason."""
     try:
-        data = load_reply_json(text, limits)
-    except ReplyRejected as e:
-        raise ValueError(f"reply refused: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"reply is not JSON ({str(e).splitlines()[0]})") from None
-    try:
-        return ProposalReply.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = short_location(err["loc"])
-        raise ValueError(f"reply does not match the schema: {where}: {err['msg']}") from None
+        return parse_structured(text, ProposalReply, limits)
+    except ValueError as e:  # ReplyRejected, JSONDecodeError, ValidationError
+        raise ValueError(describe_reply_error(e)) from None
+
+
+def _retry_prompt(reason: str) -> str:
+    return f"Your reply was invalid: {reason}. Reply again with JSON that matches the schema."
 
 
 # -- the searcher ------------------------------------------------------------------------
-
-CompleteFn = Callable[..., Any]
 
 
 class LLMOptOptions(SearcherOptions):
@@ -313,53 +318,40 @@ class LLMOptSearcher(Searcher):
                      '[{"id": "a", "role": "assistant", "model": "..."}], "edges": [["a", "b"]]}]}')
         return "\n".join(lines)
 
-    def _call(self, messages: list[dict], schema: dict):
-        a = self.agent
-        return self._complete(self.model, messages, api_base=a.get("api_base"), api_key_env=a.get("api_key_env"),
-                              temperature=float(a.get("temperature", 0.2)), max_tokens=a.get("max_tokens"),
-                              json_schema=schema, timeout_s=float(a.get("timeout_s", 120.0)),
-                              max_retries=int(a.get("max_retries", 2)), seed=self.ctx.seed * 1000 + self.batch)
-
     def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[ProposedGraph], str | None]:
-        space = self.ctx.space
-        schema = reply_schema(space.models, space.roles)
+        space, a = self.ctx.space, self.agent
         prompt = self.prompt()
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         step["prompt"] = prompt
-        replies: list[str] = []
-        price_in = float(self.agent.get("usd_per_mtok_in", 0.0))
-        price_out = float(self.agent.get("usd_per_mtok_out", 0.0))
-        error = None
-        for _ in range(self.parse_retries + 1):
-            try:
-                r = self._call(messages, schema)
-            except LLMFatalError:
-                raise  # a bad key or model: continuing would only fail again
-            except LLMTransientError as e:
-                return [], f"LLM call failed, batch filled with random graphs: {e}"
+        r = ask_structured(self._complete, self.model, messages, ProposalReply, limits=self.limits,
+                           parse_retries=self.parse_retries, json_schema=reply_schema(space.models, space.roles),
+                           describe_error=describe_reply_error, retry_prompt=_retry_prompt,
+                           api_base=a.get("api_base"), api_key_env=a.get("api_key_env"),
+                           temperature=float(a.get("temperature", 0.2)), max_tokens=a.get("max_tokens"),
+                           timeout_s=float(a.get("timeout_s", 120.0)), max_retries=int(a.get("max_retries", 2)),
+                           seed=self.ctx.seed * 1000 + self.batch)
+        price_in = float(a.get("usd_per_mtok_in", 0.0))
+        price_out = float(a.get("usd_per_mtok_out", 0.0))
+        for at in r.attempts:
             step["calls"] += 1
-            step["prompt_tokens"] += int(r.prompt_tokens)
-            step["completion_tokens"] += int(r.completion_tokens)
-            step["usd"] += (r.prompt_tokens * price_in + r.completion_tokens * price_out) / 1e6
-            step["seconds"] += float(r.seconds)
-            text = str(r.text or "")
-            replies.append(reply_excerpt(text))  # stored and re-sent bounded, never whole
+            step["prompt_tokens"] += at.prompt_tokens
+            step["completion_tokens"] += at.completion_tokens
+            step["usd"] += (at.prompt_tokens * price_in + at.completion_tokens * price_out) / 1e6
+            step["seconds"] += at.seconds
+        replies = r.excerpts  # stored and re-sent bounded, never whole
+        if replies:
             step["reply"] = replies[0] if len(replies) == 1 else reply_excerpt(
                 json.dumps(replies, ensure_ascii=False), MAX_STORED_REPLY_CHARS)
-            try:
-                parsed = parse_reply(text, self.limits)
-            except ValueError as e:
-                error = str(e)
-                messages = messages + [{"role": "assistant", "content": replies[-1]},
-                                       {"role": "user", "content": f"Your reply was invalid: {error}. Reply again "
-                                                                   "with JSON that matches the schema."}]
-                continue
-            step["parsed"] = parsed.model_dump(mode="json")
-            # the reasoning is free text of any length: stored as a bounded excerpt
-            step["parsed"]["reasoning"] = reply_excerpt(parsed.reasoning)
-            step["feedback"] = step["parsed"]["reasoning"] or None
-            return list(parsed.proposals), None
-        return [], f"unusable reply after {len(replies)} attempt(s), batch filled with random graphs: {error}"
+        if r.transient is not None:
+            return [], f"LLM call failed, batch filled with random graphs: {r.transient}"
+        if r.value is None:
+            return [], f"unusable reply after {len(replies)} attempt(s), batch filled with random graphs: {r.error}"
+        parsed = r.value
+        step["parsed"] = parsed.model_dump(mode="json")
+        # the reasoning is free text of any length: stored as a bounded excerpt
+        step["parsed"]["reasoning"] = reply_excerpt(parsed.reasoning)
+        step["feedback"] = step["parsed"]["reasoning"] or None
+        return list(parsed.proposals), None
 
     # -- the offline heuristic proposer ------------------------------------------------
     def _heuristic_proposals(self, step: dict[str, Any]) -> list[Graph]:
