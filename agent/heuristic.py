@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphtune.agent.base import Agent, AgentStep
+from graphtune.agent.mutations import local_mutations
 from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemInfo, graph_effects, render_batch, \
     render_init
 from graphtune.agent.schema import AgentUpdate, EdgeChange, GraphProposal, ProposedNode
-from graphtune.errors import GraphError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
 from graphtune.graphs.render import to_text
@@ -97,86 +97,6 @@ class Surrogate:
         if self.coef is None:
             return 0.0
         return float(self.coef[1 + k] / self.sd[k])
-
-
-# -- mutations ------------------------------------------------------------------------------
-
-
-def _fresh_id(g: Graph, prefix: str = "a") -> str:
-    k = 0
-    while f"{prefix}{k}" in g.node_map:
-        k += 1
-    return f"{prefix}{k}"
-
-
-def _prune(nodes: list[Node], edges: list[tuple[str, str]], sink: str) -> Graph | None:
-    try:
-        g = Graph.build(nodes, edges)
-        keep = g.ancestors(sink) | {sink}
-        return Graph.build([n for n in nodes if n.id in keep], [(u, v) for u, v in edges if u in keep and v in keep])
-    except GraphError:
-        return None
-
-
-def mutations(g: Graph, p: ProblemInfo) -> list[Graph]:
-    """Local edits of a graph (not yet checked against space or budget)."""
-    out: list[Graph] = []
-    nodes, edges, sink = list(g.nodes), list(g.edges), g.sink
-    models, roles = list(p.space.models), list(p.space.roles)
-
-    def with_node(i: int, **kw) -> list[Node]:
-        ns = list(nodes)
-        n = ns[i]
-        ns[i] = Node(id=n.id, role=kw.get("role", n.role), model=kw.get("model", n.model), params=n.params)
-        return ns
-
-    for i, n in enumerate(nodes):
-        for m in models:
-            if m != n.model:
-                out.append(Graph.build(with_node(i, model=m), edges))
-        for r in roles:
-            if r != n.role and (g.preds[n.id] or r not in ROLES_NEEDING_INPUT):
-                out.append(Graph.build(with_node(i, role=r), edges))
-    # drop a node (its inputs feed its successors instead)
-    for n in nodes:
-        if n.id == sink:
-            continue
-        ns = [x for x in nodes if x.id != n.id]
-        es = [(u, v) for u, v in edges if n.id not in (u, v)]
-        es += [(u, s) for u in g.preds[n.id] for s in g.succs[n.id]]
-        h = _prune(ns, list(set(es)), sink)
-        if h is not None:
-            out.append(h)
-    # add a source node feeding an existing node
-    for target in nodes:
-        for m in models:
-            new = _fresh_id(g)
-            src = next((r for r in roles if r not in ROLES_NEEDING_INPUT), roles[0])
-            out.append(Graph.build(nodes + [Node.make(new, src, m)], edges + [(new, target.id)]))
-    # duplicate a non-sink node (same model, same successors): more width
-    for n in nodes:
-        if n.id == sink:
-            continue
-        new = _fresh_id(g)
-        out.append(Graph.build(nodes + [Node(new, n.role, n.model, n.params)],
-                               edges + [(u, new) for u in g.preds[n.id]] + [(new, s) for s in g.succs[n.id]]))
-    # add or drop an edge
-    order = list(g.topo_order)
-    for a in range(len(order)):
-        for b in range(a + 1, len(order)):
-            u, v = order[a], order[b]
-            if (u, v) in g.edges:
-                h = _prune(nodes, [e for e in edges if e != (u, v)], sink)
-                if h is not None:
-                    out.append(h)
-            else:
-                out.append(Graph.build(nodes, edges + [(u, v)]))
-    # a new synthesiser on top of the sink (more depth), or replacing the sink's role
-    for m in models:
-        for r in roles:
-            new = _fresh_id(g, "t")
-            out.append(Graph.build(nodes + [Node.make(new, r, m)], edges + [(sink, new)]))
-    return out
 
 
 def _finite(prefs: dict[str, float]) -> dict[str, float]:
@@ -371,7 +291,7 @@ class HeuristicAgent(Agent):
         found: set[str] = set()
         for rank, par in enumerate(parents):
             base = eff[par.key][0]
-            for g in mutations(par.graph, p):
+            for g in local_mutations(par.graph, p.space):
                 h = graph_hash(g)
                 if h in seen or h in found or not is_valid(g, p.space, p.costs, p.budget):
                     continue

@@ -36,13 +36,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from graphtune.agent.mutations import random_mutation
 from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, reply_excerpt, short_location
 from graphtune.agent.toolkit import CompleteFn, ask_structured, parse_structured
 from graphtune.errors import GraphError, GraphtuneError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
-from graphtune.graphs.space import prune_to_sink, random_graph, validate
+from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph
+from graphtune.graphs.space import random_graph, validate
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
 
@@ -368,7 +369,7 @@ class LLMOptSearcher(Searcher):
                 k = int(self.rng.integers(len(parents))) if self.rng.random() < 0.5 else 0  # favour the best
                 g, ops = parents[k], []
                 for _ in range(1 + int(self.rng.integers(2))):
-                    g, op = self._mutate(g)
+                    g, op = random_mutation(g, self.ctx.space, self._models, self.rng)
                     ops.append(op)
                 if g is None:
                     continue
@@ -386,58 +387,3 @@ class LLMOptSearcher(Searcher):
         step["feedback"] = (f"{HEURISTIC_BACKEND}: mutated the {len(parents)} best graphs"
                             if parents else f"{HEURISTIC_BACKEND}: no history yet, random graphs")
         return out
-
-    def _mutate(self, g: Graph | None) -> tuple[Graph | None, str]:
-        if g is None:
-            return None, "none"
-        rng, space = self.rng, self.ctx.space
-        nodes, edges = list(g.nodes), list(g.edges)
-        sink = g.sink
-        ops = ["model", "role", "add_node", "remove_node", "add_edge", "remove_edge"]
-        op = ops[int(rng.integers(len(ops)))]
-        if op == "model":
-            i = int(rng.integers(len(nodes)))
-            n = nodes[i]
-            j = self._models.index(n.model) + (1 if rng.random() < 0.5 else -1)
-            j = min(max(j, 0), len(self._models) - 1)
-            nodes[i] = Node(id=n.id, role=n.role, model=self._models[j], params=n.params)
-        elif op == "role" and len(space.roles) > 1:
-            i = int(rng.integers(len(nodes)))
-            n = nodes[i]
-            allowed = (space.sink_roles or space.roles) if n.id == sink else space.roles
-            roles = [r for r in allowed if r != n.role]
-            if roles:
-                nodes[i] = Node(id=n.id, role=roles[int(rng.integers(len(roles)))], model=n.model, params=n.params)
-        elif op == "add_node":
-            new = _fresh_id(g)
-            target = [n.id for n in nodes][int(rng.integers(len(nodes)))]
-            model = self._models[int(rng.integers(len(self._models)))]
-            nodes.append(Node.make(new, "assistant" if "assistant" in space.roles else space.roles[0], model))
-            edges.append((new, target))
-        elif op == "remove_node" and len(nodes) > 1:
-            victims = [n.id for n in nodes if n.id != sink]
-            v = victims[int(rng.integers(len(victims)))]
-            # reconnect the victim's inputs to its outputs so the rest of the graph stays wired
-            ins = [u for u, w in edges if w == v]
-            outs = [w for u, w in edges if u == v]
-            nodes = [n for n in nodes if n.id != v]
-            edges = [(u, w) for u, w in edges if v not in (u, w)] + [(u, w) for u in ins for w in outs]
-        elif op == "add_edge":
-            order = list(g.topo_order)
-            pairs = [(order[i], order[j]) for j in range(len(order)) for i in range(j)
-                     if (order[i], order[j]) not in g.edges]
-            if pairs:
-                edges.append(pairs[int(rng.integers(len(pairs)))])
-        elif op == "remove_edge" and edges:
-            edges.pop(int(rng.integers(len(edges))))
-        try:
-            return prune_to_sink(Graph.build(nodes, edges), sink), op
-        except GraphError:
-            return None, op
-
-
-def _fresh_id(g: Graph) -> str:
-    i = g.size
-    while f"m{i}" in g.node_map:
-        i += 1
-    return f"m{i}"
