@@ -598,6 +598,7 @@ def dump_study(store, name: str) -> dict[str, Any]:
     if st is None:
         known = [s.name for s in store.list_studies()]
         raise StoreError(f"no study named {name!r}; known studies: {known or 'none'}")
+    from graphtune.store.base import WorkerStorage
     from graphtune.store.storage import mask_url
 
     spec = dict(st.spec)
@@ -617,7 +618,7 @@ def dump_study(store, name: str) -> dict[str, Any]:
         "searcher_state": st.searcher_state,
         "trials": trials,
         "agent_steps": store.agent_steps(st.id),
-        "workers": store.list_workers(st.id) if hasattr(store, "list_workers") else [],
+        "workers": store.list_workers(st.id) if isinstance(store, WorkerStorage) else [],
     }
 
 
