@@ -208,8 +208,17 @@ class StudyStorage(abc.ABC):
         """A trial's per-question results, in the order they were recorded."""
 
     @abc.abstractmethod
+    def paid_results(self, study_id: int) -> list[tuple[int, QuestionResult]]:
+        """Every result the study's trials paid for (results reused from an earlier trial
+        left out), as (trial id, result), by trial number then the order recorded."""
+
+    @abc.abstractmethod
     def agent_steps(self, study_id: int) -> list[dict]:
         """The study's agent steps (dicts with at least ``key``), in the order stored."""
+
+    def safe_url(self) -> str:
+        """Where the store is, safe to print (any password masked)."""
+        return self.url
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

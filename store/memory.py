@@ -33,6 +33,7 @@ class MemoryStorage(StudyStorage):
         self._studies: dict[str, dict] = {}
         self._trials: dict[int, list[TrialInfo]] = {}
         self._results: dict[int, list[QuestionResult]] = {}  # trial id -> results
+        self._reused: dict[int, set[str]] = {}  # trial id -> question ids reused from earlier trials
         self._by_hash: dict[tuple[int, str, str], dict[str, QuestionResult]] = {}
         self._steps: dict[int, list[dict]] = {}
         self._next_trial_id = 1
@@ -74,6 +75,7 @@ class MemoryStorage(StudyStorage):
             return False
         for t in self._trials.pop(d["id"], []):
             self._results.pop(t.id, None)
+            self._reused.pop(t.id, None)
         self._by_hash = {k: v for k, v in self._by_hash.items() if k[0] != d["id"]}
         self._steps.pop(d["id"], None)
         return True
@@ -131,6 +133,7 @@ class MemoryStorage(StudyStorage):
         self._next_trial_id += 1
         trials.append(t)
         self._results[t.id] = list(results)
+        self._reused[t.id] = set(rec.reused)
         if status == "complete":
             known = self._by_hash.setdefault((study_id, graph_hash, split), {})
             for r in results:
@@ -147,6 +150,10 @@ class MemoryStorage(StudyStorage):
 
     def trial_results(self, trial_id: int) -> list[QuestionResult]:
         return list(self._results.get(trial_id, []))
+
+    def paid_results(self, study_id: int) -> list[tuple[int, QuestionResult]]:
+        return [(t.id, r) for t in self._trials.get(study_id, []) for r in self._results.get(t.id, [])
+                if r.question_id not in self._reused.get(t.id, ())]
 
     def agent_steps(self, study_id: int) -> list[dict]:
         return [dict(s) for s in self._steps.get(study_id, [])]

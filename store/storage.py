@@ -305,9 +305,9 @@ class Storage(StudyStorage, WorkerStorage):
                 self.engine = self._make_engine(url, readonly=True, immutable=True)
                 self._check_schema(False)
         except SQLAlchemyError as e:
-            raise store_error(e, f"cannot open storage {self._safe_url()}") from None
+            raise store_error(e, f"cannot open storage {self.safe_url()}") from None
         except ImportError as e:
-            raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
+            raise StoreError(f"storage {self.safe_url()} needs a database driver: {e}; install it with pip") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     # -- schema ----------------------------------------------------------------------
@@ -353,9 +353,9 @@ class Storage(StudyStorage, WorkerStorage):
         if rev == HEAD:
             return
         if rev in REVISIONS:
-            raise StoreError(f"storage {self._safe_url()} has schema revision {rev}, this graphtune needs {HEAD}; "
-                             f"run `graphtune storage upgrade --storage {self._safe_url()}` (back it up first)")
-        raise StoreError(f"storage {self._safe_url()} has schema revision {rev!r}, unknown to this graphtune "
+            raise StoreError(f"storage {self.safe_url()} has schema revision {rev}, this graphtune needs {HEAD}; "
+                             f"run `graphtune storage upgrade --storage {self.safe_url()}` (back it up first)")
+        raise StoreError(f"storage {self.safe_url()} has schema revision {rev!r}, unknown to this graphtune "
                          f"(needs {HEAD}); it was written by a newer graphtune: upgrade graphtune")
 
     @staticmethod
@@ -403,14 +403,14 @@ class Storage(StudyStorage, WorkerStorage):
             finally:
                 self.engine.dispose()
         except SQLAlchemyError as e:
-            raise store_error(e, f"cannot upgrade storage {self._safe_url()}") from None
+            raise store_error(e, f"cannot upgrade storage {self.safe_url()}") from None
         except ImportError as e:
-            raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
+            raise StoreError(f"storage {self.safe_url()} needs a database driver: {e}; install it with pip") from None
         if after != HEAD:
-            raise StoreError(f"storage {self._safe_url()} is at revision {after} after the upgrade, expected {HEAD}")
+            raise StoreError(f"storage {self.safe_url()} is at revision {after} after the upgrade, expected {HEAD}")
         return before, after
 
-    def _safe_url(self) -> str:
+    def safe_url(self) -> str:
         return mask_url(self.url)
 
     @staticmethod
@@ -466,7 +466,7 @@ class Storage(StudyStorage, WorkerStorage):
                 s.rollback()
             except SQLAlchemyError:
                 pass  # the connection is gone; the transaction is rolled back with it
-            raise store_error(e, f"storage {self._safe_url()}") from None
+            raise store_error(e, f"storage {self.safe_url()}") from None
         except BaseException:
             s.rollback()
             raise
@@ -817,6 +817,13 @@ class Storage(StudyStorage, WorkerStorage):
             rows = s.scalars(select(QuestionResultRow).where(QuestionResultRow.trial_id == trial_id)
                              .order_by(QuestionResultRow.position))
             return [result_from_row(r) for r in rows]
+
+    def paid_results(self, study_id: int) -> list[tuple[int, QuestionResult]]:
+        with self.session() as s:
+            rows = s.scalars(select(QuestionResultRow).join(TrialRow).where(
+                TrialRow.study_id == study_id, QuestionResultRow.reused.is_(False))
+                .order_by(TrialRow.number, QuestionResultRow.position))
+            return [(r.trial_id, result_from_row(r)) for r in rows]
 
     def agent_steps(self, study_id: int) -> list[dict]:
         with self.session() as s:

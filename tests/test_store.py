@@ -130,6 +130,18 @@ def test_known_question_ids_count_only_reusable_results_of_earlier_batches(store
     assert store.known_question_ids(st.id, "other", "dev", before_batch=1) == {"q6"}
 
 
+def test_paid_results_leave_out_reused_ones(store):
+    st = store.create_study("s", "random", {})
+    t1 = _record(store, st.id, qids=("q1", "q2"))
+    t2 = store.record_trial(st.id, TrialRecord(
+        split="dev", batch=1, slot=0, status="complete", graph={"nodes": []}, graph_hash="h1", method="random",
+        origin="random", parents=[], info={}, question_ids=["q1", "q2", "q3"], results=_results(("q1", "q2", "q3")),
+        reused={"q1", "q2"}, metrics={"accuracy": 1.0}, reward=1.0, cost=None, new_runs=1))
+    assert [(i, r.question_id) for i, r in store.paid_results(st.id)] == [(t1.id, "q1"), (t1.id, "q2"),
+                                                                          (t2.id, "q3")]
+    assert store.paid_results(st.id)[0][1] == store.trial_results(t1.id)[0]
+
+
 def test_a_trial_record_is_a_frozen_value():
     import dataclasses
 
