@@ -122,6 +122,9 @@ class StudyStorage(abc.ABC):
     - **A trial is found again by its place** (split, batch, slot, graph hash):
       :meth:`find_trial` returns the complete trial there, so a resumed search re-asking a
       batch it had already run reads it instead of paying again.
+    - **Progress is saved after the batch's trials.** :meth:`save_progress` writes the
+      searcher state, the batch counter and the spent budget in one step: a resumed search
+      restarts at the first batch whose progress was not saved.
     - **Results are per (graph hash, split, question) and never paid twice.**
       :meth:`known_results` returns every stored result of a graph on a split from any
       complete trial; results that are infrastructure failures (``error`` set) are not

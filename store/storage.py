@@ -1,6 +1,7 @@
 """The study store over SQLAlchemy (SQLite by default, any SQLAlchemy URL).
 
-Invariants every backend keeps:
+How it keeps the invariants of :class:`~graphtune.store.base.StudyStorage` (every backend)
+and of :class:`~graphtune.store.base.WorkerStorage` (stores workers share):
 
 * A trial is written in one transaction when it finishes, with all its question results;
   a crash never leaves a half-written finished trial.
