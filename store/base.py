@@ -16,7 +16,8 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from graphtune.graphs.results import QuestionResult
@@ -101,14 +102,14 @@ class TrialRecord:
     info: Mapping[str, Any]
     question_ids: Sequence[str]
     results: Sequence[QuestionResult]
-    reused: frozenset[str] | set[str]
+    reused: AbstractSet[str]
     metrics: Mapping[str, Any]
     reward: float | None
     cost: Mapping[str, float] | None
     new_runs: int
     error: str | None = None
     feedback: str | None = None
-    started_at: Any = field(default=None, compare=False)
+    started_at: Any = None
 
 
 class StudyStorage(abc.ABC):
