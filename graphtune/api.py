@@ -524,7 +524,7 @@ def resume(name: str, storage: str, *, evaluations: int | None = None, force: bo
         study = store.get_study(name)
         if study is None:
             known = [s.name for s in store.list_studies()]
-            raise StoreError(f"no study named {name!r} in {store._safe_url()}; known studies: {known or 'none'}")
+            raise StoreError(f"no study named {name!r} in {store.safe_url()}; known studies: {known or 'none'}")
         stored = study.spec
     finally:
         store.close()
@@ -561,7 +561,7 @@ def work(name: str, storage: str, *, spec: Spec | None = None, options=None, pro
                             "spec: drop --spec, or use another --study name")
     if study is None:
         known = [s.name for s in store.list_studies()]
-        raise StoreError(f"no study named {name!r} in {store._safe_url()} (known: {known or 'none'}); create it by "
+        raise StoreError(f"no study named {name!r} in {store.safe_url()} (known: {known or 'none'}); create it by "
                          "passing --spec SPEC to the first worker")
     sp = _spec_of_study(study.spec, name, storage)
     store.redactor.add(spec_secrets(sp))
@@ -598,6 +598,7 @@ def dump_study(store, name: str) -> dict[str, Any]:
     if st is None:
         known = [s.name for s in store.list_studies()]
         raise StoreError(f"no study named {name!r}; known studies: {known or 'none'}")
+    from graphtune.store.base import WorkerStorage
     from graphtune.store.storage import mask_url
 
     spec = dict(st.spec)
@@ -617,7 +618,7 @@ def dump_study(store, name: str) -> dict[str, Any]:
         "searcher_state": st.searcher_state,
         "trials": trials,
         "agent_steps": store.agent_steps(st.id),
-        "workers": store.list_workers(st.id) if hasattr(store, "list_workers") else [],
+        "workers": store.list_workers(st.id) if isinstance(store, WorkerStorage) else [],
     }
 
 

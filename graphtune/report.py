@@ -87,32 +87,24 @@ def _pool_prices(spec: dict) -> dict:
 def cost_breakdown(store, study) -> dict[str, Any]:
     """What the study paid: environment runs (tokens, FLOPs, dollars, per model, counting
     only runs actually paid for, not reused results) and the agent's own calls."""
-    from sqlalchemy import select
-
     from graphtune.graphs.cost import node_flops, node_usd
-    from graphtune.store.models import QuestionResultRow, TrialRow
 
     pool = _pool_prices(study.spec)
     env = {"runs": 0, "prompt_tokens": 0, "completion_tokens": 0, "flops": 0.0, "usd": 0.0}
     per_model: dict[str, dict[str, float]] = {}
-    with store.session() as s:
-        rows = s.execute(select(TrialRow.graph, TrialRow.split, QuestionResultRow.prompt_tokens,
-                                QuestionResultRow.completion_tokens, QuestionResultRow.flops, QuestionResultRow.usd,
-                                QuestionResultRow.nodes)
-                         .join(QuestionResultRow, QuestionResultRow.trial_id == TrialRow.id)
-                         .where(TrialRow.study_id == study.id, QuestionResultRow.reused.is_(False))).all()
-    for graph, _split, pt, ct, flops, usd, nodes in rows:
+    graphs = {t.id: t.graph for t in store.list_trials(study.id)}
+    for trial_id, r in store.paid_results(study.id):
         env["runs"] += 1
-        env["prompt_tokens"] += pt or 0
-        env["completion_tokens"] += ct or 0
-        env["flops"] += flops or 0.0
-        env["usd"] += usd or 0.0
-        models = {n["id"]: n["model"] for n in graph.get("nodes", [])}
-        for n in nodes or []:
-            m = models.get(n[0], "?")
+        env["prompt_tokens"] += r.prompt_tokens or 0
+        env["completion_tokens"] += r.completion_tokens or 0
+        env["flops"] += r.flops or 0.0
+        env["usd"] += r.usd or 0.0
+        models = {n["id"]: n["model"] for n in graphs[trial_id].get("nodes", [])}
+        for n in r.nodes:
+            m = models.get(n.node_id, "?")
             d = per_model.setdefault(m, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "flops": 0.0,
                                          "usd": 0.0})
-            npt, nct = int(n[3] or 0), int(n[4] or 0)
+            npt, nct = int(n.prompt_tokens or 0), int(n.completion_tokens or 0)
             d["calls"] += 1
             d["prompt_tokens"] += npt
             d["completion_tokens"] += nct
@@ -319,7 +311,7 @@ def build_report(store, study, *, metric: str = "units", top: int = 3) -> tuple[
         "<body onload=\"document.body.dataset.plotsLoaded=Array.from(document.images)"
         ".filter(function(i){return i.complete&&i.naturalWidth>0;}).length\">",
         f"<h1>graphtune report: {_esc(study.name)}</h1>",
-        f"<p class='sub'>store {_esc(store._safe_url())}; created {_esc(str(study.created_at)[:19])}</p>",
+        f"<p class='sub'>store {_esc(store.safe_url())}; created {_esc(str(study.created_at)[:19])}</p>",
         "<h2>Summary</h2>", _table(None, [[k, v] for k, v in summary], cls="kv"),
         "<h2>Search</h2><div class='grid'>",
         _img(pngs["best_so_far.png"], "best-so-far curve", "best dev accuracy among fully evaluated graphs, "

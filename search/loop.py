@@ -19,7 +19,7 @@ from graphtune.graphs.results import QuestionResult, summarize
 from graphtune.graphs.space import validate
 from graphtune.search.base import (Candidate, Evaluation, GraphStats, ProgressCallback, SearchContext, Searcher,
                                    pool_stats)
-from graphtune.store.storage import Storage, StudyInfo, TrialInfo
+from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo, TrialRecord
 
 #: stop when a searcher keeps proposing only graphs it already paid for
 MAX_IDLE_BATCHES = 25
@@ -47,7 +47,7 @@ def _evaluation_from_trial(t: TrialInfo, results: Sequence[QuestionResult], cand
                       cost=cost, new_runs=t.new_runs, error=t.error)
 
 
-def evaluate_candidate(cand: Candidate, *, env: Environment, storage: Storage, study: StudyInfo,
+def evaluate_candidate(cand: Candidate, *, env: Environment, storage: StudyStorage, study: StudyInfo,
                        ctx: SearchContext, method: str, batch: int, slot: int, split: str = "dev",
                        question_ids: Sequence[str] | None = None) -> Evaluation:
     """Evaluate one candidate as a stored trial, paying only for missing questions."""
@@ -62,17 +62,17 @@ def evaluate_candidate(cand: Candidate, *, env: Environment, storage: Storage, s
     try:
         cost = validate(g, ctx.space, ctx.costs, ctx.budget)
     except GraphError as e:
-        t = storage.record_trial(study.id, status="failed", results=[], reused=set(), metrics={}, reward=None,
-                                 cost=None, new_runs=0, error=str(e), **common)
+        t = storage.record_trial(study.id, TrialRecord(status="failed", results=[], reused=set(), metrics={},
+                                                       reward=None, cost=None, new_runs=0, error=str(e), **common))
         return Evaluation(candidate=cand, trial_number=t.number, graph_hash=h, results=(),
                           metrics=summarize([]), reward=float("nan"), cost=GraphCost(0, 0, 0, 0, 0, 0),
                           new_runs=0, error=str(e))
     results, reused, missing = run_missing(g, h, qids, env=env, storage=storage, study_id=study.id, split=split)
     reward = _mean([ctx.objective.question_reward(r, ctx.costs.unit_flops) for r in results if r.ok])
     metrics = summarize(results)
-    t = storage.record_trial(study.id, status="complete", results=results, reused=reused,
-                             metrics=trial_metrics(results), reward=reward, cost=cost.as_dict(),
-                             new_runs=len(missing), **common)
+    t = storage.record_trial(study.id, TrialRecord(status="complete", results=results, reused=reused,
+                                                   metrics=trial_metrics(results), reward=reward,
+                                                   cost=cost.as_dict(), new_runs=len(missing), **common))
     return Evaluation(candidate=cand, trial_number=t.number, graph_hash=h, results=tuple(results),
                       metrics=metrics, reward=reward, cost=cost, new_runs=len(missing))
 
@@ -95,7 +95,7 @@ def excluded_by_model(trials: Sequence[TrialInfo]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def no_graph_measured(storage: Storage, study: StudyInfo) -> SearchError:
+def no_graph_measured(storage: StudyStorage, study: StudyInfo) -> SearchError:
     """The error when a search ends with trials but no graph scored on any question."""
     trials = [t for t in storage.list_trials(study.id, split="dev") if t.status == "complete"]
     last = next((r.error for t in reversed(trials) for r in storage.trial_results(t.id) if r.error), None)
@@ -105,7 +105,7 @@ def no_graph_measured(storage: Storage, study: StudyInfo) -> SearchError:
                        "--evaluations")
 
 
-def run_missing(g, h: str, qids: Sequence[str], *, env: Environment, storage: Storage, study_id: int,
+def run_missing(g, h: str, qids: Sequence[str], *, env: Environment, storage: StudyStorage, study_id: int,
                 split: str) -> tuple[list[QuestionResult], set[str], list[str]]:
     """Results of graph ``g`` on ``qids``: stored ones reused, the missing ones run (paid).
     Returns ``(results in qids order, reused question ids, missing question ids)``."""
@@ -119,7 +119,7 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def load_history(storage: Storage, study: StudyInfo, ctx: SearchContext) -> list[Evaluation]:
+def load_history(storage: StudyStorage, study: StudyInfo, ctx: SearchContext) -> list[Evaluation]:
     """Every finished dev trial of the study as Evaluations (for ``recommend``)."""
     out = []
     for t in storage.list_trials(study.id, split="dev"):
@@ -131,7 +131,7 @@ def load_history(storage: Storage, study: StudyInfo, ctx: SearchContext) -> list
     return out
 
 
-def run_search(searcher: Searcher, env: Environment, storage: Storage, study: StudyInfo, ctx: SearchContext, *,
+def run_search(searcher: Searcher, env: Environment, storage: StudyStorage, study: StudyInfo, ctx: SearchContext, *,
                budget_runs: int, test_ids: Sequence[str] | None = None,
                progress: ProgressCallback | None = None) -> SearchOutcome:
     """Run (or continue) a study until ``budget_runs`` graph-question runs are spent or

@@ -49,6 +49,7 @@ from graphtune.graphs.space import validate
 from graphtune.search.base import Candidate, SearchContext, Searcher
 from graphtune.search.loop import (MAX_IDLE_BATCHES, _evaluation_from_trial, _mean, load_history, no_graph_measured,
                                    run_missing, trial_metrics)
+from graphtune.store.base import StudyStorage
 from graphtune.store.storage import Coordination, Storage, StudyInfo, TrialInfo
 
 FINISHED = ("complete", "failed")
@@ -286,7 +287,7 @@ class Worker:
         return True
 
 
-def plan_batch(cands: Sequence[Candidate], *, ctx: SearchContext, storage: Storage, study_id: int, batch: int,
+def plan_batch(cands: Sequence[Candidate], *, ctx: SearchContext, storage: StudyStorage, study_id: int, batch: int,
                spent: int, budget: int, method: str) -> list[dict]:
     """The trials of batch ``batch`` that ``run_search`` would evaluate: in slot order,
     while the runs spent (counting the new runs each slot is predicted to pay, from the

@@ -296,7 +296,7 @@ class SQLLedger(Ledger):
                 raise e
             from graphtune.store.storage import store_error
 
-            raise store_error(e, f"the call ledger could not be written to {self.storage._safe_url()}") from None
+            raise store_error(e, f"the call ledger could not be written to {self.storage.safe_url()}") from None
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -333,7 +333,7 @@ class SQLLedger(Ledger):
         except SQLAlchemyError as e:  # surfaced on the next put/flush, as one line
             from graphtune.store.storage import store_error
 
-            self._error = store_error(e, f"the call ledger could not be written to {self.storage._safe_url()}")
+            self._error = store_error(e, f"the call ledger could not be written to {self.storage.safe_url()}")
             return
         except StoreError as e:
             self._error = e

@@ -16,11 +16,15 @@ from graphtune.errors import StoreError
 from graphtune.graphs.results import QuestionResult
 from graphtune.store.models import utcnow
 from graphtune.store.redact import Redactor
-from graphtune.store.storage import StudyInfo, TrialInfo, _finite, spec_hash
+from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo, TrialRecord, _finite, spec_hash
 
 
-class MemoryStorage:
-    """``secrets``: values replaced in everything written, as in the SQL store."""
+class MemoryStorage(StudyStorage):
+    """A :class:`StudyStorage` in this process's memory, for one thread at a time.
+
+    ``secrets``: values replaced in everything written, as in the SQL store. It has no
+    :class:`~graphtune.store.base.WorkerStorage` part: ``graphtune worker`` processes need
+    a store they can share (the SQL store)."""
 
     url = "memory://"
 
@@ -29,6 +33,7 @@ class MemoryStorage:
         self._studies: dict[str, dict] = {}
         self._trials: dict[int, list[TrialInfo]] = {}
         self._results: dict[int, list[QuestionResult]] = {}  # trial id -> results
+        self._reused: dict[int, set[str]] = {}  # trial id -> question ids reused from earlier trials
         self._by_hash: dict[tuple[int, str, str], dict[str, QuestionResult]] = {}
         self._steps: dict[int, list[dict]] = {}
         self._next_trial_id = 1
@@ -70,6 +75,7 @@ class MemoryStorage:
             return False
         for t in self._trials.pop(d["id"], []):
             self._results.pop(t.id, None)
+            self._reused.pop(t.id, None)
         self._by_hash = {k: v for k, v in self._by_hash.items() if k[0] != d["id"]}
         self._steps.pop(d["id"], None)
         return True
@@ -100,14 +106,18 @@ class MemoryStorage:
     def known_results(self, study_id: int, graph_hash: str, split: str) -> dict[str, QuestionResult]:
         return dict(self._by_hash.get((study_id, graph_hash, split), {}))
 
-    def record_trial(self, study_id: int, *, split: str, batch: int, slot: int, status: str, graph: dict,
-                     graph_hash: str, method: str, origin: str, parents: Sequence[int], info: Mapping[str, Any],
-                     question_ids: Sequence[str], results: Sequence[QuestionResult], reused: set[str],
-                     metrics: Mapping[str, Any], reward: float | None, cost: Mapping[str, float] | None,
-                     new_runs: int, error: str | None = None, feedback: str | None = None,
-                     started_at=None) -> TrialInfo:
+    def known_question_ids(self, study_id: int, graph_hash: str, split: str, *, before_batch: int) -> set[str]:
+        return {r.question_id for t in self._trials.get(study_id, [])
+                if (t.graph_hash, t.split, t.status) == (graph_hash, split, "complete") and t.batch < before_batch
+                for r in self._results.get(t.id, []) if r.error is None}
+
+    def record_trial(self, study_id: int, record: TrialRecord) -> TrialInfo:
+        rec = record
+        split, batch, slot, status, graph, graph_hash = (rec.split, rec.batch, rec.slot, rec.status, rec.graph,
+                                                         rec.graph_hash)
+        info, metrics, error, feedback, results = rec.info, rec.metrics, rec.error, rec.feedback, rec.results
         trials = self._trials.setdefault(study_id, [])
-        cost = cost or {}
+        cost = rec.cost or {}
         red = self.redactor
         if red:  # what the SQL store keeps: secrets replaced in every text
             info, metrics = red.value(json.loads(json.dumps(dict(info), default=str))), red.value(dict(metrics))
@@ -115,13 +125,15 @@ class MemoryStorage:
             results = [replace(r, answer=red.text(r.answer), error=red.text(r.error),
                                nodes=tuple(replace(n, answer=red.text(n.answer)) for n in r.nodes))
                        for r in results]
-        t = TrialInfo(self._next_trial_id, len(trials) + 1, split, batch, slot, status, graph, graph_hash, method,
-                      origin, list(parents), dict(info), list(question_ids), dict(metrics), _finite(reward),
-                      _finite(metrics.get("accuracy")), cost.get("units"), cost.get("flops"), cost.get("usd"),
-                      cost.get("latency_s"), new_runs, error, feedback, started_at or utcnow(), utcnow())
+        t = TrialInfo(self._next_trial_id, len(trials) + 1, split, batch, slot, status, graph, graph_hash, rec.method,
+                      rec.origin, list(rec.parents), dict(info), list(rec.question_ids), dict(metrics),
+                      _finite(rec.reward), _finite(metrics.get("accuracy")), cost.get("units"), cost.get("flops"),
+                      cost.get("usd"), cost.get("latency_s"), rec.new_runs, error, feedback,
+                      rec.started_at or utcnow(), utcnow())
         self._next_trial_id += 1
         trials.append(t)
         self._results[t.id] = list(results)
+        self._reused[t.id] = set(rec.reused)
         if status == "complete":
             known = self._by_hash.setdefault((study_id, graph_hash, split), {})
             for r in results:
@@ -138,6 +150,10 @@ class MemoryStorage:
 
     def trial_results(self, trial_id: int) -> list[QuestionResult]:
         return list(self._results.get(trial_id, []))
+
+    def paid_results(self, study_id: int) -> list[tuple[int, QuestionResult]]:
+        return [(t.id, r) for t in self._trials.get(study_id, []) for r in self._results.get(t.id, [])
+                if r.question_id not in self._reused.get(t.id, ())]
 
     def agent_steps(self, study_id: int) -> list[dict]:
         return [dict(s) for s in self._steps.get(study_id, [])]

@@ -1,6 +1,7 @@
 """The study store over SQLAlchemy (SQLite by default, any SQLAlchemy URL).
 
-Invariants every backend keeps:
+How it keeps the invariants of :class:`~graphtune.store.base.StudyStorage` (every backend)
+and of :class:`~graphtune.store.base.WorkerStorage` (stores workers share):
 
 * A trial is written in one transaction when it finishes, with all its question results;
   a crash never leaves a half-written finished trial.
@@ -51,7 +52,6 @@ read-only store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -72,6 +72,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from graphtune.errors import StoreError
 from graphtune.graphs.results import NodeOutcome, QuestionResult
 from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, WorkerRow, utcnow
+from graphtune.store.base import (StudyInfo, StudyStorage, TrialInfo, TrialRecord, WorkerStorage, _finite,
+                                  spec_hash)
 from graphtune.store.redact import Redactor
 
 #: ``graphtune optimize`` refreshes its lease on a study this often ...
@@ -225,55 +227,6 @@ def shared_sqlite_warning(url: str, *, workers: bool = False, mounts: str = "/pr
     return None
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StudyInfo:
-    id: int
-    name: str
-    method: str
-    spec: dict
-    spec_hash: str
-    status: str
-    searcher_state: dict | None
-    batch_index: int
-    runs_spent: int
-    n_trials: int = 0
-    created_at: Any = None
-
-
-@dataclass(frozen=True)
-class TrialInfo:
-    id: int
-    number: int
-    split: str
-    batch: int
-    slot: int
-    status: str
-    graph: dict
-    graph_hash: str
-    method: str
-    origin: str
-    parents: list
-    info: dict
-    question_ids: list
-    metrics: dict
-    reward: float | None
-    accuracy: float | None
-    cost_units: float | None
-    flops: float | None
-    usd: float | None
-    latency_s: float | None
-    new_runs: int
-    error: str | None
-    feedback: str | None
-    started_at: Any
-    finished_at: Any
-    worker: str | None = None  # the worker holding (or that held) the claim (graphtune worker)
-
-
 @dataclass(frozen=True)
 class LeaseHolder:
     """Who holds a study (``graphtune optimize``'s lease, or live workers)."""
@@ -323,7 +276,7 @@ def result_from_row(r: QuestionResultRow) -> QuestionResult:
         nodes=tuple(NodeOutcome(*n) for n in (r.nodes or [])))
 
 
-class Storage:
+class Storage(StudyStorage, WorkerStorage):
     """A graphtune store at a SQLAlchemy URL (e.g. ``sqlite:///graphtune.db``).
 
     ``create``: build the schema in an empty database (else an empty one is left alone);
@@ -353,9 +306,9 @@ class Storage:
                 self.engine = self._make_engine(url, readonly=True, immutable=True)
                 self._check_schema(False)
         except SQLAlchemyError as e:
-            raise store_error(e, f"cannot open storage {self._safe_url()}") from None
+            raise store_error(e, f"cannot open storage {self.safe_url()}") from None
         except ImportError as e:
-            raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
+            raise StoreError(f"storage {self.safe_url()} needs a database driver: {e}; install it with pip") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     # -- schema ----------------------------------------------------------------------
@@ -401,9 +354,9 @@ class Storage:
         if rev == HEAD:
             return
         if rev in REVISIONS:
-            raise StoreError(f"storage {self._safe_url()} has schema revision {rev}, this graphtune needs {HEAD}; "
-                             f"run `graphtune storage upgrade --storage {self._safe_url()}` (back it up first)")
-        raise StoreError(f"storage {self._safe_url()} has schema revision {rev!r}, unknown to this graphtune "
+            raise StoreError(f"storage {self.safe_url()} has schema revision {rev}, this graphtune needs {HEAD}; "
+                             f"run `graphtune storage upgrade --storage {self.safe_url()}` (back it up first)")
+        raise StoreError(f"storage {self.safe_url()} has schema revision {rev!r}, unknown to this graphtune "
                          f"(needs {HEAD}); it was written by a newer graphtune: upgrade graphtune")
 
     @staticmethod
@@ -451,14 +404,14 @@ class Storage:
             finally:
                 self.engine.dispose()
         except SQLAlchemyError as e:
-            raise store_error(e, f"cannot upgrade storage {self._safe_url()}") from None
+            raise store_error(e, f"cannot upgrade storage {self.safe_url()}") from None
         except ImportError as e:
-            raise StoreError(f"storage {self._safe_url()} needs a database driver: {e}; install it with pip") from None
+            raise StoreError(f"storage {self.safe_url()} needs a database driver: {e}; install it with pip") from None
         if after != HEAD:
-            raise StoreError(f"storage {self._safe_url()} is at revision {after} after the upgrade, expected {HEAD}")
+            raise StoreError(f"storage {self.safe_url()} is at revision {after} after the upgrade, expected {HEAD}")
         return before, after
 
-    def _safe_url(self) -> str:
+    def safe_url(self) -> str:
         return mask_url(self.url)
 
     @staticmethod
@@ -514,7 +467,7 @@ class Storage:
                 s.rollback()
             except SQLAlchemyError:
                 pass  # the connection is gone; the transaction is rolled back with it
-            raise store_error(e, f"storage {self._safe_url()}") from None
+            raise store_error(e, f"storage {self.safe_url()}") from None
         except BaseException:
             s.rollback()
             raise
@@ -611,27 +564,23 @@ class Storage:
                 TrialRow.study_id == study_id, TrialRow.graph_hash == graph_hash, TrialRow.split == split,
                 TrialRow.status == "complete", TrialRow.batch < before_batch, QuestionResultRow.error.is_(None))))
 
-    def record_trial(self, study_id: int, *, split: str, batch: int, slot: int, status: str, graph: dict,
-                     graph_hash: str, method: str, origin: str, parents: Sequence[int], info: Mapping[str, Any],
-                     question_ids: Sequence[str], results: Sequence[QuestionResult], reused: set[str],
-                     metrics: Mapping[str, Any], reward: float | None, cost: Mapping[str, float] | None,
-                     new_runs: int, error: str | None = None, feedback: str | None = None,
-                     started_at=None) -> TrialInfo:
+    def record_trial(self, study_id: int, record: TrialRecord) -> TrialInfo:
         """Write one finished (or failed) trial with its results, atomically."""
+        t = record
         with self.session() as s:
             number = (s.scalar(select(func.max(TrialRow.number)).where(TrialRow.study_id == study_id)) or 0) + 1
             step_id = None
-            if info.get("agent_step"):
+            if t.info.get("agent_step"):
                 step_id = s.scalar(select(AgentStepRow.id).where(AgentStepRow.study_id == study_id,
-                                                                 AgentStepRow.key == info["agent_step"]))
+                                                                 AgentStepRow.key == t.info["agent_step"]))
             r = TrialRow(
-                study_id=study_id, number=number, split=split, batch=batch, slot=slot, graph=graph,
-                graph_hash=graph_hash, method=method, origin=origin, parents=list(parents),
-                info=self.redactor.value(json.loads(json.dumps(dict(info), default=str))),
-                question_ids=list(question_ids), feedback=self.redactor.text(feedback), agent_step_id=step_id,
-                started_at=started_at or utcnow())
-            _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
-                          cost=cost, new_runs=new_runs, error=error, redactor=self.redactor)
+                study_id=study_id, number=number, split=t.split, batch=t.batch, slot=t.slot, graph=t.graph,
+                graph_hash=t.graph_hash, method=t.method, origin=t.origin, parents=list(t.parents),
+                info=self.redactor.value(json.loads(json.dumps(dict(t.info), default=str))),
+                question_ids=list(t.question_ids), feedback=self.redactor.text(t.feedback), agent_step_id=step_id,
+                started_at=t.started_at or utcnow())
+            _fill_outcome(r, status=t.status, results=t.results, reused=set(t.reused), metrics=t.metrics,
+                          reward=t.reward, cost=t.cost, new_runs=t.new_runs, error=t.error, redactor=self.redactor)
             s.add(r)
             s.flush()
             return _trial_info(r)
@@ -870,6 +819,13 @@ class Storage:
                              .order_by(QuestionResultRow.position))
             return [result_from_row(r) for r in rows]
 
+    def paid_results(self, study_id: int) -> list[tuple[int, QuestionResult]]:
+        with self.session() as s:
+            rows = s.scalars(select(QuestionResultRow).join(TrialRow).where(
+                TrialRow.study_id == study_id, QuestionResultRow.reused.is_(False))
+                .order_by(TrialRow.number, QuestionResultRow.position))
+            return [(r.trial_id, result_from_row(r)) for r in rows]
+
     def agent_steps(self, study_id: int) -> list[dict]:
         with self.session() as s:
             rows = s.scalars(select(AgentStepRow).where(AgentStepRow.study_id == study_id).order_by(AgentStepRow.id))
@@ -897,13 +853,6 @@ def _process_gone(host: str, pid: int) -> bool:
     except OSError:  # exists, owned by someone else
         return False
     return False
-
-
-def _finite(x) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if x == x and abs(x) != float("inf") else None
 
 
 def _fill_outcome(r: TrialRow, *, status: str, results: Sequence[QuestionResult], reused: set[str],

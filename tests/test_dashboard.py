@@ -31,7 +31,7 @@ from graphtune.cli import app  # noqa: E402
 from graphtune.dashboard import DashboardError, DashboardServer, StudyMirror, graph_features  # noqa: E402
 from graphtune.graphs.io import from_dict  # noqa: E402
 from graphtune.graphs.render import to_text  # noqa: E402
-from graphtune.store.storage import Storage  # noqa: E402
+from graphtune.store import Storage, TrialRecord  # noqa: E402
 from test_export import make_study  # noqa: E402
 
 CHROMIUM = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
@@ -81,11 +81,12 @@ def get_json(url: str):
 def add_trial(store: Storage, st, like, *, status: str = "complete", batch: int = 99, accuracy: float = 0.9):
     """Record one more trial with the graph of ``like`` (what a worker would write)."""
     metrics = {"accuracy": accuracy, "n": 10, "n_scored": 10, "n_errors": 0}
-    return store.record_trial(st.id, split="dev", batch=batch, slot=0, status=status, graph=like.graph,
-                              graph_hash=like.graph_hash, method=st.method, origin="sample", parents=[like.number],
-                              info={}, question_ids=[f"q{i}" for i in range(10)], results=[], reused=set(),
-                              metrics=metrics, reward=accuracy,
-                              cost={"units": 3.5, "flops": 1e12, "usd": 1e-5, "latency_s": 2.0}, new_runs=10)
+    return store.record_trial(st.id, TrialRecord(
+        split="dev", batch=batch, slot=0, status=status, graph=like.graph,
+        graph_hash=like.graph_hash, method=st.method, origin="sample", parents=[like.number],
+        info={}, question_ids=[f"q{i}" for i in range(10)], results=[], reused=set(),
+        metrics=metrics, reward=accuracy,
+        cost={"units": 3.5, "flops": 1e12, "usd": 1e-5, "latency_s": 2.0}, new_runs=10))
 
 
 # -- the mirror -------------------------------------------------------------------------------

@@ -78,6 +78,52 @@ def test_cost_breakdown_counts_only_paid_runs(study):
         <= 1e-6 * cb["environment"]["flops"]
 
 
+def copy_study(src, dst, name: str):
+    """Copy a study between stores through the storage contract only (what a report reads)."""
+    from graphtune.store import TrialRecord
+
+    st = src.get_study(name)
+    out = dst.create_study(name, st.method, st.spec)
+    dst.save_progress(out.id, state=st.searcher_state or {}, batch_index=st.batch_index, runs_spent=st.runs_spent,
+                      agent_steps=src.agent_steps(st.id))
+    dst.set_status(out.id, st.status)
+    paid: dict[int, set[str]] = {}
+    for trial_id, r in src.paid_results(st.id):
+        paid.setdefault(trial_id, set()).add(r.question_id)
+    for t in src.list_trials(st.id):
+        res = src.trial_results(t.id)
+        cost = {"units": t.cost_units, "flops": t.flops, "usd": t.usd, "latency_s": t.latency_s}
+        dst.record_trial(out.id, TrialRecord(
+            split=t.split, batch=t.batch, slot=t.slot, status=t.status, graph=t.graph, graph_hash=t.graph_hash,
+            method=t.method, origin=t.origin, parents=t.parents, info=t.info, question_ids=t.question_ids,
+            results=res, reused={r.question_id for r in res} - paid.get(t.id, set()), metrics=t.metrics,
+            reward=t.reward, cost=cost, new_runs=t.new_runs, error=t.error, feedback=t.feedback,
+            started_at=t.started_at))
+    return dst.get_study(name)
+
+
+def test_a_report_is_built_from_a_memory_store_like_from_sqlite(study):
+    from graphtune.report import build_report, cost_breakdown
+    from graphtune.store import MemoryStorage, Storage
+
+    _, db = study
+    sql = Storage(db, readonly=True)
+    mem = MemoryStorage()
+    st_sql, st_mem = sql.get_study("ar"), copy_study(sql, mem, "ar")
+    assert cost_breakdown(mem, st_mem) == cost_breakdown(sql, st_sql)
+    assert cost_breakdown(mem, st_mem)["environment"]["runs"] == sum(t.new_runs for t in mem.list_trials(st_mem.id))
+    html_sql, pngs_sql = build_report(sql, st_sql)
+    html_mem, pngs_mem = build_report(mem, st_mem)
+    sql.close()
+    assert "store memory://" in html_mem and set(pngs_mem) == set(pngs_sql)
+
+    def body(html: str) -> str:  # the same study: the same page, apart from where it is stored and when
+        html = re.sub(r"<p class='sub'>store .*?</p>", "", html)
+        return re.sub(r'src="data:image/png;base64,[^"]+"', "", html)
+
+    assert body(html_mem) == body(html_sql)
+
+
 def _chromium(tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
     return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",

@@ -13,7 +13,7 @@ import pytest
 
 from graphtune.envs.base import NodeOutcome, QuestionResult
 from graphtune.errors import StoreError
-from graphtune.store import MemoryStorage, Storage
+from graphtune.store import MemoryStorage, Storage, StudyStorage, TrialRecord, WorkerStorage
 
 
 PG_URL = os.environ.get("GRAPHTUNE_TEST_POSTGRES_URL")
@@ -57,11 +57,12 @@ def _results(qids, ok=True, error=None):
 
 
 def _record(store, sid, h="h1", qids=("q1", "q2"), batch=0, slot=0, status="complete", error=None, res_error=None):
-    return store.record_trial(sid, split="dev", batch=batch, slot=slot, status=status, graph={"nodes": []},
-                              graph_hash=h, method="random", origin="random", parents=[], info={"k": 1},
-                              question_ids=list(qids), results=_results(qids, error=res_error), reused=set(),
-                              metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 3.0, "flops": 1e9},
-                              new_runs=len(qids), error=error)
+    return store.record_trial(sid, TrialRecord(
+        split="dev", batch=batch, slot=slot, status=status, graph={"nodes": []},
+        graph_hash=h, method="random", origin="random", parents=[], info={"k": 1},
+        question_ids=list(qids), results=_results(qids, error=res_error), reused=set(),
+        metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 3.0, "flops": 1e9},
+        new_runs=len(qids), error=error))
 
 
 def test_study_lifecycle(store):
@@ -97,6 +98,58 @@ def test_known_results_skip_infrastructure_failures(store):
     _record(store, st.id, qids=("q2",), slot=1, res_error="timeout")
     known = store.known_results(st.id, "h1", "dev")
     assert set(known) == {"q1"}  # the failed question will be retried, not reused as wrong
+
+
+def test_every_backend_implements_the_whole_contract(tmp_path):
+    # an ABC refuses to instantiate while an abstract method is missing: opening is the check
+    for kind in ("sqlite", "memory"):
+        s = open_store(kind, tmp_path)
+        assert isinstance(s, StudyStorage)
+        missing = [m for m in StudyStorage.__abstractmethods__ if getattr(type(s), m) is getattr(StudyStorage, m)]
+        assert missing == [], (kind, missing)
+        s.close()
+    sql = Storage(f"sqlite:///{tmp_path / 'w.db'}")
+    assert isinstance(sql, WorkerStorage)
+    sql.close()
+    assert not isinstance(MemoryStorage(), WorkerStorage)  # workers need a store they can share
+    with pytest.raises(TypeError, match="abstract"):
+        type("Partial", (StudyStorage,), {"get_study": lambda self, name: None})()
+
+
+def test_known_question_ids_count_only_reusable_results_of_earlier_batches(store):
+    st = store.create_study("s", "random", {})
+    _record(store, st.id, qids=("q1", "q2"), batch=0)
+    _record(store, st.id, qids=("q3",), batch=0, slot=1, res_error="timeout")  # retried, not reused
+    _record(store, st.id, qids=("q4",), batch=1)
+    _record(store, st.id, qids=("q5",), batch=1, slot=2, status="failed", error="cycle")
+    _record(store, st.id, h="other", qids=("q6",), batch=0, slot=3)
+    assert store.known_question_ids(st.id, "h1", "dev", before_batch=0) == set()
+    assert store.known_question_ids(st.id, "h1", "dev", before_batch=1) == {"q1", "q2"}
+    assert store.known_question_ids(st.id, "h1", "dev", before_batch=2) == {"q1", "q2", "q4"}
+    assert store.known_question_ids(st.id, "h1", "test", before_batch=2) == set()
+    assert store.known_question_ids(st.id, "other", "dev", before_batch=1) == {"q6"}
+
+
+def test_paid_results_leave_out_reused_ones(store):
+    st = store.create_study("s", "random", {})
+    t1 = _record(store, st.id, qids=("q1", "q2"))
+    t2 = store.record_trial(st.id, TrialRecord(
+        split="dev", batch=1, slot=0, status="complete", graph={"nodes": []}, graph_hash="h1", method="random",
+        origin="random", parents=[], info={}, question_ids=["q1", "q2", "q3"], results=_results(("q1", "q2", "q3")),
+        reused={"q1", "q2"}, metrics={"accuracy": 1.0}, reward=1.0, cost=None, new_runs=1))
+    assert [(i, r.question_id) for i, r in store.paid_results(st.id)] == [(t1.id, "q1"), (t1.id, "q2"),
+                                                                          (t2.id, "q3")]
+    assert store.paid_results(st.id)[0][1] == store.trial_results(t1.id)[0]
+
+
+def test_a_trial_record_is_a_frozen_value():
+    import dataclasses
+
+    rec = TrialRecord(split="dev", batch=0, slot=0, status="complete", graph={}, graph_hash="h", method="m",
+                      origin="o", parents=[], info={}, question_ids=[], results=[], reused=set(), metrics={},
+                      reward=None, cost=None, new_runs=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.status = "failed"
 
 
 def test_failed_trials_are_stored_with_their_reason(store):
@@ -348,10 +401,11 @@ def test_secret_values_are_redacted_from_everything_a_store_writes(tmp_path):
     st = s.create_study("s", "random", {"note": f"k={key}"})
     res = [QuestionResult(question_id="q1", answer=f"the key is {key}", correct=False, error=f"echo {key}",
                           nodes=(NodeOutcome("a", f"{key}!", False, 1, 1, 0.1),))]
-    s.record_trial(st.id, split="dev", batch=0, slot=0, status="complete", graph={"nodes": []}, graph_hash="h",
-                   method="random", origin="random", parents=[], info={"why": key, key: 1}, question_ids=["q1"],
-                   results=res, reused=set(), metrics={"accuracy": 0.0, "msg": key}, reward=0.0, cost=None,
-                   new_runs=1, error=f"failed with {key}", feedback=f"fb {key}")
+    s.record_trial(st.id, TrialRecord(
+        split="dev", batch=0, slot=0, status="complete", graph={"nodes": []}, graph_hash="h",
+        method="random", origin="random", parents=[], info={"why": key, key: 1}, question_ids=["q1"],
+        results=res, reused=set(), metrics={"accuracy": 0.0, "msg": key}, reward=0.0, cost=None,
+        new_runs=1, error=f"failed with {key}", feedback=f"fb {key}"))
     step = {"key": "b0", "batch": 0, "kind": "feedback", "backend": "openai/x", "is_llm": True,
             "prompt": f"question: {key}", "reply": f"answer: {key}", "parsed": {"t": key}, "applied": [key],
             "rejected_reason": f"bad {key}", "feedback": key}
@@ -385,10 +439,11 @@ def test_contract_every_backend_redacts_its_secrets_from_trials_steps_and_state(
     st = store.create_study("s", "random", {"x": key})
     res = [QuestionResult(question_id="q1", answer=f"a {key}", correct=False, error=None,
                           nodes=(NodeOutcome("n", key, False),))]
-    t = store.record_trial(st.id, split="dev", batch=0, slot=0, status="complete", graph={"nodes": []},
-                           graph_hash="h", method="random", origin="random", parents=[], info={"i": key},
-                           question_ids=["q1"], results=res, reused=set(), metrics={"accuracy": 0.0}, reward=0.0,
-                           cost=None, new_runs=1, error=f"e {key}", feedback=key)
+    t = store.record_trial(st.id, TrialRecord(
+        split="dev", batch=0, slot=0, status="complete", graph={"nodes": []},
+        graph_hash="h", method="random", origin="random", parents=[], info={"i": key},
+        question_ids=["q1"], results=res, reused=set(), metrics={"accuracy": 0.0}, reward=0.0,
+        cost=None, new_runs=1, error=f"e {key}", feedback=key))
     store.save_progress(st.id, state={"s": key}, batch_index=1, runs_spent=1,
                         agent_steps=[{"key": "b0", "batch": 0, "kind": "feedback", "backend": "x", "is_llm": True,
                                       "prompt": key, "reply": key, "feedback": key}])
