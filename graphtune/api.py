@@ -445,7 +445,6 @@ def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool 
     problem = build_problem(spec)
     searcher = None
     created = False
-    storage = None
     try:
         searcher = make_searcher(spec, problem.ctx)
         storage = Storage(spec.storage, secrets=spec_secrets(spec))
@@ -461,50 +460,43 @@ def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool 
                     raise
         with StudyLease(storage, study, take_over=take_over, heartbeat_s=lease_heartbeat_s,
                         stale_after_s=lease_stale_s) as lease:
-            names = _changed_names(study.spec, resolved)
-            if names and not force:
-                raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
-                                "use another --study name, or --force to continue it anyway")
-            if spec_changes(study.spec, resolved):
-                storage.update_study_spec(study.id, resolved)
-            if study.method != spec.search.method:
-                storage.reset_searcher(study.id, spec.search.method)
-            study = storage.get_study(spec.study)
-            queued = storage.unfinished_trials(study.id)
-            if queued:
-                raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
-                                f"continue it with `graphtune worker --study {spec.study} --storage "
-                                f"{mask_url(spec.storage)}`")
+            try:
+                names = _changed_names(study.spec, resolved)
+                if names and not force:
+                    raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
+                                    "use another --study name, or --force to continue it anyway")
+                if spec_changes(study.spec, resolved):
+                    storage.update_study_spec(study.id, resolved)
+                if study.method != spec.search.method:
+                    storage.reset_searcher(study.id, spec.search.method)
+                study = storage.get_study(spec.study)
+                queued = storage.unfinished_trials(study.id)
+                if queued:
+                    raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
+                                    f"continue it with `graphtune worker --study {spec.study} --storage "
+                                    f"{mask_url(spec.storage)}`")
 
-            def checked(ev: dict) -> None:  # stop at the next trial once the lease is lost
-                lease.check()
-                if progress is not None:
-                    progress(ev)
+                def checked(ev: dict) -> None:  # stop at the next trial once the lease is lost
+                    lease.check()
+                    if progress is not None:
+                        progress(ev)
 
-            outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
-                                 budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids,
-                                 progress=checked)
-    except BaseException:
-        if created and storage is not None:
-            _drop_if_empty(storage, spec.study)
-        raise
+                outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
+                                     budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids,
+                                     progress=checked)
+            except BaseException:
+                # still holding the lease, so no other process can have started on it
+                if created:
+                    try:
+                        storage.delete_study_if_empty(study.id)
+                    except Exception:  # noqa: BLE001 - the failure being raised is the one to report
+                        pass
+                raise
     finally:
         if searcher is not None:
             searcher.close()
         problem.env.close()
     return problem, storage.get_study(spec.study), outcome
-
-
-def _drop_if_empty(storage, name: str) -> None:
-    """Remove a study this run created when it failed before its first trial (an endpoint
-    refusing the first call, an interrupt), so the corrected spec runs under the same name
-    instead of meeting a half-written study. Anything stored keeps the study."""
-    try:
-        st = storage.get_study(name)
-        if st is not None and st.n_trials == 0 and st.runs_spent == 0 and st.batch_index == 0:
-            storage.delete_study(name)
-    except Exception:  # noqa: BLE001 - the failure being raised is the one to report
-        pass
 
 
 def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None,

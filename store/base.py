@@ -165,6 +165,13 @@ class StudyStorage(abc.ABC):
         """Delete the study with everything of it; False if there was none."""
 
     @abc.abstractmethod
+    def delete_study_if_empty(self, study_id: int) -> bool:
+        """Delete the study when nothing was stored in it yet (no trial, no run paid, batch
+        0), deciding and deleting in one transaction; True if it was deleted. A run that
+        fails before its first trial removes the study it created with this, so the fixed
+        spec runs under the same name (its ledger rows stay: nothing is paid twice)."""
+
+    @abc.abstractmethod
     def reset_searcher(self, study_id: int, method: str) -> None:
         """Forget the searcher state (a study continued with another method); trials, the
         batch counter and the spent budget stay."""

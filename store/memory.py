@@ -80,6 +80,12 @@ class MemoryStorage(StudyStorage):
         self._steps.pop(d["id"], None)
         return True
 
+    def delete_study_if_empty(self, study_id: int) -> bool:
+        d = next((d for d in self._studies.values() if d["id"] == study_id), None)
+        if d is None or d["runs_spent"] or d["batch_index"] or self._trials.get(study_id):
+            return False
+        return self.delete_study(d["name"])
+
     def reset_searcher(self, study_id: int, method: str) -> None:
         d = self._by_id(study_id)
         d["method"], d["searcher_state"] = method, None

@@ -515,6 +515,16 @@ class Storage(StudyStorage, WorkerStorage):
             s.delete(r)
             return True
 
+    def delete_study_if_empty(self, study_id: int) -> bool:
+        with self.session() as s:
+            r = s.get(StudyRow, study_id, with_for_update=True)
+            if r is None or r.runs_spent or r.batch_index:
+                return False
+            if s.scalar(select(TrialRow.id).where(TrialRow.study_id == study_id).limit(1)) is not None:
+                return False
+            s.delete(r)
+            return True
+
     def reset_searcher(self, study_id: int, method: str) -> None:
         """Forget the searcher state (a study continued with another method); trials, the
         batch counter and the spent budget stay."""

@@ -130,6 +130,21 @@ def test_known_question_ids_count_only_reusable_results_of_earlier_batches(store
     assert store.known_question_ids(st.id, "other", "dev", before_batch=1) == {"q6"}
 
 
+def test_an_empty_study_is_deleted_and_one_with_anything_stored_is_kept(store):
+    empty = store.create_study("empty", "random", {})
+    assert store.delete_study_if_empty(empty.id) is True and store.get_study("empty") is None
+    assert store.delete_study_if_empty(empty.id) is False  # gone already
+    with_trial = store.create_study("with-trial", "random", {})
+    _record(store, with_trial.id, qids=("q1",))
+    paid = store.create_study("paid", "random", {})
+    store.save_progress(paid.id, state={}, batch_index=0, runs_spent=3)
+    stepped = store.create_study("stepped", "random", {})
+    store.save_progress(stepped.id, state={}, batch_index=1, runs_spent=0)
+    for st in (with_trial, paid, stepped):
+        assert store.delete_study_if_empty(st.id) is False
+        assert store.get_study(st.name) is not None
+
+
 def test_paid_results_leave_out_reused_ones(store):
     st = store.create_study("s", "random", {})
     t1 = _record(store, st.id, qids=("q1", "q2"))
