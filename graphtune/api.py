@@ -612,9 +612,3 @@ def dump_study(store, name: str) -> dict[str, Any]:
         "agent_steps": store.agent_steps(st.id),
         "workers": store.list_workers(st.id) if isinstance(store, WorkerStorage) else [],
     }
-
-
-def _mask_url(url: str) -> str:
-    from graphtune.store.storage import mask_url
-
-    return mask_url(url)

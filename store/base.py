@@ -88,7 +88,8 @@ class TrialRecord:
     evaluated or reused; ``reused``: the question ids whose result came from an earlier
     trial (not paid again); ``cost``: the graph's cost (``units``, ``flops``, ``usd``,
     ``latency_s``), None for a graph that failed validation; ``new_runs``: questions paid
-    for by this trial; ``error``: why a failed trial failed; ``started_at``: None for now."""
+    for by this trial; ``error``: why a failed trial failed; ``started_at``: when the
+    trial started (None: the time it is written)."""
 
     split: str
     batch: int

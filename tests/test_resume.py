@@ -111,9 +111,9 @@ def test_dump_writes_study_spec_trials_results_and_steps(tmp_path):
 
 
 def test_dump_masks_a_storage_password():
-    from graphtune.api import _mask_url
+    from graphtune.store.storage import mask_url
 
-    assert "hunter2" not in _mask_url("postgresql+psycopg://u:hunter2@db/x")
+    assert "hunter2" not in mask_url("postgresql+psycopg://u:hunter2@db/x")
 
 
 def test_dataset_paths_are_stored_absolute_and_old_relative_ones_still_match(tmp_path):
