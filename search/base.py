@@ -4,6 +4,7 @@ Lifecycle (driven by :func:`graphtune.search.loop.run_search`)::
 
     searcher = SomeSearcher(ctx)            # ctx: space, costs, budget, dev ids, seed...
     searcher.load_state_dict(state)         # only when resuming a stored study
+    searcher.restore(history)               # then: the trials it was already told, from the store
     while budget left:
         batch = searcher.ask()              # [] means "nothing more to propose"
         evals = [evaluate(c) for c in batch]    # the loop; cached results cost nothing
@@ -272,6 +273,13 @@ class Searcher(ABC):
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state produced by ``state_dict`` (same context)."""
+
+    def restore(self, history: Sequence[Evaluation]) -> None:
+        """Called once after ``load_state_dict`` when a stored study is resumed, with every
+        finished dev evaluation the searcher was already told (batches before the saved
+        batch index, in trial order), rebuilt from the store. A searcher that keeps
+        evidence the store holds (per-question results) rebuilds it here instead of
+        saving a copy in its state. The default does nothing."""
 
     def recommend(self, history: Sequence[Evaluation]) -> GraphStats | None:
         """The graph to return, from all dev evaluations of the study (never simply the

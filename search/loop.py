@@ -131,14 +131,28 @@ def load_history(storage: StudyStorage, study: StudyInfo, ctx: SearchContext) ->
     return out
 
 
+def resume_searcher(searcher: Searcher, storage: StudyStorage, study: StudyInfo, ctx: SearchContext) -> None:
+    """Bring a fresh searcher to the study's saved state: ``load_state_dict`` then
+    ``restore`` with the dev trials of the batches it was told (nothing for a new study)."""
+    if study.searcher_state is None:
+        return
+    searcher.load_state_dict(study.searcher_state)
+    told = [e for e, t in zip(load_history(storage, study, ctx), _complete_dev(storage, study))
+            if t.batch < study.batch_index]
+    searcher.restore(told)
+
+
+def _complete_dev(storage: StudyStorage, study: StudyInfo) -> list[TrialInfo]:
+    return [t for t in storage.list_trials(study.id, split="dev") if t.status == "complete"]
+
+
 def run_search(searcher: Searcher, env: Environment, storage: StudyStorage, study: StudyInfo, ctx: SearchContext, *,
                budget_runs: int, test_ids: Sequence[str] | None = None,
                progress: ProgressCallback | None = None) -> SearchOutcome:
     """Run (or continue) a study until ``budget_runs`` graph-question runs are spent or
     the searcher has nothing new to propose; then recommend a graph and score it once on
     the test split."""
-    if study.searcher_state is not None:
-        searcher.load_state_dict(study.searcher_state)
+    resume_searcher(searcher, storage, study, ctx)
     batch_index, spent, idle = study.batch_index, study.runs_spent, 0
     stopped = "budget"
     best_so_far = float("-inf")

@@ -48,6 +48,7 @@ from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.space import validate
 from graphtune.search.base import Candidate, SearchContext, Searcher
 from graphtune.search.loop import (MAX_IDLE_BATCHES, _evaluation_from_trial, _mean, load_history, no_graph_measured,
+                                   resume_searcher,
                                    run_missing, trial_metrics)
 from graphtune.store.base import StudyStorage
 from graphtune.store.storage import Coordination, Storage, StudyInfo, TrialInfo
@@ -210,8 +211,7 @@ class Worker:
             self._searcher.close()
         self._searcher, self._asked_batch = None, None
         s = self.make_searcher()
-        if st.searcher_state is not None:
-            s.load_state_dict(st.searcher_state)
+        resume_searcher(s, self.storage, st, self.ctx)
         self._searcher, self._asked, self._asked_batch = s, s.ask(), k
         return s, self._asked
 
@@ -223,8 +223,7 @@ class Worker:
         if not rows and st.runs_spent >= budget:  # budget spent (a finished study given no more)
             s = self.make_searcher()
             try:
-                if st.searcher_state is not None:
-                    s.load_state_dict(st.searcher_state)
+                resume_searcher(s, self.storage, st, self.ctx)
                 return self._finish(co, st, s, k, st.runs_spent, "budget")
             finally:
                 s.close()
