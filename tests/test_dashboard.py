@@ -96,7 +96,7 @@ def add_trial(store: Storage, st, like, *, status: str = "complete", batch: int 
 def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
     store = Storage(f"sqlite:///{study_db}")
     st = store.get_study("ar")
-    ours = store.list_trials(st.id)
+    ours = store.list_trials(st.id, split="dev")  # the held-out test trial is not an Optuna trial
     mirror = StudyMirror(store, "ar")
     stats = mirror.refresh()
     assert stats.added == len(ours) and stats.updated == 0
@@ -104,9 +104,9 @@ def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
     assert study.study_name == "ar" and study.metric_names == ["accuracy", "cost units"]
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     trials = study.get_trials()
-    assert len(trials) == len(ours) and {t.user_attrs["split"] for t in trials} == {"dev", "test"}
+    assert len(trials) == len(ours) and {t.user_attrs["split"] for t in trials} == {"dev"}
     for t, o in zip(trials, ours):
-        assert t.user_attrs["trial_number"] == o.number and t.user_attrs["graph_hash"] == o.graph_hash
+        assert t.user_attrs["graphtune_trial"] == o.number and t.user_attrs["graph_hash"] == o.graph_hash
         assert t.user_attrs["batch"] == o.batch and t.user_attrs["origin"] == o.origin
         assert t.user_attrs["parents"] == list(o.parents) and t.user_attrs["new_runs"] == o.new_runs
         assert t.state == TrialState.COMPLETE and t.values == [o.accuracy, o.cost_units]
@@ -176,7 +176,7 @@ def test_mirror_refresh_is_incremental(study_db, tmp_path):
     stats = mirror.refresh()
     assert (stats.added, stats.updated) == (2, 0)
     trials = mirror.study.get_trials()
-    assert len(trials) == n0 + 3 and trials[-2].user_attrs["trial_number"] == new.number
+    assert len(trials) == n0 + 3 and trials[-2].user_attrs["graphtune_trial"] == new.number
     assert trials[-2].values == [0.9, 3.5] and trials[-1].state == TrialState.FAIL and trials[-1].values is None
     fresh = store.get_study("ar")
     store.save_progress(st.id, state=fresh.searcher_state or {}, batch_index=fresh.batch_index,
@@ -202,7 +202,7 @@ def test_dashboard_unknown_study_is_one_line_error(study_db):
 def test_server_api_lists_the_study_live_and_read_only(study_db, tmp_path):
     store = Storage(copy_db(study_db, tmp_path / "copy.db"))
     st = store.get_study("ar")
-    n = len(store.list_trials(st.id))
+    n = len(store.list_trials(st.id, split="dev"))  # the dashboard's trials: dev trials only
     with DashboardServer(store, "ar", port=0, refresh_s=0.3).start() as server:
         base = f"http://127.0.0.1:{server.port}"
         assert server.url.startswith(base + "/dashboard/studies/")
@@ -228,7 +228,7 @@ def test_server_api_lists_the_study_live_and_read_only(study_db, tmp_path):
         # the port is taken: one line naming the flag
         with pytest.raises(DashboardError, match="cannot listen on 127.0.0.1:.*pass another --port"):
             DashboardServer(store, "ar", port=server.port)
-    assert len(store.list_trials(st.id)) == n + 1
+    assert len(store.list_trials(st.id, split="dev")) == n + 1
 
 
 def _chromium(tmp: Path, url: str) -> subprocess.CompletedProcess:
@@ -257,7 +257,7 @@ def test_cli_serves_the_dashboard_and_chromium_renders_it(study_db, tmp_path):
         assert "Pareto Front" in p.stdout and "accuracy" in p.stdout and "cost units" in p.stdout
         # the trials page: one row per trial, the selected trial's note shows its graph
         p = _chromium(tmp_path, base + page + "/trials")
-        n = len(Storage(db).list_trials(Storage(db).get_study("ar").id))
+        n = len(Storage(db).list_trials(Storage(db).get_study("ar").id, split="dev"))
         assert f">{n} Trials<" in p.stdout and ">Trial 0<" in p.stdout, p.stdout[-2000:]
         assert "graphtune trial #1" in p.stdout and "flowchart" in p.stdout
         errors = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln and "error" in ln.lower()]
