@@ -63,6 +63,7 @@ from graphtune.errors import GraphtuneError, StoreError
 from graphtune.graphs.io import from_dict
 from graphtune.graphs.model import BUILTIN_ROLES, Graph
 from graphtune.graphs.render import to_mermaid, to_text
+from graphtune.pareto import StudyPoints, study_points
 from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,6 @@ class StudyMirror:
         return self._study
 
     def refresh(self) -> RefreshStats:
-        from graphtune.pareto import study_points
-
         st = self.store.get_study(self.name)
         if st is None:
             known = [s.name for s in self.store.list_studies()]
@@ -326,7 +325,7 @@ class StudyMirror:
         self._graph_study_id = st.id
         self._trials, self._steps_sig, self._study_digest = {}, {}, ""
 
-    def _update_study(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp) -> None:
+    def _update_study(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp: StudyPoints) -> None:
         save_note = _optuna_dashboard().save_note
         attrs: dict[str, Any] = {"graphtune_study": st.name, "method": st.method, "status": st.status,
                                  "runs_spent": st.runs_spent, "batches": st.batch_index,
@@ -347,7 +346,7 @@ class StudyMirror:
         save_note(self.study, body)
         self._study_digest = digest
 
-    def _study_note(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp) -> str:
+    def _study_note(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp: StudyPoints) -> str:
         spec = st.spec or {}
         budget = {k: v for k, v in (spec.get("budget") or {}).items() if v is not None}
         search = spec.get("search") or {}
