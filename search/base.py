@@ -1,6 +1,6 @@
 """The Searcher contract and the values that pass between a searcher and the loop.
 
-Lifecycle (driven by :func:`graphtune.search.loop.run_search`)::
+Lifecycle (driven by the batch engine, :mod:`graphtune.search.engine`)::
 
     searcher = SomeSearcher(ctx)            # ctx: space, costs, budget, dev ids, seed...
     searcher.load_state_dict(state)         # only when resuming a stored study

@@ -182,10 +182,11 @@ class StudyStorage(abc.ABC):
         """Set the study's status (``running``, ``done``, ...)."""
 
     @abc.abstractmethod
-    def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
+    def save_progress(self, study_id: int, *, state: Mapping[str, Any] | None, batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
-        """Searcher state + counters + the batch's agent steps, in one step; an agent step
-        whose ``key`` is already stored is not added again."""
+        """Searcher state + counters + the batch's agent steps, in one step; ``state=None``
+        keeps the stored state; an agent step whose ``key`` is already stored is not added
+        again."""
 
     # -- trials ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -281,10 +282,9 @@ class WorkerStorage(abc.ABC):
         there is none."""
 
     @abc.abstractmethod
-    def finish_claim(self, trial_id: int, worker: str, *, status: str, results: Sequence[QuestionResult],
-                     reused: set[str], metrics: Mapping[str, Any], reward: float | None,
-                     cost: Mapping[str, float] | None, new_runs: int, error: str | None = None) -> bool:
-        """Store a claimed trial's outcome if ``worker`` still holds the claim (False:
+    def finish_claim(self, trial_id: int, worker: str, record: TrialRecord) -> bool:
+        """Store a claimed trial's outcome (``record``'s status, results, metrics, cost...;
+        its place is the claimed trial's) if ``worker`` still holds the claim (False:
         retaken; nothing written)."""
 
     @abc.abstractmethod
@@ -300,6 +300,17 @@ class WorkerStorage(abc.ABC):
         """How many batches just before ``before`` paid for no new run."""
 
     @abc.abstractmethod
-    def coordination(self, study_id: int) -> contextlib.AbstractContextManager:
+    def coordination(self, study_id: int, *, wait: bool = False) -> contextlib.AbstractContextManager:
         """The study's batch-update lock: a context yielding a holder of it, or None when
-        another worker holds it."""
+        another worker holds it (``wait``: wait for it instead)."""
+
+    @abc.abstractmethod
+    def claim_update(self, study_id: int, worker: str, *, stale_after_s: float) -> bool:
+        """Make ``worker`` the one that computes the study's next batch update (the
+        searcher's tell and ask, outside any lock); False while another live worker holds
+        the claim. The claim lapses with its holder's heartbeat; it ends with
+        ``Coordination.release_update`` (in the commit) or :meth:`release_update`."""
+
+    @abc.abstractmethod
+    def release_update(self, study_id: int, worker: str) -> None:
+        """Give up the update claim without committing."""

@@ -82,6 +82,8 @@ LEASE_HEARTBEAT_S = 5.0
 LEASE_STALE_S = 60.0
 #: name prefix of the ``workers`` row that is an ``optimize`` process's lease
 LEASE_PREFIX = "optimize:"
+#: statuses of a worker row whose process runs (``updating``: it holds the batch-update claim)
+LIVE = ("running", "updating")
 #: the leases this process holds now (a lease of this host and pid not in it is a leftover
 #: of an earlier run in this process whose release failed: taken over)
 _HELD_HERE: set[str] = set()
@@ -536,12 +538,13 @@ class Storage(StudyStorage, WorkerStorage):
         with self.session() as s:
             s.get(StudyRow, study_id).status = status
 
-    def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
+    def save_progress(self, study_id: int, *, state: Mapping[str, Any] | None, batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
         """Searcher state + counters + the batch's agent steps, in one transaction."""
         with self.session() as s:
             r = s.get(StudyRow, study_id)
-            r.searcher_state = self.redactor.value(json.loads(json.dumps(state)))
+            if state is not None:
+                r.searcher_state = self.redactor.value(json.loads(json.dumps(state)))
             r.batch_index = batch_index
             r.runs_spent = runs_spent
             for step in agent_steps:
@@ -645,13 +648,13 @@ class Storage(StudyStorage, WorkerStorage):
                 self._lock_study(s, study_id)
                 now = self._now()
                 cutoff = now - timedelta(seconds=stale_after_s)
-                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running",
+                stale = [WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE),
                          WorkerRow.heartbeat_at <= cutoff]
                 if kind == "worker":
                     stale.append(WorkerRow.name.startswith(LEASE_PREFIX))
                 s.execute(update(WorkerRow).where(*stale).values(status="stopped"))  # dead: their leases end
                 live = list(s.scalars(select(WorkerRow).where(
-                    WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)
+                    WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE), WorkerRow.heartbeat_at > cutoff)
                     .order_by(WorkerRow.id)))
                 if kind == "worker":
                     live = [w for w in live if w.name.startswith(LEASE_PREFIX)]
@@ -678,7 +681,7 @@ class Storage(StudyStorage, WorkerStorage):
         def go():
             with self.session() as s:
                 got = s.execute(update(WorkerRow).where(
-                    WorkerRow.study_id == study_id, WorkerRow.name == name, WorkerRow.status == "running")
+                    WorkerRow.study_id == study_id, WorkerRow.name == name, WorkerRow.status.in_(LIVE))
                     .values(heartbeat_at=self._now()))
                 return got.rowcount == 1
         return self._retrying(go, "renewing the study's lease")
@@ -699,7 +702,10 @@ class Storage(StudyStorage, WorkerStorage):
             with self.session() as s:
                 now = self._now()
                 s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name).values(
-                    heartbeat_at=now, trials_done=trials_done, batches_updated=batches_updated, status=status))
+                    heartbeat_at=now, trials_done=trials_done, batches_updated=batches_updated))
+                keep = [WorkerRow.status != "updating"] if status == "running" else []  # the update claim stays
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name, *keep)
+                          .values(status=status))
                 if trial_id is not None:
                     s.execute(update(TrialRow).where(TrialRow.id == trial_id, TrialRow.worker == name,
                                                      TrialRow.status == "running").values(heartbeat_at=now))
@@ -710,7 +716,7 @@ class Storage(StudyStorage, WorkerStorage):
         with self.session() as s:
             cutoff = self._now() - timedelta(seconds=stale_after_s)
             return int(s.scalar(select(func.count()).select_from(WorkerRow).where(
-                WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)) or 0)
+                WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE), WorkerRow.heartbeat_at > cutoff)) or 0)
 
     def list_workers(self, study_id: int) -> list[dict]:
         with self.session() as s:
@@ -746,9 +752,7 @@ class Storage(StudyStorage, WorkerStorage):
                 return t
         return None
 
-    def finish_claim(self, trial_id: int, worker: str, *, status: str, results: Sequence[QuestionResult],
-                     reused: set[str], metrics: Mapping[str, Any], reward: float | None,
-                     cost: Mapping[str, float] | None, new_runs: int, error: str | None = None) -> bool:
+    def finish_claim(self, trial_id: int, worker: str, record: TrialRecord) -> bool:
         """Store a claimed trial's outcome with its results, atomically, if ``worker`` still
         holds the claim (False: it was retaken after a stale heartbeat; nothing written).
         Trials of the same graph waiting for this one become claimable."""
@@ -757,8 +761,9 @@ class Storage(StudyStorage, WorkerStorage):
                 r = s.scalar(select(TrialRow).where(TrialRow.id == trial_id).with_for_update())
                 if r is None or r.status != "running" or r.worker != worker:
                     return False
-                _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
-                              cost=cost, new_runs=new_runs, error=error, redactor=self.redactor)
+                _fill_outcome(r, status=record.status, results=record.results, reused=set(record.reused),
+                              metrics=record.metrics, reward=record.reward, cost=record.cost, new_runs=record.new_runs,
+                              error=record.error, redactor=self.redactor)
                 s.execute(update(TrialRow).where(TrialRow.study_id == r.study_id, TrialRow.status == "waiting",
                                                  TrialRow.after_trial == r.number).values(status="pending"))
                 return True
@@ -794,22 +799,53 @@ class Storage(StudyStorage, WorkerStorage):
         return n
 
     @contextlib.contextmanager
-    def coordination(self, study_id: int) -> Iterator[Coordination | None]:
+    def coordination(self, study_id: int, *, wait: bool = False) -> Iterator[Coordination | None]:
         """The study's batch-update lock: yields a :class:`Coordination` holding it, or None
-        when another worker holds it. Everything written through the coordination commits
-        in one transaction when the block ends (nothing if it raises)."""
-        with self.session() as s:
-            try:
-                if self.engine.dialect.name == "sqlite":
-                    # a write first: SQLite's write lock is held until commit (others wait or skip)
-                    s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
-                r = s.scalar(select(StudyRow).where(StudyRow.id == study_id).with_for_update(skip_locked=True))
-            except SQLAlchemyError as e:
-                if "locked" not in str(e):
-                    raise
-                s.rollback()  # SQLite: another worker held the write lock past the busy timeout
-                r = None
-            yield Coordination(self, s, r) if r is not None else None
+        when another worker holds it (``wait``: wait for it, retrying SQLite's busy
+        timeouts). Everything written through the coordination commits in one transaction
+        when the block ends (nothing if it raises)."""
+        for attempt in range(20 if wait else 1):
+            with self.session() as s:
+                try:
+                    if self.engine.dialect.name == "sqlite":
+                        # a write first: SQLite's write lock is held until commit (others wait or skip)
+                        s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
+                    r = s.scalar(select(StudyRow).where(StudyRow.id == study_id)
+                                 .with_for_update(skip_locked=not wait))
+                except SQLAlchemyError as e:
+                    if "locked" not in str(e):
+                        raise
+                    s.rollback()  # SQLite: another worker held the write lock past the busy timeout
+                    r = None
+                if r is not None or not wait or attempt == 19:
+                    yield Coordination(self, s, r) if r is not None else None
+                    return
+            time.sleep(0.05 * (attempt + 1))
+
+    def claim_update(self, study_id: int, worker: str, *, stale_after_s: float) -> bool:
+        """See :meth:`WorkerStorage.claim_update`: the claim is the worker's row in status
+        ``updating``; a holder whose heartbeat is stale, or whose process is gone from this
+        machine, has lost it."""
+        def go():
+            with self.session() as s:
+                self._lock_study(s, study_id)
+                cutoff = self._now() - timedelta(seconds=stale_after_s)
+                others = [w for w in s.scalars(select(WorkerRow).where(
+                    WorkerRow.study_id == study_id, WorkerRow.status == "updating", WorkerRow.name != worker,
+                    WorkerRow.heartbeat_at > cutoff)) if not _process_gone(w.host, w.pid)]
+                if others:
+                    return False
+                got = s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == worker,
+                                                        WorkerRow.status.in_(LIVE)).values(status="updating"))
+                return got.rowcount == 1
+        return self._retrying(go, "claiming the study's batch update")
+
+    def release_update(self, study_id: int, worker: str) -> None:
+        def go():
+            with self.session() as s:
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == worker,
+                                                  WorkerRow.status == "updating").values(status="running"))
+        self._retrying(go, "releasing the study's batch update")
 
     def list_trials(self, study_id: int, split: str | None = None) -> list[TrialInfo]:
         with self.session() as s:
@@ -945,3 +981,8 @@ class Coordination:
 
     def set_status(self, status: str) -> None:
         self._r.status = status
+
+    def release_update(self, worker: str) -> None:
+        """End ``worker``'s update claim as part of this transaction."""
+        self._s.execute(update(WorkerRow).where(WorkerRow.study_id == self._r.id, WorkerRow.name == worker,
+                                                WorkerRow.status == "updating").values(status="running"))

@@ -22,6 +22,7 @@ from graphtune.cli import app
 from graphtune.envs.base import QuestionResult
 from graphtune.errors import SpecError
 from graphtune.search.worker import WorkerOptions
+from graphtune.store.base import TrialRecord
 from graphtune.spec import load_spec
 from graphtune.store import Storage
 
@@ -154,8 +155,11 @@ def _result(q: str) -> QuestionResult:
 
 
 def _finish(store, t, worker):
-    return store.finish_claim(t.id, worker, status="complete", results=[_result("a"), _result("b")], reused=set(),
-                              metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 1.0}, new_runs=2)
+    rec = TrialRecord(split=t.split, batch=t.batch, slot=t.slot, status="complete", graph=t.graph,
+                      graph_hash=t.graph_hash, method=t.method, origin=t.origin, parents=t.parents, info=t.info,
+                      question_ids=t.question_ids, results=[_result("a"), _result("b")], reused=frozenset(),
+                      metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 1.0}, new_runs=2)
+    return store.finish_claim(t.id, worker, rec)
 
 
 @pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
