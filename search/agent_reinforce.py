@@ -31,13 +31,13 @@ from pydantic import Field
 
 from graphtune.agent import make_agent
 from graphtune.agent.base import AgentStep
+from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemInfo, node_flips
 from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, AgentUpdate, GraphProposal, reply_excerpt
 from graphtune.errors import GraphError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
-from graphtune.graphs.model import Graph, Node
-from graphtune.graphs.space import validate
+from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, SearchContext
 from graphtune.search.reinforce import PolicyOptions, PolicySearcher
 
@@ -114,12 +114,9 @@ class AgentReinforceSearcher(PolicySearcher):
         return out
 
     def _proposal_graph(self, prop: GraphProposal) -> Graph:
-        """Build and validate one proposal; raises GraphError/BudgetError with the reason."""
-        nodes = [Node.make(n.id, n.role, n.model) for n in prop.nodes]
-        g = Graph.build(nodes, [tuple(e) for e in prop.edges])
-        g.topo_order  # raises on a cycle
-        validate(g, self.ctx.space, self.ctx.costs, self.ctx.budget)
-        return g
+        """Build and validate one proposal; raises GraphError/BudgetError with the reason
+        (one line: :func:`graphtune.agent.proposals.proposal_to_graph`, llm-opt's builder too)."""
+        return proposal_to_graph(prop, self.ctx.space, self.ctx.costs, self.ctx.budget)
 
     def _queue_proposals(self, upd: AgentUpdate, key: str, default_parents: Sequence[int]) -> list[dict[str, Any]]:
         report: list[dict[str, Any]] = []
