@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from graphtune.envs.base import Environment
 from graphtune.errors import SearchError
 from graphtune.search.base import Candidate, SearchContext, Searcher
-from graphtune.search.engine import BatchEngine, TrialPlan
+from graphtune.search.engine import BatchEngine
 from graphtune.store.storage import Storage, StudyInfo, TrialInfo
 
 FINISHED = ("complete", "failed")
