@@ -225,6 +225,69 @@ def test_the_batch_update_lock_is_held_by_one_worker_at_a_time(store_url):
     store.close()
 
 
+def test_the_searchers_update_holds_no_store_lock_and_one_worker_makes_it(tmp_path):
+    """The searcher's tell/ask (an LLM agent's call, in agent-reinforce) runs outside any
+    store lock: while it runs, another process can take the study's lock (report, show,
+    a heartbeat, a trial being stored), but not the update claim, so no second worker
+    makes the same (paid) update."""
+    from graphtune.api import build_problem, make_searcher, stored_spec
+    from graphtune.search.base import Searcher
+    from graphtune.search.worker import Worker
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = load_spec(_spec(tmp_path, url, "agent-reinforce", evaluations=6), overrides={"storage": url})
+    problem = build_problem(spec)
+    store, other = Storage(url, workers=True), Storage(url, workers=True)
+    st = store.create_study("w", spec.search.method, stored_spec(spec))
+    other.register_worker(st.id, "other", "elsewhere", 1)  # a live worker of another machine
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(Searcher):
+        def __init__(self, inner):
+            self.inner, self.name, self.ctx = inner, inner.name, inner.ctx
+
+        def tell(self, evaluations):
+            with other.coordination(st.id) as co:
+                lock_free = co is not None
+            seen.append((lock_free, other.claim_update(st.id, "other", stale_after_s=60)))
+            self.inner.tell(evaluations)
+
+        def ask(self):
+            return self.inner.ask()
+
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, state):
+            self.inner.load_state_dict(state)
+
+        def restore(self, history):
+            self.inner.restore(history)
+
+        def recommend(self, history):
+            return self.inner.recommend(history)
+
+        def drain_agent_steps(self):
+            return self.inner.drain_agent_steps()
+
+        def close(self):
+            self.inner.close()
+
+    w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids, storage=store, study=st,
+               make_searcher=lambda: Probe(make_searcher(spec, problem.ctx)), options=WorkerOptions(poll_s=0.01))
+    try:
+        rep = w.run()
+    finally:
+        problem.env.close()
+    assert rep.study_status == "complete" and rep.batch_updates >= 2
+    assert len(seen) == rep.batch_updates
+    assert all(lock_free for lock_free, _ in seen), seen  # no store lock held during the update
+    assert not any(claimed for _, claimed in seen), seen  # and no other worker could start the same one
+    assert [w["status"] for w in store.list_workers(st.id) if w["name"] != "other"] == ["stopped"]
+    other.close()
+    store.close()
+
+
 async def _no_call(model, messages, **kw):
     raise AssertionError("no LLM call expected")
 
