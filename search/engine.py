@@ -261,7 +261,8 @@ class BatchEngine:
         """The search is over: recommend a graph and plan its one test-split evaluation."""
         best = self.recommend(searcher)
         plans: tuple[TrialPlan, ...] = ()
-        if best is not None and self.test_ids:
+        if best is not None and self.test_ids and self.storage.find_trial(
+                self.study.id, "test", -1, 0, graph_hash(best.graph)) is None:  # tested once, ever
             g = best.graph
             plans = (TrialPlan(split="test", batch=-1, slot=0, graph=to_dict(g), graph_hash=graph_hash(g),
                                method=searcher.name, origin="test", parents=(best.best_trial,),
@@ -279,6 +280,16 @@ class BatchEngine:
         if best is None and history:
             raise no_graph_measured(self.storage, self.study)
         return best
+
+    def stop_reason(self, study: StudyInfo) -> str:
+        """Why a finished study stopped, from the store: the reason its test trial records,
+        else the budget, the idle limit or the searcher having nothing left."""
+        for t in reversed(self.storage.list_trials(study.id, split="test")):
+            if (t.info or {}).get("stopped"):
+                return str(t.info["stopped"])
+        if study.runs_spent >= self.budget:
+            return "budget"
+        return "idle" if self.idle_batches(study.batch_index) >= MAX_IDLE_BATCHES else "exhausted"
 
     def idle_batches(self, before: int) -> int:
         """Dev batches up to ``before`` (exclusive), counted back from it, that paid no new run."""

@@ -55,6 +55,7 @@ class WorkerOptions:
     stale_after_s: float = 60.0  # a claim older than this is retaken by another worker
     poll_s: float = 0.5  # wait between looks when there is nothing to do
     max_trials: int | None = None  # stop after evaluating this many trials (None: until the study ends)
+    take_over: bool = False  # mark every other worker of the study dead on joining (their claims are retaken)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> WorkerReport:
         sid = self.study.id
-        self.storage.register_worker(sid, self.name, socket.gethostname(), os.getpid())
+        self.storage.register_worker(sid, self.name, socket.gethostname(), os.getpid(),
+                                     take_over=self.options.take_over)
         self.env.share_calls(self.name, stale_after_s=self.options.stale_after_s)
         stopped, last_beat = "complete", 0.0
         try:
@@ -170,7 +172,8 @@ class Worker:
             self.lost += 1
         if self.progress:
             self.progress({"worker": self.name, "trial": t.number, "batch": t.batch, "slot": t.slot,
-                           "split": t.split, "reward": reward, "new_runs": missing, "stored": ok})
+                           "split": t.split, "reward": reward, "new_runs": missing, "stored": ok,
+                           "n_questions": len(t.question_ids)})
 
     # -- the batch update --------------------------------------------------------------
     def _coordinate(self) -> bool:

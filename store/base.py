@@ -239,29 +239,17 @@ class StudyStorage(abc.ABC):
 
 class WorkerStorage(abc.ABC):
     """The part of a store that several ``graphtune worker`` processes share a study
-    through (only the SQL store): a lease per process, a queue of trials claimed one at a
-    time, heartbeats that let a dead worker's claim be retaken, and the study's
-    batch-update lock (:meth:`coordination`). Every method is one transaction; conflicts
+    through (only the SQL store; ``graphtune optimize`` is one of them): a row per
+    process, a queue of trials claimed one at a time, heartbeats that let a dead worker's
+    claims be retaken, the update claim (one worker computes a batch update) and the
+    study's lock that commits it (:meth:`coordination`). Every method is one transaction; conflicts
     between processes are resolved by row locks (PostgreSQL) or retried (SQLite)."""
 
     @abc.abstractmethod
-    def register_worker(self, study_id: int, name: str, host: str, pid: int) -> None:
-        """Add a ``graphtune worker`` process to the study; ``StoreError`` while a
-        ``graphtune optimize`` holds the study's lease."""
-
-    @abc.abstractmethod
-    def acquire_lease(self, study_id: int, name: str, host: str, pid: int, *, kind: str = "optimize",
-                      stale_after_s: float, take_over: bool = False):
-        """Register ``name`` on the study; None when registered, else who holds it (the SQL
-        store defaults ``stale_after_s`` to its ``LEASE_STALE_S``)."""
-
-    @abc.abstractmethod
-    def renew_lease(self, study_id: int, name: str) -> bool:
-        """Refresh the lease's heartbeat; False if it was lost."""
-
-    @abc.abstractmethod
-    def release_lease(self, study_id: int, name: str) -> None:
-        """Give the lease back."""
+    def register_worker(self, study_id: int, name: str, host: str, pid: int, *, take_over: bool = False) -> None:
+        """Add a worker process (``graphtune worker`` or ``graphtune optimize``) to the
+        study, marking dead ones stopped (every other one with ``take_over``) so their
+        claims are taken over at once."""
 
     @abc.abstractmethod
     def worker_heartbeat(self, study_id: int, name: str, *, trial_id: int | None = None, trials_done: int = 0,

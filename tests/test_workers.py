@@ -121,15 +121,36 @@ def test_a_worker_refuses_a_spec_that_differs_from_the_stored_one(tmp_path):
         work("w", url, spec=other)
 
 
-def test_optimize_refuses_a_study_that_workers_are_running(tmp_path):
+def test_optimize_joins_a_study_that_workers_left_queued_and_runs_the_same_search(tmp_path):
+    """optimize is a worker of the study's queue: it claims what a worker queued and left,
+    and the study ends equal to one optimize from the start (nothing duplicated)."""
+    from graphtune.api import optimize, work
+
+    ref = _optimize(_spec(tmp_path, "x"), f"sqlite:///{tmp_path / 'ref.db'}")
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = load_spec(_spec(tmp_path, url), overrides={"storage": url})
+    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))  # leaves a batch queued
+    _, st, out = optimize(spec)
+    assert st.status == "complete" and out.stopped == "budget" and out.test_trial is not None
+    got = snapshot(url, "w")
+    assert compare(got, ref) == []
+    assert got["duplicate_places"] == 0 and got["unfinished"] == 0
+
+
+def test_a_changed_spec_is_refused_while_other_processes_run_the_study(tmp_path):
     from graphtune.api import optimize, work
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     spec = load_spec(_spec(tmp_path, url), overrides={"storage": url})
-    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))  # leaves a batch queued
-    with pytest.raises(SpecError, match=r"run by workers \(\d+ trials queued or running\); continue it with "
-                                        r"`graphtune worker --study w"):
-        optimize(spec)
+    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))
+    store = Storage(url, workers=True)
+    st = store.get_study("w")
+    store.register_worker(st.id, "elsewhere:7:x", "elsewhere", 7)  # a live worker of another machine
+    other = load_spec(_spec(tmp_path, url, method="random"), overrides={"storage": url})
+    with pytest.raises(SpecError, match=r"study 'w' is being run by 1 other process\(es\) with its stored spec"):
+        optimize(other, force=True)
+    assert store.get_study("w").method == "agent-reinforce"  # nothing changed
+    store.close()
 
 
 # -- claims ---------------------------------------------------------------------------
