@@ -128,7 +128,14 @@ def init(path: Path = typer.Argument(Path("graphtune.yaml"), help="where to writ
 
     if path.exists() and not force:
         raise SpecError(f"{path} exists; pass --force to overwrite it or choose another path")
+    import re
+
     text = files("graphtune").joinpath("templates/example.yaml").read_text()
+    # the study is named after the file, so a first own spec does not continue the quickstart's study
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "study"
+    text, n = re.subn(r"(?m)^study: .*$", f"study: {name}", text, count=1)
+    if n != 1:
+        raise SpecError("the example spec has no `study:` line (a packaging error); reinstall graphtune")
     path.write_text(text)
     typer.echo(f"wrote {path}; next: graphtune validate {path} && graphtune optimize {path}")
 
@@ -783,6 +790,11 @@ def delete(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     """Delete a study with its trials, results and agent steps (the call ledger stays)."""
     store = _storage(storage)
     st = _study(store, study)
+    if not yes and not sys.stdin.isatty():
+        from graphtune.errors import GraphtuneError
+
+        raise GraphtuneError(f"delete asks before deleting study {study!r} and there is no terminal to answer on; "
+                             "pass --yes to delete it without asking")
     if not yes and not typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {_url(storage)}?"):
         typer.echo("nothing deleted")
         raise typer.Exit(1)

@@ -102,7 +102,8 @@ def mask_url(url: str) -> str:
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return "<storage url>"
+        # not a URL (a plain file name has no password to hide): shown as given
+        return url if "://" not in url and "@" not in url else "<storage url>"
 
 
 def url_password(url: str) -> str | None:
@@ -262,6 +263,10 @@ class Storage(StudyStorage, WorkerStorage):
         self.url = url
         self.readonly = readonly
         self.redactor = Redactor(secrets)
+        if "://" not in url:
+            sqlite = f"sqlite:///{url}" if "@" not in url else "sqlite:///FILE"
+            raise StoreError(f"storage {mask_url(url)!r} is not a database URL: for an SQLite file write {sqlite}; "
+                             "for PostgreSQL, postgresql+psycopg://USER@HOST/DB")
         why = shared_sqlite_warning(url, workers=workers) if not readonly else None
         if why:
             warnings.warn(why, SharedSQLiteWarning, stacklevel=2)

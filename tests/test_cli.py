@@ -338,3 +338,31 @@ def test_a_storage_password_is_masked_in_the_result_panel_hints_and_studies_on_p
     assert "hunter2secret" not in repr(st.spec) and st.spec["storage"].startswith("postgresql")
     r = run("resume", "pw", "--storage", url, "-n", 3, "-q")  # the URL is given again: the study runs on
     assert r.exit_code == 0 and "hunter2secret" not in r.output, r.output
+
+
+# -- messages (issue 14) -------------------------------------------------------------------------
+
+
+def test_init_names_the_study_after_the_file(tmp_path):
+    from graphtune.spec import load_spec
+
+    p = tmp_path / "my search.yaml"
+    assert run("init", p).exit_code == 0
+    assert load_spec(p).study == "my-search"  # not "quickstart": a first own spec starts its own study
+
+
+def test_delete_without_a_terminal_asks_for_yes_in_one_line(db):
+    assert run("optimize", QUICK, "--storage", db, "-n", 1, "--study", "gone", "-q").exit_code == 0
+    r = cli("delete", "gone", "--storage", db, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert "no terminal" in r.stderr and "--yes" in r.stderr and "internal error" not in r.stderr
+    assert Storage(db, readonly=True).get_study("gone") is not None  # nothing deleted
+    assert cli("delete", "gone", "--storage", db, "--yes").returncode == 0
+
+
+@pytest.mark.parametrize("arg", ["graphtune.db", "runs/g.db"])
+def test_a_storage_that_is_not_a_url_is_answered_with_the_url_to_write(arg, tmp_path):
+    for cmd in (["studies"], ["optimize", QUICK, "-q"]):
+        r = cli(*cmd, "--storage", arg, cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert f"write sqlite:///{arg}" in r.stderr and "<storage url>" not in r.stderr
