@@ -415,23 +415,34 @@ def studies(storage: str = STORAGE_OPT) -> None:
 @_guard
 def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
            split: Optional[str] = typer.Option(None, help="dev or test"),
-           top: Optional[int] = typer.Option(None, help="only the N best by reward")) -> None:
-    """List the trials of a study."""
+           top: Optional[int] = typer.Option(None, help="only the N best dev trials, ranked as the recommendation "
+                                                        "ranks graphs: scores resting on at least half the questions "
+                                                        "of the best-covered trial first, then by reward")) -> None:
+    """List the trials of a study; `n` is the number of questions a score rests on, `*`
+    marks the recommended graph's trial."""
     from graphtune.graphs.io import from_dict
     from graphtune.graphs.render import to_short
 
     store = _storage(storage, readonly=True)
     st = _study(store, study)
     rows = store.list_trials(st.id, split=split)
+    tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
+    rec = tests[-1].parents[0] if tests else None
     if top:
-        rows = sorted((r for r in rows if r.reward is not None), key=lambda r: -r.reward)[:top]
+        dev = [r for r in rows if r.split == "dev" and r.reward is not None and math.isfinite(r.reward)] \
+            if split != "test" else [r for r in rows if r.reward is not None]
+        most = max((len(r.question_ids) for r in dev), default=0)
+        ranked = sorted(dev, key=lambda r: (len(r.question_ids) >= max(1, most // 2), r.reward,
+                                            len(r.question_ids), -r.number), reverse=True)
+        rows = ranked[:top] + [r for r in ranked[top:] if r.number == rec]  # the recommended one, always
     # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
     # thousands of rows (3 s for 1,000 trials, benchmarks/load_bench.py)
     head = ("#", "split", "status", "n", "reward", "units", "graph")
-    cells = [(str(r.number), r.split, r.status, str(len(r.question_ids)), _fmt(r.reward), _fmt(r.cost_units, ".2f"),
+    cells = [(str(r.number) + ("*" if r.number == rec else ""), r.split, r.status, str(len(r.question_ids)),
+              _fmt(r.reward), _fmt(r.cost_units, ".2f"),
               to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head[:-1])]
-    lines = [f"trials of {study} ({len(rows)})"]
+    lines = [f"trials of {study} ({len(rows)})" + ("; * = the recommended graph's trial" if rec is not None else "")]
     for c in [head, *cells]:
         lines.append("  ".join([x.rjust(w) if i in (0, 3, 4, 5) else x.ljust(w) for i, (x, w) in
                                 enumerate(zip(c, widths))] + [c[-1]]))

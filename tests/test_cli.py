@@ -366,3 +366,20 @@ def test_a_storage_that_is_not_a_url_is_answered_with_the_url_to_write(arg, tmp_
         r = cli(*cmd, "--storage", arg, cwd=tmp_path)
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
         assert f"write sqlite:///{arg}" in r.stderr and "<storage url>" not in r.stderr
+
+
+def test_trials_top_ranks_well_measured_scores_first_and_marks_the_recommended_one(db):
+    assert run("optimize", QUICK, "--storage", db, "-n", 6, "--study", "top", "-q").exit_code == 0
+    r = run("trials", "top", "--storage", db, "--top", 8)
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert "* = the recommended graph's trial" in lines[0]
+    rows = [ln.split() for ln in lines[2:]]
+    n = [int(x[3]) for x in rows]
+    most = max(n)
+    assert all(a >= most // 2 or b < most // 2 for a, b in zip(n, n[1:]))  # small-sample scores come last
+    assert sum(x[0].endswith("*") for x in rows) == 1  # the recommended trial is listed and marked
+    st = Storage(db, readonly=True)
+    s = st.get_study("top")
+    rec = [t for t in st.list_trials(s.id, split="test")][-1].parents[0]
+    assert any(x[0] == f"{rec}*" for x in rows)
