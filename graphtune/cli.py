@@ -7,6 +7,7 @@ litellm...) happens inside the command that needs it.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -149,8 +150,11 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
              max_enumerate: int = typer.Option(3000, help="enumerate at most this many graphs to size the space"),
              check_endpoints: bool = typer.Option(False, "--check-endpoints",
                                                   help="live env: check every model's api_key_env variable and make "
-                                                       "one cheap call per model (1 completion token)")) -> None:
-    """Check a spec; print it resolved, the size of its space and the cost range of its graphs."""
+                                                       "one cheap call per model (1 completion token)"),
+             full: bool = typer.Option(False, "--full", help="also print the whole resolved spec (every default)"))\
+        -> None:
+    """Check a spec; print what it searches (models, roles, space size, cost range, budget),
+    the models that can never fit the budget, and with --full the whole resolved spec."""
     import numpy as np
     import yaml
     from rich.table import Table
@@ -166,11 +170,31 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     finally:
         problem.env.close()  # validate runs nothing (a live env has started nothing yet)
     con = _console()
+    missing = [(m.name, m.api_key_env) for m in spec.models
+               if getattr(m, "api_key_env", None) and not os.environ.get(m.api_key_env)]
+    if missing and spec.env.kind == "live":
+        from graphtune.errors import EnvError
+
+        name, var = missing[0]
+        more = f" (and {len(missing) - 1} more models)" if len(missing) > 1 else ""
+        raise EnvError(f"{spec_path}: model {name!r}: environment variable {var} (api_key_env) is not set{more}; "
+                       f"export {var}=<your key> before running a search")
     con.print(f"{spec_path}: valid")
-    shown = spec.resolved()
-    shown["storage"] = _url(spec.storage)
-    con.print(yaml.safe_dump(shown, sort_keys=False).rstrip())
     ctx = problem.ctx
+    if full:
+        shown = spec.resolved()
+        shown["storage"] = _url(spec.storage)
+        con.print(yaml.safe_dump(shown, sort_keys=False).rstrip())
+    else:
+        con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
+                  f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
+                  soft_wrap=True, markup=False)
+        con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
+                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}", soft_wrap=True, markup=False)
+        con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
+                  soft_wrap=True, markup=False)
+    for warn in _never_fit(ctx):
+        con.print(f"warning: {warn}", soft_wrap=True, markup=False)
     try:
         graphs = enumerate_graphs(ctx.space, ctx.costs, ctx.budget, limit=max_enumerate)
         size = f"{len(graphs)} graphs (exact, up to isomorphism)"
@@ -204,6 +228,30 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
             raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
                            "before running a search")
+
+
+def _budget_text(budget) -> str:
+    parts = [f"{k} <= {v:g}" for k, v in (("units", budget.units), ("FLOPs", budget.flops),
+                                          ("USD", budget.usd), ("latency s", budget.latency_s))
+             if v is not None]
+    return ", ".join(parts) or "none"
+
+
+def _never_fit(ctx) -> list[str]:
+    """Pool models whose single call already breaks the budget: no graph can use them."""
+    from graphtune.errors import GraphError
+    from graphtune.graphs.model import ASSISTANT, Graph, Node
+    from graphtune.graphs.space import validate as check
+
+    out = []
+    for m in ctx.space.models:
+        g = Graph((Node("n0", ASSISTANT, m),), ())
+        try:
+            check(g, ctx.space, ctx.costs, ctx.budget)
+        except GraphError as e:
+            out.append(f"model {m!r} can never be used: a single call breaks the budget ({e}); drop it from "
+                       "space.models or raise the budget")
+    return out
 
 
 # -- optimize --------------------------------------------------------------------------

@@ -383,3 +383,29 @@ def test_trials_top_ranks_well_measured_scores_first_and_marks_the_recommended_o
     s = st.get_study("top")
     rec = [t for t in st.list_trials(s.id, split="test")][-1].parents[0]
     assert any(x[0] == f"{rec}*" for x in rows)
+
+
+def test_validate_prints_what_matters_and_refuses_an_unset_api_key(tmp_path, monkeypatch):
+    r = run("validate", QUICK)
+    assert r.exit_code == 0
+    assert len(r.output.splitlines()) < 30 and "null" not in r.output  # was 130 lines of resolved spec
+    assert "models: llama-3.2-1b" in r.output and "budget per query: units <= 18" in r.output
+    # the quickstart's largest model cannot fit its budget: said, not silently dropped
+    assert "warning: model 'llama-3.1-70b' can never be used" in r.output
+    assert "search:" in run("validate", QUICK, "--full").output  # the whole resolved spec on request
+    spec = tmp_path / "live.yaml"
+    spec.write_text(f"""study: live
+task: {{dataset: {ROOT / 'examples' / 'data' / 'easy-arith.jsonl'}, scorer: numeric, dev_size: 4, test_size: 4}}
+models:
+  - {{name: llama-3.2-1b, litellm: openai/gpt-4o-mini, api_key_env: GT_TEST_UNSET_KEY}}
+budget: {{units: 4}}
+env: {{kind: live}}
+storage: sqlite:///{tmp_path / 'g.db'}
+""")
+    monkeypatch.delenv("GT_TEST_UNSET_KEY", raising=False)
+    r = cli("validate", spec)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "model 'llama-3.2-1b': environment variable GT_TEST_UNSET_KEY (api_key_env) is not set" in r.stderr
+    monkeypatch.setenv("GT_TEST_UNSET_KEY", "sk-test-000000")
+    r = cli("validate", spec)
+    assert r.returncode == 0, r.stderr
