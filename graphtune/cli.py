@@ -6,6 +6,7 @@ litellm...) happens inside the command that needs it.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import sys
@@ -444,19 +445,51 @@ def _study(store, name: str):
 STORAGE_OPT = typer.Option("sqlite:///graphtune.db", "--storage", help="SQLAlchemy URL of the store")
 
 
+class Format(str, enum.Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="output as a table, json or yaml (as Optuna's CLI)")
+
+
 @app.command()
 @_guard
-def studies(storage: str = STORAGE_OPT) -> None:
+def studies(storage: str = STORAGE_OPT, fmt: Format = FORMAT_OPT) -> None:
     """List the studies of a store."""
-    from rich.table import Table
-
     store = _storage(storage, readonly=True)
-    t = Table(title=f"studies in {_url(storage)}")
-    for col in ("name", "method", "status", "trials", "runs spent", "created"):
-        t.add_column(col)
-    for s in store.list_studies():
-        t.add_row(s.name, s.method, s.status, str(s.n_trials), str(s.runs_spent), str(s.created_at)[:19])
-    _console().print(t)
+    rows = [{"name": s.name, "method": s.method, "status": s.status, "trials": s.n_trials, "runs_spent": s.runs_spent,
+             "created": str(s.created_at)[:19]} for s in store.list_studies()]
+    if _print_records(rows, fmt):
+        return
+    # plain aligned columns: no word is ever broken at the terminal's width (a long line wraps whole)
+    typer.echo("\n".join([f"studies in {_url(storage)} ({len(rows)})"] + _columns(
+        ("name", "method", "status", "trials", "runs spent", "created"),
+        [(r["name"], r["method"], r["status"], str(r["trials"]), str(r["runs_spent"]), r["created"]) for r in rows],
+        right=(3, 4))))
+
+
+def _columns(head: tuple[str, ...], cells: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of plain text columns aligned by padding; the last column is not padded."""
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head[:-1])]
+    return ["  ".join([x.rjust(w) if i in right else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))]
+                      + [c[-1]]) for c in [head, *cells]]
+
+
+def _print_records(rows: list[dict], fmt: Format) -> bool:
+    """Print ``rows`` as JSON or YAML (True), or leave the table to the caller (False)."""
+    if fmt == Format.table:
+        return False
+    if fmt == Format.json:
+        import json
+
+        typer.echo(json.dumps(rows, indent=1, default=str))
+    else:
+        import yaml
+
+        typer.echo(yaml.safe_dump(rows, sort_keys=False, allow_unicode=True).rstrip())
+    return True
 
 
 @app.command()
@@ -465,7 +498,8 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
            split: Optional[str] = typer.Option(None, help="dev or test"),
            top: Optional[int] = typer.Option(None, help="only the N best dev trials, ranked as the recommendation "
                                                         "ranks graphs: scores resting on at least half the questions "
-                                                        "of the best-covered trial first, then by reward")) -> None:
+                                                        "of the best-covered trial first, then by reward"),
+           fmt: Format = FORMAT_OPT) -> None:
     """List the trials of a study; `n` is the number of questions a score rests on, `*`
     marks the recommended graph's trial."""
     from graphtune.graphs.io import from_dict
@@ -483,18 +517,20 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
         ranked = sorted(dev, key=lambda r: (len(r.question_ids) >= max(1, most // 2), r.reward,
                                             len(r.question_ids), -r.number), reverse=True)
         rows = ranked[:top] + [r for r in ranked[top:] if r.number == rec]  # the recommended one, always
+    if _print_records([{"number": r.number, "split": r.split, "batch": r.batch, "slot": r.slot, "status": r.status,
+                        "questions": len(r.question_ids), "reward": r.reward, "accuracy": r.accuracy,
+                        "units": r.cost_units, "usd": r.usd, "latency_s": r.latency_s, "new_runs": r.new_runs,
+                        "recommended": r.number == rec, "origin": r.origin, "error": r.error,
+                        "graph": to_short(from_dict(r.graph)) if r.status != "failed" else None} for r in rows], fmt):
+        return
     # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
     # thousands of rows (3 s for 1,000 trials, benchmarks/load_bench.py)
     head = ("#", "split", "status", "n", "reward", "units", "graph")
     cells = [(str(r.number) + ("*" if r.number == rec else ""), r.split, r.status, str(len(r.question_ids)),
               _fmt(r.reward), _fmt(r.cost_units, ".2f"),
               to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head[:-1])]
     lines = [f"trials of {study} ({len(rows)})" + ("; * = the recommended graph's trial" if rec is not None else "")]
-    for c in [head, *cells]:
-        lines.append("  ".join([x.rjust(w) if i in (0, 3, 4, 5) else x.ljust(w) for i, (x, w) in
-                                enumerate(zip(c, widths))] + [c[-1]]))
-    typer.echo("\n".join(lines))
+    typer.echo("\n".join(lines + _columns(head, cells, right=(0, 3, 4, 5))))
 
 
 @app.command()

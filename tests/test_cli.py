@@ -409,3 +409,18 @@ storage: sqlite:///{tmp_path / 'g.db'}
     monkeypatch.setenv("GT_TEST_UNSET_KEY", "sk-test-000000")
     r = cli("validate", spec)
     assert r.returncode == 0, r.stderr
+
+
+def test_studies_and_trials_print_json_and_yaml_and_tables_never_break_words(db):
+    import yaml
+
+    assert run("optimize", QUICK, "--storage", db, "-n", 2, "--study", "a-study-with-a-long-name", "-q").exit_code == 0
+    got = json.loads(run("studies", "--storage", db, "-f", "json").output)
+    assert [s["name"] for s in got] == ["a-study-with-a-long-name"] and got[0]["status"] == "complete"
+    rows = yaml.safe_load(run("trials", "a-study-with-a-long-name", "--storage", db, "--format", "yaml").output)
+    assert rows and {"number", "split", "questions", "reward", "recommended", "graph"} <= set(rows[0])
+    assert sum(r["recommended"] for r in rows) == 1
+    bad = run("studies", "--storage", db, "-f", "csv")
+    assert bad.exit_code == 2 and "'csv' is not one of" in bad.output
+    narrow = cli("studies", "--storage", db, env={**os.environ, "COLUMNS": "40"})
+    assert "a-study-with-a-long-name" in narrow.stdout and "agent-reinforce" in narrow.stdout  # words whole
