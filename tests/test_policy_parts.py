@@ -1,0 +1,143 @@
+"""reinforce and agent-reinforce as a user sees them: the exact trial sequence of a short
+run (pinned before they were split into parts, so the split changed no batch and no pick),
+an interrupted search resumed from the store equal to an uninterrupted one, a study saved
+by the previous version (its state still copying the evidence) resuming exactly, and a
+saved state that does not grow with the number of evaluations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from graphtune.api import optimize
+from graphtune.spec import parse_spec
+from graphtune.store.storage import Storage
+
+DATA = Path(__file__).resolve().parent / "data"
+MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")
+
+
+class Interrupt(Exception):
+    """Stands for a crash in the middle of a batch."""
+
+
+def _spec(db: str, method: str, evaluations: int, options: dict | None = None, *, dev: int = 40, study: str = "s"):
+    return parse_spec({
+        "study": study, "task": {"profile": "math", "dev_size": dev, "test_size": 10},
+        "models": [{"name": m} for m in MODELS],
+        "space": {"roles": ["assistant", "fuser"], "max_nodes": 6, "max_width": 5, "max_depth": 3,
+                  "max_in_degree": 3},
+        "budget": {"units": 18},
+        "search": {"method": method, "evaluations": evaluations, "batch_size": 4, "seed": 3,
+                   "options": options or {}},
+        "env": {"kind": "simulated"}, "storage": f"sqlite:///{db}"})
+
+
+def _run(spec, *, stop_after_trials: int | None = None) -> None:
+    """``optimize``; with ``stop_after_trials``, crash right after that many more trials."""
+    if stop_after_trials is None:
+        optimize(spec)
+        return
+    seen = [0]
+
+    def progress(ev: dict) -> None:
+        seen[0] += 1
+        if seen[0] >= stop_after_trials:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        optimize(spec, progress=progress)
+
+
+def _trials(db: str, study: str = "s") -> list[tuple]:
+    store = Storage(f"sqlite:///{db}")
+    try:
+        st = store.get_study(study)
+        return [(t.split, t.batch, t.slot, t.status, t.origin, t.graph_hash, len(t.question_ids), tuple(t.parents),
+                 None if t.reward is None else round(t.reward, 9)) for t in store.list_trials(st.id)]
+    finally:
+        store.close()
+
+
+def _state(db: str, study: str = "s") -> dict:
+    store = Storage(f"sqlite:///{db}")
+    try:
+        return store.get_study(study).searcher_state
+    finally:
+        store.close()
+
+
+def _digest(trials: list[tuple]) -> str:
+    return hashlib.sha256(json.dumps(trials).encode()).hexdigest()[:16]
+
+
+#: (method, options) -> (dev trials, digest of every trial's place, origin, graph, questions,
+#: parents and reward, the recommended graph), pinned on the code before the split into parts
+PINS = {
+    ("reinforce", ""): (33, "6350cb6eb623c28b"),
+    ("agent-reinforce", ""): (28, "8ba7db859818f9d8"),
+    ("reinforce", "pareto"): (32, "dd876c8809d5cf55"),
+    ("agent-reinforce", "pareto"): (30, "a7ad444645db0cc7"),
+}
+
+
+@pytest.mark.parametrize("method,mode", list(PINS))
+def test_a_short_run_proposes_the_pinned_trials(tmp_path, method, mode):
+    db = str(tmp_path / "g.db")
+    _run(_spec(db, method, 10, {"pareto": "units"} if mode else None))
+    trials = _trials(db)
+    test = [t for t in trials if t[0] == "test"]
+    assert len(test) == 1
+    # the run exercised every kind of candidate: new graphs, ASHA promotions to each level, the final race
+    assert {t[6] for t in trials if t[0] == "dev"} == {10, 30, 40}
+    assert {t[4] for t in trials if t[0] == "dev"} >= {"sample", "race"}
+    assert (sum(1 for t in trials if t[0] == "dev"), _digest(trials)) == PINS[(method, mode)]
+
+
+CASES = [("reinforce", None), ("agent-reinforce", None), ("reinforce", {"pareto": "units"}),
+         ("agent-reinforce", {"pareto": "units"})]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_a_search_interrupted_twice_mid_batch_then_resumed_equals_an_uninterrupted_one(tmp_path, method, options):
+    ref = str(tmp_path / "ref.db")
+    _run(_spec(ref, method, 10, options))
+    db = str(tmp_path / "g.db")
+    _run(_spec(db, method, 10, options), stop_after_trials=7)
+    _run(_spec(db, method, 10, options), stop_after_trials=9)
+    _run(_spec(db, method, 10, options))
+    assert _trials(db) == _trials(ref)
+    assert _comparable(_state(db)) == _comparable(_state(ref))
+
+
+def _comparable(state: dict) -> dict:
+    """The state less the critic's own wall-clock seconds."""
+    return {k: ({**v, "seconds": None} if k == "usage" else v) for k, v in state.items()}
+
+
+def _old_state_file(method: str, options: dict | None) -> Path:
+    return DATA / f"old_searcher_state_{method}{'_pareto' if options else ''}.json"
+
+
+@pytest.mark.parametrize("method,options", [CASES[1], CASES[2]])
+def test_a_study_saved_by_the_previous_version_resumes_exactly(tmp_path, method, options):
+    """The state the previous version saved (it copied every graph's evidence) after 13 trials
+    of this run: loaded into today's store at the same place, the search continues exactly as
+    an uninterrupted one."""
+    old = json.loads(_old_state_file(method, options).read_text())
+    assert "evidence" in old["state"]
+    ref = str(tmp_path / "ref.db")
+    _run(_spec(ref, method, 10, options))
+    db = str(tmp_path / "g.db")
+    _run(_spec(db, method, 10, options), stop_after_trials=13)
+    store = Storage(f"sqlite:///{db}")
+    st = store.get_study("s")
+    assert (st.batch_index, st.runs_spent) == (old["batch_index"], old["runs_spent"])
+    store.save_progress(st.id, state=old["state"], batch_index=st.batch_index, runs_spent=st.runs_spent)
+    store.close()
+    _run(_spec(db, method, 10, options))
+    assert _trials(db) == _trials(ref)
+    assert "evidence" not in _state(db)
