@@ -164,7 +164,7 @@ def test_resume_from_state_gives_identical_continuation(costs):
     b = AgentReinforceSearcher(ctx)
     store = MemoryStorage()
     st = store.create_study("s", "agent-reinforce", {})
-    from graphtune.search.loop import evaluate_candidate
+    from graphtune.search.loop import evaluate_candidate, load_history
 
     def one_batch(s, batch):
         cands = s.ask()
@@ -176,6 +176,7 @@ def test_resume_from_state_gives_identical_continuation(costs):
     for k in range(3):
         one_batch(a, k)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    b.restore(load_history(store, st, ctx))  # the evidence the store holds is not in the state
     for k in range(3, 5):
         ca = a.ask()
         cb = b.ask()
