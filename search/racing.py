@@ -20,9 +20,10 @@ evidence and their evaluation protocol (why it is sample-efficient):
 
 Evidence versus state. The per-graph evidence (its rewards per question, its trials,
 where it came from, its cost) is what the store already holds: it is rebuilt from the
-told evaluations by :meth:`Racing.restore` and never saved. ``state_dict`` keeps only what
-the store cannot give: the runs counted so far and the level each graph was last sent to
-(a promotion is decided at ``ask`` and may not have been evaluated yet).
+told evaluations by :meth:`Racing.restore` and never saved. So are the promotions the
+race trials show. ``state_dict`` keeps only what the store cannot give: the runs counted
+so far and the promotions that were asked but never run (the budget ran out within the
+batch), which a study continued with more evaluations must not ask again.
 
 :class:`ParetoScalarisation` is ``search.options.pareto``: each batch ranks graphs by
 ``reward - w * cost / scale`` (``w`` cycling through the weights), for the ASHA
@@ -123,6 +124,9 @@ class Racing:
     records: dict[str, GraphRecord] = field(default_factory=dict)
     #: graph hash -> highest level it was sent to (absent: 0)
     promoted: dict[str, int] = field(default_factory=dict)
+    #: graph hash -> highest level of its told race trials (rebuilt from the trials): the
+    #: promotions the store shows, so the state saves only the others
+    raced: dict[str, int] = field(default_factory=dict)
     #: graph-question runs paid for by the evaluations told so far
     spent: int = 0
 
@@ -144,13 +148,20 @@ class Racing:
             self._add(e)
 
     def restore(self, history: Sequence[Evaluation]) -> None:
-        """Rebuild the evidence from every evaluation told so far (in trial order); the
-        counters come from the saved state."""
-        self.records = {}
+        """Rebuild the evidence from every evaluation told so far (in trial order, as the
+        store gives them back: complete trials); the counters and the promotions the trials
+        do not show come from the saved state."""
+        self.records, self.raced = {}, {}
         for e in history:
             self._add(e)
+        for h, k in self.raced.items():
+            self.promoted[h] = max(self.promoted.get(h, 0), k)
 
     def _add(self, e: Evaluation) -> None:
+        if e.error is None and e.candidate.origin == "race" and e.candidate.question_ids is not None:
+            n = len(e.candidate.question_ids)
+            if n in self.levels:
+                self.raced[e.graph_hash] = max(self.raced.get(e.graph_hash, 0), self.levels.index(n))
         if not e.ok:
             return
         d = self.records.get(e.graph_hash)
@@ -317,7 +328,9 @@ class Racing:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"spent": self.spent, "promoted": dict(self.promoted)}
+        """The runs counted, and the promotions no told trial shows yet (asked, not run)."""
+        return {"spent": self.spent,
+                "promoted": {h: k for h, k in self.promoted.items() if k > self.raced.get(h, 0)}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Counters and promotions; a state saved before the evidence left it (``evidence``:
@@ -328,7 +341,7 @@ class Racing:
         else:
             self.promoted = {h: int(d["promoted"]) for h, d in (state.get("evidence") or {}).items()
                              if d.get("promoted")}
-        self.records = {}
+        self.records, self.raced = {}, {}
 
 
 def recommend_paired(history: Sequence[Evaluation], objective: Objective, unit_flops: float) -> GraphStats | None:

@@ -141,3 +141,44 @@ def test_a_study_saved_by_the_previous_version_resumes_exactly(tmp_path, method,
     _run(_spec(db, method, 10, options))
     assert _trials(db) == _trials(ref)
     assert "evidence" not in _state(db)
+
+
+#: (method, first budget) -> (dev trials, digest) after continuing to 10 evaluations, pinned
+#: on the code before the split; the first run ends with a promotion asked but not run (the
+#: budget ran out), which the saved state must carry since no trial shows it
+CONTINUED = {("reinforce", 7): (33, "b219c162457ee68b"), ("agent-reinforce", 6): (29, "356c289041df48b8")}
+
+
+@pytest.mark.parametrize("method,first", list(CONTINUED))
+def test_a_finished_study_continued_with_more_evaluations_proposes_the_pinned_trials(tmp_path, method, first):
+    db = str(tmp_path / "g.db")
+    _run(_spec(db, method, first))
+    assert _state(db)["promoted"]  # asked, not run: only the saved state knows
+    _run(_spec(db, method, 10))
+    trials = _trials(db)
+    assert (sum(1 for t in trials if t[0] == "dev"), _digest(trials)) == CONTINUED[(method, first)]
+
+
+@pytest.mark.parametrize("method", ["reinforce", "agent-reinforce"])
+def test_the_saved_state_does_not_grow_with_the_evaluations(tmp_path, method):
+    """The store holds every graph's results; the saved state (rewritten after every batch)
+    keeps the policy and counters only, so three times the evaluations leave it the same size."""
+    sizes = {}
+    for n in (4, 12):
+        db = str(tmp_path / f"g{n}.db")
+        _run(_spec(db, method, n))
+        saved = _state(db)
+        assert len(saved.get("earlier", [])) <= 8  # agent-reinforce: one line per round, the last 8
+        state = json.dumps(saved)
+        sizes[n] = len(json.dumps({k: v for k, v in saved.items() if k != "earlier"}))
+        asked = {q for t in _store_trials(db) for q in t.question_ids}
+        assert asked and not any(f'"{q}"' in state for q in asked)  # no question's result is copied
+    assert abs(sizes[12] - sizes[4]) < 1000, sizes
+
+
+def _store_trials(db: str):
+    store = Storage(f"sqlite:///{db}")
+    try:
+        return store.list_trials(store.get_study("s").id)
+    finally:
+        store.close()
