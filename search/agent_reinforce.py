@@ -22,6 +22,9 @@ Every agent step (prompt, reply, parsed update, what was applied or rejected and
 calls, tokens, dollars, seconds) is returned by :meth:`drain_agent_steps` and stored;
 trials of agent proposals carry ``info["agent_step"]`` and the trial numbers of the
 graph they came from as ``parents``.
+
+Saved state: the policy, the counters and phase, and the critic's queued proposals, usage
+and last rounds' summaries; the evidence is rebuilt from the store's trials by ``restore``.
 """
 
 from __future__ import annotations

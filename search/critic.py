@@ -32,7 +32,7 @@ from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import Graph, Node
 from graphtune.graphs.space import is_valid
-from graphtune.search.base import Candidate, Evaluation, SearchContext
+from graphtune.search.base import Candidate, Evaluation, Objective, SearchContext
 from graphtune.search.policy import PolicyUpdate
 from graphtune.search.racing import Racing
 
@@ -57,7 +57,7 @@ class AgentCritic:
 
     def __init__(self, agent: Agent, problem: ProblemInfo, racing: Racing, policy: PolicyUpdate, *,
                  build_graph: Callable[[GraphProposal], Graph], lr_agent: float, max_agent_delta: float,
-                 max_proposals: int, objective, unit_flops: float):
+                 max_proposals: int, objective: Objective, unit_flops: float):
         self.agent = agent
         self.problem = problem
         self.racing = racing

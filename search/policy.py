@@ -56,7 +56,8 @@ class PolicyUpdate:
                     s, lp = self.pg.sample(self.rng)
                     g, info = s.graph, {"log_prob": lp}
                 except BudgetError:
-                    g, info = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng), {"fallback": True}
+                    g = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
+                    info = {"fallback": True}
                 h = graph_hash(g)
                 if h not in taken and h not in known:
                     taken.add(h)
