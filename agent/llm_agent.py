@@ -23,11 +23,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
-from graphtune.agent.schema import AgentUpdate, ReplyLimits, ReplyRejected, short_location, update_json_schema
+from graphtune.agent.schema import AgentUpdate, ReplyLimits, describe_reply_error, update_json_schema
 from graphtune.agent.toolkit import ask_structured
 from graphtune.errors import AgentError
 
@@ -37,20 +35,6 @@ SYSTEM = (
     "final answer. You read paired measurements and reply with ONE JSON object matching this JSON schema, and "
     "nothing else:\n{schema}"
 )
-
-
-def _short_error(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        errs = e.errors()
-        first = errs[0]
-        loc = short_location(first.get("loc", ()))
-        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
-        return f"wrong schema: {loc}: {first.get('msg')}{more}"
-    if isinstance(e, json.JSONDecodeError):
-        return f"not JSON: {e.msg} at line {e.lineno} column {e.colno}"
-    if isinstance(e, ReplyRejected):
-        return f"refused: {e}"
-    return f"{type(e).__name__}: {e}"
 
 
 def _retry_prompt(reason: str) -> str:
@@ -93,7 +77,7 @@ class LLMAgent(Agent):
         ]
         retries = int(s.get("max_retries", 2))
         r = ask_structured(self._complete, self.model, messages, AgentUpdate, limits=self.limits,
-                           parse_retries=retries, json_schema=self.schema, describe_error=_short_error,
+                           parse_retries=retries, json_schema=self.schema, describe_error=describe_reply_error,
                            retry_prompt=_retry_prompt, api_base=s.get("api_base"),
                            api_key_env=s.get("api_key_env"), temperature=float(s.get("temperature", 0.2)),
                            max_tokens=s.get("max_tokens"), timeout_s=float(s.get("timeout_s", 60.0)),

@@ -2,13 +2,16 @@
 the guarded reading of every agent reply.
 
 Both backends fill the same schema: the LLM agent as JSON (structured output where the
-provider supports it), the heuristic critic directly. Semantic checks that need the
+provider supports it), the heuristic critic directly. ``llm-opt``'s proposer answers a
+:class:`ProposalReply`, a list of the same :class:`GraphProposal` (one proposal model;
+:mod:`graphtune.agent.proposals` builds any of them into a graph). Semantic checks that need the
 search space (unknown models or slots, budget, cycles) happen where the update is
 applied, each failure stored with its reason; this schema only checks shape and ranges.
 
 A reply is outside text, possibly hostile. :func:`load_reply_json` reads it in this
 order, each step raising :class:`ReplyRejected` (a ``ValueError``) with a one-line
-reason, so a caller treats it like any other unusable reply (stored reason, fallback):
+reason, so a caller treats it like any other unusable reply (stored reason, fallback;
+:func:`describe_reply_error` words every refusal the same way for every agent step):
 
 1. its length is bounded (``max_reply_chars``) before anything else looks at it;
 2. the nesting depth of the JSON is bounded (``max_reply_depth``) by a linear scan
@@ -32,9 +35,10 @@ import math
 import re
 from dataclasses import dataclass
 from itertools import accumulate
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 #: Default bound on a reply's length in characters. The agent is asked for one JSON
 #: object of at most a few KB (``max_tokens`` defaults to 1024 tokens, ~4 KB); 200,000
@@ -133,9 +137,69 @@ class AgentUpdate(_Strict):
         return v
 
 
+class ProposalReply(_Strict):
+    """What ``llm-opt``'s proposer answers: its reasoning and the graphs it proposes, each
+    a :class:`GraphProposal` (the agent's own proposal model, so both searchers accept
+    and refuse the same proposals). ``reasoning`` is free text, bounded only by the
+    reply's length (it is stored as an excerpt)."""
+
+    reasoning: str = ""
+    proposals: list[GraphProposal] = Field(max_length=1024)  # the spec's largest batch_size
+
+
 def update_json_schema() -> dict[str, Any]:
     """JSON schema of :class:`AgentUpdate` for structured-output requests."""
     return AgentUpdate.model_json_schema()
+
+
+def proposal_json_schema(models: Sequence[str], roles: Sequence[str]) -> dict[str, Any]:
+    """JSON schema of one :class:`GraphProposal` in the subset every schema-enforcing
+    provider accepts in strict mode: every listed field required, no extra fields, the
+    space's models and roles as enums, and no length or count constraints (OpenAI's
+    strict mode rejects them; pydantic checks them instead). ``rationale`` is left out:
+    optional in the model, and a grammar-constrained model cannot see its length bound.
+    Every reply this schema admits has the fields the model requires."""
+    node = {"type": "object", "additionalProperties": False, "required": ["id", "role", "model"],
+            "properties": {"id": {"type": "string"}, "role": {"type": "string", "enum": list(roles)},
+                           "model": {"type": "string", "enum": list(models)}}}
+    return {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"],
+            "properties": {"nodes": {"type": "array", "items": node},
+                           "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}
+
+
+def proposal_reply_json_schema(models: Sequence[str], roles: Sequence[str]) -> dict[str, Any]:
+    """JSON schema of a :class:`ProposalReply` for strict structured output (see
+    :func:`proposal_json_schema`). Reasoning comes first so a model constrained by a
+    grammar thinks before it proposes."""
+    return {"title": "GraphProposals", "type": "object", "additionalProperties": False,
+            "required": ["reasoning", "proposals"],
+            "properties": {"reasoning": {"type": "string"},
+                           "proposals": {"type": "array", "items": proposal_json_schema(models, roles)}}}
+
+
+def describe_reply_error(e: Exception) -> str:
+    """The one-line reason a reply was refused, the same for every agent step (stored
+    as the step's reason and sent back to the model): ``reply is not JSON: ...``,
+    ``reply refused: ...`` (the guards of :func:`load_reply_json`) or ``wrong schema:
+    reply does not match the schema at <field>: ...``."""
+    if isinstance(e, ValidationError):
+        errs = e.errors()
+        first = errs[0]
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        why = (f"wrong schema: reply does not match the schema at {short_location(first.get('loc', ()))}: "
+               f"{first.get('msg')}{more}")
+    elif isinstance(e, json.JSONDecodeError):
+        why = f"reply is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    elif isinstance(e, ReplyRejected):
+        why = f"reply refused: {e}"
+    else:
+        why = f"reply unusable: {type(e).__name__}: {e}"
+    return one_line(why)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (line breaks, which may come from a reply, escaped)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def extract_json(text: str) -> str:
@@ -251,6 +315,12 @@ def parse_update(text: str, limits: ReplyLimits = ReplyLimits()) -> AgentUpdate:
     json's JSONDecodeError or pydantic's ValidationError) with a message fit to send
     back to the model."""
     return AgentUpdate.model_validate(load_reply_json(text, limits))
+
+
+def parse_proposal_reply(text: str, limits: ReplyLimits = ReplyLimits()) -> ProposalReply:
+    """Parse and validate a proposer's reply under ``limits``; raises ``ValueError`` like
+    :func:`parse_update` (:func:`describe_reply_error` gives its one-line reason)."""
+    return ProposalReply.model_validate(load_reply_json(text, limits))
 
 
 def reply_excerpt(text: str | None, limit: int = REPLY_EXCERPT_CHARS) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from graphtune.agent.schema import ReplyLimits, load_reply_json, reply_excerpt
+from graphtune.agent.schema import ReplyLimits, describe_reply_error, load_reply_json, reply_excerpt
 from graphtune.errors import LLMFatalError, LLMTransientError
 
 M = TypeVar("M", bound=BaseModel)
@@ -90,11 +90,6 @@ class StructuredReply(Generic[M]):
         return (self.prompt_tokens * usd_per_mtok_in + self.completion_tokens * usd_per_mtok_out) / 1e6
 
 
-def describe_reply_error(e: Exception) -> str:
-    """The default one-line reason for a refused reply (the exception's message)."""
-    return str(e)
-
-
 def retry_message(reason: str) -> str:
     """The default message asking again after a refused reply."""
     return f"Your reply was invalid: {reason}. Reply again with JSON that matches the schema."
@@ -120,7 +115,9 @@ def ask_structured(complete: CompleteFn, model: str, messages: Sequence[Mapping[
     json_schema=..., **call_kwargs)``; ``json_schema`` defaults to the schema's own
     (pass a provider-friendly one where the pydantic schema has constraints strict
     providers refuse). An unusable reply (refused by the reply guards, not JSON, or not
-    matching ``schema``) is described by ``describe_error`` and the next call appends the
+    matching ``schema``) is described by ``describe_error`` (by default
+    :func:`~graphtune.agent.schema.describe_reply_error`, the one-line reason every agent
+    step stores) and the next call appends the
     reply's excerpt and ``retry_prompt(reason)`` to the conversation. A transient LLM
     failure ends the loop (returned in ``transient``); :class:`LLMFatalError` and any
     other exception propagate."""

@@ -10,6 +10,8 @@ functions; nothing here imports the CLI.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,8 +419,7 @@ def _spec_of_study(stored: Mapping[str, Any], name: str, storage: str, *,
     return parse_spec(data, where=f"stored spec of study {name!r}")
 
 
-def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool = False,
-             lease_heartbeat_s: float | None = None, lease_stale_s: float | None = None):
+def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool = False, options=None):
     """Run the study ``spec.study`` in ``spec.storage``, continuing it if it exists.
 
     Returns ``(problem, study, outcome)``. A stored study whose spec differs in anything
@@ -431,22 +432,26 @@ def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool 
     its options) is built before the study row is written, and a study this call created
     is removed again when the run fails before its first trial: a bad spec leaves no study.
 
-    One process runs a study at a time (``graphtune.store.lease.StudyLease``): a second one is
-    refused with the running process's host, pid and start time; a dead one's lease is taken
-    over after ``lease_stale_s`` (at once when its pid is gone from this machine, or with
-    ``take_over``).
+    The search runs as a worker of the study's queue (``graphtune.search.worker``; the
+    rules are the batch engine's, as for every worker): a second ``optimize`` (or
+    ``graphtune worker``) on a running study joins it and shares the work instead of
+    duplicating it, and a process killed mid-run leaves its claimed trial to whoever comes
+    next (at once on the same machine, or with ``take_over``; elsewhere after the stale
+    timeout). A spec change is refused while other processes run the study.
     """
     from graphtune.errors import StoreError
-    from graphtune.search.loop import run_search
-    from graphtune.store.lease import StudyLease
-    from graphtune.store.storage import Storage, mask_url, require_persistent
+    from graphtune.search.engine import BatchEngine
+    from graphtune.search.worker import Worker, WorkerOptions
+    from graphtune.store.storage import LEASE_STALE_S, Storage, require_persistent
 
     require_persistent(spec.storage, "optimize")
     problem = build_problem(spec)
-    searcher = None
+    opts = options or WorkerOptions()
+    if take_over:
+        opts = dataclasses.replace(opts, take_over=True)
     created = False
     try:
-        searcher = make_searcher(spec, problem.ctx)
+        make_searcher(spec, problem.ctx).close()  # a bad searcher or option fails before anything is stored
         storage = Storage(spec.storage, secrets=spec_secrets(spec))
         study = storage.get_study(spec.study)
         resolved = stored_spec(spec)
@@ -458,45 +463,70 @@ def optimize(spec: Spec, *, force: bool = False, progress=None, take_over: bool 
                 study = storage.get_study(spec.study)
                 if study is None:
                     raise
-        with StudyLease(storage, study, take_over=take_over, heartbeat_s=lease_heartbeat_s,
-                        stale_after_s=lease_stale_s) as lease:
-            try:
-                names = _changed_names(study.spec, resolved)
-                if names and not force:
-                    raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
-                                    "use another --study name, or --force to continue it anyway")
-                if spec_changes(study.spec, resolved):
-                    storage.update_study_spec(study.id, resolved)
-                if study.method != spec.search.method:
-                    storage.reset_searcher(study.id, spec.search.method)
+        try:
+            names = _changed_names(study.spec, resolved)
+            if names and not force:
+                raise SpecError(f"study {spec.study!r} exists with a different spec ({names} changed); "
+                                "use another --study name, or --force to continue it anyway")
+            changes = spec_changes(study.spec, resolved) or study.method != spec.search.method
+            running = 0 if take_over else storage.live_workers(study.id, opts.stale_after_s or LEASE_STALE_S)
+            if changes and running:
+                raise SpecError(f"study {spec.study!r} is being run by {running} other process(es) with its stored "
+                                f"spec; a process that joins runs that spec: drop the change (`graphtune worker "
+                                f"--study {spec.study}` joins as it is), or change it after they finish")
+            if spec_changes(study.spec, resolved):
+                storage.update_study_spec(study.id, resolved)
+            if study.method != spec.search.method:
+                storage.reset_searcher(study.id, spec.search.method)
+            study = storage.get_study(spec.study)
+            if study.status == "complete" and study.runs_spent < problem.ctx.budget_runs:
+                storage.set_status(study.id, "running")  # more evaluations: the search goes on
                 study = storage.get_study(spec.study)
-                queued = storage.unfinished_trials(study.id)
-                if queued:
-                    raise SpecError(f"study {spec.study!r} is run by workers ({queued} trials queued or running); "
-                                    f"continue it with `graphtune worker --study {spec.study} --storage "
-                                    f"{mask_url(spec.storage)}`")
-
-                def checked(ev: dict) -> None:  # stop at the next trial once the lease is lost
-                    lease.check()
-                    if progress is not None:
-                        progress(ev)
-
-                outcome = run_search(searcher, problem.env, storage, study, problem.ctx,
-                                     budget_runs=problem.ctx.budget_runs, test_ids=problem.test_ids,
-                                     progress=checked)
-            except BaseException:
-                # still holding the lease, so no other process can have started on it
-                if created:
-                    try:
-                        storage.delete_study_if_empty(study.id)
-                    except Exception:  # noqa: BLE001 - the failure being raised is the one to report
-                        pass
-                raise
-    finally:
-        if searcher is not None:
+            w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids,
+                       make_searcher=lambda: make_searcher(spec, problem.ctx), storage=storage, study=study,
+                       options=opts, progress=_optimize_progress(storage, study, problem, progress))
+            w.run()
+        except BaseException:
+            if created:  # our worker row is stopped: a study nobody else joined and that has no trial goes
+                try:
+                    storage.delete_study_if_empty(study.id)
+                except Exception:  # noqa: BLE001 - the failure being raised is the one to report
+                    pass
+            raise
+        st = storage.get_study(spec.study)
+        engine = BatchEngine(env=problem.env, storage=storage, study=st, ctx=problem.ctx, test_ids=problem.test_ids)
+        searcher = make_searcher(spec, problem.ctx)
+        try:
+            engine.resume(searcher, st)
+            outcome = engine.outcome(engine.recommend(searcher), engine.stop_reason(st), st.runs_spent)
+        finally:
             searcher.close()
+    finally:
         problem.env.close()
     return problem, storage.get_study(spec.study), outcome
+
+
+def _optimize_progress(storage, study, problem, progress):
+    """``optimize``'s progress events (runs spent, budget, the best reward on the full dev
+    set, counting trials stored before this run) from the worker's per-trial events."""
+    if progress is None:
+        return None
+    n_dev = len(problem.ctx.dev_ids)
+    state = {"spent": study.runs_spent,
+             "best": max((t.reward for t in storage.list_trials(study.id, split="dev")
+                          if t.status == "complete" and t.reward is not None and math.isfinite(t.reward)
+                          and len(t.question_ids) == n_dev), default=float("-inf"))}
+
+    def on(ev: dict) -> None:
+        if ev["split"] != "dev" or not ev.get("stored", True):
+            return
+        state["spent"] += ev["new_runs"]
+        r = ev["reward"]
+        if r is not None and math.isfinite(r) and ev.get("n_questions") == n_dev:
+            state["best"] = max(state["best"], r)
+        progress({"runs_spent": state["spent"], "budget_runs": problem.ctx.budget_runs, "trial": ev["trial"],
+                  "reward": r, "best_full_dev": state["best"]})
+    return on
 
 
 def resume(name: str, storage: str, *, evaluations: int | None = None, force: bool = False, progress=None,

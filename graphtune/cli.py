@@ -213,8 +213,9 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
              seed: Optional[int] = typer.Option(None, "--seed"),
              force: bool = typer.Option(False, "--force", help="continue a study whose spec changed"),
              take_over: bool = typer.Option(False, "--take-over",
-                                            help="take the study over from another optimize process that is dead "
-                                                 "(its lease is not stale yet); never use it on a live one"),
+                                            help="declare every other process running this study dead (its "
+                                                 "claimed trials are taken over at once instead of after 60 s "
+                                                 "without a heartbeat); never use it on a live one"),
              no_cache: bool = typer.Option(False, "--no-cache",
                                            help="live env: make every LLM call again instead of serving identical "
                                                 "calls from the call ledger (calls are still recorded)"),
@@ -679,7 +680,8 @@ def resume(study: str = typer.Argument(..., help="name of a stored study"), stor
                                                      help="raise the search budget (full-dev graph evaluations)"),
            force: bool = typer.Option(False, "--force", help="continue even if the stored spec no longer matches"),
            take_over: bool = typer.Option(False, "--take-over",
-                                          help="take the study over from another optimize process that is dead"),
+                                          help="declare every other process running this study dead (see "
+                                               "optimize --take-over)"),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
     """Continue a stored study from its stored spec: finished trials are kept, interrupted
     ones are run again, and no LLM call is paid twice."""

@@ -4,23 +4,40 @@ We do not write a web app: :class:`StudyMirror` copies one graphtune study into 
 storage (an ``InMemoryStorage`` by default, so nothing is written to the user's store),
 and optuna-dashboard serves that storage. A background thread (:class:`Poller`) reads the
 store every few seconds and mirrors only what changed, so the view follows a running
-search, from any number of workers, on SQLite or PostgreSQL: it only ever reads.
+search, from any number of workers, on SQLite, PostgreSQL or the in-memory store: it
+reads only through the storage contract (:class:`graphtune.store.base.StudyStorage`).
 
 What goes where (docs/dashboard.md):
 
 * one Optuna study named like the graphtune study, two objectives: dev accuracy
   (maximize) and cost units per query (minimize), so the dashboard draws the history
   and the Pareto front;
-* one Optuna trial per stored trial, dev and test (user attr ``split``), in the store's
-  order: ``complete`` -> COMPLETE with values, ``failed`` (or complete without a scored
-  question) -> FAIL, ``running`` -> RUNNING (updated in place when it finishes);
+* one Optuna trial per stored **dev** trial, in the store's order: ``complete`` ->
+  COMPLETE with values, ``failed`` (or complete without a scored question) -> FAIL,
+  ``running`` -> RUNNING (updated in place when it finishes);
+* **trial numbers**: Optuna numbers its trials from 0 and graphtune from 1, and the
+  held-out test trials are not Optuna trials (below), so the "Trial N" the dashboard
+  shows is not graphtune's number. graphtune's number is where users read it: the user
+  attr ``graphtune_trial`` and the title of the trial's note ("graphtune trial #60");
+* **the held-out test trial** (graphtune scores the recommended graph once on the test
+  split) is left out of the Optuna trials, so it is neither in the objective history
+  nor on the Pareto front of dev evidence: its score is in the study note, in the study
+  user attrs ``test_trial`` / ``test_accuracy`` / ``test_questions``, and in the note
+  of the dev trial it tested;
+* **the recommended graph**: the dev trial graphtune recommends (the rule of
+  ``graphtune show`` / ``export --select best``: :func:`graphtune.pareto.study_points`)
+  has the user attr ``recommended = True`` and says so in its note; the study user attr
+  ``recommended_trial`` is its graphtune number. Optuna keeps finished trials read-only,
+  so when a recommendation appears (or changes) after its trial was mirrored, the mirror
+  is rebuilt from the store (into a fresh in-memory storage, under the same study id);
 * params: features of the graph (size, edges, depth, width, in-degree, sink model and
   role, nodes per model and per role) with distributions fixed per study from the
   spec's space, so parameter importance works;
-* user attrs: the trial's number in the store, graph hash, batch, slot, origin,
-  parents, method, runs paid, reward, USD, FLOPs, latency, split, error;
+* user attrs: graphtune's trial number, graph hash, batch, slot, origin, parents,
+  method, runs paid, reward, USD, FLOPs, latency, split, error, worker, recommended;
 * trial notes: the graph as text and mermaid, its metrics, and the feedback agent's
-  steps of its batch; the study note: method, status, budget and the agent timeline.
+  steps of its batch; the study note: method, status, budget, the recommendation and
+  its test score, and the agent timeline.
 
 The mirror needs neither LLM packages nor network; optuna-dashboard is imported only by
 the functions that use it.
@@ -46,6 +63,8 @@ from graphtune.errors import GraphtuneError, StoreError
 from graphtune.graphs.io import from_dict
 from graphtune.graphs.model import BUILTIN_ROLES, Graph
 from graphtune.graphs.render import to_mermaid, to_text
+from graphtune.pareto import StudyPoints, study_points
+from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +185,6 @@ def _short(text: str | None, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: say nothing rather than leak a password
-        return "<storage url>"
-
-
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -182,6 +192,7 @@ def _digest(text: str) -> str:
 @dataclass
 class _Mirrored:
     trial_id: int  # Optuna's
+    number: int  # Optuna's (from 0)
     status: str
     finished_at: Any
     note_digest: str = ""
@@ -197,21 +208,26 @@ class RefreshStats:
 class StudyMirror:
     """Mirrors one stored graphtune study into an Optuna storage.
 
+    ``store``: any :class:`~graphtune.store.base.StudyStorage` (only its methods are used).
     ``refresh()`` reads the study and writes to the Optuna storage only what changed since
     the last call: new trials, running trials that finished (or vanished), notes whose
-    agent steps appeared. It never writes to ``store``. Not thread-safe: one thread
-    refreshes (the :class:`Poller`); Optuna storages may be read meanwhile."""
+    agent steps appeared; the whole study again when the recommendation changed after its
+    trials were mirrored (see the module docstring). It never writes to ``store``. Not
+    thread-safe: one thread refreshes (the :class:`Poller`); the Optuna storage may be
+    read meanwhile (``optuna_storage`` is replaced, complete, when the mirror is rebuilt)."""
 
-    def __init__(self, store, name: str, optuna_storage: BaseStorage | None = None):
+    def __init__(self, store: StudyStorage, name: str, optuna_storage: BaseStorage | None = None):
         self.store = store
         self.name = name
+        self._owns_storage = optuna_storage is None
         self.optuna_storage = optuna_storage if optuna_storage is not None else InMemoryStorage()
         self._study: optuna.Study | None = None
         self._space: FeatureSpace | None = None
         self._graph_study_id: int | None = None
         self._trials: dict[int, _Mirrored] = {}  # by the store's trial id
-        self._steps_sig: dict[int, tuple] = {}  # batch -> ids of its agent steps, as last noted
+        self._steps_sig: dict[Any, tuple] = {}  # batch -> keys of its agent steps, as last noted
         self._study_digest = ""
+        self._recommended: int | None = None  # graphtune number of the recommended dev trial, as mirrored
 
     @property
     def study(self) -> optuna.Study:
@@ -224,32 +240,46 @@ class StudyMirror:
         st = self.store.get_study(self.name)
         if st is None:
             known = [s.name for s in self.store.list_studies()]
-            raise StoreError(f"no study named {self.name!r} in {self.store.url}; known studies: {known or 'none'}")
-        trials = self.store.list_trials(st.id)
+            raise StoreError(f"no study named {self.name!r} in {self.store.safe_url()}; "
+                             f"known studies: {known or 'none'}")
+        sp = study_points(self.store, st)  # graphtune's recommendation, as `graphtune show` gives it
+        trials, test = sp.trials, sp.test_trial
+        rec = sp.recommended.trial_number if sp.recommended is not None else None
+        if self._study is not None and (st.id != self._graph_study_id or (rec != self._recommended and self._trials)):
+            if self._owns_storage:  # build it whole aside, then swap: readers never see it half-built
+                fresh = StudyMirror(self.store, self.name)
+                stats = fresh.refresh()
+                self._adopt(fresh)
+                return stats
+            self._study_gone()
         steps = self.store.agent_steps(st.id)
-        if self._study is None or st.id != self._graph_study_id:
-            self._create(st, trials)
-        steps_by_batch: dict[int, list[dict]] = {}
+        dev = [t for t in trials if t.split == "dev"]  # held-out test trials: not Optuna trials
+        if self._study is None:
+            self._create(st, dev)
+        self._recommended = rec
+        steps_by_batch: dict[Any, list[dict]] = {}
         for s in steps:
-            steps_by_batch.setdefault(s["batch"], []).append(s)
-        sig = {b: tuple(s["id"] for s in v) for b, v in steps_by_batch.items()}
+            steps_by_batch.setdefault(s.get("batch"), []).append(s)
+        sig = {b: tuple(s["key"] for s in v) for b, v in steps_by_batch.items()}
+        tested = {test.parents[0]: test} if test is not None and test.parents else {}
         added = updated = notes = 0
         seen = set()
-        for t in trials:
+        for t in dev:
             seen.add(t.id)
             m = self._trials.get(t.id)
             if m is None and t.status in ("pending", "waiting"):
                 continue  # queued for a worker (graphtune worker): shown once it runs
             if m is None:
-                m = self._trials[t.id] = _Mirrored(self._add(t), t.status, t.finished_at)
+                m = self._trials[t.id] = self._add(t, recommended=t.number == rec)
                 added += 1
             elif m.status == "running" and t.status != "running":
-                self._finish(m.trial_id, t)
+                self._finish(m.trial_id, t, recommended=t.number == rec)
                 m.status, m.finished_at = t.status, t.finished_at
                 updated += 1
             elif not (m.note_digest == "" or sig.get(t.batch) != self._steps_sig.get(t.batch)):
                 continue  # unchanged, and so are the agent steps of its batch
-            body = self._trial_note(t, steps_by_batch.get(t.batch, []))
+            body = self._trial_note(t, m.number, steps_by_batch.get(t.batch, []), recommended=t.number == rec,
+                                    test=tested.get(t.number))
             if _digest(body) != m.note_digest:
                 self._save_note(m.trial_id, body)
                 m.note_digest = _digest(body)
@@ -261,14 +291,25 @@ class StudyMirror:
                 m.status = "gone"
                 updated += 1
         self._steps_sig = sig
-        self._update_study(st, trials, steps)
+        self._update_study(st, trials, steps, sp)
         return RefreshStats(added, updated, notes)
 
+    def _adopt(self, fresh: StudyMirror) -> None:
+        """Take over a mirror built from scratch; the storage goes last, so a reader
+        following ``optuna_storage`` finds the study complete."""
+        (self._study, self._space, self._graph_study_id, self._trials, self._steps_sig, self._study_digest,
+         self._recommended) = (fresh._study, fresh._space, fresh._graph_study_id, fresh._trials, fresh._steps_sig,
+                               fresh._study_digest, fresh._recommended)
+        self.optuna_storage = fresh.optuna_storage
+
+    def _study_gone(self) -> None:
+        """Forget the mirrored study (in a storage the caller gave us: delete it there)."""
+        self.optuna_storage.delete_study(self._study._study_id)
+        self._study = None
+
     # -- study --------------------------------------------------------------------------
-    def _create(self, st, trials) -> None:
-        if self._study is not None:  # the study was deleted and made again under its name
-            self.optuna_storage.delete_study(self._study._study_id)
-        graphs = [g for g in (self._graph(t) for t in trials) if g is not None]
+    def _create(self, st: StudyInfo, dev: Sequence[TrialInfo]) -> None:
+        graphs = [g for g in (self._graph(t) for t in dev) if g is not None]
         self._space = FeatureSpace.from_study(st.spec, graphs)
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
@@ -284,11 +325,19 @@ class StudyMirror:
         self._graph_study_id = st.id
         self._trials, self._steps_sig, self._study_digest = {}, {}, ""
 
-    def _update_study(self, st, trials, steps) -> None:
+    def _update_study(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp: StudyPoints) -> None:
         save_note = _optuna_dashboard().save_note
-        attrs = {"graphtune_study": st.name, "method": st.method, "status": st.status, "runs_spent": st.runs_spent,
-                 "batches": st.batch_index, "storage": _safe_url(self.store.url)}
-        body = self._study_note(st, trials, steps)
+        attrs: dict[str, Any] = {"graphtune_study": st.name, "method": st.method, "status": st.status,
+                                 "runs_spent": st.runs_spent, "batches": st.batch_index,
+                                 "storage": self.store.safe_url()}
+        if sp.recommended is not None:
+            attrs["recommended_trial"] = sp.recommended.trial_number
+        test = sp.test_trial
+        if test is not None:
+            attrs.update({"test_trial": test.number, "test_accuracy": test.accuracy,
+                          "test_questions": len(test.question_ids or [])})
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        body = self._study_note(st, trials, steps, sp)
         digest = _digest(repr(sorted(attrs.items())) + body)
         if digest == self._study_digest:
             return
@@ -297,7 +346,7 @@ class StudyMirror:
         save_note(self.study, body)
         self._study_digest = digest
 
-    def _study_note(self, st, trials, steps) -> str:
+    def _study_note(self, st: StudyInfo, trials: Sequence[TrialInfo], steps: Sequence[dict], sp: StudyPoints) -> str:
         spec = st.spec or {}
         budget = {k: v for k, v in (spec.get("budget") or {}).items() if v is not None}
         search = spec.get("search") or {}
@@ -307,40 +356,52 @@ class StudyMirror:
         lines = [f"# graphtune study `{st.name}`", "",
                  "A read-only mirror of the graphtune store, refreshed while the dashboard runs.", "",
                  f"- method: **{st.method}**, status: **{st.status}**",
-                 f"- trials: {len(dev)} dev ({len(done)} scored), {len(trials) - len(dev)} test",
+                 f"- trials: {len(dev)} dev ({len(done)} scored), {len(trials) - len(dev)} held-out test "
+                 "(not plotted: see below)",
                  f"- runs spent: {st.runs_spent} graph-question runs (budget: {search.get('evaluations', '?')} "
                  f"full-dev evaluations), {st.batch_index} batches",
                  f"- cost budget per query: {budget or 'none'}",
-                 "- objectives: dev **accuracy** (maximize), **cost units** per query (minimize); test trials "
-                 "carry the user attr `split = test`", ""]
-        if done:
+                 "- objectives: dev **accuracy** (maximize), **cost units** per query (minimize)",
+                 "- numbering: Optuna's \"Trial N\" counts dev trials from 0; graphtune's number is the user attr "
+                 "`graphtune_trial` and the title of each trial's note", ""]
+        rec, test = sp.recommended, sp.test_trial
+        if rec is not None:
+            lines += [f"**Recommended graph** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
+                      f"dev accuracy {rec.accuracy:.3f} on {rec.n} questions, {rec.cost_units:.2f} units: "
+                      f"`{to_text(from_dict(rec.graph))}`", ""]
+            if test is not None:
+                lines += [f"Held-out test (graphtune trial #{test.number}): accuracy "
+                          f"{'-' if test.accuracy is None else format(test.accuracy, '.3f')} on "
+                          f"{len(test.question_ids or [])} questions.", ""]
+        elif done:
             full = [t for t in done if len(t.question_ids or []) >= top]  # as `graphtune report`: full coverage
             best = max(full, key=lambda t: (t.accuracy, -(t.cost_units or 0)))
-            lines += [f"Best dev accuracy so far on {top} questions: {best.accuracy:.3f} (trial #{best.number}, "
+            lines += [f"Nothing recommended yet (the search has not finished). Best dev accuracy so far on {top} "
+                      f"questions: {best.accuracy:.3f} (graphtune trial #{best.number}, "
                       f"{best.cost_units or 0:.2f} units): `{self._text(best)}`", ""]
         if steps:
             lines += ["## Agent timeline", "", "| batch | kind | agent | feedback | update |", "|---|---|---|---|---|"]
             for s in steps:
                 upd = "rejected: " + _short(s.get("rejected_reason"), 120) if s.get("rejected_reason") else (
                     "applied" if s.get("applied") else "-")
-                lines.append(f"| {s['batch']} | {s['kind']} | {_short(s.get('backend'), 40)} | "
+                lines.append(f"| {s.get('batch')} | {s.get('kind')} | {_short(s.get('backend'), 40)} | "
                              f"{_short(s.get('feedback'), 300).replace('|', '/')} | {upd.replace('|', '/')} |")
         return "\n".join(lines) + "\n"
 
     # -- trials -------------------------------------------------------------------------
     @staticmethod
-    def _graph(t) -> Graph | None:
+    def _graph(t: TrialInfo) -> Graph | None:
         try:
             return from_dict(t.graph, where=f"trial #{t.number}")
         except GraphtuneError:
             return None
 
-    def _text(self, t) -> str:
+    def _text(self, t: TrialInfo) -> str:
         g = self._graph(t)
         return to_text(g) if g is not None else "(unreadable graph)"
 
     @staticmethod
-    def _state_values(t) -> tuple[TrialState, list[float] | None]:
+    def _state_values(t: TrialInfo) -> tuple[TrialState, list[float] | None]:
         state = _STATES.get(t.status, TrialState.FAIL)
         if state == TrialState.COMPLETE:
             if t.accuracy is None or t.cost_units is None:  # no question scored: nothing to plot
@@ -349,17 +410,17 @@ class StudyMirror:
         return state, None
 
     @staticmethod
-    def _user_attrs(t) -> dict[str, Any]:
-        attrs = {"trial_number": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
+    def _user_attrs(t: TrialInfo, recommended: bool = False) -> dict[str, Any]:
+        attrs = {"graphtune_trial": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
                  "batch": t.batch, "slot": t.slot, "origin": t.origin, "parents": list(t.parents or []),
                  "method": t.method, "new_runs": t.new_runs, "n_questions": len(t.question_ids or []),
                  "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error,
-                 "worker": getattr(t, "worker", None)}
+                 "worker": t.worker, "recommended": True if recommended else None}
         if t.status == "complete" and (t.accuracy is None or t.cost_units is None):
             attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
         return {k: v for k, v in attrs.items() if v is not None}
 
-    def _add(self, t) -> int:
+    def _add(self, t: TrialInfo, *, recommended: bool) -> _Mirrored:
         state, values = self._state_values(t)
         g = self._graph(t)
         params, dists = self._space.params(g) if g is not None else ({}, {})
@@ -367,15 +428,16 @@ class StudyMirror:
         end = (t.finished_at or t.started_at) if state.is_finished() else None
         template = FrozenTrial(number=-1, state=state, value=None, values=values, datetime_start=start,
                                datetime_complete=end, params=params, distributions=dists,
-                               user_attrs=self._user_attrs(t), system_attrs={}, intermediate_values={},
-                               trial_id=-1)
-        return self.optuna_storage.create_new_trial(self.study._study_id, template_trial=template)
+                               user_attrs=self._user_attrs(t, recommended), system_attrs={},
+                               intermediate_values={}, trial_id=-1)
+        trial_id = self.optuna_storage.create_new_trial(self.study._study_id, template_trial=template)
+        return _Mirrored(trial_id, self.optuna_storage.get_trial_number_from_id(trial_id), t.status, t.finished_at)
 
-    def _finish(self, trial_id: int, t) -> None:
+    def _finish(self, trial_id: int, t: TrialInfo, *, recommended: bool) -> None:
         """A running trial finished in the store: its final attrs, params, state and values
         (Optuna lets only unfinished trials change, so the state goes last)."""
         s = self.optuna_storage
-        for k, v in self._user_attrs(t).items():
+        for k, v in self._user_attrs(t, recommended).items():
             s.set_trial_user_attr(trial_id, k, v)
         g = self._graph(t)
         if g is not None:
@@ -387,12 +449,19 @@ class StudyMirror:
         state, values = self._state_values(t)
         s.set_trial_state_values(trial_id, state, values)
 
-    def _trial_note(self, t, steps: Sequence[dict]) -> str:
+    def _trial_note(self, t: TrialInfo, optuna_number: int, steps: Sequence[dict], *, recommended: bool = False,
+                    test: TrialInfo | None = None) -> str:
         g = self._graph(t)
         m = t.metrics or {}
-        lines = [f"## graphtune trial #{t.number} ({t.split}, {t.status})", "",
-                 f"batch {t.batch}, slot {t.slot}, origin {t.origin}, method {t.method}"
-                 + (f", parents {list(t.parents)}" if t.parents else ""), ""]
+        lines = [f"## graphtune trial #{t.number} ({t.split}, {t.status})"
+                 + (" · recommended" if recommended else ""), "",
+                 f"Optuna's Trial {optuna_number} here (Optuna numbers from 0); batch {t.batch}, slot {t.slot}, "
+                 f"origin {t.origin}, method {t.method}" + (f", parents {list(t.parents)}" if t.parents else ""), ""]
+        if recommended:
+            lines += ["**The graph graphtune recommends** (as `graphtune show`)"
+                      + (f"; held-out test (graphtune trial #{test.number}): accuracy "
+                         f"{'-' if test.accuracy is None else format(test.accuracy, '.3f')} on "
+                         f"{len(test.question_ids or [])} questions" if test is not None else "") + ".", ""]
         if t.error:
             lines += [f"**error:** {t.error}", ""]
         if g is None:
@@ -414,7 +483,8 @@ class StudyMirror:
         if steps:
             lines += [f"### Agent steps of batch {t.batch}", ""]
             for s in steps:
-                lines += [f"**{s['kind']}** ({s.get('backend')}), looked at trials {s.get('trial_numbers') or []}", ""]
+                lines += [f"**{s.get('kind')}** ({s.get('backend')}), looked at trials {s.get('trial_numbers') or []}",
+                          ""]
                 if s.get("feedback"):
                     lines += ["> " + "\n> ".join(str(s["feedback"]).splitlines()), ""]
                 if s.get("reply") and s.get("reply") != s.get("feedback"):
@@ -475,7 +545,7 @@ class DashboardServer:
     one), with a :class:`Poller` keeping the mirror live. The first refresh happens here,
     so an unknown study fails before anything listens."""
 
-    def __init__(self, store, name: str, *, host: str = "127.0.0.1", port: int = 8080,
+    def __init__(self, store: StudyStorage, name: str, *, host: str = "127.0.0.1", port: int = 8080,
                  refresh_s: float = DEFAULT_REFRESH_S, on_error: Callable[[Exception], None] | None = None):
         from socketserver import ThreadingMixIn
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -494,9 +564,19 @@ class DashboardServer:
             def log_message(self, *args) -> None:  # no line per request on the terminal
                 pass
 
+        served: list = [None, None]  # (Optuna storage, its app): a rebuilt mirror gets a fresh app and cache
+        lock = threading.Lock()
+
+        def app(environ, start_response):
+            storage = self.mirror.optuna_storage
+            with lock:
+                if served[0] is not storage:
+                    served[:] = [storage, read_only(dashboard.wsgi(storage))]
+                wsgi_app = served[1]
+            return wsgi_app(environ, start_response)
+
         try:
-            self.httpd = make_server(host, port, read_only(dashboard.wsgi(self.mirror.optuna_storage)),
-                                     server_class=_Server, handler_class=_Quiet)
+            self.httpd = make_server(host, port, app, server_class=_Server, handler_class=_Quiet)
         except OSError as e:
             raise DashboardError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port "
                                  "(or --host)") from None

@@ -35,11 +35,11 @@ from typing import Any
 from pydantic import Field
 
 from graphtune.agent import make_agent
+from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import ProblemInfo
 from graphtune.agent.schema import GraphProposal
 from graphtune.graphs.canonical import graph_hash
-from graphtune.graphs.model import Graph, Node
-from graphtune.graphs.space import validate
+from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
 from graphtune.search.critic import AgentCritic, probe_candidates
 from graphtune.search.probgraph import ProbabilisticGraph
@@ -114,12 +114,9 @@ class AgentReinforceSearcher(Searcher):
         return self.critic.agent
 
     def _proposal_graph(self, prop: GraphProposal) -> Graph:
-        """Build and validate one proposal; raises GraphError/BudgetError with the reason."""
-        nodes = [Node.make(n.id, n.role, n.model) for n in prop.nodes]
-        g = Graph.build(nodes, [tuple(e) for e in prop.edges])
-        g.topo_order  # raises on a cycle
-        validate(g, self.ctx.space, self.ctx.costs, self.ctx.budget)
-        return g
+        """Build and validate one proposal; raises GraphError/BudgetError with the reason
+        (one line: :func:`graphtune.agent.proposals.proposal_to_graph`, llm-opt's builder too)."""
+        return proposal_to_graph(prop, self.ctx.space, self.ctx.costs, self.ctx.budget)
 
     def ask(self) -> list[Candidate]:
         if self.phase == "probe":

@@ -1,6 +1,6 @@
 """The Searcher contract and the values that pass between a searcher and the loop.
 
-Lifecycle (driven by :func:`graphtune.search.loop.run_search`)::
+Lifecycle (driven by the batch engine, :mod:`graphtune.search.engine`)::
 
     searcher = SomeSearcher(ctx)            # ctx: space, costs, budget, dev ids, seed...
     searcher.load_state_dict(state)         # only when resuming a stored study
@@ -151,15 +151,31 @@ class GraphStats:
         return sum(self.rewards.values()) / len(self.rewards) if self.rewards else float("nan")
 
     def ci95(self) -> tuple[float, float]:
-        """Normal-approximation 95% interval of the mean reward."""
+        """95% interval of the mean reward: when every reward is 0 or 1 (plain accuracy)
+        the Wilson score interval, which stays inside [0, 1] and is honest for few
+        questions (4 of 6 correct: 0.300-0.903); otherwise the normal approximation.
+        Unbounded for fewer than 2 questions (Wilson: 1 question suffices)."""
         n = self.n
+        vals = list(self.rewards.values())
+        if n and all(v in (0.0, 1.0) for v in vals):
+            return wilson_interval(int(sum(vals)), n)
         if n < 2:
             return (float("-inf"), float("inf"))
-        vals = list(self.rewards.values())
         m = self.mean
         var = sum((v - m) ** 2 for v in vals) / (n - 1)
         half = 1.96 * math.sqrt(var / n)
         return (m - half, m + half)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (95% by default)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (0.0 if k == 0 else max(0.0, mid - half), 1.0 if k == n else min(1.0, mid + half))
 
 
 def pool_stats(evals: Sequence[Evaluation], objective: Objective, unit_flops: float) -> dict[str, GraphStats]:

@@ -7,15 +7,20 @@ as OPRO does), and asks for ``batch_size`` new graphs as JSON::
 
     {"reasoning": str, "proposals": [{"nodes": [{"id", "role", "model"}], "edges": [[src, dst]]}]}
 
-The reply is constrained by a JSON schema where the provider supports it and validated
-with pydantic either way, after the agent's guards (length and nesting bounded before
-parsing, non-finite numbers refused: ``search.agent.max_reply_chars`` /
-``max_reply_depth``, see :mod:`graphtune.agent.schema`); an unusable reply is re-asked
-once with the error. The step stores a bounded excerpt of each reply (its first 4 KB,
-length and sha256), never a multi-megabyte text. Each proposal is then checked like any
-graph (structure, space, budget) and against the graphs already proposed; rejected
-proposals keep their reason in the step record, and random valid graphs fill the batch,
-so every batch is full. Each proposed graph is evaluated on the whole dev split.
+Each proposal is the agent's own proposal model
+(:class:`~graphtune.agent.schema.GraphProposal`, which also accepts an optional
+``rationale``), so llm-opt and agent-reinforce accept and refuse the same proposals. The
+reply is constrained by a JSON schema where the provider supports it and validated as a
+:class:`~graphtune.agent.schema.ProposalReply` either way, after the agent's guards
+(length and nesting bounded before parsing, non-finite numbers refused:
+``search.agent.max_reply_chars`` / ``max_reply_depth``, see
+:mod:`graphtune.agent.schema`); an unusable reply is re-asked once with the agent's
+one-line reason. The step stores a bounded excerpt of each reply (its first 4 KB, length
+and sha256), never a multi-megabyte text. Each proposal is then built and checked
+(structure, space, budget) by :func:`graphtune.agent.proposals.proposal_to_graph`, as
+agent-reinforce's are, and against the graphs already proposed; rejected proposals keep
+their reason in the step record, and random valid graphs fill the batch, so every batch
+is full. Each proposed graph is evaluated on the whole dev split.
 
 With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
 graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
@@ -32,18 +37,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import Field
 
 from graphtune.agent.mutations import random_mutation
-from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, ReplyLimits, ReplyRejected, reply_excerpt, short_location
-from graphtune.agent.toolkit import CompleteFn, ask_structured, parse_structured
+from graphtune.agent.proposals import check_graph, proposal_to_graph
+from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, GraphProposal, ProposalReply, ReplyLimits,
+                                    describe_reply_error, parse_proposal_reply, proposal_reply_json_schema,
+                                    reply_excerpt)
+from graphtune.agent.toolkit import CompleteFn, ask_structured
 from graphtune.errors import GraphError, GraphtuneError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
 from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph
-from graphtune.graphs.space import random_graph, validate
+from graphtune.graphs.space import random_graph
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
 
@@ -65,67 +73,26 @@ SYSTEM_PROMPT = (
 )
 
 
-# -- reply schema ------------------------------------------------------------------------
-
-
-# Bounds as in the agent's schema (graphtune.agent.schema): a reply is outside text;
-# every rejected proposal costs a stored reason, so counts and names are bounded too.
-_NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-
-
-class ProposedNode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: _NodeId
-    role: str = Field(max_length=64)
-    model: str = Field(max_length=200)
-
-
-class ProposedGraph(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
-    edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
-
-
-class ProposalReply(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    proposals: list[ProposedGraph] = Field(max_length=1024)  # the spec's largest batch_size
-    reasoning: str = ""
+# -- the reply -----------------------------------------------------------------------------
+# One proposal schema for every agent step: the reply is the agent's ProposalReply (a list
+# of graphtune.agent.schema.GraphProposal), refused with the agent's one-line reasons, and
+# each proposal is built by graphtune.agent.proposals.proposal_to_graph, as agent-reinforce's are.
 
 
 def reply_schema(models: Sequence[str], roles: Sequence[str]) -> dict:
-    """JSON schema of a reply, in the subset every schema-enforcing provider accepts in
-    strict mode: every field required, no extra fields, enums, and no length or count
-    constraints (OpenAI's strict mode rejects them). Counts and pair lengths are checked
-    by pydantic instead. Reasoning comes first so a model constrained by a grammar thinks
-    before it proposes."""
-    node = {"type": "object", "additionalProperties": False, "required": ["id", "role", "model"],
-            "properties": {"id": {"type": "string"}, "role": {"type": "string", "enum": list(roles)},
-                           "model": {"type": "string", "enum": list(models)}}}
-    graph = {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"],
-             "properties": {"nodes": {"type": "array", "items": node},
-                            "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}
-    return {"title": "GraphProposals", "type": "object", "additionalProperties": False,
-            "required": ["reasoning", "proposals"],
-            "properties": {"reasoning": {"type": "string"}, "proposals": {"type": "array", "items": graph}}}
-
-
-def describe_reply_error(e: Exception) -> str:
-    """The one-line reason for a reply refused by :func:`parse_reply` (stored in the
-    step and sent back to the model)."""
-    if isinstance(e, ValidationError):
-        err = e.errors()[0]
-        return f"reply does not match the schema: {short_location(err['loc'])}: {err['msg']}"
-    if isinstance(e, ReplyRejected):
-        return f"reply refused: {e}"
-    return f"reply is not JSON ({str(e).splitlines()[0]})"
+    """JSON schema of a reply for strict structured output: every field required, no
+    extra fields, the space's models and roles as enums, no length or count constraints
+    (:func:`graphtune.agent.schema.proposal_reply_json_schema`); every reply it admits
+    parses as a :class:`~graphtune.agent.schema.ProposalReply`, whose bounds pydantic checks."""
+    return proposal_reply_json_schema(models, roles)
 
 
 def parse_reply(text: str, limits: ReplyLimits = ReplyLimits()) -> ProposalReply:
     """Validate a reply read under ``limits`` (length and nesting bounded before parsing,
     non-finite numbers and unstorable strings refused: see ``graphtune.agent.schema``);
-    raises ValueError with a one-line reason."""
+    raises ValueError with the agent's one-line reason (:func:`describe_reply_error`)."""
     try:
-        return parse_structured(text, ProposalReply, limits)
+        return parse_proposal_reply(text, limits)
     except ValueError as e:  # ReplyRejected, JSONDecodeError, ValidationError
         raise ValueError(describe_reply_error(e)) from None
 
@@ -254,12 +221,13 @@ class LLMOptSearcher(Searcher):
         self.batch = int(state["batch"])
 
     # -- checks ----------------------------------------------------------------------
-    def _check(self, raw: Any) -> tuple[Graph | None, str | None]:
-        """A proposal as a valid, new, in-budget graph, or None and the reason."""
+    def _check(self, raw: GraphProposal | Graph) -> tuple[Graph | None, str | None]:
+        """A proposal (the LLM's, or a graph the heuristic made) as a valid, new,
+        in-budget graph, or None and the one-line reason."""
+        ctx = self.ctx
         try:
-            g = raw if isinstance(raw, Graph) else from_dict(
-                {"nodes": [n.model_dump() for n in raw.nodes], "edges": [list(e) for e in raw.edges]})
-            validate(g, self.ctx.space, self.ctx.costs, self.ctx.budget)
+            g = (check_graph(raw, ctx.space, ctx.costs, ctx.budget) if isinstance(raw, Graph)
+                 else proposal_to_graph(raw, ctx.space, ctx.costs, ctx.budget))
         except GraphError as e:  # BudgetError included
             return None, str(e)
         if graph_hash(g) in self.seen:
@@ -319,7 +287,7 @@ class LLMOptSearcher(Searcher):
                      '[{"id": "a", "role": "assistant", "model": "..."}], "edges": [["a", "b"]]}]}')
         return "\n".join(lines)
 
-    def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[ProposedGraph], str | None]:
+    def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[GraphProposal], str | None]:
         space, a = self.ctx.space, self.agent
         prompt = self.prompt()
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]

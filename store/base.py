@@ -182,10 +182,11 @@ class StudyStorage(abc.ABC):
         """Set the study's status (``running``, ``done``, ...)."""
 
     @abc.abstractmethod
-    def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
+    def save_progress(self, study_id: int, *, state: Mapping[str, Any] | None, batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
-        """Searcher state + counters + the batch's agent steps, in one step; an agent step
-        whose ``key`` is already stored is not added again."""
+        """Searcher state + counters + the batch's agent steps, in one step; ``state=None``
+        keeps the stored state; an agent step whose ``key`` is already stored is not added
+        again."""
 
     # -- trials ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -238,29 +239,17 @@ class StudyStorage(abc.ABC):
 
 class WorkerStorage(abc.ABC):
     """The part of a store that several ``graphtune worker`` processes share a study
-    through (only the SQL store): a lease per process, a queue of trials claimed one at a
-    time, heartbeats that let a dead worker's claim be retaken, and the study's
-    batch-update lock (:meth:`coordination`). Every method is one transaction; conflicts
+    through (only the SQL store; ``graphtune optimize`` is one of them): a row per
+    process, a queue of trials claimed one at a time, heartbeats that let a dead worker's
+    claims be retaken, the update claim (one worker computes a batch update) and the
+    study's lock that commits it (:meth:`coordination`). Every method is one transaction; conflicts
     between processes are resolved by row locks (PostgreSQL) or retried (SQLite)."""
 
     @abc.abstractmethod
-    def register_worker(self, study_id: int, name: str, host: str, pid: int) -> None:
-        """Add a ``graphtune worker`` process to the study; ``StoreError`` while a
-        ``graphtune optimize`` holds the study's lease."""
-
-    @abc.abstractmethod
-    def acquire_lease(self, study_id: int, name: str, host: str, pid: int, *, kind: str = "optimize",
-                      stale_after_s: float, take_over: bool = False):
-        """Register ``name`` on the study; None when registered, else who holds it (the SQL
-        store defaults ``stale_after_s`` to its ``LEASE_STALE_S``)."""
-
-    @abc.abstractmethod
-    def renew_lease(self, study_id: int, name: str) -> bool:
-        """Refresh the lease's heartbeat; False if it was lost."""
-
-    @abc.abstractmethod
-    def release_lease(self, study_id: int, name: str) -> None:
-        """Give the lease back."""
+    def register_worker(self, study_id: int, name: str, host: str, pid: int, *, take_over: bool = False) -> None:
+        """Add a worker process (``graphtune worker`` or ``graphtune optimize``) to the
+        study, marking dead ones stopped (every other one with ``take_over``) so their
+        claims are taken over at once."""
 
     @abc.abstractmethod
     def worker_heartbeat(self, study_id: int, name: str, *, trial_id: int | None = None, trials_done: int = 0,
@@ -281,10 +270,9 @@ class WorkerStorage(abc.ABC):
         there is none."""
 
     @abc.abstractmethod
-    def finish_claim(self, trial_id: int, worker: str, *, status: str, results: Sequence[QuestionResult],
-                     reused: set[str], metrics: Mapping[str, Any], reward: float | None,
-                     cost: Mapping[str, float] | None, new_runs: int, error: str | None = None) -> bool:
-        """Store a claimed trial's outcome if ``worker`` still holds the claim (False:
+    def finish_claim(self, trial_id: int, worker: str, record: TrialRecord) -> bool:
+        """Store a claimed trial's outcome (``record``'s status, results, metrics, cost...;
+        its place is the claimed trial's) if ``worker`` still holds the claim (False:
         retaken; nothing written)."""
 
     @abc.abstractmethod
@@ -300,6 +288,17 @@ class WorkerStorage(abc.ABC):
         """How many batches just before ``before`` paid for no new run."""
 
     @abc.abstractmethod
-    def coordination(self, study_id: int) -> contextlib.AbstractContextManager:
+    def coordination(self, study_id: int, *, wait: bool = False) -> contextlib.AbstractContextManager:
         """The study's batch-update lock: a context yielding a holder of it, or None when
-        another worker holds it."""
+        another worker holds it (``wait``: wait for it instead)."""
+
+    @abc.abstractmethod
+    def claim_update(self, study_id: int, worker: str, *, stale_after_s: float) -> bool:
+        """Make ``worker`` the one that computes the study's next batch update (the
+        searcher's tell and ask, outside any lock); False while another live worker holds
+        the claim. The claim lapses with its holder's heartbeat; it ends with
+        ``Coordination.release_update`` (in the commit) or :meth:`release_update`."""
+
+    @abc.abstractmethod
+    def release_update(self, study_id: int, worker: str) -> None:
+        """Give up the update claim without committing."""

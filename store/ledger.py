@@ -226,7 +226,7 @@ class SQLLedger(Ledger):
                 return "free"
             cutoff = self.storage._now() - timedelta(seconds=self.stale_after_s)
             alive = s.scalar(select(func.count()).select_from(WorkerRow).where(
-                WorkerRow.name == c.owner, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff))
+                WorkerRow.name == c.owner, WorkerRow.status.in_(("running", "updating")), WorkerRow.heartbeat_at > cutoff))
             if alive:
                 return "held"
             s.execute(delete(LLMCallClaimRow).where(LLMCallClaimRow.key == key, LLMCallClaimRow.owner == c.owner))

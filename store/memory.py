@@ -93,10 +93,11 @@ class MemoryStorage(StudyStorage):
     def set_status(self, study_id: int, status: str) -> None:
         self._by_id(study_id)["status"] = status
 
-    def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
+    def save_progress(self, study_id: int, *, state: Mapping[str, Any] | None, batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
         d = self._by_id(study_id)
-        d["searcher_state"] = self.redactor.value(json.loads(json.dumps(state)))
+        if state is not None:
+            d["searcher_state"] = self.redactor.value(json.loads(json.dumps(state)))
         d["batch_index"], d["runs_spent"] = batch_index, runs_spent
         steps = self._steps.setdefault(study_id, [])
         keys = {s["key"] for s in steps}

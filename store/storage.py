@@ -10,23 +10,20 @@ and of :class:`~graphtune.store.base.WorkerStorage` (stores workers share):
   in one transaction, after the batch's trials: a resumed search restarts at the first
   batch whose state was not saved, and finds that batch's finished trials by their
   ``(batch, slot)`` instead of running them again.
-* Distributed evaluation (``graphtune worker``): a trial is claimed by one conditional
-  update (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers),
-  finished only by the worker that still holds the claim, and retaken by another worker
-  once its heartbeat is older than the stale timeout. The searcher's batch update runs in
-  :meth:`Storage.coordination`, which holds the study row's lock (PostgreSQL) or SQLite's
-  write lock for the whole update and commits state, counters, agent steps and the next
-  batch's trials in one transaction, fenced by the batch counter.
+* Workers (``graphtune worker``, and ``graphtune optimize``, which runs as one): a trial
+  is claimed by one conditional update (``SELECT ... FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL; SQLite serialises writers), finished only by the worker that still holds the
+  claim, and retaken by another worker once its holder is dead (heartbeat older than the
+  stale timeout, pid gone from this machine, or taken over). One worker at a time holds
+  the study's update claim (:meth:`Storage.claim_update`) and computes the searcher's
+  batch update outside any lock; :meth:`Storage.coordination` then commits state,
+  counters, agent steps and the next batch's trials in one short transaction under the
+  study row's lock, fenced by the batch counter.
 * Secrets are never stored: the spec references API keys by environment-variable name,
   the stored spec's ``storage`` URL has no password, and every text written (trial info
   and errors, question results, agent steps, searcher state; the call ledger too) goes
   through the store's :class:`~graphtune.store.redact.Redactor`, to which the app gives
   the secret values it knows (``Storage(url, secrets=...)``).
-* One process runs a study at a time with ``graphtune optimize``: it holds a **lease**
-  (a ``workers`` row named ``optimize:...`` whose heartbeat it refreshes); a second
-  ``optimize`` or a ``graphtune worker`` is refused while the lease is fresh, and a lease
-  whose heartbeat is older than the stale timeout (its process died), or whose process is
-  gone from this machine, is taken over. ``graphtune worker`` processes join each other.
 
 Schema: versioned with Alembic (``graphtune.store.migrations``). A fresh database gets
 ``create_all`` plus an ``alembic_version`` stamped with the code's head revision (one
@@ -58,13 +55,12 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (Column, MetaData, String, Table, and_, create_engine, event, func, inspect, or_, select,
-                        update)
+from sqlalchemy import (Column, MetaData, String, Table, and_, create_engine, delete, event, func, inspect, or_,
+                        select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -76,15 +72,11 @@ from graphtune.store.base import (StudyInfo, StudyStorage, TrialInfo, TrialRecor
                                   spec_hash)
 from graphtune.store.redact import Redactor
 
-#: ``graphtune optimize`` refreshes its lease on a study this often ...
-LEASE_HEARTBEAT_S = 5.0
-#: ... and a lease whose heartbeat is older than this is taken over (its process died)
+#: a worker (``optimize`` included) whose heartbeat is older than this is dead: its claims
+#: are taken over (at once when its pid is gone from this machine)
 LEASE_STALE_S = 60.0
-#: name prefix of the ``workers`` row that is an ``optimize`` process's lease
-LEASE_PREFIX = "optimize:"
-#: the leases this process holds now (a lease of this host and pid not in it is a leftover
-#: of an earlier run in this process whose release failed: taken over)
-_HELD_HERE: set[str] = set()
+#: statuses of a worker row whose process runs (``updating``: it holds the batch-update claim)
+LIVE = ("running", "updating")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -225,26 +217,6 @@ def shared_sqlite_warning(url: str, *, workers: bool = False, mounts: str = "/pr
         return (f"workers share the SQLite store {path}: fine for processes on this machine only; workers on "
                 "several machines need a PostgreSQL `storage` URL")
     return None
-
-
-@dataclass(frozen=True)
-class LeaseHolder:
-    """Who holds a study (``graphtune optimize``'s lease, or live workers)."""
-
-    kind: str  # "optimize" | "workers"
-    host: str
-    pid: int
-    since: Any
-    heartbeat_at: Any
-    n_workers: int = 1
-
-    def describe(self) -> str:
-        since = str(self.since)[:19]
-        if self.kind == "optimize":
-            return f"`graphtune optimize` (host {self.host}, pid {self.pid}, since {since} UTC)"
-        more = f" and {self.n_workers - 1} more" if self.n_workers > 1 else ""
-        return (f"{self.n_workers} `graphtune worker` process(es) (host {self.host}, pid {self.pid}{more}, "
-                f"since {since} UTC)")
 
 
 def _study_info(r: StudyRow, n_trials: int = 0) -> StudyInfo:
@@ -522,26 +494,34 @@ class Storage(StudyStorage, WorkerStorage):
                 return False
             if s.scalar(select(TrialRow.id).where(TrialRow.study_id == study_id).limit(1)) is not None:
                 return False
+            cutoff = self._now() - timedelta(seconds=LEASE_STALE_S)
+            if s.scalar(select(WorkerRow.id).where(WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE),
+                                                   WorkerRow.heartbeat_at > cutoff).limit(1)) is not None:
+                return False  # another process has joined it
             s.delete(r)
             return True
 
     def reset_searcher(self, study_id: int, method: str) -> None:
-        """Forget the searcher state (a study continued with another method); trials, the
-        batch counter and the spent budget stay."""
+        """Forget the searcher state (a study continued with another method); finished
+        trials, the batch counter and the spent budget stay; trials queued by the old
+        searcher and not finished are dropped."""
         with self.session() as s:
             r = s.get(StudyRow, study_id)
             r.method, r.searcher_state = method, None
+            s.execute(delete(TrialRow).where(TrialRow.study_id == study_id,
+                                             TrialRow.status.in_(("pending", "waiting", "running"))))
 
     def set_status(self, study_id: int, status: str) -> None:
         with self.session() as s:
             s.get(StudyRow, study_id).status = status
 
-    def save_progress(self, study_id: int, *, state: Mapping[str, Any], batch_index: int, runs_spent: int,
+    def save_progress(self, study_id: int, *, state: Mapping[str, Any] | None, batch_index: int, runs_spent: int,
                       agent_steps: Sequence[Mapping[str, Any]] = ()) -> None:
         """Searcher state + counters + the batch's agent steps, in one transaction."""
         with self.session() as s:
             r = s.get(StudyRow, study_id)
-            r.searcher_state = self.redactor.value(json.loads(json.dumps(state)))
+            if state is not None:
+                r.searcher_state = self.redactor.value(json.loads(json.dumps(state)))
             r.batch_index = batch_index
             r.runs_spent = runs_spent
             for step in agent_steps:
@@ -612,15 +592,27 @@ class Storage(StudyStorage, WorkerStorage):
                     raise StoreError(f"{what}: {e}") from None
                 time.sleep(0.02 * (i + 1))
 
-    def register_worker(self, study_id: int, name: str, host: str, pid: int) -> None:
-        """Add a ``graphtune worker`` process to the study; refused (``StoreError`` naming
-        the process) while a ``graphtune optimize`` holds the study's lease."""
-        holder = self.acquire_lease(study_id, name, host, pid, kind="worker")
-        if holder is not None:
-            raise StoreError(f"study {self._study_name(study_id)!r} is being run by {holder.describe()}; "
-                             "a worker cannot join it: wait for it to finish, or if that process is dead, "
-                             "take it over with `graphtune optimize SPEC --take-over` (or wait "
-                             f"{LEASE_STALE_S:g} s after its last heartbeat)")
+    def register_worker(self, study_id: int, name: str, host: str, pid: int, *, take_over: bool = False,
+                        stale_after_s: float = LEASE_STALE_S) -> None:
+        """Add a worker process (``graphtune worker``, or ``graphtune optimize``, which runs
+        as one) to the study, in one transaction holding the study's lock. Workers already
+        there that are dead are marked stopped first, so their claimed trials and update
+        claim are taken over at once: a heartbeat older than ``stale_after_s``, a pid gone
+        from this machine, or (``take_over``: the caller says so) every other one."""
+        def go():
+            with self.session() as s:
+                self._lock_study(s, study_id)
+                now = self._now()
+                cutoff = now - timedelta(seconds=stale_after_s)
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE),
+                                                  WorkerRow.heartbeat_at <= cutoff).values(status="stopped"))
+                for w in s.scalars(select(WorkerRow).where(WorkerRow.study_id == study_id,
+                                                           WorkerRow.status.in_(LIVE))):
+                    if take_over or _process_gone(w.host, w.pid):
+                        w.status = "stopped"
+                s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
+                                heartbeat_at=now))
+        self._retrying(go, "registering a worker")
 
     def _study_name(self, study_id: int) -> str:
         with self.session() as s:
@@ -632,66 +624,6 @@ class Storage(StudyStorage, WorkerStorage):
             s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
         s.scalar(select(StudyRow.id).where(StudyRow.id == study_id).with_for_update())
 
-    def acquire_lease(self, study_id: int, name: str, host: str, pid: int, *, kind: str = "optimize",
-                      stale_after_s: float = LEASE_STALE_S, take_over: bool = False) -> LeaseHolder | None:
-        """Register ``name`` (host, pid) on the study, in one transaction holding the study's
-        lock: ``kind="optimize"`` only when no other live process runs the study;
-        ``kind="worker"`` unless a live ``optimize`` holds it (workers join each other).
-        A holder is dead when its heartbeat is older than ``stale_after_s``, when it runs on
-        this machine and its pid is gone, or (``take_over``) when the caller says so; a
-        dead holder is marked stopped. Returns None when registered, else who holds it."""
-        def go():
-            with self.session() as s:
-                self._lock_study(s, study_id)
-                now = self._now()
-                cutoff = now - timedelta(seconds=stale_after_s)
-                stale = [WorkerRow.study_id == study_id, WorkerRow.status == "running",
-                         WorkerRow.heartbeat_at <= cutoff]
-                if kind == "worker":
-                    stale.append(WorkerRow.name.startswith(LEASE_PREFIX))
-                s.execute(update(WorkerRow).where(*stale).values(status="stopped"))  # dead: their leases end
-                live = list(s.scalars(select(WorkerRow).where(
-                    WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)
-                    .order_by(WorkerRow.id)))
-                if kind == "worker":
-                    live = [w for w in live if w.name.startswith(LEASE_PREFIX)]
-                dead = [w for w in live if take_over or _process_gone(w.host, w.pid) or _leftover(w)]
-                for w in dead:
-                    w.status = "stopped"
-                live = [w for w in live if w not in dead]
-                if live:
-                    lease = next((w for w in live if w.name.startswith(LEASE_PREFIX)), None)
-                    if lease is not None:
-                        return LeaseHolder("optimize", lease.host, lease.pid, lease.started_at, lease.heartbeat_at)
-                    w = live[0]
-                    return LeaseHolder("workers", w.host, w.pid, w.started_at, w.heartbeat_at, len(live))
-                s.add(WorkerRow(study_id=study_id, name=name, host=host, pid=pid, status="running", started_at=now,
-                                heartbeat_at=now))
-                return None
-        holder = self._retrying(go, "taking the study's lease")
-        if holder is None and kind == "optimize":
-            _HELD_HERE.add(name)
-        return holder
-
-    def renew_lease(self, study_id: int, name: str) -> bool:
-        """Refresh the heartbeat of a lease still held (False: it was taken over, or is gone)."""
-        def go():
-            with self.session() as s:
-                got = s.execute(update(WorkerRow).where(
-                    WorkerRow.study_id == study_id, WorkerRow.name == name, WorkerRow.status == "running")
-                    .values(heartbeat_at=self._now()))
-                return got.rowcount == 1
-        return self._retrying(go, "renewing the study's lease")
-
-    def release_lease(self, study_id: int, name: str) -> None:
-        _HELD_HERE.discard(name)
-
-        def go():
-            with self.session() as s:
-                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name)
-                          .values(status="stopped"))
-        self._retrying(go, "releasing the study's lease")
-
     def worker_heartbeat(self, study_id: int, name: str, *, trial_id: int | None = None, trials_done: int = 0,
                          batches_updated: int = 0, status: str = "running") -> None:
         """Refresh the worker's heartbeat (and that of the trial it holds)."""
@@ -699,7 +631,10 @@ class Storage(StudyStorage, WorkerStorage):
             with self.session() as s:
                 now = self._now()
                 s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name).values(
-                    heartbeat_at=now, trials_done=trials_done, batches_updated=batches_updated, status=status))
+                    heartbeat_at=now, trials_done=trials_done, batches_updated=batches_updated))
+                keep = [WorkerRow.status != "updating"] if status == "running" else []  # the update claim stays
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == name, *keep)
+                          .values(status=status))
                 if trial_id is not None:
                     s.execute(update(TrialRow).where(TrialRow.id == trial_id, TrialRow.worker == name,
                                                      TrialRow.status == "running").values(heartbeat_at=now))
@@ -710,7 +645,7 @@ class Storage(StudyStorage, WorkerStorage):
         with self.session() as s:
             cutoff = self._now() - timedelta(seconds=stale_after_s)
             return int(s.scalar(select(func.count()).select_from(WorkerRow).where(
-                WorkerRow.study_id == study_id, WorkerRow.status == "running", WorkerRow.heartbeat_at > cutoff)) or 0)
+                WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE), WorkerRow.heartbeat_at > cutoff)) or 0)
 
     def list_workers(self, study_id: int) -> list[dict]:
         with self.session() as s:
@@ -719,15 +654,19 @@ class Storage(StudyStorage, WorkerStorage):
 
     def claim_trial(self, study_id: int, worker: str, *, stale_after_s: float) -> TrialInfo | None:
         """Claim the first pending trial of the study (or a running one whose worker's
-        heartbeat is older than ``stale_after_s``) for ``worker``; None when there is none.
+        heartbeat is older than ``stale_after_s``, or whose worker was marked stopped: dead,
+        or taken over) for ``worker``; None when there is none.
         At most one worker gets a given claim."""
         def go():
             with self.session() as s:
                 now = self._now()
                 cutoff = now - timedelta(seconds=stale_after_s)
+                gone = select(WorkerRow.name).where(WorkerRow.study_id == study_id, WorkerRow.status == "stopped")
                 r = s.scalar(select(TrialRow).where(
                     TrialRow.study_id == study_id,
-                    or_(TrialRow.status == "pending", and_(TrialRow.status == "running", TrialRow.heartbeat_at < cutoff)))
+                    or_(TrialRow.status == "pending",
+                        and_(TrialRow.status == "running",
+                             or_(TrialRow.heartbeat_at < cutoff, TrialRow.worker.in_(gone)))))
                     .order_by(TrialRow.batch, TrialRow.slot).limit(1).with_for_update(skip_locked=True))
                 if r is None:
                     return None
@@ -746,9 +685,7 @@ class Storage(StudyStorage, WorkerStorage):
                 return t
         return None
 
-    def finish_claim(self, trial_id: int, worker: str, *, status: str, results: Sequence[QuestionResult],
-                     reused: set[str], metrics: Mapping[str, Any], reward: float | None,
-                     cost: Mapping[str, float] | None, new_runs: int, error: str | None = None) -> bool:
+    def finish_claim(self, trial_id: int, worker: str, record: TrialRecord) -> bool:
         """Store a claimed trial's outcome with its results, atomically, if ``worker`` still
         holds the claim (False: it was retaken after a stale heartbeat; nothing written).
         Trials of the same graph waiting for this one become claimable."""
@@ -757,8 +694,9 @@ class Storage(StudyStorage, WorkerStorage):
                 r = s.scalar(select(TrialRow).where(TrialRow.id == trial_id).with_for_update())
                 if r is None or r.status != "running" or r.worker != worker:
                     return False
-                _fill_outcome(r, status=status, results=results, reused=reused, metrics=metrics, reward=reward,
-                              cost=cost, new_runs=new_runs, error=error, redactor=self.redactor)
+                _fill_outcome(r, status=record.status, results=record.results, reused=set(record.reused),
+                              metrics=record.metrics, reward=record.reward, cost=record.cost, new_runs=record.new_runs,
+                              error=record.error, redactor=self.redactor)
                 s.execute(update(TrialRow).where(TrialRow.study_id == r.study_id, TrialRow.status == "waiting",
                                                  TrialRow.after_trial == r.number).values(status="pending"))
                 return True
@@ -794,22 +732,53 @@ class Storage(StudyStorage, WorkerStorage):
         return n
 
     @contextlib.contextmanager
-    def coordination(self, study_id: int) -> Iterator[Coordination | None]:
+    def coordination(self, study_id: int, *, wait: bool = False) -> Iterator[Coordination | None]:
         """The study's batch-update lock: yields a :class:`Coordination` holding it, or None
-        when another worker holds it. Everything written through the coordination commits
-        in one transaction when the block ends (nothing if it raises)."""
-        with self.session() as s:
-            try:
-                if self.engine.dialect.name == "sqlite":
-                    # a write first: SQLite's write lock is held until commit (others wait or skip)
-                    s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
-                r = s.scalar(select(StudyRow).where(StudyRow.id == study_id).with_for_update(skip_locked=True))
-            except SQLAlchemyError as e:
-                if "locked" not in str(e):
-                    raise
-                s.rollback()  # SQLite: another worker held the write lock past the busy timeout
-                r = None
-            yield Coordination(self, s, r) if r is not None else None
+        when another worker holds it (``wait``: wait for it, retrying SQLite's busy
+        timeouts). Everything written through the coordination commits in one transaction
+        when the block ends (nothing if it raises)."""
+        for attempt in range(20 if wait else 1):
+            with self.session() as s:
+                try:
+                    if self.engine.dialect.name == "sqlite":
+                        # a write first: SQLite's write lock is held until commit (others wait or skip)
+                        s.execute(update(StudyRow).where(StudyRow.id == study_id).values(status=StudyRow.status))
+                    r = s.scalar(select(StudyRow).where(StudyRow.id == study_id)
+                                 .with_for_update(skip_locked=not wait))
+                except SQLAlchemyError as e:
+                    if "locked" not in str(e):
+                        raise
+                    s.rollback()  # SQLite: another worker held the write lock past the busy timeout
+                    r = None
+                if r is not None or not wait or attempt == 19:
+                    yield Coordination(self, s, r) if r is not None else None
+                    return
+            time.sleep(0.05 * (attempt + 1))
+
+    def claim_update(self, study_id: int, worker: str, *, stale_after_s: float) -> bool:
+        """See :meth:`WorkerStorage.claim_update`: the claim is the worker's row in status
+        ``updating``; a holder whose heartbeat is stale, or whose process is gone from this
+        machine, has lost it."""
+        def go():
+            with self.session() as s:
+                self._lock_study(s, study_id)
+                cutoff = self._now() - timedelta(seconds=stale_after_s)
+                others = [w for w in s.scalars(select(WorkerRow).where(
+                    WorkerRow.study_id == study_id, WorkerRow.status == "updating", WorkerRow.name != worker,
+                    WorkerRow.heartbeat_at > cutoff)) if not _process_gone(w.host, w.pid)]
+                if others:
+                    return False
+                got = s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == worker,
+                                                        WorkerRow.status.in_(LIVE)).values(status="updating"))
+                return got.rowcount == 1
+        return self._retrying(go, "claiming the study's batch update")
+
+    def release_update(self, study_id: int, worker: str) -> None:
+        def go():
+            with self.session() as s:
+                s.execute(update(WorkerRow).where(WorkerRow.study_id == study_id, WorkerRow.name == worker,
+                                                  WorkerRow.status == "updating").values(status="running"))
+        self._retrying(go, "releasing the study's batch update")
 
     def list_trials(self, study_id: int, split: str | None = None) -> list[TrialInfo]:
         with self.session() as s:
@@ -840,13 +809,6 @@ class Storage(StudyStorage, WorkerStorage):
         with self.session() as s:
             rows = s.scalars(select(AgentStepRow).where(AgentStepRow.study_id == study_id).order_by(AgentStepRow.id))
             return [{c.name: getattr(r, c.name) for c in AgentStepRow.__table__.columns} for r in rows]
-
-
-def _leftover(w: WorkerRow) -> bool:
-    """A row of this very process that it no longer holds (its release failed)."""
-    import socket
-
-    return w.pid == os.getpid() and w.host == socket.gethostname() and w.name not in _HELD_HERE
 
 
 def _process_gone(host: str, pid: int) -> bool:
@@ -945,3 +907,8 @@ class Coordination:
 
     def set_status(self, status: str) -> None:
         self._r.status = status
+
+    def release_update(self, worker: str) -> None:
+        """End ``worker``'s update claim as part of this transaction."""
+        self._s.execute(update(WorkerRow).where(WorkerRow.study_id == self._r.id, WorkerRow.name == worker,
+                                                WorkerRow.status == "updating").values(status="running"))

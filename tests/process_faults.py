@@ -164,7 +164,8 @@ def hook(scenario: str, marker: Path, occurrence: int):
             from sqlalchemy import event
             from sqlalchemy.engine import Engine
 
-            what = {"commit-trial": "insert into trials", "commit-progress": "searcher_state",
+            # a trial's outcome is stored with its results; the searcher's update sets the state
+            what = {"commit-trial": "insert into question_results", "commit-progress": "searcher_state",
                     "commit-ledger": "insert into llm_calls"}[scenario]
 
             @event.listens_for(Engine, "before_cursor_execute")
@@ -181,19 +182,39 @@ def hook(scenario: str, marker: Path, occurrence: int):
             @event.listens_for(Engine, "rollback")
             def _rollback(conn):
                 conn.info.pop("gt_fault_target", None)
-        elif scenario.startswith("after-commit-"):
+        elif scenario == "after-commit-trial":
             from graphtune.store.storage import Storage
 
-            name = {"after-commit-trial": "record_trial", "after-commit-progress": "save_progress"}[scenario]
-            orig = getattr(Storage, name)
+            orig = Storage.finish_claim
 
-            def after(self, *a, **kw):  # the transaction is committed; the caller has not seen it
+            def after(self, *a, **kw):  # the trial is committed; the worker has not seen it
                 out = orig(self, *a, **kw)
                 if due():
                     _hit(marker)
                 return out
 
-            setattr(Storage, name, after)
+            Storage.finish_claim = after
+        elif scenario == "after-commit-progress":
+            import contextlib
+
+            from graphtune.store.storage import Coordination, Storage
+
+            orig_co, orig_adv = Storage.coordination, Coordination.advance
+            advanced = {"state": False}
+
+            def advance(self, *a, **kw):
+                advanced["state"] = advanced["state"] or kw.get("state") is not None
+                return orig_adv(self, *a, **kw)
+
+            @contextlib.contextmanager
+            def coordination(self, *a, **kw):  # the searcher's update is committed when the block ends
+                advanced["state"] = False
+                with orig_co(self, *a, **kw) as co:
+                    yield co
+                if advanced["state"] and due():
+                    _hit(marker)
+
+            Coordination.advance, Storage.coordination = advance, coordination
         else:
             raise ValueError(f"no hook for scenario {scenario!r}")
 

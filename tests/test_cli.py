@@ -135,13 +135,13 @@ def test_exhaustive_from_the_cli_on_a_small_space(tmp_path, db):
     assert "stopped: exhausted" in r.output
 
 
-# -- one process per study (issue 10, defect 8): two real processes ----------------------------
+# -- two optimize processes on one study join as workers (issue 11): real processes -------------
 
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 PG_URL = os.environ.get("GRAPHTUNE_TEST_POSTGRES_URL")
 SQL = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
@@ -152,7 +152,7 @@ SLOW_OPTIMIZE = r"""
 import sys, time
 from graphtune.api import optimize
 from graphtune.spec import load_spec
-spec = load_spec(sys.argv[1], overrides={"storage": sys.argv[2], "study": "twice", "search.evaluations": 8})
+spec = load_spec(sys.argv[1], overrides={"storage": sys.argv[2], "study": sys.argv[3], "search.evaluations": 8})
 def slow(ev):
     print("TRIAL", ev["trial"], flush=True)
     time.sleep(0.3)
@@ -176,38 +176,68 @@ def store_url(kind, tmp_path):
     return f"sqlite:///{tmp_path / 'g.db'}"
 
 
-@pytest.mark.parametrize("kind", SQL)
-def test_a_second_optimize_is_refused_naming_the_first_and_a_killed_one_is_taken_over(kind, tmp_path):
-    url = store_url(kind, tmp_path)
-    first = subprocess.Popen([sys.executable, "-c", SLOW_OPTIMIZE, QUICK, url], stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(3):  # it holds the study and has stored trials
-            assert first.stdout.readline().startswith("TRIAL")
-        second = cli("optimize", QUICK, "--storage", url, "--study", "twice", "-n", 8, "-q")
-        assert second.returncode == 1, second.stdout + second.stderr
-        line = second.stderr.strip()
-        assert "\n" not in line and line.startswith("error: study 'twice' is being run by `graphtune optimize`")
-        assert f"host {socket.gethostname()}, pid {first.pid}, since " in line and "--take-over" in line
-        w = cli("worker", "--study", "twice", "--storage", url, "--max-trials", 1, "-q")
-        err = [x for x in w.stderr.splitlines() if x.startswith("error:")]
-        assert w.returncode == 1 and len(err) == 1 and f"pid {first.pid}" in err[0], w.stderr
-        assert first.poll() is None  # the first one ran on, undisturbed
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        first.stdout.close()
-    # the killed process's lease does not block the study: its pid is gone from this machine
-    again = cli("optimize", QUICK, "--storage", url, "--study", "twice", "-n", 8, "-q")
-    assert again.returncode == 0, again.stderr
+def _slow_optimize(url: str, study: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW_OPTIMIZE, QUICK, url, study], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def _check_study(url: str, study: str) -> list[dict]:
     store = Storage(url, readonly=True)
-    st = store.get_study("twice")
+    st = store.get_study(study)
     trials = store.list_trials(st.id)
     places = [(t.split, t.batch, t.slot) for t in trials]
     assert len(places) == len(set(places)), "a place of the search was evaluated twice"
     assert sum(t.new_runs for t in trials if t.split == "dev") == st.runs_spent  # nothing paid twice
     assert st.status == "complete" and 800 <= st.runs_spent < 900
-    assert [w["status"] for w in store.list_workers(st.id)] == ["stopped", "stopped"]
+    assert all(t.status == "complete" for t in trials)
+    workers = store.list_workers(st.id)
     store.close()
+    return workers
+
+
+@pytest.mark.parametrize("kind", SQL)
+def test_a_second_optimize_joins_the_first_as_a_worker_and_a_killed_one_is_taken_over_at_once(kind, tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from workers_check import compare, snapshot
+
+    url = store_url(kind, tmp_path)
+    ref = f"sqlite:///{tmp_path / 'ref.db'}"
+    assert cli("optimize", QUICK, "--storage", ref, "--study", "twice", "-n", 8, "-q").returncode == 0
+    first = _slow_optimize(url, "twice")
+    try:
+        for _ in range(3):  # it runs the study and has stored trials
+            assert first.stdout.readline().startswith("TRIAL")
+        second = cli("optimize", QUICK, "--storage", url, "--study", "twice", "-n", 8, "-q")
+        assert second.returncode == 0, second.stderr
+        assert "best graph" in second.stdout and "held out" in second.stdout
+        rest = first.communicate(timeout=120)[0]
+        assert first.returncode == 0 and rest.rstrip().endswith("DONE")  # the first one finished too
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        first.stdout.close()
+    workers = _check_study(url, "twice")
+    assert [w["status"] for w in workers] == ["stopped", "stopped"]
+    assert all(w["trials_done"] > 0 for w in workers), workers  # the work was shared
+    assert compare(snapshot(url, "twice"), snapshot(ref, "twice")) == []  # the one search, not two
+
+    # a killed optimize: the next one takes its claimed trial over at once (same machine)
+    killed = _slow_optimize(url, "killed")
+    try:
+        for _ in range(3):
+            assert killed.stdout.readline().startswith("TRIAL")
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        killed.stdout.close()
+    t0 = time.monotonic()
+    again = cli("optimize", QUICK, "--storage", url, "--study", "killed", "-n", 8, "-q")
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - t0 < 45  # not the 60 s stale timeout
+    assert [w["status"] for w in _check_study(url, "killed")] == ["stopped", "stopped"]
 
 
 # -- read-only stores and in-memory URLs (defect 12) -------------------------------------------

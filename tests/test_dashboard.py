@@ -1,5 +1,7 @@
 """`graphtune dashboard`: the mirror of a stored study into an Optuna storage (values,
-params, user attrs, notes; incremental refreshes), optuna-dashboard's JSON API over it,
+params, user attrs, notes; incremental refreshes; the same from the SQL and the memory
+store; graphtune's trial numbers, the held-out test trial kept out of the history, the
+recommended graph marked), optuna-dashboard's JSON API over it,
 the CLI command in a subprocess, and the page rendered in headless Chromium when it is
 installed."""
 
@@ -31,7 +33,7 @@ from graphtune.cli import app  # noqa: E402
 from graphtune.dashboard import DashboardError, DashboardServer, StudyMirror, graph_features  # noqa: E402
 from graphtune.graphs.io import from_dict  # noqa: E402
 from graphtune.graphs.render import to_text  # noqa: E402
-from graphtune.store import Storage, TrialRecord  # noqa: E402
+from graphtune.store import MemoryStorage, Storage, TrialRecord  # noqa: E402
 from test_export import make_study  # noqa: E402
 
 CHROMIUM = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
@@ -96,7 +98,7 @@ def add_trial(store: Storage, st, like, *, status: str = "complete", batch: int 
 def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
     store = Storage(f"sqlite:///{study_db}")
     st = store.get_study("ar")
-    ours = store.list_trials(st.id)
+    ours = store.list_trials(st.id, split="dev")  # the held-out test trial is not an Optuna trial
     mirror = StudyMirror(store, "ar")
     stats = mirror.refresh()
     assert stats.added == len(ours) and stats.updated == 0
@@ -104,9 +106,9 @@ def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
     assert study.study_name == "ar" and study.metric_names == ["accuracy", "cost units"]
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     trials = study.get_trials()
-    assert len(trials) == len(ours) and {t.user_attrs["split"] for t in trials} == {"dev", "test"}
+    assert len(trials) == len(ours) and {t.user_attrs["split"] for t in trials} == {"dev"}
     for t, o in zip(trials, ours):
-        assert t.user_attrs["trial_number"] == o.number and t.user_attrs["graph_hash"] == o.graph_hash
+        assert t.user_attrs["graphtune_trial"] == o.number and t.user_attrs["graph_hash"] == o.graph_hash
         assert t.user_attrs["batch"] == o.batch and t.user_attrs["origin"] == o.origin
         assert t.user_attrs["parents"] == list(o.parents) and t.user_attrs["new_runs"] == o.new_runs
         assert t.state == TrialState.COMPLETE and t.values == [o.accuracy, o.cost_units]
@@ -176,7 +178,7 @@ def test_mirror_refresh_is_incremental(study_db, tmp_path):
     stats = mirror.refresh()
     assert (stats.added, stats.updated) == (2, 0)
     trials = mirror.study.get_trials()
-    assert len(trials) == n0 + 3 and trials[-2].user_attrs["trial_number"] == new.number
+    assert len(trials) == n0 + 3 and trials[-2].user_attrs["graphtune_trial"] == new.number
     assert trials[-2].values == [0.9, 3.5] and trials[-1].state == TrialState.FAIL and trials[-1].values is None
     fresh = store.get_study("ar")
     store.save_progress(st.id, state=fresh.searcher_state or {}, batch_index=fresh.batch_index,
@@ -196,13 +198,159 @@ def test_dashboard_unknown_study_is_one_line_error(study_db):
     assert len(r.output.strip().splitlines()) == 1
 
 
+def copy_trials(src, st_src, dst, st_dst, trials) -> None:
+    """Write ``trials`` of ``st_src`` into ``st_dst`` through the storage contract only."""
+    paid: dict[int, set[str]] = {}
+    for trial_id, r in src.paid_results(st_src.id):
+        paid.setdefault(trial_id, set()).add(r.question_id)
+    for t in trials:
+        res = src.trial_results(t.id)
+        cost = {"units": t.cost_units, "flops": t.flops, "usd": t.usd, "latency_s": t.latency_s}
+        dst.record_trial(st_dst.id, TrialRecord(
+            split=t.split, batch=t.batch, slot=t.slot, status=t.status, graph=t.graph, graph_hash=t.graph_hash,
+            method=t.method, origin=t.origin, parents=t.parents, info=t.info, question_ids=t.question_ids,
+            results=res, reused={r.question_id for r in res} - paid.get(t.id, set()), metrics=t.metrics,
+            reward=t.reward, cost=cost, new_runs=t.new_runs, error=t.error, feedback=t.feedback,
+            started_at=t.started_at))
+
+
+def copy_study(src, dst, name: str, *, split: str | None = None):
+    """The study ``name`` of ``src`` (its trials of ``split`` if given) in ``dst``, written
+    through the storage contract only; agent steps as searchers write them (without the
+    SQL row's own id)."""
+    st = src.get_study(name)
+    out = dst.create_study(name, st.method, st.spec)
+    steps = [{k: v for k, v in s.items() if k not in ("id", "study_id")} for s in src.agent_steps(st.id)]
+    dst.save_progress(out.id, state=st.searcher_state or {}, batch_index=st.batch_index, runs_spent=st.runs_spent,
+                      agent_steps=steps)
+    dst.set_status(out.id, st.status)
+    copy_trials(src, st, dst, out, src.list_trials(st.id, split=split))
+    return dst.get_study(name)
+
+
+def mirrored(store, name: str = "ar"):
+    """What a user sees of a study in the dashboard (apart from times and where it is stored)."""
+    mirror = StudyMirror(store, name)
+    mirror.refresh()
+    study = mirror.study
+    trials = [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, note(study, t._trial_id))
+              for t in study.get_trials()]
+    attrs = {k: v for k, v in study.user_attrs.items() if k != "storage"}
+    return mirror, trials, attrs, note(study)
+
+
+def shown_recommendation(db: str) -> int:
+    """The dev trial `graphtune show` names as the study's best graph."""
+    r = CliRunner().invoke(app, ["show", "ar", "--storage", db], catch_exceptions=False)
+    m = re.search(r"dev: reward .*?\(trial\s+#(\d+)\)", r.output, re.S)
+    assert r.exit_code == 0 and m, r.output
+    return int(m.group(1))
+
+
+def test_a_memory_store_mirrors_like_sqlite(study_db):
+    sql = Storage(f"sqlite:///{study_db}", readonly=True)
+    mem = MemoryStorage()
+    copy_study(sql, mem, "ar")
+    m_sql, trials_sql, attrs_sql, note_sql = mirrored(sql)
+    m_mem, trials_mem, attrs_mem, note_mem = mirrored(mem)
+    st = sql.get_study("ar")
+    assert len(trials_mem) == len(sql.list_trials(st.id, split="dev")) > 0
+    assert trials_mem == trials_sql  # values, params, user attrs, notes: trial by trial
+    assert attrs_mem == attrs_sql and note_mem == note_sql
+    assert m_mem.study.user_attrs["storage"] == "memory://" and "Agent timeline" in note_mem
+    assert sum(1 for t in trials_mem if t[5].get("recommended")) == 1
+    sql.close()
+
+
+def test_trial_numbers_are_graphtunes_where_users_read_them(study_db):
+    import graphtune.dashboard
+
+    store = Storage(f"sqlite:///{study_db}", readonly=True)
+    st = store.get_study("ar")
+    ours = store.list_trials(st.id, split="dev")
+    _, trials, _, _ = mirrored(store)
+    for (number, *_, attrs, body), o in zip(trials, ours):
+        assert attrs["graphtune_trial"] == o.number == number + 1  # Optuna counts from 0, graphtune from 1
+        assert body.startswith(f"## graphtune trial #{o.number} (dev, ") and f"Optuna's Trial {number} here" in body
+    assert "numbers its trials from 0" in graphtune.dashboard.__doc__
+
+
+def test_the_test_trial_is_left_out_and_the_recommended_graph_is_marked(study_db):
+    db = f"sqlite:///{study_db}"
+    store = Storage(db, readonly=True)
+    st = store.get_study("ar")
+    test = store.list_trials(st.id, split="test")[-1]
+    rec = shown_recommendation(db)
+    assert test.parents == [rec]
+    mirror, trials, attrs, study_note = mirrored(store)
+    # the held-out test is no Optuna trial (not in the history, not on the Pareto front)...
+    assert test.number not in [a["graphtune_trial"] for *_, a, _ in trials]
+    assert all(a["split"] == "dev" for *_, a, _ in trials)
+    assert all(t.user_attrs["split"] == "dev" for t in mirror.study.best_trials)
+    # ...its score is in the study's attrs and note, and in the note of the trial it tested
+    assert (attrs["test_trial"], attrs["test_accuracy"], attrs["test_questions"]) == (
+        test.number, test.accuracy, len(test.question_ids))
+    assert f"Held-out test (graphtune trial #{test.number}): accuracy {test.accuracy:.3f}" in study_note
+    # the recommended graph: exactly the trial `graphtune show` names
+    marked = [(a, body) for *_, a, body in trials if a.get("recommended")]
+    assert [a["graphtune_trial"] for a, _ in marked] == [rec] and attrs["recommended_trial"] == rec
+    assert marked[0][1].startswith(f"## graphtune trial #{rec} (dev, complete) · recommended")
+    assert f"held-out test (graphtune trial #{test.number}): accuracy {test.accuracy:.3f}" in marked[0][1]
+    assert f"**Recommended graph** (user attr `recommended`): graphtune trial #{rec}" in study_note
+
+
+def test_a_recommendation_made_while_the_dashboard_runs_is_marked_under_the_same_url(study_db):
+    sql = Storage(f"sqlite:///{study_db}", readonly=True)
+    st_sql = sql.get_study("ar")
+    rec = shown_recommendation(f"sqlite:///{study_db}")
+    mem = MemoryStorage()
+    st = copy_study(sql, mem, "ar", split="dev")  # the search before its held-out test
+    mem.set_status(st.id, "running")
+    with DashboardServer(mem, "ar", port=0, refresh_s=3600).start() as server:  # refreshed by hand below
+        mirror = server.mirror
+        url, storage0 = server.url, mirror.optuna_storage
+        assert not any(t.user_attrs.get("recommended") for t in mirror.study.get_trials())
+        assert "Nothing recommended yet" in note(mirror.study)
+        base = f"http://127.0.0.1:{server.port}"
+        sid = mirror.study._study_id
+        before = wait_for(lambda: get_json(f"{base}/api/studies/{sid}")["trials"], "the study")
+        # the search ends: graphtune tests its recommendation on the held-out split
+        copy_trials(sql, st_sql, mem, st, sql.list_trials(st_sql.id, split="test"))
+        mem.set_status(st.id, "complete")
+        stats = mirror.refresh()
+        assert mirror.optuna_storage is not storage0 and server.url == url  # rebuilt aside, same study id
+        assert stats.added == len(before) and len(mirror.study.get_trials()) == len(before)
+        marked = [t.user_attrs["graphtune_trial"] for t in mirror.study.get_trials() if t.user_attrs.get("recommended")]
+        assert marked == [rec] and mirror.study.user_attrs["recommended_trial"] == rec
+        assert mirror.refresh() == type(stats)(0, 0, 0)
+
+        def served_mark():
+            trials = get_json(f"{base}/api/studies/{sid}")["trials"]
+            return [t for t in trials if {"key": "recommended", "value": "True"} in t["user_attrs"]]
+
+        served = wait_for(served_mark, "the recommended trial served")
+        assert len(served) == 1 and len(get_json(f"{base}/api/studies/{sid}")["trials"]) == len(before)
+    # a mirror into an Optuna storage the caller gave: rebuilt there, one study under the name
+    given = optuna.storages.InMemoryStorage()
+    mem2 = MemoryStorage()
+    st2 = copy_study(sql, mem2, "ar", split="dev")
+    mirror = StudyMirror(mem2, "ar", optuna_storage=given)
+    mirror.refresh()
+    copy_trials(sql, st_sql, mem2, st2, sql.list_trials(st_sql.id, split="test"))
+    mirror.refresh()
+    assert mirror.optuna_storage is given and [s.study_name for s in given.get_all_studies()] == ["ar"]
+    assert [t.user_attrs["graphtune_trial"] for t in mirror.study.get_trials() if t.user_attrs.get("recommended")] \
+        == [rec]
+    sql.close()
+
+
 # -- serving ----------------------------------------------------------------------------------
 
 
 def test_server_api_lists_the_study_live_and_read_only(study_db, tmp_path):
     store = Storage(copy_db(study_db, tmp_path / "copy.db"))
     st = store.get_study("ar")
-    n = len(store.list_trials(st.id))
+    n = len(store.list_trials(st.id, split="dev"))  # the dashboard's trials: dev trials only
     with DashboardServer(store, "ar", port=0, refresh_s=0.3).start() as server:
         base = f"http://127.0.0.1:{server.port}"
         assert server.url.startswith(base + "/dashboard/studies/")
@@ -228,7 +376,7 @@ def test_server_api_lists_the_study_live_and_read_only(study_db, tmp_path):
         # the port is taken: one line naming the flag
         with pytest.raises(DashboardError, match="cannot listen on 127.0.0.1:.*pass another --port"):
             DashboardServer(store, "ar", port=server.port)
-    assert len(store.list_trials(st.id)) == n + 1
+    assert len(store.list_trials(st.id, split="dev")) == n + 1
 
 
 def _chromium(tmp: Path, url: str) -> subprocess.CompletedProcess:
@@ -257,7 +405,7 @@ def test_cli_serves_the_dashboard_and_chromium_renders_it(study_db, tmp_path):
         assert "Pareto Front" in p.stdout and "accuracy" in p.stdout and "cost units" in p.stdout
         # the trials page: one row per trial, the selected trial's note shows its graph
         p = _chromium(tmp_path, base + page + "/trials")
-        n = len(Storage(db).list_trials(Storage(db).get_study("ar").id))
+        n = len(Storage(db).list_trials(Storage(db).get_study("ar").id, split="dev"))
         assert f">{n} Trials<" in p.stdout and ">Trial 0<" in p.stdout, p.stdout[-2000:]
         assert "graphtune trial #1" in p.stdout and "flowchart" in p.stdout
         errors = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln and "error" in ln.lower()]

@@ -141,3 +141,26 @@ def test_invalid_proposals_become_failed_trials_not_crashes(costs):
     out = run_search(b, env, store, st, ctx, budget_runs=ctx.budget_runs)
     assert "fuser with no predecessor" in b.evs[0].error and b.evs[0].new_runs == 0
     assert b.evs[1].ok and out.best.graph.size == 1
+
+
+def test_accuracy_intervals_are_binomial_and_stay_inside_0_1():
+    """A graph right on 4 of 6 questions: 0.300-0.903 (Wilson; was 0.253-1.080), the
+    interval scipy gives; rewards that are not 0/1 (cost-weighted) keep the normal one."""
+    import scipy.stats
+
+    from graphtune.graphs.model import Graph, Node
+    from graphtune.search.base import GraphStats
+
+    g = Graph((Node("a", "assistant", "m"),), ())
+
+    def stats(rewards):
+        return GraphStats(g, "h", {f"q{i}": r for i, r in enumerate(rewards)}, 1, 1)
+
+    for k, n in [(4, 6), (58, 100), (0, 3), (3, 3), (1, 1)]:
+        lo, hi = stats([1.0] * k + [0.0] * (n - k)).ci95()
+        ref = scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+        assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    lo, hi = stats([0.9, 0.4, 0.95, 0.2]).ci95()
+    m = (0.9 + 0.4 + 0.95 + 0.2) / 4
+    assert lo < m < hi and hi - lo == pytest.approx(2 * 1.96 * 0.37053 / 2, rel=1e-3)  # sd / sqrt(4)

@@ -153,3 +153,25 @@ def test_a_study_stored_with_the_flat_env_resumes_and_continues_unforced(tmp_pat
     assert store.get_study("s").runs_spent == 5 * 20
     invoke("optimize", spec, "--quiet", "-n", "6")  # the same spec file: not a changed spec
     assert store.get_study("s").runs_spent == 6 * 20
+
+
+def test_extending_a_study_shows_the_studys_best_from_the_first_trial_on(tmp_path):
+    """The progress bar of a study continued with more evaluations starts from the best the
+    study already has on the full dev set, not from this run's first trials."""
+    import math
+
+    from graphtune.api import optimize
+    from graphtune.spec import load_spec
+
+    path, url = write(tmp_path)
+    optimize(load_spec(path))
+    store = Storage(url, readonly=True)
+    st = store.get_study("s")
+    best = max(t.reward for t in store.list_trials(st.id, split="dev")
+               if t.status == "complete" and len(t.question_ids) == 20 and math.isfinite(t.reward))
+    store.close()
+    events: list[dict] = []
+    optimize(load_spec(path, overrides={"search.evaluations": 8}), progress=events.append)
+    assert events and events[0]["best_full_dev"] >= best
+    assert all(a["best_full_dev"] <= b["best_full_dev"] for a, b in zip(events, events[1:]))
+    assert events[-1]["runs_spent"] <= events[-1]["budget_runs"] + 20

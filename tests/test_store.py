@@ -258,7 +258,7 @@ def test_search_loop_resumes_on_every_backend(kind, tmp_path, costs):
     store.close()
 
 
-# -- one process per study: the optimize lease (issue 10, defect 8) --------------------------
+# -- workers join each other; dead ones are taken over (issue 10 defect 8, issue 11) -----------
 
 SQL_BACKENDS = ["sqlite", BACKENDS[2]]
 
@@ -270,41 +270,56 @@ def sql_store(request, tmp_path):
     s.close()
 
 
-def test_lease_refuses_a_live_holder_and_takes_over_a_stale_gone_or_abandoned_one(sql_store):
+def test_a_joining_worker_marks_dead_ones_stopped_and_their_claims_are_retaken_at_once(sql_store):
+    """Workers (optimize included) join each other; one that is dead (stale heartbeat, pid
+    gone from this machine, or declared dead with take_over) is marked stopped when the next
+    one registers, and its claimed trial is claimable at once, not after the stale timeout."""
     import socket
     import subprocess
     import sys
     import time
 
     s = sql_store
-    st = s.create_study("leased", "random", {})
-    assert s.acquire_lease(st.id, "optimize:far:11:a", "far", 11) is None
-    held = s.acquire_lease(st.id, "optimize:me:12:b", "me", 12)
-    assert (held.kind, held.host, held.pid) == ("optimize", "far", 11)
-    assert "host far, pid 11, since" in held.describe()
-    with pytest.raises(StoreError, match=r"host far, pid 11.*--take-over") as e:
-        s.register_worker(st.id, "far:13:c", "far", 13)  # a worker cannot join an optimize-run study
-    assert "\n" not in str(e.value)
-    assert s.renew_lease(st.id, "optimize:far:11:a") is True
-    # stale heartbeat: taken over, and the old holder learns it when it renews
-    time.sleep(1.1)
-    assert s.acquire_lease(st.id, "optimize:me:12:b", "me", 12, stale_after_s=1.0) is None
-    assert s.renew_lease(st.id, "optimize:far:11:a") is False
-    # --take-over: the caller says the holder is dead
-    assert s.acquire_lease(st.id, "optimize:me2:14:d", "me2", 14) is not None
-    assert s.acquire_lease(st.id, "optimize:me2:14:d", "me2", 14, take_over=True) is None
-    # a holder on this machine whose process is gone is taken over at once
+    st = s.create_study("joined", "random", {})
+
+    def statuses():
+        return {w["name"]: w["status"] for w in s.list_workers(st.id)}
+
+    s.register_worker(st.id, "far:11", "far", 11)
+    s.register_worker(st.id, "far:12", "far", 12)
+    assert statuses() == {"far:11": "running", "far:12": "running"}  # they join each other
+    # a process of this machine that is gone: stopped when the next one registers
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    st2 = s.create_study("leased2", "random", {})
-    assert s.acquire_lease(st2.id, "optimize:here:dead", socket.gethostname(), p.pid) is None
-    assert s.acquire_lease(st2.id, "optimize:here:live", socket.gethostname(), os.getpid()) is None
-    # live workers join each other, and keep optimize out
-    st3 = s.create_study("by-workers", "random", {})
-    s.register_worker(st3.id, "w1", "far", 21)
-    s.register_worker(st3.id, "w2", "far", 22)
-    held = s.acquire_lease(st3.id, "optimize:me:12:e", "me", 12)
-    assert held.kind == "workers" and held.n_workers == 2 and "2 `graphtune worker`" in held.describe()
+    here = socket.gethostname()
+    s.register_worker(st.id, "here:dead", here, p.pid)
+    with s.coordination(st.id) as co:
+        co.advance(expect_batch_index=0, state={"x": 1}, batch_index=0, runs_spent=0, enqueue=[dict(
+            split="dev", batch=0, slot=0, graph={"nodes": []}, graph_hash="h", method="random", origin="sample",
+            parents=[], info={}, question_ids=["a"])])
+    held = s.claim_trial(st.id, "here:dead", stale_after_s=60)
+    assert held is not None and s.claim_trial(st.id, "far:11", stale_after_s=60) is None  # claimed
+    s.register_worker(st.id, "here:me", here, os.getpid())
+    assert statuses()["here:dead"] == "stopped" and statuses()["here:me"] == "running"
+    again = s.claim_trial(st.id, "here:me", stale_after_s=60)
+    assert again is not None and again.id == held.id and again.worker == "here:me"  # at once
+    assert not s.finish_claim(held.id, "here:dead", _record_for(again))  # the dead one's result is refused
+    # a stale heartbeat
+    time.sleep(1.1)
+    s.register_worker(st.id, "far:13", "far", 13, stale_after_s=1.0)
+    assert statuses()["far:11"] == "stopped" and statuses()["far:13"] == "running"
+    # take_over: the caller says every other one is dead
+    s.register_worker(st.id, "far:14", "far", 14, take_over=True)
+    assert [n for n, v in statuses().items() if v == "running"] == ["far:14"]
+
+
+def _record_for(t):
+    from graphtune.store.base import TrialRecord
+
+    return TrialRecord(split=t.split, batch=t.batch, slot=t.slot, status="complete", graph=t.graph,
+                       graph_hash=t.graph_hash, method=t.method, origin=t.origin, parents=t.parents, info=t.info,
+                       question_ids=t.question_ids, results=[], reused=frozenset(), metrics={}, reward=None,
+                       cost=None, new_runs=0)
 
 
 # -- read-only stores, in-memory URLs, one-line errors (defect 12) ---------------------------
@@ -467,35 +482,3 @@ def test_contract_every_backend_redacts_its_secrets_from_trials_steps_and_state(
     assert key not in seen and MASK in seen
 
 
-def test_a_lease_this_process_failed_to_release_does_not_block_it(sql_store):
-    import socket
-
-    s, me = sql_store, socket.gethostname()
-    st = s.create_study("own", "random", {})
-    assert s.acquire_lease(st.id, "optimize:a", me, os.getpid()) is None
-    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is not None  # held: refused
-    from graphtune.store import storage as mod
-
-    mod._HELD_HERE.discard("optimize:a")  # as if its release had failed (store unreachable then)
-    assert s.acquire_lease(st.id, "optimize:b", me, os.getpid()) is None
-    s.release_lease(st.id, "optimize:b")
-
-
-def test_a_lease_taken_over_is_noticed_by_its_old_holder_at_its_next_heartbeat(sql_store):
-    import time
-
-    from graphtune.store.lease import StudyLease
-
-    s = sql_store
-    st = s.create_study("hung", "random", {})
-    with StudyLease(s, st, heartbeat_s=0.05) as lease:
-        lease.check()
-        with pytest.raises(StoreError, match=r"being run by `graphtune optimize` \(host .*--take-over"):
-            StudyLease(s, st).__enter__()
-        assert s.acquire_lease(st.id, "optimize:other", "other", 1, take_over=True) is None
-        for _ in range(100):
-            if lease.lost:
-                break
-            time.sleep(0.02)
-        with pytest.raises(StoreError, match="taken over by another process"):
-            lease.check()

@@ -22,6 +22,7 @@ from graphtune.cli import app
 from graphtune.envs.base import QuestionResult
 from graphtune.errors import SpecError
 from graphtune.search.worker import WorkerOptions
+from graphtune.store.base import TrialRecord
 from graphtune.spec import load_spec
 from graphtune.store import Storage
 
@@ -120,15 +121,36 @@ def test_a_worker_refuses_a_spec_that_differs_from_the_stored_one(tmp_path):
         work("w", url, spec=other)
 
 
-def test_optimize_refuses_a_study_that_workers_are_running(tmp_path):
+def test_optimize_joins_a_study_that_workers_left_queued_and_runs_the_same_search(tmp_path):
+    """optimize is a worker of the study's queue: it claims what a worker queued and left,
+    and the study ends equal to one optimize from the start (nothing duplicated)."""
+    from graphtune.api import optimize, work
+
+    ref = _optimize(_spec(tmp_path, "x"), f"sqlite:///{tmp_path / 'ref.db'}")
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = load_spec(_spec(tmp_path, url), overrides={"storage": url})
+    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))  # leaves a batch queued
+    _, st, out = optimize(spec)
+    assert st.status == "complete" and out.stopped == "budget" and out.test_trial is not None
+    got = snapshot(url, "w")
+    assert compare(got, ref) == []
+    assert got["duplicate_places"] == 0 and got["unfinished"] == 0
+
+
+def test_a_changed_spec_is_refused_while_other_processes_run_the_study(tmp_path):
     from graphtune.api import optimize, work
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     spec = load_spec(_spec(tmp_path, url), overrides={"storage": url})
-    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))  # leaves a batch queued
-    with pytest.raises(SpecError, match=r"run by workers \(\d+ trials queued or running\); continue it with "
-                                        r"`graphtune worker --study w"):
-        optimize(spec)
+    work("w", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))
+    store = Storage(url, workers=True)
+    st = store.get_study("w")
+    store.register_worker(st.id, "elsewhere:7:x", "elsewhere", 7)  # a live worker of another machine
+    other = load_spec(_spec(tmp_path, url, method="random"), overrides={"storage": url})
+    with pytest.raises(SpecError, match=r"study 'w' is being run by 1 other process\(es\) with its stored spec"):
+        optimize(other, force=True)
+    assert store.get_study("w").method == "agent-reinforce"  # nothing changed
+    store.close()
 
 
 # -- claims ---------------------------------------------------------------------------
@@ -154,8 +176,11 @@ def _result(q: str) -> QuestionResult:
 
 
 def _finish(store, t, worker):
-    return store.finish_claim(t.id, worker, status="complete", results=[_result("a"), _result("b")], reused=set(),
-                              metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 1.0}, new_runs=2)
+    rec = TrialRecord(split=t.split, batch=t.batch, slot=t.slot, status="complete", graph=t.graph,
+                      graph_hash=t.graph_hash, method=t.method, origin=t.origin, parents=t.parents, info=t.info,
+                      question_ids=t.question_ids, results=[_result("a"), _result("b")], reused=frozenset(),
+                      metrics={"accuracy": 1.0}, reward=1.0, cost={"units": 1.0}, new_runs=2)
+    return store.finish_claim(t.id, worker, rec)
 
 
 @pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
@@ -217,6 +242,69 @@ def test_the_batch_update_lock_is_held_by_one_worker_at_a_time(store_url):
         with pytest.raises(Exception, match="moved to batch 1"):
             co2.advance(expect_batch_index=0, state={"s": 2}, batch_index=1, runs_spent=9)
     assert store.get_study("q").searcher_state == {"s": 1}  # the refused update wrote nothing
+    other.close()
+    store.close()
+
+
+def test_the_searchers_update_holds_no_store_lock_and_one_worker_makes_it(tmp_path):
+    """The searcher's tell/ask (an LLM agent's call, in agent-reinforce) runs outside any
+    store lock: while it runs, another process can take the study's lock (report, show,
+    a heartbeat, a trial being stored), but not the update claim, so no second worker
+    makes the same (paid) update."""
+    from graphtune.api import build_problem, make_searcher, stored_spec
+    from graphtune.search.base import Searcher
+    from graphtune.search.worker import Worker
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = load_spec(_spec(tmp_path, url, "agent-reinforce", evaluations=6), overrides={"storage": url})
+    problem = build_problem(spec)
+    store, other = Storage(url, workers=True), Storage(url, workers=True)
+    st = store.create_study("w", spec.search.method, stored_spec(spec))
+    other.register_worker(st.id, "other", "elsewhere", 1)  # a live worker of another machine
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(Searcher):
+        def __init__(self, inner):
+            self.inner, self.name, self.ctx = inner, inner.name, inner.ctx
+
+        def tell(self, evaluations):
+            with other.coordination(st.id) as co:
+                lock_free = co is not None
+            seen.append((lock_free, other.claim_update(st.id, "other", stale_after_s=60)))
+            self.inner.tell(evaluations)
+
+        def ask(self):
+            return self.inner.ask()
+
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, state):
+            self.inner.load_state_dict(state)
+
+        def restore(self, history):
+            self.inner.restore(history)
+
+        def recommend(self, history):
+            return self.inner.recommend(history)
+
+        def drain_agent_steps(self):
+            return self.inner.drain_agent_steps()
+
+        def close(self):
+            self.inner.close()
+
+    w = Worker(env=problem.env, ctx=problem.ctx, test_ids=problem.test_ids, storage=store, study=st,
+               make_searcher=lambda: Probe(make_searcher(spec, problem.ctx)), options=WorkerOptions(poll_s=0.01))
+    try:
+        rep = w.run()
+    finally:
+        problem.env.close()
+    assert rep.study_status == "complete" and rep.batch_updates >= 2
+    assert len(seen) == rep.batch_updates
+    assert all(lock_free for lock_free, _ in seen), seen  # no store lock held during the update
+    assert not any(claimed for _, claimed in seen), seen  # and no other worker could start the same one
+    assert [w["status"] for w in store.list_workers(st.id) if w["name"] != "other"] == ["stopped"]
     other.close()
     store.close()
 
