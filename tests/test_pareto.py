@@ -130,13 +130,13 @@ def _resumed_searcher(store, st):
     """The study's searcher as a resumed run rebuilds it: its saved state, then the trials
     it was told, from the store."""
     from graphtune.api import build_problem, make_searcher
-    from graphtune.search.loop import resume_searcher
+    from graphtune.search.engine import BatchEngine
     from graphtune.spec import parse_spec, stored_spec_data
 
     spec = parse_spec({**stored_spec_data(dict(st.spec)), "study": st.name, "storage": store.url})
     problem = build_problem(spec)
     searcher = make_searcher(spec, problem.ctx)
-    resume_searcher(searcher, store, st, problem.ctx)
+    BatchEngine(env=problem.env, storage=store, study=st, ctx=problem.ctx).resume(searcher)
     problem.env.close()
     return searcher
 
