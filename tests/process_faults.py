@@ -149,9 +149,9 @@ def hook(scenario: str, marker: Path, occurrence: int):
 
             Executor._make_call = _make_call
         elif scenario == "agent-reply":
-            from graphtune.search.agent_reinforce import AgentReinforceSearcher
+            from graphtune.search.critic import AgentCritic
 
-            orig = AgentReinforceSearcher._apply
+            orig = AgentCritic._apply
 
             def _apply(self, step, *a, **kw):  # the agent answered; its update is applied, not saved
                 out = orig(self, step, *a, **kw)
@@ -159,7 +159,7 @@ def hook(scenario: str, marker: Path, occurrence: int):
                     _hit(marker)
                 return out
 
-            AgentReinforceSearcher._apply = _apply
+            AgentCritic._apply = _apply
         elif scenario.startswith("commit-"):
             from sqlalchemy import event
             from sqlalchemy.engine import Engine

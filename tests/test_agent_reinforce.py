@@ -166,16 +166,20 @@ def test_resume_from_state_gives_identical_continuation(costs):
     st = store.create_study("s", "agent-reinforce", {})
     from graphtune.search.loop import evaluate_candidate
 
+    told = []
+
     def one_batch(s, batch):
         cands = s.ask()
         evs = [evaluate_candidate(c, env=env, storage=store, study=st, ctx=ctx, method="x", batch=batch, slot=i)
                for i, c in enumerate(cands)]
         s.tell(evs)
+        told.extend(evs)
         return [(c.origin, c.graph, c.question_ids) for c in cands]
 
     for k in range(3):
         one_batch(a, k)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    b.restore(told)  # the evaluations it was told: the evidence the store holds is not in the state
     for k in range(3, 5):
         ca = a.ask()
         cb = b.ask()

@@ -104,7 +104,9 @@ def test_pareto_search_is_deterministic_and_keeps_accuracy_as_reward(tmp_path, m
     st = store.get_study("s")
     trials = [t for t in store.list_trials(st.id, split="dev") if t.status == "complete"]
     assert trials and all(t.reward == pytest.approx(t.accuracy) for t in trials)  # objective unchanged
-    assert all("pcost" in d for d in st.searcher_state["evidence"].values())
+    records = _resumed_searcher(store, st).racing.records  # the evidence, rebuilt from the stored trials
+    assert records and all(d.pcost is not None for d in records.values())
+    assert "evidence" not in st.searcher_state  # the store holds it; the saved state does not copy it
     assert len({t.graph_hash for t in trials}) > 5
     # the same search again is deterministic
     again = tmp_path / "again"
@@ -118,8 +120,25 @@ def test_default_path_has_no_pareto_state(tmp_path):
     from graphtune.store.storage import Storage
 
     db = make_study(tmp_path, method="reinforce", evaluations=4)
-    st = Storage(db).get_study("s")
-    assert not any("pcost" in d for d in st.searcher_state["evidence"].values())
+    store = Storage(db)
+    st = store.get_study("s")
+    records = _resumed_searcher(store, st).racing.records
+    assert records and not any(d.pcost is not None for d in records.values())
+
+
+def _resumed_searcher(store, st):
+    """The study's searcher as a resumed run rebuilds it: its saved state, then the trials
+    it was told, from the store."""
+    from graphtune.api import build_problem, make_searcher
+    from graphtune.search.engine import BatchEngine
+    from graphtune.spec import parse_spec, stored_spec_data
+
+    spec = parse_spec({**stored_spec_data(dict(st.spec)), "study": st.name, "storage": store.url})
+    problem = build_problem(spec)
+    searcher = make_searcher(spec, problem.ctx)
+    BatchEngine(env=problem.env, storage=store, study=st, ctx=problem.ctx).resume(searcher)
+    problem.env.close()
+    return searcher
 
 
 # -- CLI --------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _stored_dev_scores(store, study_id):
 
 
 def _documented_pick(scores, first):
-    """``PolicySearcher.recommend`` as documented: among graphs measured on at least half as
+    """``ReinforceSearcher.recommend`` as documented: among graphs measured on at least half as
     many questions as the best covered, the best mean on the questions each shares with the
     leader (the best mean among the best covered), counted from the leader's mean; ties to
     more questions, then to the earlier graph. (No infrastructure failures here, so the
