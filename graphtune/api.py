@@ -300,7 +300,10 @@ def check_runnable(graph, spec: Spec) -> None:
         if not rs.accepts_input and graph.preds[n.id]:
             raise GraphError(f"node {n.id!r} is a {n.role}, which takes no inputs, but has predecessors "
                              f"{list(graph.preds[n.id])}")
-    graph.sink  # noqa: B018 - raises unless exactly one sink
+    sink = graph.node_map[graph.sink]  # raises unless exactly one sink
+    if not space.role_spec(sink.role).may_be_sink:
+        raise GraphError(f"the sink {sink.id!r} is a {sink.role}, which may not be the graph's final node "
+                         "(`sink: false` under `roles`); end the graph with another node")
     graph.topo_order  # noqa: B018 - raises on a cycle
 
 

@@ -1,6 +1,7 @@
 """The YAML spec of a search, validated with pydantic.
 
-Sections: ``study``, ``task``, ``models``, ``space``, ``budget``, ``objective``,
+Sections: ``study``, ``task``, ``models``, ``roles`` (roles users define: a prompt template,
+input and sink rules, the built-in role the simulator models them as), ``space``, ``budget``, ``objective``,
 ``search``, ``env`` (one model per ``kind``), ``storage`` (and ``stages``, reserved for
 multi-stage pipelines: absent, or one stage equal to the top level).
 ``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,

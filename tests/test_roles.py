@@ -249,6 +249,30 @@ def test_the_simulator_models_a_verifier_as_the_role_it_acts_like(tmp_path):
     assert {n.node_id for n in as_verifier[0].nodes} == {"a", "b", "v"}
 
 
+def test_replay_models_a_verifier_as_the_role_it_acts_like():
+    from graphtune.envs.replay import Record, RecordTable, ReplayEnvironment
+    from graphtune.errors import EnvError
+    from graphtune.graphs.cost import ModelInfo
+
+    recs = [Record(task="toy", question_id=f"q{q:02d}", model=m, sample=k, answer="42" if ok else str(q % 3),
+                   correct=ok, p_correct=None, prompt_tokens=50, completion_tokens=20, text=None, question=None,
+                   reference="42")
+            for q in range(30) for m, acc in (("big", 8), ("small", 4)) for k in range(2)
+            for ok in [(q * 7 + k * 3 + len(m)) % 10 < acc]]
+    pool = {"big": ModelInfo("big", 8e9, 32, 4096, 0.2, 0.2), "small": ModelInfo("small", 1e9, 16, 2048, 0.02, 0.02)}
+    env = ReplayEnvironment(RecordTable(tuple(recs), source="toy"), pool, dev_size=10,
+                            roles=(RoleSpec("verifier", "required", True, "fuser"),))
+
+    def vote(role: str) -> Graph:
+        return Graph.build([Node.make("a", "assistant", "small"), Node.make("b", "assistant", "small"),
+                            Node.make("v", role, "big")], [("a", "v"), ("b", "v")])
+
+    ids = env.split("dev")
+    assert [r.correct for r in env.evaluate(vote("verifier"), ids)] == [r.correct for r in env.evaluate(vote("fuser"), ids)]
+    with pytest.raises(EnvError, match="verifier with no predecessor"):
+        env.evaluate(Graph.build([Node.make("v", "verifier", "big")]), ids)
+
+
 # -- agents' schemas and prompts -------------------------------------------------------------
 
 
@@ -387,3 +411,17 @@ def test_exported_module_prompts_the_verifier_as_graphtune_does(tmp_path, server
 
     outputs = mod.run_nodes(q, acompletion=recorder)
     assert sorted(seen) == ours and "7" in outputs["v"]
+
+
+def test_graphtune_run_executes_an_exported_graph_file_with_a_verifier(tmp_path, server):
+    from typer.testing import CliRunner
+
+    from graphtune.cli import app
+    from graphtune.export import export_graph
+
+    spec = live_spec(tmp_path, server)
+    graph = export_graph(verified_graph(), "yaml", tmp_path / "best.yaml", name="best")
+    r = CliRunner().invoke(app, ["run", str(graph), "--spec", str(spec), "--question", "What? ANSWER=17", "--nodes"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "The answer is 17" in r.output and "verifier" in r.output and "3 made" in r.output
