@@ -10,7 +10,8 @@ from graphtune.graphs.space import (Space, enumerate_graphs, prune_to_sink, rand
                                     structural_errors, validate)
 
 __all__ = [
-    "ASSISTANT", "BUILTIN_ROLE_SPECS", "BUILTIN_ROLES", "FUSER", "RoleSpec", "Budget", "CallRecord", "CostModel", "Graph", "GraphCost",
+    "ASSISTANT", "BUILTIN_ROLE_SPECS", "BUILTIN_ROLES", "FUSER", "RoleSpec", "Budget", "CallRecord", "CostModel",
+    "Graph", "GraphCost",
     "Metrics", "ModelInfo", "Node", "NodeOutcome", "QuestionResult", "Space", "TaskShape", "call_key",
     "canonical_form", "enumerate_graphs", "graph_hash", "isomorphic", "prune_to_sink", "random_graph",
     "structural_errors", "summarize", "validate",

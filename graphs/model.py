@@ -46,7 +46,8 @@ class RoleSpec:
         if not self.name:
             raise GraphError("a role needs a name")
         if self.takes_inputs not in INPUT_RULES:
-            raise GraphError(f"role {self.name!r}: takes_inputs {self.takes_inputs!r} is not one of {list(INPUT_RULES)}")
+            raise GraphError(f"role {self.name!r}: takes_inputs {self.takes_inputs!r} is not one of "
+                             f"{list(INPUT_RULES)}")
         if self.acts_like not in BUILTIN_ROLES:
             raise GraphError(f"role {self.name!r}: acts_like {self.acts_like!r} is not one of {list(BUILTIN_ROLES)}")
 

@@ -268,7 +268,8 @@ def test_replay_models_a_verifier_as_the_role_it_acts_like():
                             Node.make("v", role, "big")], [("a", "v"), ("b", "v")])
 
     ids = env.split("dev")
-    assert [r.correct for r in env.evaluate(vote("verifier"), ids)] == [r.correct for r in env.evaluate(vote("fuser"), ids)]
+    as_verifier, as_fuser = env.evaluate(vote("verifier"), ids), env.evaluate(vote("fuser"), ids)
+    assert [r.correct for r in as_verifier] == [r.correct for r in as_fuser]
     with pytest.raises(EnvError, match="verifier with no predecessor"):
         env.evaluate(Graph.build([Node.make("v", "verifier", "big")]), ids)
 
