@@ -141,6 +141,16 @@ def test_every_role_mistake_is_one_line_with_file_and_line(tmp_path, case):
     assert message in msg, msg
 
 
+def test_the_verifier_example_runs(tmp_path):
+    from graphtune.api import optimize
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "verifier.yaml",
+                     overrides={"storage": f"sqlite:///{tmp_path / 'g.db'}", "search.evaluations": 4})
+    assert "verifier" in spec.space_obj().roles
+    _, _, outcome = optimize(spec)
+    assert outcome.best is not None and not structural_errors(outcome.best.graph, spec.space_obj())
+
+
 def test_a_spec_without_roles_is_unchanged(tmp_path):
     text = SPEC[:SPEC.index("roles:")] + SPEC[SPEC.index("space:"):]
     spec = load_spec(write(tmp_path, text))
