@@ -33,7 +33,7 @@ from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemI
     render_init
 from graphtune.agent.schema import AgentUpdate, EdgeChange, GraphProposal, ProposedNode
 from graphtune.graphs.canonical import graph_hash
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.model import BUILTIN_ROLES, Graph, Node
 from graphtune.graphs.render import to_text
 from graphtune.graphs.space import is_valid
 
@@ -157,8 +157,12 @@ class HeuristicAgent(Agent):
         """Generic scaling shapes built from the best affordable models."""
         out: list[GraphProposal] = []
         seen: set[str] = set()
-        src_role = next((r for r in p.space.roles if r not in ROLES_NEEDING_INPUT), "assistant")
+        src_role = next((r for r in p.space.roles if p.space.role_allowed(r, has_inputs=False, is_sink=False)),
+                        "assistant")
         syn_roles = [r for r in ("fuser", "assistant") if r in p.space.roles]
+        # roles users define that may end a graph on inputs (a verifier, a critic, ...)
+        custom_sinks = [r for r in p.space.roles if r not in BUILTIN_ROLES
+                        and p.space.role_allowed(r, has_inputs=True, is_sink=True)]
 
         def add(g: Graph, why: str) -> None:
             if is_valid(g, p.space, p.costs, p.budget):
@@ -188,6 +192,10 @@ class HeuristicAgent(Agent):
         for m in ranked[:2]:
             g = Graph.build([Node.make("x0", src_role, m), Node.make("sink", "assistant", m)], [("x0", "sink")])
             add(g, f"depth: {m} refines {m}")
+        for r in custom_sinks:
+            for m in ranked[:2]:
+                g = Graph.build([Node.make("x0", src_role, m), Node.make("sink", r, m)], [("x0", "sink")])
+                add(g, f"the {r} role: {m} answers, a {r} of {m} finishes")
         return out
 
     # -- feedback -------------------------------------------------------------------

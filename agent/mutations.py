@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphtune.errors import GraphError
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.model import Graph, Node
 from graphtune.graphs.space import Space, prune_to_sink
 
 
@@ -52,7 +52,8 @@ def local_mutations(g: Graph, space: Space) -> list[Graph]:
             if m != n.model:
                 out.append(Graph.build(with_node(i, model=m), edges))
         for r in roles:
-            if r != n.role and (g.preds[n.id] or r not in ROLES_NEEDING_INPUT):
+            rs = space.role_spec(r)
+            if r != n.role and (rs.accepts_input if g.preds[n.id] else not rs.needs_input):
                 out.append(Graph.build(with_node(i, role=r), edges))
     # drop a node (its inputs feed its successors instead)
     for n in nodes:
@@ -68,7 +69,7 @@ def local_mutations(g: Graph, space: Space) -> list[Graph]:
     for target in nodes:
         for m in models:
             new = fresh_id(g)
-            src = next((r for r in roles if r not in ROLES_NEEDING_INPUT), roles[0])
+            src = next((r for r in roles if space.role_allowed(r, has_inputs=False, is_sink=False)), roles[0])
             out.append(Graph.build(nodes + [Node.make(new, src, m)], edges + [(new, target.id)]))
     # duplicate a non-sink node (same model, same successors): more width
     for n in nodes:
@@ -119,7 +120,7 @@ def random_mutation(g: Graph | None, space: Space, models: Sequence[str],
         i = int(rng.integers(len(nodes)))
         n = nodes[i]
         allowed = (space.sink_roles or space.roles) if n.id == sink else space.roles
-        roles = [r for r in allowed if r != n.role]
+        roles = [r for r in allowed if r != n.role and (n.id != sink or space.role_spec(r).may_be_sink)]
         if roles:
             nodes[i] = Node(id=n.id, role=roles[int(rng.integers(len(roles)))], model=n.model, params=n.params)
     elif op == "add_node":

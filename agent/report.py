@@ -210,6 +210,8 @@ def render_problem(p: ProblemInfo) -> str:
         "appended to its prompt).",
         f"SPACE: roles {list(p.space.roles)}; at most {p.space.max_nodes} nodes, width {p.space.max_width}, "
         f"depth {p.space.max_depth}, {p.space.max_in_degree} inputs per node. A fuser needs at least one input.",
+        *(f"ROLE {r.name}: {r.description or 'a role the user defined'} ({r.rule_text()})"
+          for r in p.space.role_specs if r.name in p.space.roles),
         f"OBJECTIVE: maximise {p.objective} (mean reward per question).",
         "",
         "GENERAL TEST-TIME-SCALING INSIGHTS:",

@@ -12,10 +12,16 @@ Every template ends with the task's final-answer format (``{answer_format}``), s
 node's output can be scored, not only the sink's. Templates are ``str.format`` strings
 over ``{question}``, ``{responses}`` (the predecessors' outputs, numbered) and
 ``{answer_format}``; a spec overrides any of them under ``task.prompts``.
+
+A role users define (the spec's ``roles`` section) has one template over ``{question}``,
+``{inputs}`` (the predecessors' outputs, numbered as ``{responses}`` are) and
+``{answer_format}``; when it does not place ``{answer_format}`` itself, the final-answer
+instruction is appended after a blank line, as every built-in template ends with it.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -72,20 +78,30 @@ class PromptSet:
     fuser: str = FUSER_TEMPLATE
     answer_format: str = ANSWER_FORMATS["text"]
     response: str = RESPONSE_TEMPLATE
+    #: custom roles: (name, template with {answer_format} placed: see :func:`role_template`)
+    roles: tuple[tuple[str, str], ...] = ()
+
+    def template_of(self, role: str, has_inputs: bool) -> str:
+        """The template of a node of ``role`` with or without inputs."""
+        if role == "fuser":
+            if not has_inputs:
+                raise ValueError("a fuser needs at least one predecessor response")
+            return self.fuser
+        if role == "assistant":
+            return self.synthesize if has_inputs else self.assistant
+        for name, template in self.roles:
+            if name == role:
+                return template
+        known = ", ".join(["assistant", "fuser", *(n for n, _ in self.roles)])
+        raise ValueError(f"role {role!r} has no prompt template; known roles: {known}")
 
     def messages(self, role: str, question: str, responses: Sequence[str] = ()) -> list[dict[str, str]]:
         """Chat messages of one node: its role, the question and its predecessors'
         outputs (in a fixed order)."""
-        if role == "fuser":
-            if not responses:
-                raise ValueError("a fuser needs at least one predecessor response")
-            template = self.fuser
-        elif role == "assistant":
-            template = self.synthesize if responses else self.assistant
-        else:
-            raise ValueError(f"role {role!r} has no prompt template; known roles: assistant, fuser")
+        template = self.template_of(role, bool(responses))
         block = "\n\n".join(self.response.format(index=i + 1, response=r.strip()) for i, r in enumerate(responses))
-        user = template.format(question=question.strip(), responses=block, answer_format=self.answer_format)
+        user = template.format(question=question.strip(), responses=block, inputs=block,
+                               answer_format=self.answer_format)
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         msgs.append({"role": "user", "content": user})
         return msgs
@@ -104,11 +120,20 @@ def default_prompts(style: str) -> PromptSet:
     return PromptSet(style=style, answer_format=ANSWER_FORMATS[style])
 
 
+def role_template(template: str) -> str:
+    """A custom role's template as it is sent: ``{answer_format}`` appended after a blank
+    line unless the template places it."""
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    return template if "answer_format" in names else template.rstrip() + "\n\n{answer_format}"
+
+
 def build_prompts(style: str | None = None, overrides: Mapping[str, str | None] | None = None, *,
-                  scorer: str | None = None, preset: str | None = None) -> PromptSet:
+                  scorer: str | None = None, preset: str | None = None,
+                  roles: Mapping[str, str] | None = None) -> PromptSet:
     """Defaults for ``style`` (or the style implied by the scorer / preset), with the
-    non-empty ``overrides`` applied. A template that names an unknown placeholder is a
-    ``SpecError`` before anything runs."""
+    non-empty ``overrides`` applied, and the templates of the custom ``roles`` (name ->
+    template over ``{question}``, ``{inputs}``, ``{answer_format}``). A template that names
+    an unknown placeholder is a ``SpecError`` before anything runs."""
     if not style:
         style = style_for(scorer)
         if style == "text":
@@ -119,6 +144,8 @@ def build_prompts(style: str | None = None, overrides: Mapping[str, str | None] 
     if unknown:
         raise SpecError(f"task.prompts: unknown template(s) {unknown}; allowed: {', '.join(_FIELDS)}")
     ps = replace(ps, **over)
+    if roles:
+        ps = replace(ps, roles=tuple((name, role_template(t)) for name, t in roles.items()))
     _check(ps)
     return ps
 
@@ -133,3 +160,9 @@ def _check(ps: PromptSet) -> None:
             allowed = "{index}, {response}" if name == "response" else "{question}, {responses}, {answer_format}"
             raise SpecError(f"task.prompts.{name}: bad placeholder {e} in the template; allowed: {allowed} "
                             "(write literal braces as {{ and }})") from None
+    for name, text in ps.roles:
+        try:
+            text.format(question="q", inputs="r", answer_format="f")
+        except (KeyError, IndexError, ValueError) as e:
+            raise SpecError(f"roles.{name}.prompt: bad placeholder {e} in the template; allowed: {{question}}, "
+                            "{inputs}, {answer_format} (write literal braces as {{ and }})") from None

@@ -49,7 +49,7 @@ import hashlib
 import math
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +64,10 @@ from graphtune.envs.records import (OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Record, 
 from graphtune.envs.records_cli import main
 from graphtune.envs.simulated.profile import Profile, load_profile
 from graphtune.envs.synthesis import SUPPORTED_ROLES  # noqa: F401  (kept importable from here)
-from graphtune.envs.synthesis import NodePlan, Plan, SynthesisRule, check_graph, execution_plan
+from graphtune.envs.synthesis import NodePlan, Plan, SynthesisRule, acts_like_map, check_graph, execution_plan
 from graphtune.errors import EnvError
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
-from graphtune.graphs.model import Graph, Node
+from graphtune.graphs.model import Graph, Node, RoleSpec
 
 __all__ = ["Record", "RecordTable", "ReplayEnvironment", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "GSM8K_SYSTEMS",
            "load_records", "save_records", "import_gsm8k_recorded", "records_from_ledger", "normalize_answer",
@@ -134,7 +134,7 @@ class ReplayEnvironment(Environment):
                  seed: int = 0, dev_size: int = 100, test_size: int | None = None, task: str | None = None,
                  synthesis: Profile | str | Path = "math",
                  prior_strength: float = 2.0, novel_weight: float = 1.0, difficulty_prior_sd: float = 1.5,
-                 shape: TaskShape | None = None):
+                 shape: TaskShape | None = None, roles: Iterable[RoleSpec] = ()):
         table = records if isinstance(records, RecordTable) else load_records(records)
         if not table.records:
             raise EnvError(f"records {table.source}: the table is empty")
@@ -166,6 +166,9 @@ class ReplayEnvironment(Environment):
         self._shape = shape or self._estimate_shape()
         self.costs = costs if isinstance(costs, CostModel) else CostModel(pool, self._shape)
         self._plans: dict[Graph, Plan] = {}
+        #: roles users define, modelled as the built-in role each acts like
+        self.roles = tuple(roles)
+        self._acts_like = acts_like_map(self.roles)
 
     @property
     def rule(self) -> SynthesisRule:
@@ -337,8 +340,8 @@ class ReplayEnvironment(Environment):
         plan = self._plans.get(graph)
         if plan is not None:
             return plan
-        check_graph(graph, "the replay environment", self._check_model)
-        plan = execution_plan(graph)
+        check_graph(graph, "the replay environment", self._check_model, self.roles)
+        plan = execution_plan(graph, self._acts_like)
         if len(self._plans) > 4096:
             self._plans.clear()
         self._plans[graph] = plan

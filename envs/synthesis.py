@@ -23,6 +23,10 @@ question in logits: ``a_m - b_q`` in the simulator, the logit of ``p_qm`` in rep
 * a right pick at topological level l is garbled with probability ``1 - exp(-corruption *
   l / z_m)``.
 
+A role users define (:class:`~graphtune.graphs.model.RoleSpec`) is modelled as the built-in
+role it ``acts_like``: :func:`execution_plan` gives its nodes that role, so a graph with a
+``verifier`` acting like a fuser has the outcomes of the same graph with a fuser there.
+
 Every function keeps the exact order of floating-point operations the two environments
 used before they shared it, so their outcomes are bit-for-bit unchanged
 (``tests/test_synthesis_pins.py``).
@@ -31,7 +35,7 @@ used before they shared it, so their outcomes are bit-for-bit unchanged
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +43,12 @@ from scipy.special import expit
 
 from graphtune.errors import EnvError
 from graphtune.graphs.canonical import canonical_form, canonical_order
-from graphtune.graphs.model import ASSISTANT, FUSER, Graph, Node
+from graphtune.graphs.model import ASSISTANT, FUSER, Graph, Node, RoleSpec
 
 if TYPE_CHECKING:  # at run time the profile is duck-typed: the simulator's package imports this module
     from graphtune.envs.simulated.profile import Profile
 
-__all__ = ["SUPPORTED_ROLES", "NodePlan", "Plan", "check_graph", "execution_plan", "SynthesisRule"]
+__all__ = ["SUPPORTED_ROLES", "NodePlan", "Plan", "acts_like_map", "check_graph", "execution_plan", "SynthesisRule"]
 
 #: the roles the synthesis rule models
 SUPPORTED_ROLES = (ASSISTANT, FUSER)
@@ -73,21 +77,40 @@ class Plan:
     original_ids: tuple[str, ...]  # original id of canonical node n{i}
 
 
-def check_graph(graph: Graph, who: str, check_model: Callable[[Node], Any]) -> None:
-    """Refuse a graph the rule cannot run, node by node: a role it does not model, a model
-    ``check_model`` refuses (it raises), a fuser without inputs. ``who`` names the
-    environment in the message."""
+def acts_like_map(roles: Iterable[RoleSpec] = ()) -> dict[str, str]:
+    """Role name -> the built-in role the rule models it as (built-ins map to themselves)."""
+    out = {r: r for r in SUPPORTED_ROLES}
+    out.update({r.name: r.acts_like for r in roles})
+    return out
+
+
+def check_graph(graph: Graph, who: str, check_model: Callable[[Node], Any],
+                roles: Iterable[RoleSpec] = ()) -> None:
+    """Refuse a graph the rule cannot run, node by node: a role it does not model (neither
+    built in nor one of the custom ``roles``), a model ``check_model`` refuses (it
+    raises), a node without the inputs its role needs or with inputs it takes none of.
+    ``who`` names the environment in the message."""
+    custom = {r.name: r for r in roles}
     for n in graph.nodes:
-        if n.role not in SUPPORTED_ROLES:
+        if n.role not in SUPPORTED_ROLES and n.role not in custom:
             raise EnvError(f"node {n.id!r} has role {n.role!r}, which {who} does not model; "
-                           f"supported roles: {list(SUPPORTED_ROLES)}")
+                           f"supported roles: {[*SUPPORTED_ROLES, *custom]}")
         check_model(n)
         if n.role == FUSER and not graph.preds[n.id]:
             raise EnvError(f"node {n.id!r} is a fuser with no predecessor; a fuser needs at least one input")
+        rs = custom.get(n.role)
+        if rs is not None and rs.needs_input and not graph.preds[n.id]:
+            raise EnvError(f"node {n.id!r} is a {n.role} with no predecessor; a {n.role} needs at least one input")
+        if rs is not None and not rs.accepts_input and graph.preds[n.id]:
+            raise EnvError(f"node {n.id!r} is a {n.role}, which takes no inputs, but has predecessors")
 
 
-def execution_plan(graph: Graph) -> Plan:
-    """The plan of ``graph`` in canonical form, so node naming changes nothing."""
+def execution_plan(graph: Graph, acts_like: Mapping[str, str] | None = None) -> Plan:
+    """The plan of ``graph`` in canonical form, so node naming changes nothing; a custom
+    role's nodes get the built-in role they act like (``acts_like``: role -> built-in)."""
+    if acts_like and any(acts_like.get(n.role, n.role) != n.role for n in graph.nodes):
+        graph = Graph.build([Node(n.id, acts_like.get(n.role, n.role), n.model, n.params) for n in graph.nodes],
+                            graph.edges)
     canon = canonical_form(graph)
     order = canonical_order(graph)
     levels = canon.levels

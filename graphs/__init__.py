@@ -4,13 +4,14 @@ the plain values every layer above shares (question results, LLM call records)."
 from graphtune.graphs.calls import CallRecord, call_key
 from graphtune.graphs.canonical import canonical_form, graph_hash, isomorphic
 from graphtune.graphs.cost import Budget, CostModel, GraphCost, ModelInfo, TaskShape
-from graphtune.graphs.model import ASSISTANT, BUILTIN_ROLES, FUSER, Graph, Node
+from graphtune.graphs.model import ASSISTANT, BUILTIN_ROLE_SPECS, BUILTIN_ROLES, FUSER, Graph, Node, RoleSpec
 from graphtune.graphs.results import Metrics, NodeOutcome, QuestionResult, summarize
 from graphtune.graphs.space import (Space, enumerate_graphs, prune_to_sink, random_graph,
                                     structural_errors, validate)
 
 __all__ = [
-    "ASSISTANT", "BUILTIN_ROLES", "FUSER", "Budget", "CallRecord", "CostModel", "Graph", "GraphCost",
+    "ASSISTANT", "BUILTIN_ROLE_SPECS", "BUILTIN_ROLES", "FUSER", "RoleSpec", "Budget", "CallRecord", "CostModel",
+    "Graph", "GraphCost",
     "Metrics", "ModelInfo", "Node", "NodeOutcome", "QuestionResult", "Space", "TaskShape", "call_key",
     "canonical_form", "enumerate_graphs", "graph_hash", "isomorphic", "prune_to_sink", "random_graph",
     "structural_errors", "summarize", "validate",

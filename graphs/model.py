@@ -19,8 +19,66 @@ from graphtune.errors import GraphError
 ASSISTANT = "assistant"
 FUSER = "fuser"
 BUILTIN_ROLES = (ASSISTANT, FUSER)
-#: Roles that must have at least one predecessor.
+#: Roles that must have at least one predecessor (built-in ones; a space's custom roles
+#: say it themselves: :meth:`graphtune.graphs.space.Space.role_spec`).
 ROLES_NEEDING_INPUT = frozenset({FUSER})
+
+#: how a role takes its predecessors' outputs
+INPUTS_REQUIRED, INPUTS_OPTIONAL, INPUTS_NONE = "required", "optional", "none"
+INPUT_RULES = (INPUTS_REQUIRED, INPUTS_OPTIONAL, INPUTS_NONE)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What the graph layer knows of a role: whether a node of it takes predecessors'
+    outputs (``takes_inputs``: ``required``, ``optional`` or ``none``), whether it may be
+    the graph's sink, and which built-in role it behaves like where an environment models
+    roles rather than prompting them (the simulator, replay). ``description`` is what
+    search agents are told about it. Prompt templates live with the environments."""
+
+    name: str
+    takes_inputs: str = INPUTS_OPTIONAL
+    may_be_sink: bool = True
+    acts_like: str = ASSISTANT
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise GraphError("a role needs a name")
+        if self.takes_inputs not in INPUT_RULES:
+            raise GraphError(f"role {self.name!r}: takes_inputs {self.takes_inputs!r} is not one of "
+                             f"{list(INPUT_RULES)}")
+        if self.acts_like not in BUILTIN_ROLES:
+            raise GraphError(f"role {self.name!r}: acts_like {self.acts_like!r} is not one of {list(BUILTIN_ROLES)}")
+
+    @property
+    def needs_input(self) -> bool:
+        return self.takes_inputs == INPUTS_REQUIRED
+
+    @property
+    def accepts_input(self) -> bool:
+        return self.takes_inputs != INPUTS_NONE
+
+    def allowed(self, *, has_inputs: bool, is_sink: bool) -> bool:
+        """Whether a node of this role may have (or lack) inputs and be (or not be) the sink."""
+        if has_inputs and not self.accepts_input or not has_inputs and self.needs_input:
+            return False
+        return self.may_be_sink or not is_sink
+
+    def rule_text(self) -> str:
+        """The role's rules in a few words (for agents' prompts and error messages)."""
+        inputs = {INPUTS_REQUIRED: "needs at least one input", INPUTS_OPTIONAL: "may take inputs",
+                  INPUTS_NONE: "takes no inputs"}[self.takes_inputs]
+        return inputs + ("" if self.may_be_sink else "; may not be the sink")
+
+
+#: the built-in roles' rules
+BUILTIN_ROLE_SPECS: dict[str, RoleSpec] = {
+    ASSISTANT: RoleSpec(ASSISTANT, INPUTS_OPTIONAL, True, ASSISTANT,
+                        "answers the question; if it has inputs, it sees their answers and may use them"),
+    FUSER: RoleSpec(FUSER, INPUTS_REQUIRED, True, FUSER,
+                    "combines the answers of its inputs into one final answer; needs at least one input"),
+}
 
 
 @dataclass(frozen=True, order=True)

@@ -16,7 +16,7 @@ import numpy as np
 from graphtune.errors import BudgetError, GraphError
 from graphtune.graphs.canonical import canonical_form, graph_hash
 from graphtune.graphs.cost import Budget, CostModel, GraphCost, node_flops, node_usd
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.model import BUILTIN_ROLE_SPECS, BUILTIN_ROLES, Graph, Node, RoleSpec
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,39 @@ class Space:
     max_width: int = 9
     max_depth: int = 4
     max_in_degree: int = 4
-    #: Roles the sink may take (default: any role of the space).
+    #: Roles the sink may take (default: any role of the space that may be a sink).
     sink_roles: tuple[str, ...] | None = None
+    #: Roles users define besides the built-in ones (their rules; see :class:`RoleSpec`).
+    role_specs: tuple[RoleSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.role_specs]
+        clash = sorted(set(names) & set(BUILTIN_ROLES))
+        if clash:
+            raise GraphError(f"role(s) {clash} are built in; give a custom role another name")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise GraphError(f"roles {dups} are declared twice; each role needs a unique name")
+
+    def role_spec(self, role: str) -> RoleSpec:
+        """The rules of ``role``: a declared custom role's, a built-in's, else those of an
+        undeclared role (may take inputs, may be the sink: how every role but the fuser
+        was treated before roles could be declared)."""
+        for r in self.role_specs:
+            if r.name == role:
+                return r
+        return BUILTIN_ROLE_SPECS.get(role) or RoleSpec(role)
+
+    def role_allowed(self, role: str, *, has_inputs: bool, is_sink: bool) -> bool:
+        """Whether a node of ``role`` may sit where it has (or lacks) inputs and is (or is
+        not) the sink. The one predicate every sampler and enumerator masks roles with."""
+        if role not in self.roles or is_sink and self.sink_roles is not None and role not in self.sink_roles:
+            return False
+        return self.role_spec(role).allowed(has_inputs=has_inputs, is_sink=is_sink)
+
+    def roles_for(self, *, has_inputs: bool, is_sink: bool) -> tuple[str, ...]:
+        """The space's roles a node may take at such a position, in the space's order."""
+        return tuple(r for r in self.roles if self.role_allowed(r, has_inputs=has_inputs, is_sink=is_sink))
 
 
 def prune_to_sink(graph: Graph, sink: str) -> Graph:
@@ -58,14 +89,23 @@ def structural_errors(graph: Graph, space: Space) -> list[str]:
             errs.append(f"node {n.id!r} uses model {n.model!r}, not in the pool {list(space.models)}")
         if n.role not in space.roles:
             errs.append(f"node {n.id!r} has role {n.role!r}, not allowed; allowed roles: {list(space.roles)}")
-        if n.role in ROLES_NEEDING_INPUT and not graph.preds[n.id]:
+        rs = space.role_spec(n.role)
+        if rs.needs_input and not graph.preds[n.id]:
             errs.append(f"node {n.id!r} is a {n.role} with no predecessor; a {n.role} needs at least one input")
+        if not rs.accepts_input and graph.preds[n.id]:
+            errs.append(f"node {n.id!r} is a {n.role} with predecessors {list(graph.preds[n.id])}; a {n.role} "
+                        "takes no inputs")
         if len(graph.preds[n.id]) > space.max_in_degree:
             errs.append(f"node {n.id!r} has in-degree {len(graph.preds[n.id])} > max_in_degree {space.max_in_degree}")
     if len(sinks) == 1 and space.sink_roles is not None:
         s = graph.node_map[sinks[0]]
         if s.role not in space.sink_roles:
             errs.append(f"sink {s.id!r} has role {s.role!r}; the sink must be one of {list(space.sink_roles)}")
+    if len(sinks) == 1:
+        s = graph.node_map[sinks[0]]
+        if not space.role_spec(s.role).may_be_sink:
+            errs.append(f"sink {s.id!r} has role {s.role!r}, which may not be the sink; end the graph with one of "
+                        f"{list(space.roles_for(has_inputs=True, is_sink=True))}")
     if graph.size > space.max_nodes:
         errs.append(f"graph has {graph.size} nodes > max_nodes {space.max_nodes}")
     if graph.width > space.max_width:
@@ -126,7 +166,7 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
         return budget.fits(costs.cost(g))
 
     for role, model in labels:
-        if role in ROLES_NEEDING_INPUT:
+        if not space.role_spec(role).allowed(has_inputs=False, is_sink=False):
             continue
         g = Graph.build([Node.make("n0", role, model)])
         if admissible(g):
@@ -146,7 +186,7 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
             for k in range(0, min(space.max_in_degree, len(ids)) + 1):
                 for pset in itertools.combinations(ids, k):
                     for role, model in labels:
-                        if role in ROLES_NEEDING_INPUT and not pset:
+                        if not space.role_spec(role).allowed(has_inputs=bool(pset), is_sink=False):
                             continue
                         cand = Graph.build(list(g.nodes) + [Node.make(new_id, role, model)],
                                            list(g.edges) + [(p, new_id) for p in pset])
@@ -184,9 +224,6 @@ def random_graph(space: Space, costs: CostModel, budget: Budget, rng: np.random.
     fit even with the cheapest models are redrawn, so feasible sizes are roughly equally
     likely.
     """
-    sink_roles = space.sink_roles or space.roles
-    source_roles = [r for r in space.roles if r not in ROLES_NEEDING_INPUT]
-    sink_source_roles = [r for r in sink_roles if r not in ROLES_NEEDING_INPUT]
     models = list(space.models)
     for _ in range(max_tries):
         n = int(rng.integers(1, space.max_nodes + 1))
@@ -195,10 +232,7 @@ def random_graph(space: Space, costs: CostModel, budget: Budget, rng: np.random.
             continue
         roles = []
         for i in range(n):
-            if preds[i]:
-                allowed = sink_roles if i == n - 1 else space.roles
-            else:
-                allowed = sink_source_roles if i == n - 1 else source_roles
+            allowed = space.roles_for(has_inputs=bool(preds[i]), is_sink=i == n - 1)
             if not allowed:
                 break
             roles.append(str(rng.choice(list(allowed))))
@@ -286,13 +320,22 @@ def check_space_not_empty(space: Space, costs: CostModel, budget: Budget) -> Gra
     the cheapest single-node graph otherwise."""
     if not space.models:
         raise GraphError("the space has no models; list models under `models`")
-    source_roles = [r for r in space.roles if r not in ROLES_NEEDING_INPUT]
-    sink_ok = [r for r in (space.sink_roles or space.roles) if r not in ROLES_NEEDING_INPUT]
-    if not source_roles or not sink_ok:
+    source_roles = space.roles_for(has_inputs=False, is_sink=False)
+    alone = space.roles_for(has_inputs=False, is_sink=True)
+    sinks_with_input = space.roles_for(has_inputs=True, is_sink=True)
+    if not source_roles and not alone:
         raise GraphError(f"the space is empty: roles {list(space.roles)} have no role that can answer "
                          "without inputs; add `assistant` to space.roles")
-    cheapest = min((costs.cost(Graph.build([Node.make("n0", r, m)])) for m in space.models for r in sink_ok),
-                   key=lambda c: c.flops)
+    # the cheapest graph: one node alone, else one source feeding the sink
+    candidates = [Graph.build([Node.make("n0", r, m)]) for m in space.models for r in alone]
+    if not candidates and source_roles and sinks_with_input and space.max_nodes >= 2 and space.max_in_degree >= 1:
+        m0 = min(space.models, key=lambda m: costs.cost(Graph.build([Node.make("n0", source_roles[0], m)])).flops)
+        candidates = [Graph.build([Node.make("n0", source_roles[0], m0), Node.make("n1", r, m)], [("n0", "n1")])
+                      for m in space.models for r in sinks_with_input]
+    if not candidates:
+        raise GraphError(f"the space is empty: no role of {list(space.roles)} may be the sink where it can stand; "
+                         "allow `assistant` as the sink (space.sink_roles) or a role with `sink: true`")
+    cheapest = min((costs.cost(g) for g in candidates), key=lambda c: c.flops)
     v = budget.violations(cheapest)
     if v:
         raise BudgetError(f"budget is impossible: even the cheapest graph (one call of the smallest model) "

@@ -127,7 +127,8 @@ def build_live_env(spec: Spec, examples: list | None = None):
     if "complete" in t.scorer_options:  # the LLM client is the app's to give, not an option
         raise SpecError(f"scorer {scorer_name}: unknown option 'complete' in task.scorer_options")
     scorer = get_scorer(scorer_name, complete=llm_complete(), **t.scorer_options)
-    prompts = build_prompts(t.prompts.style, t.prompts.model_dump(), scorer=scorer_name, preset=t.preset)
+    prompts = build_prompts(t.prompts.style, t.prompts.model_dump(), scorer=scorer_name, preset=t.preset,
+                            roles=spec.role_templates())
     e = spec.env
     settings = CallSettings(temperature=e.temperature, max_tokens=e.max_tokens, timeout_s=e.timeout_s,
                             max_retries=e.max_retries, seed=e.seed, max_consecutive_failures=e.max_consecutive_failures,
@@ -201,7 +202,8 @@ def build_replay_env(spec: Spec):
     t = spec.task
     shape = TaskShape(t.input_tokens, t.output_tokens) if t.input_tokens and t.output_tokens else None
     return ReplayEnvironment(records, spec.pool(), seed=spec.env.seed, dev_size=t.dev_size, test_size=t.test_size,
-                             task=spec.env.task, synthesis=spec.env.synthesis, shape=shape)
+                             task=spec.env.task, synthesis=spec.env.synthesis, shape=shape,
+                             roles=spec.space_obj().role_specs)
 
 
 def records_from_ledger(source, examples, scorer, *, prompts=None, task: str = "task"):
@@ -239,7 +241,7 @@ def _simulated_env_and_costs(spec: Spec, space, budget):
     costs = CostModel(spec.pool(), shape)
     check_space_not_empty(space, costs, budget)
     env = SimulatedEnvironment(spec.task.profile, costs, seed=spec.env.seed, dev_size=spec.task.dev_size,
-                               test_size=spec.task.test_size)
+                               test_size=spec.task.test_size, roles=space.role_specs)
     return env, costs
 
 
@@ -276,20 +278,32 @@ class GraphRun:
 
 def check_runnable(graph, spec: Spec) -> None:
     """Raise a GraphError unless every node's model is in the spec's pool and every role
-    is one the live environment can prompt."""
+    is one the live environment can prompt (a built-in role or one the spec declares),
+    with the inputs its rules ask for."""
     from graphtune.errors import GraphError
+    from graphtune.graphs.model import BUILTIN_ROLES
 
     names = [m.name for m in spec.models]
+    space = spec.space_obj()
+    known = [*BUILTIN_ROLES, *(spec.roles or {})]
     for n in graph.nodes:
         if n.model not in names:
             raise GraphError(f"node {n.id!r} uses model {n.model!r}, which is not in the spec's pool {names}; "
                              "add it under `models` or change the graph")
-        if n.role not in ("assistant", "fuser"):
-            raise GraphError(f"node {n.id!r} has role {n.role!r}; the live environment runs assistant and fuser")
-        if n.role == "fuser" and not graph.preds[n.id]:
-            raise GraphError(f"node {n.id!r} is a fuser without predecessors; give it an input or make it an "
-                             "assistant")
-    graph.sink  # noqa: B018 - raises unless exactly one sink
+        if n.role not in known:
+            raise GraphError(f"node {n.id!r} has role {n.role!r}; the live environment runs the roles {known} "
+                             "(declare a custom role under `roles` in the spec)")
+        rs = space.role_spec(n.role)
+        if rs.needs_input and not graph.preds[n.id]:
+            alt = " or make it an assistant" if n.role == "fuser" else ""
+            raise GraphError(f"node {n.id!r} is a {n.role} without predecessors; give it an input{alt}")
+        if not rs.accepts_input and graph.preds[n.id]:
+            raise GraphError(f"node {n.id!r} is a {n.role}, which takes no inputs, but has predecessors "
+                             f"{list(graph.preds[n.id])}")
+    sink = graph.node_map[graph.sink]  # raises unless exactly one sink
+    if not space.role_spec(sink.role).may_be_sink:
+        raise GraphError(f"the sink {sink.id!r} is a {sink.role}, which may not be the graph's final node "
+                         "(`sink: false` under `roles`); end the graph with another node")
     graph.topo_order  # noqa: B018 - raises on a cycle
 
 

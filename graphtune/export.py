@@ -108,7 +108,7 @@ def draw_graph(graph: Graph, ax, *, title: str | None = None) -> None:
                            edge_color="#555555", width=1.2)
     for n in graph.nodes:
         x, y = pos[n.id]
-        face = ROLE_COLOURS.get(n.role, "#e0e0e0")
+        face = ROLE_COLOURS.get(n.role, "#d9f2d0")  # a role users define: one colour, its name on the node
         style = "round,pad=0.35" if n.role != "fuser" else "square,pad=0.35"
         sink = n.id == graph.sink
         ax.text(x, y, f"{n.id}\n{n.role}\n{n.model.split('/')[-1]}", ha="center", va="center", fontsize=8,
@@ -156,7 +156,8 @@ def export_config(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     if not style and not task.get("scorer") and not task.get("preset") and task.get("profile"):
         prof = str(task["profile"])
         style = {"math": "math", "mmlu": "choice", "humaneval": "code"}.get(prof, None) or style_for(prof)
-    ps = build_prompts(style, prompts_over, scorer=task.get("scorer"), preset=task.get("preset"))
+    roles = {name: d["prompt"] for name, d in (spec.get("roles") or {}).items()}
+    ps = build_prompts(style, prompts_over, scorer=task.get("scorer"), preset=task.get("preset"), roles=roles)
     env = spec.get("env") or {}
     models = {}
     for m in spec.get("models") or []:
@@ -169,7 +170,8 @@ def export_config(spec: Mapping[str, Any] | None) -> dict[str, Any]:
                             "api_key_env": m.get("api_key_env")}
     return {
         "prompts": {"system": ps.system, "assistant": ps.assistant, "synthesize": ps.synthesize,
-                    "fuser": ps.fuser, "answer_format": ps.answer_format, "response": ps.response},
+                    "fuser": ps.fuser, "answer_format": ps.answer_format, "response": ps.response,
+                    "roles": dict(ps.roles)},
         "models": models,
         "settings": {"temperature": float(env.get("temperature", 0.0) or 0.0),
                      "max_tokens": env.get("max_tokens", 256),
@@ -245,11 +247,14 @@ def messages(role: str, question: str, responses: list[str]) -> list[dict[str, s
         template = PROMPTS["fuser"]
     elif role == "assistant":
         template = PROMPTS["synthesize"] if responses else PROMPTS["assistant"]
+    elif role in PROMPTS["roles"]:  # a role the study's spec defined, with its template
+        template = PROMPTS["roles"][role]
     else:
         raise ValueError(f"role {{role!r}} has no prompt template")
     block = "\\n\\n".join(PROMPTS["response"].format(index=i + 1, response=r.strip())
                          for i, r in enumerate(responses))
-    user = template.format(question=question.strip(), responses=block, answer_format=PROMPTS["answer_format"])
+    user = template.format(question=question.strip(), responses=block, inputs=block,
+                           answer_format=PROMPTS["answer_format"])
     out = [{{"role": "system", "content": PROMPTS["system"]}}] if PROMPTS["system"] else []
     out.append({{"role": "user", "content": user}})
     return out

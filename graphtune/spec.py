@@ -1,6 +1,7 @@
 """The YAML spec of a search, validated with pydantic.
 
-Sections: ``study``, ``task``, ``models``, ``space``, ``budget``, ``objective``,
+Sections: ``study``, ``task``, ``models``, ``roles`` (roles users define: a prompt template,
+input and sink rules, the built-in role the simulator models them as), ``space``, ``budget``, ``objective``,
 ``search``, ``env`` (one model per ``kind``), ``storage`` (and ``stages``, reserved for
 multi-stage pipelines: absent, or one stage equal to the top level).
 ``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,
@@ -13,18 +14,20 @@ from __future__ import annotations
 import codecs
 import difflib
 import os
+import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from graphtune.errors import SpecError
 from graphtune.graphs.catalog import KNOWN_MODELS
 from graphtune.graphs.cost import Budget, ModelInfo
-from graphtune.graphs.model import BUILTIN_ROLES
+from graphtune.graphs.model import BUILTIN_ROLES, RoleSpec
 from graphtune.graphs.space import Space
 
 #: seeds feed numpy's and Optuna's generators (unsigned 32-bit)
@@ -148,6 +151,78 @@ class ModelEntry(_Strict):
                          decode_tok_s=pick(self.decode_tok_s, "decode_tok_s", 100.0))
 
 
+#: a custom role's name: lower-case letters, digits and ``_`` (it names LangGraph nodes and
+#: appears in agents' JSON schemas)
+ROLE_NAME_CHARS = set(string.ascii_lowercase + string.digits + "_")
+#: the placeholders a custom role's prompt may use
+ROLE_PLACEHOLDERS = ("question", "inputs", "answer_format")
+
+
+def _role_name(v: str) -> str:
+    if v in BUILTIN_ROLES:
+        raise ValueError(f"role {v!r} is built in; give the custom role another name (built-in roles: "
+                         f"{', '.join(BUILTIN_ROLES)})")
+    if not v or len(v) > 40 or not v[0].isalpha() or not set(v) <= ROLE_NAME_CHARS:
+        raise ValueError(f"role name {v!r} must start with a letter and use only lower-case letters, digits and _ "
+                         "(at most 40 characters)")
+    return v
+
+
+RoleName = Annotated[str, AfterValidator(_role_name)]
+
+
+class RoleDecl(_Strict):
+    """A role users define (``roles.<name>``): its prompt template, whether it takes its
+    predecessors' outputs, whether it may be the sink, and the built-in role the simulator
+    and replay model it as (they model answers, not prompts, so they need to be told)."""
+
+    inputs: Literal["required", "optional", "none"] = Field(
+        "optional", description="required: needs predecessors; optional: may have some; none: never has any")
+    sink: bool = Field(True, description="may it be the graph's final node")
+    acts_like: Literal["assistant", "fuser"] = Field(
+        description="how the simulator and replay model it: assistant (solves, may use inputs) or fuser "
+                    "(selects among its inputs)")
+    prompt: str = Field(min_length=1, description="str.format template over {question}, {inputs} (the "
+                                                  "predecessors' outputs, numbered) and {answer_format}")
+    description: str | None = Field(None, max_length=500,
+                                    description="what the role does, told to search agents (default: its prompt)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str, info: ValidationInfo) -> str:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"bad template: {e} (write literal braces as {{{{ and }}}})") from None
+        bad = sorted(n for n in names if n not in ROLE_PLACEHOLDERS)
+        if bad:
+            shown = ", ".join("{" + n + "}" for n in bad)
+            raise ValueError(f"unknown placeholder {shown}; allowed: {{question}}, {{inputs}}, {{answer_format}} "
+                             "(write literal braces as {{ and }})")
+        if "question" not in names:
+            raise ValueError("the prompt must contain {question}")
+        inputs = info.data.get("inputs")
+        if inputs in ("required", "optional") and "inputs" not in names:
+            raise ValueError(f"a role with `inputs: {inputs}` shows its predecessors' outputs: put {{inputs}} in the "
+                             "prompt")
+        if inputs == "none" and "inputs" in names:
+            raise ValueError("a role with `inputs: none` never has predecessors' outputs: drop {inputs} from the "
+                             "prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RoleDecl:
+        if self.acts_like == "fuser" and self.inputs == "none":
+            raise ValueError("acts_like `fuser` selects among inputs, but `inputs: none` gives it none; use "
+                             "acts_like `assistant`")
+        return self
+
+    def role_spec(self, name: str) -> RoleSpec:
+        desc = self.description or " ".join(self.prompt.split())[:300]
+        return RoleSpec(name, takes_inputs=self.inputs, may_be_sink=self.sink, acts_like=self.acts_like,
+                        description=desc)
+
+
 class SpaceSpec(_Strict):
     roles: tuple[str, ...] = BUILTIN_ROLES
     models: tuple[str, ...] | None = Field(None, description="subset of the pool a graph may use (default: all)")
@@ -159,12 +234,18 @@ class SpaceSpec(_Strict):
 
     @field_validator("roles")
     @classmethod
-    def _roles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _roles(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         if not v:
             raise ValueError("the space has no roles; list at least `assistant`")
-        unknown = [r for r in v if r not in BUILTIN_ROLES]
-        if unknown:
-            raise ValueError(f"unknown roles {unknown}; known roles: {list(BUILTIN_ROLES)}")
+        # the spec's declared roles come in the context (parse_spec); without it the Spec
+        # itself checks the names against its `roles` section (a line less precise)
+        declared = (info.context or {}).get("declared_roles")
+        if declared is not None:
+            known = list(BUILTIN_ROLES) + list(declared)
+            unknown = [r for r in v if r not in known]
+            if unknown:
+                raise ValueError(f"unknown roles {unknown}; known roles: {known} (declare a custom role under "
+                                 "`roles`)")
         return v
 
 
@@ -319,6 +400,10 @@ class Spec(_Strict):
     study: str = Field("default", min_length=1, max_length=200)
     task: TaskSpec
     models: list[ModelEntry] = Field(min_length=1)
+    # before `space`: space.roles may name these (the context of parse_spec carries them)
+    roles: dict[RoleName, RoleDecl] | None = Field(
+        None, description="roles users define besides assistant and fuser, by name (a space's default roles are "
+                          "the built-in ones plus these)")
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     budget: BudgetSpec
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
@@ -331,6 +416,18 @@ class Spec(_Strict):
     _source_dir: Path | None = PrivateAttr(None)
 
     _env_kind = field_validator("env", mode="before")(_env_kind_default)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_space_roles(cls, data: Any) -> Any:
+        # declared roles are usable by default: a space without `roles` takes the built-in
+        # ones plus the declared ones (a space that lists its roles must list them all)
+        if isinstance(data, dict) and isinstance(data.get("roles"), dict) and data["roles"]:
+            space = data.get("space", {})
+            if isinstance(space, dict) and "roles" not in space:
+                names = [k for k in data["roles"] if isinstance(k, str)]
+                data = {**data, "space": {**space, "roles": [*BUILTIN_ROLES, *names]}}
+        return data
 
     @field_validator("stages")
     @classmethod
@@ -367,10 +464,24 @@ class Spec(_Strict):
                 raise ValueError(f"space.models: unknown model(s) {unknown}; the pool has {names}")
             if not self.space.models:
                 raise ValueError("space.models is empty; list at least one model of the pool")
+        declared = dict(self.roles or {})
+        known = [*BUILTIN_ROLES, *declared]
+        unknown = [r for r in self.space.roles if r not in known]
+        if unknown:
+            raise ValueError(f"space.roles: unknown roles {unknown}; known roles: {known} (declare a custom role "
+                             "under `roles`)")
+        unused = [r for r in declared if r not in self.space.roles]
+        if unused:
+            raise ValueError(f"space.roles: {list(self.space.roles)} leaves out the declared role(s) {unused}; add "
+                             "them (or drop space.roles to use every role) or remove their declaration under `roles`")
         if self.space.sink_roles is not None:
             bad = [r for r in self.space.sink_roles if r not in self.space.roles]
             if bad:
                 raise ValueError(f"space.sink_roles: {bad} not in space.roles {list(self.space.roles)}")
+            no_sink = [r for r in self.space.sink_roles if r in declared and not declared[r].sink]
+            if no_sink:
+                raise ValueError(f"space.sink_roles: {no_sink} have `sink: false` under `roles`; remove them from "
+                                 "sink_roles or set `sink: true`")
         if self.env.kind == "simulated" and self.task.profile is None:
             raise ValueError("env.kind `simulated` needs task.profile (math, mmlu, humaneval or a profile file)")
         if self.env.kind == "live":
@@ -396,7 +507,12 @@ class Spec(_Strict):
         models = s.models if s.models is not None else tuple(m.name for m in self.models)
         return Space(models=tuple(models), roles=tuple(s.roles), max_nodes=s.max_nodes, max_width=s.max_width,
                      max_depth=s.max_depth, max_in_degree=s.max_in_degree,
-                     sink_roles=tuple(s.sink_roles) if s.sink_roles else None)
+                     sink_roles=tuple(s.sink_roles) if s.sink_roles else None,
+                     role_specs=tuple(d.role_spec(name) for name, d in (self.roles or {}).items()))
+
+    def role_templates(self) -> dict[str, str]:
+        """The prompt template of each custom role (for the live env and exports)."""
+        return {name: d.prompt for name, d in (self.roles or {}).items()}
 
     def dataset_source(self) -> str | None:
         """``task.dataset`` as the loader should read it: ``hf:`` names unchanged; a relative
@@ -575,8 +691,12 @@ def _line_map(root) -> dict[tuple, int]:
 def _model_for_path(path: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at ``path`` (for suggestions)."""
     model: Any = Spec
+    skip_key = False
     for part in path:
         if isinstance(part, int):
+            continue
+        if skip_key:  # a key of a mapping of models (``roles.<name>``)
+            skip_key = False
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -589,6 +709,7 @@ def _model_for_path(path: tuple) -> type[BaseModel] | None:
             for sub in getattr(cand, "__args__", ()):
                 if isinstance(sub, type) and issubclass(sub, BaseModel):
                     nxt = sub
+                    skip_key = getattr(cand, "__origin__", None) is dict
         if nxt is None:
             return None
         model = nxt
@@ -597,8 +718,13 @@ def _model_for_path(path: tuple) -> type[BaseModel] | None:
 
 def _format_error(err: dict, where: str, lines: dict[tuple, int], *, flags: Mapping[tuple, str] | None = None,
                   owner: type[BaseModel] | None = None, unknown: str = "unknown field") -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union")))
+                and p != "[key]")  # a mapping key's own error: the key's line
     typ = err["type"]
+    if not loc and typ == "value_error":  # a check across sections names the field it blames: use its line
+        m = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)*): ", str(err["msg"]))
+        if m:
+            loc, err = tuple(m.group(1).split(".")), dict(err, msg=str(err["msg"])[m.end():])
     env_kind = None
     if loc[:1] == ("env",) and len(loc) > 1 and loc[1] in ENV_KINDS:  # the union's tag: not a key of the file
         env_kind, loc = loc[1], ("env",) + loc[2:]
@@ -662,6 +788,12 @@ def _check_options(spec: Spec, where: str, lines: dict[tuple, int], flags: Mappi
         raise SpecError(msg + more) from None
 
 
+def _declared_roles(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names under the spec's ``roles`` section (for the checks of ``space.roles``)."""
+    roles = data.get("roles")
+    return tuple(k for k in roles if isinstance(k, str)) if isinstance(roles, dict) else ()
+
+
 def parse_spec(data: Any, *, where: str = "spec", text: str | None = None, lines: dict[tuple, int] | None = None,
                flags: Mapping[tuple, str] | None = None) -> Spec:
     """Validate plain data as a Spec (and ``search.options`` against the method's options);
@@ -678,7 +810,7 @@ def parse_spec(data: Any, *, where: str = "spec", text: str | None = None, lines
                 pass
     flags = dict(flags or {})
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context={"declared_roles": _declared_roles(data)})
     except ValidationError as e:
         errs = e.errors()
         first = _format_error(errs[0], where, lines, flags=flags)

@@ -50,7 +50,7 @@ from graphtune.agent.toolkit import CompleteFn, ask_structured
 from graphtune.errors import GraphError, GraphtuneError, SearchError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.io import from_dict, to_dict
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph
+from graphtune.graphs.model import Graph
 from graphtune.graphs.space import random_graph
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
@@ -257,11 +257,16 @@ class LLMOptSearcher(Searcher):
             lines.append(f"- {m}: " + " / ".join(f"{costs.node_units(m, d):.2f}" for d in range(3)))
         lines.append("Roles:")
         for r in space.roles:
-            lines.append(f"- {r}: {ROLE_HELP.get(r, 'a node role')}")
+            rs = space.role_spec(r)
+            help_ = ROLE_HELP.get(r) or f"{rs.description or 'a node role'} ({rs.rule_text()})"
+            lines.append(f"- {r}: {help_}")
+        no_input = sorted(r for r in space.roles if not space.role_spec(r).accepts_input)
         lines.append(f"Rules: at most {space.max_nodes} nodes, width <= {space.max_width}, depth (nodes on the "
                      f"longest path) <= {space.max_depth}, in-degree <= {space.max_in_degree}; "
-                     f"the sink's role must be one of {list(space.sink_roles or space.roles)}; roles "
-                     f"{sorted(ROLES_NEEDING_INPUT & set(space.roles))} need an input.")
+                     f"the sink's role must be one of "
+                     f"{[r for r in (space.sink_roles or space.roles) if space.role_spec(r).may_be_sink]}; roles "
+                     f"{sorted(r for r in space.roles if space.role_spec(r).needs_input)} need an input"
+                     + (f"; roles {no_input} take no input." if no_input else "."))
         b = ctx.budget
         limits = [f"{v:g} {name}" for name, v in (("units", b.units), ("FLOPs", b.flops), ("USD", b.usd),
                                                   ("s latency", b.latency_s)) if v is not None]

@@ -74,7 +74,7 @@ from pydantic import Field
 from graphtune.errors import GraphtuneError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import Budget, GraphCost
-from graphtune.graphs.model import ASSISTANT, ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.model import ASSISTANT, Graph, Node
 from graphtune.graphs.space import prune_to_sink, random_graph, structural_errors
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
@@ -109,8 +109,11 @@ class GraphEncoding:
         self.k = space.max_nodes
         # cost order makes the continuous (ordinal) encoding meaningful
         self.models = tuple(sorted(space.models, key=lambda m: (ctx.costs.node_units(m, 0), m)))
+        self.space = space
         self.roles = tuple(space.roles)
-        self.sink_roles = tuple(space.sink_roles or space.roles)
+        # roles the sink may take with or without inputs (a role with `sink: false` never)
+        self.sink_roles = tuple(r for r in (space.sink_roles or space.roles) if space.role_spec(r).may_be_sink) \
+            or self.roles
         self.sink = self.k - 1
         self.choices: dict[str, tuple] = {}
         for i in range(self.k):
@@ -161,11 +164,12 @@ class GraphEncoding:
         """A fuser (or any role needing input) without inputs becomes an assistant: with
         nothing to combine it would answer alone anyway. Without this, most random
         parameter vectors put a fuser on a source slot and are rejected (about 60% of
-        them on a 9-slot space), which only wastes asks."""
+        them on a 9-slot space), which only wastes asks. Likewise a role that takes no
+        inputs given some becomes an assistant."""
         fixed, changed = [], False
         for n in g.nodes:
-            allowed = self.sink_roles if n.id == f"n{self.sink}" else self.roles
-            if n.role in ROLES_NEEDING_INPUT and not g.preds[n.id] and ASSISTANT in allowed:
+            place = dict(has_inputs=bool(g.preds[n.id]), is_sink=n.id == f"n{self.sink}")
+            if not self.space.role_allowed(n.role, **place) and self.space.role_allowed(ASSISTANT, **place):
                 n, changed = Node(id=n.id, role=ASSISTANT, model=n.model, params=n.params), True
             fixed.append(n)
         return Graph.build(fixed, g.edges) if changed else g

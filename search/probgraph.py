@@ -5,8 +5,9 @@ the last slot is the sink. Parameters (all logits, float64):
 
 * ``model_logits[j, m]``: categorical over the space's models for slot j;
 * ``role_logits[j, r]``: categorical over the space's roles for slot j, masked to the
-  roles the slot may take (no input-needing role without a predecessor; the sink only
-  takes ``space.sink_roles``);
+  roles the slot may take (``Space.role_allowed``: no input-needing role without a
+  predecessor, no input-less role with one, the sink only ``space.sink_roles`` and roles
+  that may be the sink);
 * ``edge_logits[i, j]`` for i < j, and ``slot_logits[i]``: edge ``s_i -> s_j`` is drawn
   with probability ``sigmoid(edge_logits[i, j] + slot_logits[i])``. ``slot_logits[i]``
   is slot i's *activation*: a shared bias on every edge leaving it (a slot does work
@@ -57,7 +58,7 @@ import numpy as np
 
 from graphtune.errors import BudgetError, GraphError
 from graphtune.graphs.cost import Budget, CostModel
-from graphtune.graphs.model import ROLES_NEEDING_INPUT, Graph, Node
+from graphtune.graphs.model import Graph, Node
 from graphtune.graphs.space import Space, prune_to_sink, structural_errors
 
 STATE_VERSION = 1
@@ -136,15 +137,14 @@ class ProbabilisticGraph:
         self.edge_logits = np.full((S, S), float(edge_init))
         self.slot_logits = np.zeros(S)
         self._iu = np.triu_indices(S, k=1)
-        sink_roles = set(space.sink_roles or space.roles)
-        needs = [r in ROLES_NEEDING_INPUT for r in self.roles]
-        # role masks per (slot, has_input)
+        # role masks per (slot, has_input): the space's rules of each role (inputs needed,
+        # inputs taken, may be the sink), built-in or declared by the user
         self._role_mask = np.ones((S, 2, R), dtype=bool)
         for j in range(S):
             for has_in in (0, 1):
                 for k, r in enumerate(self.roles):
-                    ok = (has_in or not needs[k]) and (j != self.sink or r in sink_roles)
-                    self._role_mask[j, has_in, k] = ok
+                    self._role_mask[j, has_in, k] = space.role_allowed(r, has_inputs=bool(has_in),
+                                                                       is_sink=j == self.sink)
         # Adam moments of the flat parameter vector
         self._adam_m = np.zeros(self.n_params)
         self._adam_v = np.zeros(self.n_params)

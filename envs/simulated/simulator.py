@@ -36,7 +36,7 @@ questions with numpy.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,10 +46,11 @@ from scipy.special import expit, ndtri
 
 from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
 from graphtune.envs.simulated.profile import Profile, load_profile
-from graphtune.envs.synthesis import SUPPORTED_ROLES, NodePlan, Plan, SynthesisRule, check_graph, execution_plan
+from graphtune.envs.synthesis import (SUPPORTED_ROLES, NodePlan, Plan, SynthesisRule, acts_like_map, check_graph,
+                                      execution_plan)
 from graphtune.errors import EnvError
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
-from graphtune.graphs.model import Graph
+from graphtune.graphs.model import Graph, RoleSpec
 
 SPLITS = ("dev", "test")
 __all__ = ["SPLITS", "SUPPORTED_ROLES", "SimulatedEnvironment", "Simulation"]
@@ -114,8 +115,11 @@ class SimulatedEnvironment(Environment):
     kind = "simulated"
 
     def __init__(self, profile: Profile | str | Path, costs: CostModel, *, seed: int = 0,
-                 dev_size: int = 100, test_size: int = 500):
+                 dev_size: int = 100, test_size: int = 500, roles: Iterable[RoleSpec] = ()):
         self.profile = load_profile(profile)
+        #: roles users define, modelled as the built-in role each acts like
+        self.roles = tuple(roles)
+        self._acts_like = acts_like_map(self.roles)
         self.costs = costs
         self.seed = int(seed)
         p = self.profile
@@ -303,8 +307,8 @@ class SimulatedEnvironment(Environment):
     def _plan_of(self, graph: Graph) -> Plan:
         plan = self._plans.get(graph)
         if plan is None:
-            check_graph(graph, "the simulator", lambda n: self._model(n.model))
-            plan = execution_plan(graph)
+            check_graph(graph, "the simulator", lambda n: self._model(n.model), self.roles)
+            plan = execution_plan(graph, self._acts_like)
             if len(self._plans) > 4096:
                 self._plans.clear()
             self._plans[graph] = plan
