@@ -44,7 +44,9 @@ def probe_candidates(ctx: SearchContext, policy: PolicyUpdate, questions: tuple[
     """Every affordable model alone (on the sink's slot), on ``questions``: what the agent's
     initial step reads."""
     out = []
-    src = next((r for r in ctx.space.roles if r != "fuser"), ctx.space.roles[0])
+    # a role that may run alone (no inputs) as the sink: assistant, or a custom role allowing it
+    src = next((r for r in ctx.space.roles if ctx.space.role_allowed(r, has_inputs=False, is_sink=True)),
+               ctx.space.roles[0])
     for m in ctx.space.models:
         g = Graph.build([Node.make(policy.pg.slot_id(policy.pg.sink), src, m)])
         if is_valid(g, ctx.space, ctx.costs, ctx.budget):

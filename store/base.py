@@ -167,8 +167,9 @@ class StudyStorage(abc.ABC):
 
     @abc.abstractmethod
     def delete_study_if_empty(self, study_id: int) -> bool:
-        """Delete the study when nothing was stored in it yet (no trial, no run paid, batch
-        0), deciding and deleting in one transaction; True if it was deleted. A run that
+        """Delete the study when nothing was stored in it yet (no finished trial, no run
+        paid, batch 0; trials only queued go with it, and a study another live worker has
+        joined stays), deciding and deleting in one transaction; True if it was deleted. A run that
         fails before its first trial removes the study it created with this, so the fixed
         spec runs under the same name (its ledger rows stay: nothing is paid twice)."""
 

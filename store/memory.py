@@ -82,7 +82,8 @@ class MemoryStorage(StudyStorage):
 
     def delete_study_if_empty(self, study_id: int) -> bool:
         d = next((d for d in self._studies.values() if d["id"] == study_id), None)
-        if d is None or d["runs_spent"] or d["batch_index"] or self._trials.get(study_id):
+        if d is None or d["runs_spent"] or d["batch_index"] or any(
+                t.status in ("complete", "failed") for t in self._trials.get(study_id, [])):
             return False
         return self.delete_study(d["name"])
 

@@ -497,7 +497,8 @@ class Storage(StudyStorage, WorkerStorage):
             r = s.get(StudyRow, study_id, with_for_update=True)
             if r is None or r.runs_spent or r.batch_index:
                 return False
-            if s.scalar(select(TrialRow.id).where(TrialRow.study_id == study_id).limit(1)) is not None:
+            if s.scalar(select(TrialRow.id).where(TrialRow.study_id == study_id,
+                                                  TrialRow.status.in_(("complete", "failed"))).limit(1)) is not None:
                 return False
             cutoff = self._now() - timedelta(seconds=LEASE_STALE_S)
             if s.scalar(select(WorkerRow.id).where(WorkerRow.study_id == study_id, WorkerRow.status.in_(LIVE),

@@ -4,7 +4,6 @@ labels the heuristic as non-LLM and never pays twice for a graph on a question."
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -67,9 +66,13 @@ def test_runs_on_fake_env_with_lineage_and_heuristic_labelled_non_llm(costs):
         if t.graph_hash == out.best.graph_hash and t.error is None:
             scores.update({r.question_id: r.score for r in store.trial_results(t.id) if r.error is None})
     n, mean = len(scores), statistics.fmean(scores.values())
-    half = 1.96 * statistics.stdev(scores.values()) / math.sqrt(n)
     assert out.best.n == n >= 15 and out.best.mean == pytest.approx(mean)
-    assert out.best.ci95() == pytest.approx((mean - half, mean + half)) and 0 < half < 0.5
+    # 0/1 scores: the Wilson interval scipy gives, inside [0, 1]
+    import scipy.stats
+
+    ref = scipy.stats.binomtest(round(mean * n), n).proportion_ci(method="wilson")
+    lo, hi = out.best.ci95()
+    assert (lo, hi) == pytest.approx((ref.low, ref.high)) and 0 <= lo < mean < hi <= 1 and hi - lo < 1
     # per-node outcomes reach the critic: each batch's correct-input-to-wrong-output counts of
     # its synthesisers, recounted from the stored per-node results of the batch's trials
     _check_reported_flips(store, st.id, steps)
