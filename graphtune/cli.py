@@ -718,11 +718,18 @@ def dashboard_cmd(study: str = typer.Argument(..., metavar="NAME"), storage: str
                              on_error=on_error)
     typer.echo(f"graphtune dashboard of {study!r}: {server.url}  (read-only, refreshed every {refresh:g} s; "
                "Ctrl-C stops it)")
+    import signal
+
+    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         typer.echo("dashboard stopped")
     finally:
+        signal.signal(signal.SIGTERM, before)
         server.shutdown()
 
 
@@ -885,14 +892,19 @@ def delete(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     """Delete a study with its trials, results and agent steps (the call ledger stays)."""
     store = _storage(storage)
     st = _study(store, study)
-    if not yes and not sys.stdin.isatty():
-        from graphtune.errors import GraphtuneError
+    if not yes:
+        import click
 
-        raise GraphtuneError(f"delete asks before deleting study {study!r} and there is no terminal to answer on; "
-                             "pass --yes to delete it without asking")
-    if not yes and not typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {_url(storage)}?"):
-        typer.echo("nothing deleted")
-        raise typer.Exit(1)
+        try:
+            sure = typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {_url(storage)}?")
+        except click.Abort:  # stdin closed or not a terminal: nobody to answer
+            from graphtune.errors import GraphtuneError
+
+            raise GraphtuneError(f"delete asks before deleting study {study!r} and nobody answered (no terminal on "
+                                 "stdin); nothing deleted; pass --yes to delete it without asking") from None
+        if not sure:
+            typer.echo("nothing deleted")
+            raise typer.Exit(1)
     store.delete_study(study)
     typer.echo(f"deleted study {study!r} ({st.n_trials} trials)")
 

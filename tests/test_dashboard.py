@@ -413,7 +413,8 @@ def test_cli_serves_the_dashboard_and_chromium_renders_it(study_db, tmp_path):
         errors = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln and "error" in ln.lower()]
         assert errors == []
     finally:
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a background job ignores SIGINT (the suite may run as one)
+        proc.send_signal(signal.SIGTERM)
         try:
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
