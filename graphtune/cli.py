@@ -897,7 +897,7 @@ def delete(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
 
         try:
             sure = typer.confirm(f"delete study {study!r} ({st.n_trials} trials) from {_url(storage)}?")
-        except click.Abort:  # stdin closed or not a terminal: nobody to answer
+        except (click.Abort, getattr(typer, "Abort", click.Abort)):  # stdin closed: nobody to answer
             from graphtune.errors import GraphtuneError
 
             raise GraphtuneError(f"delete asks before deleting study {study!r} and nobody answered (no terminal on "
