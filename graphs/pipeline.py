@@ -209,7 +209,11 @@ def from_dict(data: Any, *, where: str = "pipeline") -> Pipeline:
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
             raise GraphError(f"{where}: stage {rs['name']!r}: `inputs` must be a list of names")
-        graph = graph_io.from_dict(rs["graph"], where=f"{where}: stage {rs['name']!r}")
+        at = f"{where}: stage {rs['name']!r}"
+        try:
+            graph = graph_io.from_dict(rs["graph"], where=at)
+        except GraphError as err:
+            raise GraphError(str(err) if str(err).startswith(at) else f"{at}: {err}") from None
         stages.append(Stage.make(rs["name"], graph, inputs))
     return Pipeline(tuple(stages))
 

@@ -317,25 +317,29 @@ def calibration(profile: PipelineProfile | str = "rag", *, seed: int = 0, n: int
     curve = [(k, env.stage_accuracy(curve_stage, sampling_graph(cm, k), q)) for k in curve_grid]
     out["curve"] = {"stage": curve_stage, "model": cm, "points": curve,
                     "best_samples": max(curve, key=lambda p: (round(p[1], 6), -p[0]))[0]}
-    # finding 3: interaction (first stage weak vs strong; total budget just under the optima)
-    first, last = prof.stages[0].name, cal["curve_stage"]
+    # finding 3: interaction (upstream stage weak vs strong; total budget just under the optima)
+    inter = cal.get("interaction", {})
+    first, last = inter.get("upstream", prof.stages[0].name), inter.get("downstream", curve_stage)
     ref = {s.name: sampling_graph(*best[s.name]) for s in prof.stages}
 
     def pipe_acc(changes: Mapping[str, Graph]) -> float:
         return env.accuracy(env.pipeline({**ref, **changes}), q)
 
-    weak_model = cal["weak_first"]
+    lm = best[last][0]
+    inter_grid = [int(k) for k in inter.get("samples", curve_grid)]
+    lo = inter_grid[int(inter.get("gain_from_index", 0))]
     by_first = {}
-    for label, g in (("strong", ref[first]), ("weak", sampling_graph(weak_model, 1))):
-        pts = [(k, pipe_acc({first: g, last: sampling_graph(cm, k)})) for k in curve_grid]
-        by_first[label] = {"first": _label(g), "points": pts,
-                           "best_samples": max(pts, key=lambda p: (round(p[1], 6), -p[0]))[0]}
-    out["interaction"] = by_first
+    for label, g in (("strong", ref[first]), ("weak", sampling_graph(inter["weak"], 1))):
+        pts = [(k, pipe_acc({first: g, last: sampling_graph(lm, k)})) for k in inter_grid]
+        top_k, top_a = max(pts, key=lambda p: (round(p[1], 6), -p[0]))
+        by_first[label] = {"first": _label(g), "points": pts, "best_samples": top_k,
+                           "gain": top_a - dict(pts)[lo]}
+    out["interaction"] = {"upstream": first, "downstream": last, "model": lm, "gain_from": lo, **by_first}
     opt = env.pipeline(ref)
     opt_cost = env.costs.cost(opt).total.units
     budget = float(cal.get("tight_fraction", 0.97)) * opt_cost
     cands = []
-    fams = {s.name: _family(env, s.name, grid if s.name != last else sorted(set(grid) | set(curve_grid)))
+    fams = {s.name: _family(env, s.name, grid if s.name != last else sorted(set(grid) | set(inter_grid)))
             for s in prof.stages}
     # every stage but the two traded keeps its optimum; the first and the curve stage vary
     for m1, k1, g1 in fams[first]:
@@ -377,10 +381,13 @@ def _print(cal: dict[str, Any]) -> None:
     c = cal["curve"]
     print(f"\n2. {c['stage']} accuracy against samples of {c['model']} (best at {c['best_samples']})")
     print("   " + "  ".join(f"{k}:{100 * a:.1f}" for k, a in c["points"]))
-    print("\n3a. pipeline accuracy against last-stage samples, first stage strong vs weak")
-    for label, d in cal["interaction"].items():
-        print(f"   {label} ({d['first']}): best at {d['best_samples']} samples; "
-              + "  ".join(f"{k}:{100 * a:.1f}" for k, a in d["points"]))
+    i = cal["interaction"]
+    print(f"\n3a. pipeline accuracy against samples of {i['model']} in stage {i['downstream']}, "
+          f"stage {i['upstream']} strong vs weak")
+    for label in ("strong", "weak"):
+        d = i[label]
+        print(f"   {label} ({d['first']}): best at {d['best_samples']} samples, +{100 * d['gain']:.1f} points over "
+              f"{i['gain_from']}; " + "  ".join(f"{k}:{100 * a:.1f}" for k, a in d["points"]))
     t = cal["tight"]
     print(f"\n3b. per-stage optima {t['optimum']['pipeline']} cost {t['optimum']['units']:.1f} units "
           f"({100 * t['optimum']['accuracy']:.1f}%); at {t['budget_units']:.1f} units the best is "
