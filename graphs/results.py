@@ -8,7 +8,7 @@ those packages needs another to name them. ``graphtune.envs.base`` re-exports th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,9 @@ class QuestionResult:
     #: in the trial's ``metrics["excluded"]``, not in the per-question rows
     failed_model: str | None = None
     #: a pipeline's per-stage outcomes, in pipeline order (empty for a single graph); its
-    #: node outcomes are then named ``<stage>/<node id>``
-    stages: tuple[StageOutcome, ...] = ()
+    #: node outcomes are then named ``<stage>/<node id>``. Left out of ``repr`` so a single
+    #: graph's result prints (and is pinned, tests/test_synthesis_pins.py) as before.
+    stages: tuple[StageOutcome, ...] = field(default=(), repr=False)
 
     @property
     def ok(self) -> bool:
