@@ -227,16 +227,18 @@ def to_text_pipeline(pipeline: Pipeline) -> str:
 
 
 def to_mermaid(pipeline: Pipeline) -> str:
-    """A mermaid flowchart with one subgraph per stage; an input edge runs from the reading
-    stage's input (the question node or the input stage's sink) to the reading stage."""
+    """A mermaid flowchart with one subgraph per stage (ids ``s0``, ``s1``, ... labelled with
+    the stage names, which may hold characters mermaid ids may not); an input edge runs from
+    the question node or the input stage's sink to the reading stage's subgraph."""
+    sid = {s.name: f"s{i}" for i, s in enumerate(pipeline.stages)}
     lines = ["flowchart LR", f'    {QUESTION}(["{QUESTION}"])']
 
     def nid(stage: str, node: str) -> str:
-        return f"{stage}__{node}"
+        return f"{sid[stage]}_{node}"
 
     for s in pipeline.stages:
         g = s.graph
-        lines.append(f'    subgraph {s.name}["{s.name}"]')
+        lines.append(f'    subgraph {sid[s.name]}["{s.name}"]')
         for n in g.nodes:
             shape = ("[[", "]]") if n.role == "fuser" else ("[", "]")
             lines.append(f'        {nid(s.name, n.id)}{shape[0]}"{n.id}: {n.role}<br/>{_short(n.model)}"{shape[1]}')
@@ -246,5 +248,5 @@ def to_mermaid(pipeline: Pipeline) -> str:
     for s in pipeline.stages:
         for inp in s.inputs:
             src = QUESTION if inp == QUESTION else nid(inp, pipeline.stage(inp).graph.sink)
-            lines.append(f"    {src} --> {s.name}")
+            lines.append(f"    {src} --> {sid[s.name]}")
     return "\n".join(lines)

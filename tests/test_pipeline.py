@@ -110,10 +110,11 @@ def test_text_and_mermaid_show_every_stage_and_what_feeds_it():
     assert text.splitlines()[0].startswith("retrieve(<-question): ")
     assert text.splitlines()[1].startswith("answer(<-question,retrieve): ")
     m = P.to_mermaid(p)
-    assert 'subgraph retrieve["retrieve"]' in m and 'subgraph answer["answer"]' in m
-    assert "question --> retrieve" in m and "question --> answer" in m
-    assert "retrieve__a --> answer" in m  # the retrieval's sink feeds the answer stage
-    assert "answer__a0 --> answer__f" in m
+    assert 'subgraph s0["retrieve"]' in m and 'subgraph s1["answer"]' in m
+    assert "question --> s0" in m and "question --> s1" in m
+    assert "s0_a --> s1" in m  # the retrieval's sink feeds the answer stage
+    assert "s1_a0 --> s1_f" in m
+    assert m.count("subgraph") == 2 and m.count("    end") == 2
 
 
 # -- costs ----------------------------------------------------------------------------------

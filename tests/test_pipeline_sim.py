@@ -150,3 +150,33 @@ def test_calibration_figures_are_deterministic():
     b = calibration("rag", seed=3, n=200)
     assert a == b
     assert np.isfinite(a["tight"]["best"]["accuracy"])
+
+
+def test_a_bad_pipeline_profile_is_one_line_naming_the_file_and_stage(tmp_path):
+    import yaml
+
+    from graphtune.envs.simulated.pipelines import load_pipeline_profile
+
+    good = yaml.safe_load(BUILTIN_PIPELINES["rag"].read_text())
+
+    def write(data):
+        p = tmp_path / "p.yaml"
+        p.write_text(yaml.safe_dump(data))
+        return p
+
+    cases = [
+        (lambda d: d["stages"]["answer"].update(inputs=["question", "rerank"]), "unknown input 'rerank'"),
+        (lambda d: d["stages"]["answer"].update(degraded={"nonsense": 1}), "stage 'answer': `degraded`"),
+        (lambda d: d["stages"]["retrieve"].update(extra=1), "stage 'retrieve' has unknown keys"),
+        (lambda d: d["stages"]["retrieve"]["profile"]["models"].update({"llama-3.2-1b": {"accuracy": 2}}),
+         "stage retrieve"),
+        (lambda d: d.update(typo=1), "unknown keys ['typo']"),
+    ]
+    for change, needle in cases:
+        d = yaml.safe_load(yaml.safe_dump(good))
+        change(d)
+        with pytest.raises(EnvError) as err:
+            load_pipeline_profile(write(d))
+        assert needle in str(err.value) and "\n" not in str(err.value), (needle, str(err.value))
+    with pytest.raises(EnvError, match="neither built in"):
+        load_pipeline_profile("no-such-profile")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import yaml
 from graphtune.envs.base import NodeOutcome, QuestionResult
 from graphtune.envs.simulated.profile import PROFILE_DIR, Profile, expected_accuracy, profile_from_dict
 from graphtune.envs.simulated.simulator import SPLITS, SimulatedEnvironment
-from graphtune.errors import EnvError
+from graphtune.errors import EnvError, GraphError
 from graphtune.graphs.catalog import KNOWN_MODELS
 from graphtune.graphs.cost import CostModel, ModelInfo, PipelineCostModel, TaskShape
 from graphtune.graphs.model import ASSISTANT, FUSER, Graph, Node
@@ -47,6 +47,8 @@ from graphtune.graphs.results import StageOutcome
 __all__ = ["BUILTIN_PIPELINES", "PipelineProfile", "SimulatedPipelineEnvironment", "StageProfile",
            "calibration", "load_pipeline_profile", "sampling_graph"]
 
+#: the profile fields a stage's `degraded` mapping may change
+_PROFILE_FIELDS = {f.name for f in fields(Profile)} - {"name", "models", "mixes", "source", "task", "answer_format"}
 #: built-in pipeline profiles by name
 BUILTIN_PIPELINES: dict[str, Path] = {p: PROFILE_DIR / f"pipeline-{p}.yaml" for p in ("rag", "tool-use")}
 
@@ -123,10 +125,22 @@ def pipeline_profile_from_dict(data: Any, *, source: str = "<memory>") -> Pipeli
         if extra:
             raise EnvError(f"pipeline profile {source}: stage {sname!r} has unknown keys {sorted(extra)}; allowed: "
                            "inputs, profile, upstream_penalty, degraded")
+        if not isinstance(sd["profile"], Mapping):
+            raise EnvError(f"pipeline profile {source}: stage {sname!r}: `profile` must be a mapping of a simulator "
+                           "profile's fields (docs/simulator.md)")
         prof = profile_from_dict({"name": f"{name}-{sname}", **sd["profile"]}, source=f"{source} stage {sname}")
+        degraded = sd.get("degraded") or {}
+        bad = sorted(set(degraded) - _PROFILE_FIELDS) if isinstance(degraded, Mapping) else ["(not a mapping)"]
+        if bad:
+            raise EnvError(f"pipeline profile {source}: stage {sname!r}: `degraded` changes unknown profile fields "
+                           f"{bad}; allowed: the scalar fields of docs/simulator.md")
         stages.append(StageProfile(name=str(sname), inputs=tuple(sd.get("inputs", [QUESTION])), profile=prof,
                                    upstream_penalty=float(sd.get("upstream_penalty", 0.0)),
-                                   degraded_params=tuple(sorted((sd.get("degraded") or {}).items()))))
+                                   degraded_params=tuple(sorted(degraded.items()))))
+    try:  # the stages' wiring follows the rules of graphtune.graphs.pipeline
+        Pipeline(tuple(Stage(s.name, sampling_graph(s.profile.model_names[0], 1), s.inputs) for s in stages))
+    except GraphError as err:
+        raise EnvError(f"pipeline profile {source}: {err}") from None
     return PipelineProfile(name=name, task=str(data.get("task", "")), stages=tuple(stages),
                            calibration=dict(data.get("calibration") or {}), source=source)
 
@@ -160,6 +174,7 @@ class SimulatedPipelineEnvironment:
         self.seed = int(seed)
         self._sizes = {"dev": int(dev_size), "test": int(test_size)}
         self._envs: dict[str, tuple[SimulatedEnvironment, SimulatedEnvironment]] = {}
+        self._runs: dict[tuple, np.ndarray] = {}
         costs: dict[str, CostModel] = {}
         for s in self.profile.stages:
             names = s.profile.model_names
@@ -219,20 +234,36 @@ class SimulatedPipelineEnvironment:
                 latency_s=max(finish.values()), nodes=tuple(nodes), stages=tuple(stages)))
         return out
 
+    def close(self) -> None:
+        """Nothing to release (the Environment interface's idempotent close)."""
+
     # -- fast paths (calibration, benchmarks) -----------------------------------------
     def stage_correct(self, pipeline: Pipeline, question_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Per stage, (Q,) bool: the stage's answer to each question is right."""
         ids = list(question_ids)
         stage_ids = self._stage_ids(ids)
+        key = tuple(ids)
         right: dict[str, np.ndarray] = {}
         for s in self._check(pipeline):
-            clean_env, degraded_env = self._envs[s.name]
-            ok = clean_env.simulate(s.graph, stage_ids[s.name]).correct
+            ok = self._stage_run(s, 0, stage_ids[s.name], key)
             bad = self._bad_inputs(s, right, len(ids))
             if bad.any():
-                ok = np.where(bad, degraded_env.simulate(s.graph, stage_ids[s.name]).correct, ok)
+                ok = np.where(bad, self._stage_run(s, 1, stage_ids[s.name], key), ok)
             right[s.name] = ok
         return right
+
+    def _stage_run(self, stage: Stage, degraded: int, stage_ids: list[str], key: tuple) -> np.ndarray:
+        """(Q,) bool outcomes of a stage's graph on its clean (0) or degraded (1) task,
+        memoised: searches and the calibration meet the same stage graphs again and again."""
+        ck = (stage.name, degraded, stage.graph, key)
+        hit = self._runs.get(ck)
+        if hit is None:
+            if len(self._runs) > 512:
+                self._runs.clear()
+            hit = self._envs[stage.name][degraded].simulate(stage.graph, stage_ids).correct
+            hit.setflags(write=False)  # shared by every caller: nobody may change it
+            self._runs[ck] = hit
+        return hit
 
     def accuracy(self, pipeline: Pipeline, question_ids: Sequence[str]) -> float:
         """Fraction of questions the pipeline answers correctly."""
