@@ -363,15 +363,22 @@ def calibration(profile: PipelineProfile | str = "rag", *, seed: int = 0, n: int
     for label, g in (("strong", ref[first]), ("weak", sampling_graph(inter["weak"], 1))):
         pts = [(k, pipe_acc({first: g, last: sampling_graph(lm, k)})) for k in inter_grid]
         top_k, top_a = max(pts, key=lambda p: (round(p[1], 6), -p[0]))
-        by_first[label] = {"first": _label(g), "points": pts, "best_samples": top_k,
+        # the fewest samples within one point of the best: robust where the curve is flat
+        enough = min(k for k, a in pts if a >= top_a - 0.01)
+        by_first[label] = {"first": _label(g), "points": pts, "best_samples": top_k, "enough_samples": enough,
                            "gain": top_a - dict(pts)[lo]}
     out["interaction"] = {"upstream": first, "downstream": last, "model": lm, "gain_from": lo, **by_first}
     opt = env.pipeline(ref)
     opt_cost = env.costs.cost(opt).total.units
     budget = float(cal.get("tight_fraction", 0.97)) * opt_cost
     cands = []
-    fams = {s.name: _family(env, s.name, grid if s.name != last else sorted(set(grid) | set(inter_grid)))
-            for s in prof.stages}
+    fams = {s.name: _family(env, s.name, grid) for s in prof.stages}
+    # the preferred models of the two traded stages at every sample count up to the grid's
+    # top, so the best allocation is not an artefact of a coarse grid
+    for st in (first, last):
+        have = {(m, k) for m, k, _ in fams[st]}
+        fams[st] += [(best[st][0], k, sampling_graph(best[st][0], k)) for k in range(1, max(grid) + 1)
+                     if (best[st][0], k) not in have]
     # every stage but the two traded keeps its optimum; the first and the curve stage vary
     for m1, k1, g1 in fams[first]:
         for m2, k2, g2 in fams[last]:
@@ -417,7 +424,8 @@ def _print(cal: dict[str, Any]) -> None:
           f"stage {i['upstream']} strong vs weak")
     for label in ("strong", "weak"):
         d = i[label]
-        print(f"   {label} ({d['first']}): best at {d['best_samples']} samples, +{100 * d['gain']:.1f} points over "
+        print(f"   {label} ({d['first']}): best at {d['best_samples']} samples (within 1 point from "
+              f"{d['enough_samples']}), +{100 * d['gain']:.1f} points over "
               f"{i['gain_from']}; " + "  ".join(f"{k}:{100 * a:.1f}" for k, a in d["points"]))
     t = cal["tight"]
     print(f"\n3b. per-stage optima {t['optimum']['pipeline']} cost {t['optimum']['units']:.1f} units "
