@@ -323,9 +323,10 @@ def calibration(profile: PipelineProfile | str = "rag", *, seed: int = 0, n: int
     prof, cal = env.profile, env.profile.calibration
     q = env.split("test")
     grid = [int(k) for k in cal.get("samples", [1, 2, 4, 8, 16, 32])]
-    units = {s.name: (lambda g, s=s: env.costs.cost(env.pipeline(
-        {t.name: (g if t.name == s.name else sampling_graph(t.profile.model_names[0], 1)) for t in prof.stages}
-    )).stage(s.name).units) for s in prof.stages}
+
+    def units(stage: str, g: Graph) -> float:  # in the pipeline's units, as PipelineCostModel counts them
+        return env.costs.of(stage).cost(g).flops / env.costs.unit_flops
+
     out: dict[str, Any] = {"profile": prof.name, "seed": seed, "n": n, "stages": {}}
     # finding 1: per stage, the best (model, samples) under the stage's cap, inputs right
     best: dict[str, tuple[str, int]] = {}
@@ -333,7 +334,7 @@ def calibration(profile: PipelineProfile | str = "rag", *, seed: int = 0, n: int
         cap = float(cal["stage_caps"][s.name])
         rows = []
         for m, k, g in _family(env, s.name, grid):
-            u = units[s.name](g)
+            u = units(s.name, g)
             if u <= cap:
                 rows.append({"model": m, "samples": k, "units": round(u, 1),
                              "accuracy": env.stage_accuracy(s.name, g, q)})
