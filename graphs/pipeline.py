@@ -47,6 +47,11 @@ class Stage:
     graph: Graph
     inputs: tuple[str, ...] = (QUESTION,)
 
+    def __post_init__(self) -> None:
+        # a list (or one name) given for inputs still makes a hashable, comparable value
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
+        object.__setattr__(self, "inputs", inputs)
+
     @staticmethod
     def make(name: str, graph: Graph, inputs: Iterable[str] = (QUESTION,)) -> Stage:
         return Stage(name=str(name), graph=graph, inputs=tuple(str(i) for i in inputs))
