@@ -145,3 +145,114 @@ class Budget:
         if v:
             raise BudgetError(f"graph is over budget ({'; '.join(v)}); use fewer or smaller nodes, or raise `budget`")
         return c
+
+
+# -- pipelines -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineCost:
+    """The cost of a pipeline: ``total`` adds FLOPs, units, dollars and tokens over every
+    call of every stage; its latency is the critical path through the stages (a stage
+    starts when all its input stages have ended). ``stages`` holds each stage's own cost
+    (its latency is the stage's own duration), in pipeline order, in the pipeline's units."""
+
+    total: GraphCost
+    stages: tuple[tuple[str, GraphCost], ...]
+
+    def stage(self, name: str) -> GraphCost:
+        for n, c in self.stages:
+            if n == name:
+                return c
+        raise GraphError(f"pipeline cost has no stage {name!r}; its stages: {[n for n, _ in self.stages]}")
+
+    def as_dict(self) -> dict:
+        return {**self.total.as_dict(), "stages": {n: c.as_dict() for n, c in self.stages}}
+
+
+class PipelineCostModel:
+    """Analytic costs of pipelines: one :class:`CostModel` per stage (its own pool and task
+    shape, the shape's prompt including what its inputs feed it), or one for all stages.
+
+    One pipeline budget unit is the cheapest unit of the stages (one call of the cheapest
+    model, with no predecessor, on the stage with the shortest prompt), so units add up
+    over stages like FLOPs do.
+    """
+
+    def __init__(self, costs: CostModel | Mapping[str, CostModel]):
+        self._one = costs if isinstance(costs, CostModel) else None
+        self._by_stage = {} if self._one is not None else dict(costs)
+        if self._one is None and not self._by_stage:
+            raise GraphError("pipeline cost model has no stages; give a CostModel per stage name")
+        models = [self._one] if self._one is not None else list(self._by_stage.values())
+        self.unit_flops = min(c.unit_flops for c in models)
+
+    def of(self, stage: str) -> CostModel:
+        """The cost model of ``stage``."""
+        if self._one is not None:
+            return self._one
+        try:
+            return self._by_stage[stage]
+        except KeyError:
+            raise GraphError(f"stage {stage!r} has no cost model; stages with one: {sorted(self._by_stage)}") from None
+
+    def cost(self, pipeline) -> PipelineCost:
+        """Cost of ``pipeline`` (a :class:`graphtune.graphs.pipeline.Pipeline`)."""
+        per: list[tuple[str, GraphCost]] = []
+        finish: dict[str, float] = {}
+        for s in pipeline.stages:
+            c = self.of(s.name).cost(s.graph)
+            c = GraphCost(flops=c.flops, units=c.flops / self.unit_flops, usd=c.usd, latency_s=c.latency_s,
+                          prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+            start = max((finish[i] for i in s.inputs if i in finish), default=0.0)
+            finish[s.name] = start + c.latency_s
+            per.append((s.name, c))
+        total = GraphCost(flops=sum(c.flops for _, c in per), units=sum(c.units for _, c in per),
+                          usd=sum(c.usd for _, c in per), latency_s=max(finish.values()),
+                          prompt_tokens=sum(c.prompt_tokens for _, c in per),
+                          completion_tokens=sum(c.completion_tokens for _, c in per))
+        return PipelineCost(total=total, stages=tuple(per))
+
+
+@dataclass(frozen=True)
+class PipelineBudget:
+    """A pipeline-wide :class:`Budget` on the total, plus optional caps per stage (name ->
+    Budget; a stage not named, or named with None, has no cap of its own)."""
+
+    total: Budget = Budget()
+    stages: tuple[tuple[str, Budget | None], ...] = ()
+
+    @staticmethod
+    def make(total: Budget | None = None, stages: Mapping[str, Budget | None] | None = None) -> PipelineBudget:
+        return PipelineBudget(total=total or Budget(), stages=tuple((stages or {}).items()))
+
+    def cap(self, stage: str) -> Budget | None:
+        return dict(self.stages).get(stage)
+
+    def violations(self, c: PipelineCost) -> list[str]:
+        """What breaks, one phrase each: the total's first, then each capped stage's."""
+        out = [f"pipeline total: {v}" for v in self.total.violations(c.total)]
+        for name, cap in self.stages:
+            if cap is not None:
+                out += [f"stage {name!r}: {v}" for v in cap.violations(c.stage(name))]
+        return out
+
+    def fits(self, c: PipelineCost) -> bool:
+        return not self.violations(c)
+
+    def check(self, pipeline, costs: PipelineCostModel) -> PipelineCost:
+        """The pipeline's cost, or a one-line BudgetError naming what breaks (the total or the
+        stage over its cap). A cap naming no stage of the pipeline is a GraphError."""
+        names = {s.name for s in pipeline.stages}
+        for name, _ in self.stages:
+            if name not in names:
+                raise GraphError(f"budget caps stage {name!r}, which the pipeline does not have; "
+                                 f"its stages: {[s.name for s in pipeline.stages]}")
+        c = costs.cost(pipeline)
+        v = self.violations(c)
+        if v:
+            stage = next((n for n, cap in self.stages if cap is not None and cap.violations(c.stage(n))), None)
+            fix = (f"use fewer or smaller nodes in stage {stage!r}, or raise its cap" if stage and
+                   not self.total.violations(c.total) else "use fewer or smaller nodes, or raise `budget`")
+            raise BudgetError(f"pipeline is over budget ({'; '.join(v)}); {fix}")
+        return c

@@ -7,8 +7,8 @@ those packages needs another to name them. ``graphtune.envs.base`` re-exports th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,22 @@ class NodeOutcome:
     correct: bool | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage of a pipeline did on one question: its sink's answer, whether that
+    answer is right for the stage (None when the scorer cannot tell), and the stage's own
+    tokens, FLOPs, dollars and duration."""
+
+    stage: str
+    answer: str
+    correct: bool | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    flops: float = 0.0
+    usd: float = 0.0
     latency_s: float = 0.0
 
 
@@ -42,10 +58,46 @@ class QuestionResult:
     #: infrastructure failure: the pool model whose call failed (None when unknown); kept
     #: in the trial's ``metrics["excluded"]``, not in the per-question rows
     failed_model: str | None = None
+    #: a pipeline's per-stage outcomes, in pipeline order (empty for a single graph); its
+    #: node outcomes are then named ``<stage>/<node id>``. Left out of ``repr`` so a single
+    #: graph's result prints (and is pinned, tests/test_synthesis_pins.py) as before.
+    stages: tuple[StageOutcome, ...] = field(default=(), repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def lost_at(self) -> str | None:
+        """The stage that lost the answer: the first stage whose outcome is wrong, when the
+        pipeline's answer is wrong; None when it is right or no stage outcome tells."""
+        if self.correct is not False:
+            return None
+        return next((s.stage for s in self.stages if s.correct is False), None)
+
+
+def outcomes_to_json(nodes: Sequence[NodeOutcome], stages: Sequence[StageOutcome] = (),
+                     text: Callable[[str | None], str | None] = lambda t: t) -> list:
+    """The JSON a store keeps of a result's node and stage outcomes (one list): a node as
+    ``[id, answer, correct, prompt_tokens, completion_tokens, latency_s]`` (unchanged), a
+    stage as a mapping with a ``stage`` key. ``text`` redacts answers."""
+    out: list = [[n.node_id, text(n.answer), n.correct, n.prompt_tokens, n.completion_tokens, n.latency_s]
+                 for n in nodes]
+    out += [{"stage": s.stage, "answer": text(s.answer), "correct": s.correct, "prompt_tokens": s.prompt_tokens,
+             "completion_tokens": s.completion_tokens, "flops": s.flops, "usd": s.usd, "latency_s": s.latency_s}
+            for s in stages]
+    return out
+
+
+def outcomes_from_json(data: Sequence | None) -> tuple[tuple[NodeOutcome, ...], tuple[StageOutcome, ...]]:
+    """Inverse of :func:`outcomes_to_json` (also reads rows written before stages existed)."""
+    nodes, stages = [], []
+    for item in data or ():
+        if isinstance(item, Mapping):
+            stages.append(StageOutcome(**item))
+        else:
+            nodes.append(NodeOutcome(*item))
+    return tuple(nodes), tuple(stages)
 
 
 @dataclass(frozen=True)

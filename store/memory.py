@@ -131,7 +131,8 @@ class MemoryStorage(StudyStorage):
             info, metrics = red.value(json.loads(json.dumps(dict(info), default=str))), red.value(dict(metrics))
             error, feedback = red.text(error), red.text(feedback)
             results = [replace(r, answer=red.text(r.answer), error=red.text(r.error),
-                               nodes=tuple(replace(n, answer=red.text(n.answer)) for n in r.nodes))
+                               nodes=tuple(replace(n, answer=red.text(n.answer)) for n in r.nodes),
+                               stages=tuple(replace(s, answer=red.text(s.answer)) for s in r.stages))
                        for r in results]
         t = TrialInfo(self._next_trial_id, len(trials) + 1, split, batch, slot, status, graph, graph_hash, rec.method,
                       rec.origin, list(rec.parents), dict(info), list(rec.question_ids), dict(metrics),

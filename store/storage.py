@@ -66,7 +66,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from graphtune.errors import StoreError
-from graphtune.graphs.results import NodeOutcome, QuestionResult
+from graphtune.graphs.results import QuestionResult, outcomes_from_json, outcomes_to_json
 from graphtune.store.models import AgentStepRow, Base, QuestionResultRow, StudyRow, TrialRow, WorkerRow, utcnow
 from graphtune.store.base import (StudyInfo, StudyStorage, TrialInfo, TrialRecord, WorkerStorage, _finite,
                                   spec_hash)
@@ -237,16 +237,16 @@ def _result_row(i: int, r: QuestionResult, reused: bool, red: Redactor) -> Quest
         position=i, question_id=r.question_id, answer=red.text(r.answer), correct=r.correct, score=r.score,
         prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, flops=r.flops, usd=r.usd,
         latency_s=r.latency_s, error=red.text(r.error), modelled=r.modelled, reused=reused,
-        nodes=[[n.node_id, red.text(n.answer), n.correct, n.prompt_tokens, n.completion_tokens, n.latency_s]
-               for n in r.nodes])
+        nodes=outcomes_to_json(r.nodes, r.stages, red.text))
 
 
 def result_from_row(r: QuestionResultRow) -> QuestionResult:
+    nodes, stages = outcomes_from_json(r.nodes)
     return QuestionResult(
         question_id=r.question_id, answer=r.answer, correct=r.correct, score=r.score,
         prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, flops=r.flops, usd=r.usd,
         latency_s=r.latency_s, error=r.error, modelled=r.modelled,
-        nodes=tuple(NodeOutcome(*n) for n in (r.nodes or [])))
+        nodes=nodes, stages=stages)
 
 
 class Storage(StudyStorage, WorkerStorage):
