@@ -148,7 +148,7 @@ SIZES = {"full": {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 974},
 
 
 @pytest.mark.parametrize("data", SOURCES)
-def test_full_shared_sets_load_quickly(data):
+def test_whole_sets_load_quickly(data):
     t0 = time.monotonic()
     n = {p: len(load_dataset(str(DATA[data] / f), preset=p)) for p, f in
          [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl"), ("humaneval", "humaneval/HumanEval.jsonl"),
