@@ -28,3 +28,8 @@ def space():
 @pytest.fixture
 def budget18():
     return Budget(units=18)
+
+
+def pytest_report_header(config):
+    from datafiles import describe
+    return describe()

@@ -15,8 +15,8 @@ from graphtune.envs import datasets as ds
 from graphtune.envs.datasets import PRESETS, Example, load_dataset, split_examples
 from graphtune.errors import EnvError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared task data not found at {SHARED}")
+from datafiles import DATA, SOURCES
+
 
 ROWS = [
     {"qid": "a", "prompt": "1+1?", "gold": "2", "level": 1},
@@ -119,12 +119,12 @@ def test_mmlu_preset_accepts_the_hub_shape(tmp_path):
 # ----------------------------------------------------------------------------- shared data
 
 
-@needs_shared
+@pytest.mark.parametrize("data", SOURCES)
 @pytest.mark.parametrize("preset,path", [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl"),
                                          ("mmlu", "mmlu/test.jsonl"), ("humaneval", "humaneval/HumanEval.jsonl"),
                                          ("mbpp", "mbpp/mbpp.jsonl")])
-def test_presets_on_shared_data(preset, path):
-    exs = load_dataset(str(SHARED / path), preset=preset, limit=20)
+def test_presets_on_shared_data(preset, path, data):
+    exs = load_dataset(str(DATA[data] / path), preset=preset, limit=20)
     assert len(exs) == 20 and len({e.id for e in exs}) == 20
     e = exs[0]
     if preset == "gsm8k":
@@ -142,13 +142,18 @@ def test_presets_on_shared_data(preset, path):
         assert "Your code should pass these tests" in e.question and e.meta["test_list"][0] in e.question
 
 
-@needs_shared
-def test_full_shared_sets_load_quickly():
+#: rows of each set: the full data, and the in-repo subsets (examples/data/README.md)
+SIZES = {"full": {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 974},
+         "subset": {"gsm8k": 100, "math500": 40, "humaneval": 20, "mbpp": 20}}
+
+
+@pytest.mark.parametrize("data", SOURCES)
+def test_whole_sets_load_quickly(data):
     t0 = time.monotonic()
-    n = {p: len(load_dataset(str(SHARED / f), preset=p)) for p, f in
+    n = {p: len(load_dataset(str(DATA[data] / f), preset=p)) for p, f in
          [("gsm8k", "gsm8k/test.jsonl"), ("math500", "math500/test.jsonl"), ("humaneval", "humaneval/HumanEval.jsonl"),
           ("mbpp", "mbpp/mbpp.jsonl")]}
-    assert n == {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 974}
+    assert n == SIZES[data]
     assert time.monotonic() - t0 < 10
 
 

@@ -6,7 +6,6 @@ import importlib.util
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,8 @@ from graphtune.envs.sandbox import SandboxResult, sandbox_mode
 from graphtune.envs.scorers import SCORERS, Score, Scorer, default_scorer_for, get_scorer, last_boxed
 from graphtune.errors import EnvError, LLMFatalError, LLMTransientError, SpecError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared task data not found at {SHARED}")
+from datafiles import DATA, SOURCES
+
 HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
 needs_math_verify = pytest.mark.skipif(not HAS_MATH_VERIFY, reason="math-verify is not installed")
 needs_sandbox = pytest.mark.skipif(sandbox_mode() == "unavailable", reason="no code sandbox can start here")
@@ -99,11 +98,11 @@ def test_numeric_reference_without_number_is_a_config_error():
         get_scorer("numeric").score("5", ex("five"))
 
 
-@needs_shared
-def test_numeric_agrees_with_recorded_gsm8k_labels():
+@pytest.mark.parametrize("data", SOURCES)
+def test_numeric_agrees_with_recorded_gsm8k_labels(data):
     import json
-    rows = [json.loads(ln) for ln in (SHARED / "recorded" / "gsm8k_gpt3_solutions.jsonl").open()][:300]
-    gold = {" ".join(e.question.split()): e for e in load_dataset(str(SHARED / "gsm8k/test.jsonl"), preset="gsm8k")}
+    rows = [json.loads(ln) for ln in (DATA[data] / "recorded" / "gsm8k_gpt3_solutions.jsonl").open()][:300]
+    gold = {" ".join(e.question.split()): e for e in load_dataset(str(DATA[data] / "gsm8k/test.jsonl"), preset="gsm8k")}
     scorer = get_scorer("numeric")
     for r in rows:
         e = gold[" ".join(r["question"].split())]
@@ -176,9 +175,9 @@ def test_math_in_a_worker_thread():
     assert got == [HAS_MATH_VERIFY, False]
 
 
-@needs_shared
-def test_math_accepts_every_math500_reference_solution():
-    exs = load_dataset(str(SHARED / "math500/test.jsonl"), preset="math500")
+@pytest.mark.parametrize("data", SOURCES)
+def test_math_accepts_every_math500_reference_solution(data):
+    exs = load_dataset(str(DATA[data] / "math500/test.jsonl"), preset="math500")
     scorer = get_scorer("math")
     wrong = [e.id for e in exs if not scorer.score(e.meta["solution"], e).correct]
     assert wrong == []
@@ -292,11 +291,11 @@ def test_code_without_tests_is_a_config_error():
 
 
 @needs_sandbox
-@needs_shared
-def test_code_on_shared_canonical_solutions():
+@pytest.mark.parametrize("data", SOURCES)
+def test_code_on_shared_canonical_solutions(data):
     scorer = get_scorer("code")
-    he = load_dataset(str(SHARED / "humaneval/HumanEval.jsonl"), preset="humaneval", limit=3)
-    mbpp = load_dataset(str(SHARED / "mbpp/mbpp.jsonl"), preset="mbpp", limit=3)
+    he = load_dataset(str(DATA[data] / "humaneval/HumanEval.jsonl"), preset="humaneval", limit=3)
+    mbpp = load_dataset(str(DATA[data] / "mbpp/mbpp.jsonl"), preset="mbpp", limit=3)
     for e in he + mbpp:
         assert scorer.score(f"```python\n{e.answer}\n```", e).correct, e.id
         assert not scorer.score("```python\npass\n```", e).correct, e.id

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +16,8 @@ from graphtune.envs.replay import Record, RecordTable, ReplayEnvironment
 from graphtune.envs.simulated.calibrate import make_env
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape
 from graphtune.graphs.model import Graph, Node
+
+from datafiles import DATA
 
 B1, B3, B8 = "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"
 
@@ -86,24 +87,29 @@ def test_replay_outcomes_are_pinned(name):
     assert got == REPLAY_PINS[name]
 
 
-RECORDED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "recorded"
+#: digests of four graphs replayed on the dev split of the recorded GSM8K answers, by data:
+#: the full 1,319 questions (dev 100; run where the full data is found) and the in-repo
+#: subset of the first 100 (dev 50; its pins recorded from the code of the full pins above)
 GSM8K_PINS = {
-    "single": "bfdf5784a1c95e2b", "fan_in": "b287127057ec02d0", "deep": "077f009592f4c394", "chain": "f20acfcbdcd4cae4",
+    "full": (100, {"single": "bfdf5784a1c95e2b", "fan_in": "b287127057ec02d0", "deep": "077f009592f4c394",
+                   "chain": "f20acfcbdcd4cae4"}),
+    "subset": (50, {"single": "e781536d35becde3", "fan_in": "68b1a5cfad21a911", "deep": "99a631e015c19c81",
+                    "chain": "6eda367f4c2d7da4"}),
 }
 
 
-@pytest.mark.skipif(not (RECORDED / "gsm8k_gpt3_solutions.jsonl").is_file(),
-                    reason=f"the recorded GSM8K answers are not at {RECORDED} (../shared/data/recorded)")
-def test_replay_of_the_recorded_gsm8k_answers_is_pinned():
+@pytest.mark.parametrize("data", list(DATA))
+def test_replay_of_the_recorded_gsm8k_answers_is_pinned(data):
     from graphtune.envs.replay import import_gsm8k_recorded
 
+    dev_size, pins = GSM8K_PINS[data]
     pool = {m: ModelInfo(m, 10e9, 32, 4096, 1.0, 1.0) for m in
             ("mixtral-8x7b-instruct", "gpt-4-1106-preview", "gpt3-6b-finetuning")}
-    env = ReplayEnvironment(import_gsm8k_recorded(RECORDED), CostModel(pool, TaskShape(60, 80)), seed=0,
-                            dev_size=100)
+    env = ReplayEnvironment(import_gsm8k_recorded(DATA[data] / "recorded"), CostModel(pool, TaskShape(60, 80)),
+                            seed=0, dev_size=dev_size)
     gs = graphs("gpt3-6b-finetuning", "mixtral-8x7b-instruct", "gpt-4-1106-preview")
     got = {name: digest(env.evaluate(g, env.split("dev"))) for name, g in gs.items()}
-    assert got == GSM8K_PINS
+    assert got == pins
 
 
 def test_the_execution_plan_is_canonical_and_ranks_same_model_sources():
