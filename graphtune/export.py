@@ -225,6 +225,7 @@ from typing_extensions import TypedDict
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
 
+import litellm  # noqa: E402  (at import: its first import does file I/O an event loop must not wait on)
 from langchain_core.runnables import RunnableLambda  # noqa: E402  (installed with langgraph)
 from langgraph.config import get_config  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
@@ -397,8 +398,6 @@ def _hooks() -> dict:
 
 def _node(nid: str) -> RunnableLambda:
     def call(state: State) -> dict:
-        import litellm
-
         kw = _call_args(nid, state)
         hooks = _hooks()
         if hooks.get("completion"):
@@ -408,8 +407,6 @@ def _node(nid: str) -> RunnableLambda:
         return _result(nid, litellm.completion(**kw))
 
     async def acall(state: State) -> dict:
-        import litellm
-
         kw = _call_args(nid, state)
         return _result(nid, await (_hooks().get("acompletion") or litellm.acompletion)(**kw))
 
