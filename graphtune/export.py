@@ -3,16 +3,20 @@ mermaid flowchart or a PNG drawing.
 
 * ``yaml`` / ``json``: :func:`graphtune.graphs.io.to_dict` plus ``name`` and ``metrics``
   (ignored by the loader), the file ``graphtune run GRAPH --spec S`` executes.
-* ``langgraph``: one Python module that needs only ``langgraph`` and ``litellm``. It
-  builds the same ``StateGraph`` as :func:`graphtune.envs.live.compile_graph` and sends
-  each node exactly the messages graphtune sends (the study's prompt templates are copied
-  into it), with the same sampling parameters and per-run sample seeds. It exposes
-  ``run(question) -> answer``, ``arun(question)`` (async) and ``run_nodes`` (every
-  node's output). Models and endpoints come from a small ``MODELS`` block (litellm model
-  string, ``api_base``, ``api_key_env`` = the *name* of a key variable) that environment
-  variables override (``GRAPHTUNE_MODEL_<NAME>``, ``GRAPHTUNE_API_BASE_<NAME>``,
-  ``GRAPHTUNE_API_KEY_ENV_<NAME>``, ``<NAME>`` upper-cased with non-alphanumerics as
-  ``_``; ``GRAPHTUNE_API_BASE`` applies to every model). No key is ever written into it.
+* ``langgraph``: one Python module holding a plain LangGraph graph (module-level
+  ``graph``, loadable from a ``langgraph.json`` entry ``"./mod.py:graph"``) that needs only
+  ``langgraph`` and ``litellm``. It builds the same ``StateGraph`` as
+  :func:`graphtune.envs.live.compile_graph` and sends each node exactly the messages
+  graphtune sends (the study's prompt templates are copied into it), with the same
+  sampling parameters and per-run sample seeds. ``graph.invoke({"question": q})`` and
+  ``await graph.ainvoke(...)`` return ``answer`` and ``outputs``; every node has a sync
+  and an async body, so a level's nodes run in parallel either way. Models and endpoints
+  come from the run's typed ``context`` (class ``Context``), else environment variables
+  (``GRAPHTUNE_MODEL_<NAME>``, ``GRAPHTUNE_API_BASE_<NAME>``, ``GRAPHTUNE_API_KEY_ENV_<NAME>``,
+  ``<NAME>`` upper-cased with non-alphanumerics as ``_``; ``GRAPHTUNE_API_BASE`` applies
+  to every model), else a ``MODELS`` block (litellm model string, ``api_base``,
+  ``api_key_env`` = the *name* of a key variable) that ``model_map`` (``--models``) fills
+  for a simulated study's names. No key is ever written into it.
 * ``mermaid``: :func:`graphtune.graphs.render.to_mermaid`.
 * ``png``: networkx layout by topological level, drawn with matplotlib (Agg, nothing
   fetched); each node shows its id, role and model.
