@@ -608,13 +608,25 @@ def export_cmd(study: str = typer.Argument(..., metavar="NAME", help="study name
                min_questions: Optional[int] = typer.Option(None, "--min-questions", min=1,
                                                            help="graphs need this many dev questions (default: "
                                                                 "half the best coverage)"),
+               models: Optional[list[str]] = typer.Option(
+                   None, "--models", metavar="NAME=LITELLM_STRING",
+                   help="langgraph: send pool model NAME to this litellm model, e.g. "
+                        "llama-3.2-1b=openai/gpt-4o-mini (repeatable; a simulated study's names have no endpoint)"),
+               models_file: Optional[Path] = typer.Option(
+                   None, "--models-file", metavar="FILE",
+                   help="langgraph: YAML/JSON mapping NAME: LITELLM_STRING or NAME: {litellm, api_base, "
+                        "api_key_env}; --models entries win"),
                storage: str = STORAGE_OPT) -> None:
     """Export a study's graph(s): graph file (yaml/json), standalone LangGraph module, mermaid or PNG."""
-    from graphtune.export import SUFFIX, check_format, export_graph
+    from graphtune.export import SUFFIX, ExportError, check_format, export_graph, parse_model_map, unmapped_models
     from graphtune.graphs.io import from_dict
     from graphtune.pareto import select as pick
 
     fmt = check_format(fmt)
+    model_map = parse_model_map(tuple(models or ()), models_file)
+    if model_map and fmt != "langgraph":
+        raise ExportError("--models/--models-file apply to --format langgraph only; graph files keep pool "
+                          "names (a live spec maps them: graphtune run FILE --spec SPEC)")
     store = _storage(storage, readonly=True)
     sp = _points(store, study, min_questions)
     chosen = pick(sp.points, select, metric=metric, recommended=sp.recommended)
@@ -631,13 +643,21 @@ def export_cmd(study: str = typer.Argument(..., metavar="NAME", help="study name
         if sp.test_trial is not None and p.graph_hash == sp.test_trial.graph_hash:
             metrics["test_accuracy"] = sp.test_trial.accuracy
         paths.append(export_graph(from_dict(p.graph), fmt, path, spec=sp.study.spec,
-                                  name=f"{study} trial {p.trial_number}", metrics=metrics))
+                                  name=f"{study} trial {p.trial_number}", metrics=metrics, model_map=model_map))
     con = _console()
     for p, path in zip(chosen, paths):
         con.print(f"wrote {path}  (trial #{p.trial_number}: dev accuracy {p.accuracy:.3f} on {p.n} questions, "
                   f"{p.cost_units:.2f} units, ${p.usd:.6f}, {p.latency_s:.2f} s)")
     if fmt in ("yaml", "json") and len(paths) == 1:
         con.print(f"run it: graphtune run {paths[0]} --spec SPEC --question TEXT")
+    if fmt == "langgraph":
+        missing = sorted({m for p in chosen for m in unmapped_models(from_dict(p.graph), sp.study.spec, model_map)})
+        if missing:
+            con.print(f"no endpoint for {', '.join(missing)} (the study's own names): map them with "
+                      f"--models NAME=LITELLM_STRING, or at run time through the graph's context or "
+                      f"GRAPHTUNE_MODEL_<NAME> / GRAPHTUNE_API_BASE")
+        con.print("needs: pip install 'langgraph>=1.0' 'litellm>=1.50' (or 'graphtune[llm]'); "
+                  f"serve it: langgraph.json {{\"graphs\": {{\"{paths[0].stem}\": \"./{paths[0].name}:graph\"}}}}")
 
 
 @app.command("pareto")

@@ -3,16 +3,20 @@ mermaid flowchart or a PNG drawing.
 
 * ``yaml`` / ``json``: :func:`graphtune.graphs.io.to_dict` plus ``name`` and ``metrics``
   (ignored by the loader), the file ``graphtune run GRAPH --spec S`` executes.
-* ``langgraph``: one Python module that needs only ``langgraph`` and ``litellm``. It
-  builds the same ``StateGraph`` as :func:`graphtune.envs.live.compile_graph` and sends
-  each node exactly the messages graphtune sends (the study's prompt templates are copied
-  into it), with the same sampling parameters and per-run sample seeds. It exposes
-  ``run(question) -> answer``, ``arun(question)`` (async) and ``run_nodes`` (every
-  node's output). Models and endpoints come from a small ``MODELS`` block (litellm model
-  string, ``api_base``, ``api_key_env`` = the *name* of a key variable) that environment
-  variables override (``GRAPHTUNE_MODEL_<NAME>``, ``GRAPHTUNE_API_BASE_<NAME>``,
-  ``GRAPHTUNE_API_KEY_ENV_<NAME>``, ``<NAME>`` upper-cased with non-alphanumerics as
-  ``_``; ``GRAPHTUNE_API_BASE`` applies to every model). No key is ever written into it.
+* ``langgraph``: one Python module holding a plain LangGraph graph (module-level
+  ``graph``, loadable from a ``langgraph.json`` entry ``"./mod.py:graph"``) that needs only
+  ``langgraph`` and ``litellm``. It builds the same ``StateGraph`` as
+  :func:`graphtune.envs.live.compile_graph` and sends each node exactly the messages
+  graphtune sends (the study's prompt templates are copied into it), with the same
+  sampling parameters and per-run sample seeds. ``graph.invoke({"question": q})`` and
+  ``await graph.ainvoke(...)`` return ``answer`` and ``outputs``; every node has a sync
+  and an async body, so a level's nodes run in parallel either way. Models and endpoints
+  come from the run's typed ``context`` (class ``Context``), else environment variables
+  (``GRAPHTUNE_MODEL_<NAME>``, ``GRAPHTUNE_API_BASE_<NAME>``, ``GRAPHTUNE_API_KEY_ENV_<NAME>``,
+  ``<NAME>`` upper-cased with non-alphanumerics as ``_``; ``GRAPHTUNE_API_BASE`` applies
+  to every model), else a ``MODELS`` block (litellm model string, ``api_base``,
+  ``api_key_env`` = the *name* of a key variable) that ``model_map`` (``--models``) fills
+  for a simulated study's names. No key is ever written into it.
 * ``mermaid``: :func:`graphtune.graphs.render.to_mermaid`.
 * ``png``: networkx layout by topological level, drawn with matplotlib (Agg, nothing
   fetched); each node shows its id, role and model.
@@ -184,18 +188,32 @@ def export_config(spec: Mapping[str, Any] | None) -> dict[str, Any]:
 _MODULE = '''\
 """{title}
 
-Exported by graphtune: a standalone LangGraph module (needs only `langgraph` and
-`litellm`). It runs the collaboration graph below, sending every node the same messages
-graphtune sent while searching.
+Exported by graphtune: a plain LangGraph graph (needs only `langgraph` and `litellm`:
+`pip install 'langgraph>=1.0' 'litellm>=1.50'`, or `pip install 'graphtune[llm]'`). It
+runs the collaboration graph below, sending every node the same messages graphtune sent
+while searching. Use it as LangGraph documents:
 
-    from {modname} import run, arun
-    answer = run("What is 2 + 3?")
+    from {modname} import graph
+    state = graph.invoke({{"question": "What is 2 + 3?"}})          # or: await graph.ainvoke(...)
+    state["answer"]                                              # the sink's output
+    state["outputs"]                                             # every node's output, by node id
+    graph.invoke({{"question": "..."}}, context={{"api_base": "http://localhost:8000/v1",
+                                               "models": {{"{example_model}": "openai/my-model"}}}})
 
-Models and endpoints: the MODELS block, overridden by environment variables
-    GRAPHTUNE_MODEL_<NAME>        litellm model string   (e.g. openai/gpt-4o-mini)
-    GRAPHTUNE_API_BASE_<NAME>     endpoint URL           (GRAPHTUNE_API_BASE: every model)
-    GRAPHTUNE_API_KEY_ENV_<NAME>  the NAME of the variable holding the API key
-<NAME> is the model name upper-cased, non-alphanumerics as "_". No key is stored here.
+LangGraph's server (`langgraph dev`, `langgraph up`) loads it from a langgraph.json entry
+`"graphs": {{"{modname}": "./{modname}.py:graph"}}`; the run's `context` is the same object.
+Nodes of one level run in parallel (async under ainvoke, threads under invoke).
+
+Models and endpoints, first match wins:
+  1. the run's context (class Context): models / api_bases / api_key_envs by pool model
+     name, api_base for every model;
+  2. environment variables
+       GRAPHTUNE_MODEL_<NAME>        litellm model string   (e.g. openai/gpt-4o-mini)
+       GRAPHTUNE_API_BASE_<NAME>     endpoint URL           (GRAPHTUNE_API_BASE: every model)
+       GRAPHTUNE_API_KEY_ENV_<NAME>  the NAME of the variable holding the API key
+     <NAME> is the model name upper-cased, non-alphanumerics as "_";
+  3. the MODELS block below (written at export time).
+No key is stored here, and none travels in the context: only names of key variables.
 
 Graph:
 {graph_text}
@@ -204,9 +222,18 @@ Graph:
 import asyncio
 import json
 import os
-from typing import Annotated, Any, TypedDict
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
+
+from typing_extensions import TypedDict
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
+
+import litellm  # noqa: E402  (at import: its first import does file I/O an event loop must not wait on)
+from langchain_core.runnables import RunnableLambda  # noqa: E402  (installed with langgraph)
+from langgraph.config import get_config  # noqa: E402
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langgraph.runtime import get_runtime  # noqa: E402
 
 GRAPH = {graph}
 
@@ -220,17 +247,35 @@ SETTINGS = {settings}
 NO_KEY = "sk-no-key-required"
 
 
+@dataclass
+class Context:
+    """Call-time settings of one run (LangGraph's typed context): pass
+    ``context=Context(...)`` or a dict with these keys to ``invoke``/``ainvoke``.
+    Unset fields fall back to the environment, then to MODELS and SETTINGS."""
+
+    models: dict[str, str] = field(default_factory=dict)  # pool model name -> litellm model string
+    api_bases: dict[str, str] = field(default_factory=dict)  # pool model name -> endpoint URL
+    api_base: Optional[str] = None  # endpoint of every model without its own
+    api_key_envs: dict[str, str] = field(default_factory=dict)  # pool model name -> NAME of its key variable
+    temperature: Optional[float] = None
+    max_tokens: Optional[int] = None
+    seed: Optional[int] = None
+
+
 def _env_name(model: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in model).upper()
 
 
-def endpoint(name: str) -> dict[str, Any]:
-    """litellm model string, api_base and api key of a pool model (environment first)."""
+def endpoint(name: str, context: Optional[Context] = None) -> dict[str, Any]:
+    """litellm model string, api_base and api key of a pool model (context, environment,
+    then MODELS)."""
+    ctx = context or Context()
     cfg = dict(MODELS.get(name) or {{"model": name, "api_base": None, "api_key_env": None}})
     e = _env_name(name)
-    model = os.environ.get("GRAPHTUNE_MODEL_" + e) or cfg.get("model") or name
-    api_base = os.environ.get("GRAPHTUNE_API_BASE_" + e) or os.environ.get("GRAPHTUNE_API_BASE") or cfg.get("api_base")
-    key_env = os.environ.get("GRAPHTUNE_API_KEY_ENV_" + e) or cfg.get("api_key_env")
+    model = ctx.models.get(name) or os.environ.get("GRAPHTUNE_MODEL_" + e) or cfg.get("model") or name
+    api_base = (ctx.api_bases.get(name) or ctx.api_base or os.environ.get("GRAPHTUNE_API_BASE_" + e)
+                or os.environ.get("GRAPHTUNE_API_BASE") or cfg.get("api_base"))
+    key_env = ctx.api_key_envs.get(name) or os.environ.get("GRAPHTUNE_API_KEY_ENV_" + e) or cfg.get("api_key_env")
     key = None
     if key_env:
         key = os.environ.get(key_env)
@@ -260,67 +305,126 @@ def messages(role: str, question: str, responses: list[str]) -> list[dict[str, s
     return out
 
 
-class _Run:
-    """One graph run: numbers identical requests as samples 0, 1, ... (seed + k)."""
+NODES = {{n["id"]: n for n in GRAPH["nodes"]}}
+PREDS = {{nid: sorted(u for u, v in GRAPH["edges"] if v == nid) for nid in NODES}}
 
-    def __init__(self, acompletion=None):
-        self.seen: dict[str, int] = {{}}
-        self.acompletion = acompletion
 
-    async def call(self, node: dict, msgs: list[dict[str, str]]) -> str:
-        import litellm
+def _levels() -> dict[str, int]:
+    lv: dict[str, int] = {{}}
+    for nid in GRAPH["order"]:
+        lv[nid] = max((lv[p] + 1 for p in PREDS[nid]), default=0)
+    return lv
 
-        ep = endpoint(node["model"])
-        p = node.get("params") or {{}}
-        params: dict[str, Any] = {{"temperature": float(p.get("temperature", SETTINGS["temperature"]))}}
-        mt = p.get("max_tokens", SETTINGS["max_tokens"])
-        if mt is not None:
-            params["max_tokens"] = int(mt)
-        base = json.dumps([ep["model"], ep["api_base"], msgs, params], sort_keys=True)
-        k = self.seen.get(base, 0)
-        self.seen[base] = k + 1
-        kw = dict(model=ep["model"], messages=msgs, timeout=SETTINGS["timeout_s"], drop_params=True,
-                  num_retries=SETTINGS["max_retries"], seed=SETTINGS["seed"] + k, **params)
-        if ep["api_base"]:
-            kw["api_base"] = ep["api_base"]
-        if ep["api_key"]:
-            kw["api_key"] = ep["api_key"]
-        reply = await (self.acompletion or litellm.acompletion)(**kw)
-        return reply.choices[0].message.content or ""
+
+LEVEL = _levels()
+#: nodes by level: a node runs in LangGraph's superstep LEVEL[node], so when it runs every
+#: node before it here has its inputs in the state
+ORDER = sorted(GRAPH["order"], key=lambda nid: (LEVEL[nid], GRAPH["order"].index(nid)))
+
+
+class Input(TypedDict):
+    question: str
+
+
+class Output(TypedDict):
+    answer: str
+    outputs: dict[str, str]
 
 
 def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    out.update(b)
+    out = dict(a or {{}})
+    out.update(b or {{}})
     return out
 
 
-class State(TypedDict):
+class State(TypedDict, total=False):
     question: str
-    outputs: Annotated[dict, _merge]
+    outputs: Annotated[dict[str, str], _merge]
+    answer: str
 
 
-def _node_fn(node: dict, preds: list[str]):
-    async def fn(state: State, config) -> dict:
-        run = config["configurable"]["graph_run"]
-        msgs = messages(node["role"], state["question"], [state["outputs"][p] for p in preds])
-        return {{"outputs": {{node["id"]: await run.call(node, msgs)}}}}
+def _request(nid: str, state: dict, ctx: Context) -> tuple[str, dict[str, Any]]:
+    """(identity, litellm keyword arguments without the seed) of node ``nid``'s call."""
+    node = NODES[nid]
+    ep = endpoint(node["model"], ctx)
+    outs = state.get("outputs") or {{}}
+    msgs = messages(node["role"], state["question"], [outs[p] for p in PREDS[nid]])
+    p = node.get("params") or {{}}
+    t = ctx.temperature if ctx.temperature is not None else p.get("temperature", SETTINGS["temperature"])
+    params: dict[str, Any] = {{"temperature": float(t)}}
+    mt = ctx.max_tokens if ctx.max_tokens is not None else p.get("max_tokens", SETTINGS["max_tokens"])
+    if mt is not None:
+        params["max_tokens"] = int(mt)
+    ident = json.dumps([ep["model"], ep["api_base"], msgs, params], sort_keys=True)
+    kw = dict(model=ep["model"], messages=msgs, timeout=SETTINGS["timeout_s"], drop_params=True,
+              num_retries=SETTINGS["max_retries"], **params)
+    if ep["api_base"]:
+        kw["api_base"] = ep["api_base"]
+    if ep["api_key"]:
+        kw["api_key"] = ep["api_key"]
+    return ident, kw
 
-    fn.__name__ = "node_" + node["id"]
-    return fn
+
+def _call_args(nid: str, state: dict) -> dict[str, Any]:
+    """litellm keyword arguments of node ``nid``, with its sample seed: identical requests
+    within one run are samples 0, 1, ... (seed + k), numbered in ORDER, as graphtune does,
+    so width-k sampling stays k distinct samples."""
+    ctx = get_runtime(Context).context or Context()
+    ident, kw = _request(nid, state, ctx)
+    k = 0
+    for other in ORDER:
+        if other == nid:
+            break
+        if _request(other, state, ctx)[0] == ident:
+            k += 1
+    seed = ctx.seed if ctx.seed is not None else SETTINGS["seed"]
+    kw["seed"] = int(seed) + k
+    return kw
+
+
+def _result(nid: str, reply) -> dict[str, Any]:
+    text = reply.choices[0].message.content or ""
+    out: dict[str, Any] = {{"outputs": {{nid: text}}}}
+    if nid == GRAPH["sink"]:
+        out["answer"] = text
+    return out
+
+
+def _hooks() -> dict:
+    """Call hooks a Python caller may put in ``config["configurable"]``: ``completion``
+    (replaces litellm.completion) and ``acompletion`` (replaces litellm.acompletion),
+    e.g. to record, mock or proxy calls."""
+    try:
+        return get_config().get("configurable") or {{}}
+    except RuntimeError:
+        return {{}}
+
+
+def _node(nid: str) -> RunnableLambda:
+    def call(state: State) -> dict:
+        kw = _call_args(nid, state)
+        hooks = _hooks()
+        if hooks.get("completion"):
+            return _result(nid, hooks["completion"](**kw))
+        if hooks.get("acompletion"):  # an async hook under a sync run: run it on this worker thread
+            return _result(nid, asyncio.run(hooks["acompletion"](**kw)))
+        return _result(nid, litellm.completion(**kw))
+
+    async def acall(state: State) -> dict:
+        kw = _call_args(nid, state)
+        return _result(nid, await (_hooks().get("acompletion") or litellm.acompletion)(**kw))
+
+    return RunnableLambda(call, afunc=acall, name="node_" + nid)
 
 
 def build():
-    """The compiled LangGraph runnable (state: question, outputs by node id)."""
-    from langgraph.graph import END, START, StateGraph
-
-    nodes = {{n["id"]: n for n in GRAPH["nodes"]}}
-    preds = {{nid: sorted(u for u, v in GRAPH["edges"] if v == nid) for nid in nodes}}
-    builder = StateGraph(State)
+    """A new compiled LangGraph graph (input: question; output: answer, outputs;
+    context: Context)."""
+    builder = StateGraph(State, context_schema=Context, input_schema=Input, output_schema=Output)
     for nid in GRAPH["order"]:
-        builder.add_node("node_" + nid, _node_fn(nodes[nid], preds[nid]))
+        builder.add_node("node_" + nid, _node(nid))
     for nid in GRAPH["order"]:
-        ps = preds[nid]
+        ps = PREDS[nid]
         if not ps:
             builder.add_edge(START, "node_" + nid)
         elif len(ps) == 1:
@@ -328,36 +432,43 @@ def build():
         else:
             builder.add_edge(["node_" + p for p in ps], "node_" + nid)
     builder.add_edge("node_" + GRAPH["sink"], END)
-    return builder.compile()
+    return builder.compile(name={modname!r})
 
 
-_APP = None
+#: the compiled graph: `graph.invoke({{"question": ...}})`, `await graph.ainvoke(...)`,
+#: `graph.stream(...)`; a langgraph.json entry "./{modname}.py:graph" loads it
+graph = build()
 
 
-async def arun_nodes(question: str, *, acompletion=None) -> dict[str, str]:
-    """Every node's output on one question (async). ``acompletion`` replaces
-    ``litellm.acompletion`` (same signature), e.g. to record or mock calls."""
-    global _APP
-    if _APP is None:
-        _APP = build()
-    state = await _APP.ainvoke({{"question": question, "outputs": {{}}}},
-                               config={{"configurable": {{"graph_run": _Run(acompletion)}},
-                                       "recursion_limit": len(GRAPH["nodes"]) + 8}})
+def _config(completion=None, acompletion=None) -> dict:
+    hooks = {{k: v for k, v in (("completion", completion), ("acompletion", acompletion)) if v is not None}}
+    return {{"configurable": hooks, "recursion_limit": len(GRAPH["nodes"]) + 8}}
+
+
+async def arun_nodes(question: str, *, context=None, acompletion=None) -> dict[str, str]:
+    """Every node's output on one question (async)."""
+    state = await graph.ainvoke({{"question": question}}, config=_config(acompletion=acompletion),
+                                context=context)
     return state["outputs"]
 
 
-async def arun(question: str, *, acompletion=None) -> str:
+async def arun(question: str, *, context=None, acompletion=None) -> str:
     """The graph's answer (the sink's output) to one question (async)."""
-    return (await arun_nodes(question, acompletion=acompletion))[GRAPH["sink"]]
+    return (await arun_nodes(question, context=context, acompletion=acompletion))[GRAPH["sink"]]
 
 
-def run_nodes(question: str, *, acompletion=None) -> dict[str, str]:
-    return asyncio.run(arun_nodes(question, acompletion=acompletion))
+def run_nodes(question: str, *, context=None, completion=None, acompletion=None) -> dict[str, str]:
+    """Every node's output on one question (``graph.invoke``; with an async
+    ``acompletion`` hook, ``graph.ainvoke`` in a new event loop)."""
+    if acompletion is not None and completion is None:
+        return asyncio.run(arun_nodes(question, context=context, acompletion=acompletion))
+    state = graph.invoke({{"question": question}}, config=_config(completion=completion), context=context)
+    return state["outputs"]
 
 
-def run(question: str, *, acompletion=None) -> str:
+def run(question: str, *, context=None, completion=None, acompletion=None) -> str:
     """The graph's answer to one question."""
-    return asyncio.run(arun(question, acompletion=acompletion))
+    return run_nodes(question, context=context, completion=completion, acompletion=acompletion)[GRAPH["sink"]]
 
 
 if __name__ == "__main__":
@@ -371,23 +482,93 @@ def _py(value: Any) -> str:
     return pprint.pformat(value, indent=1, width=100, sort_dicts=False)
 
 
+def parse_model_map(pairs: list[str] | tuple[str, ...] = (), path: str | Path | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Where an exported module sends each pool model: ``NAME=LITELLM_STRING`` pairs
+    (``--models``) over a YAML/JSON file (``--models-file``) mapping a name to a litellm
+    string or to ``{litellm, api_base, api_key_env}``. Returns name -> those three keys
+    (absent ones omitted). Keys themselves are refused: only the *name* of their variable."""
+    out: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ExportError(f"model mapping file {p} does not exist")
+        try:
+            doc = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ExportError(f"model mapping file {p}: not YAML/JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ExportError(f"model mapping file {p}: expected a mapping NAME: LITELLM_STRING "
+                              f"or NAME: {{litellm, api_base, api_key_env}}")
+        for name, v in doc.items():
+            if isinstance(v, str):
+                out[str(name)] = {"model": v}
+            elif isinstance(v, dict):
+                bad = sorted(set(v) - {"litellm", "model", "api_base", "api_key_env"})
+                if bad:
+                    raise ExportError(f"model mapping file {p}: model {name!r}: unknown key(s) {', '.join(bad)}; "
+                                      "known: litellm, api_base, api_key_env (a key's variable name, never a key)")
+                entry = {"model": v.get("litellm") or v.get("model"), "api_base": v.get("api_base"),
+                         "api_key_env": v.get("api_key_env")}
+                out[str(name)] = {k: x for k, x in entry.items() if x}
+            else:
+                raise ExportError(f"model mapping file {p}: model {name!r}: expected a litellm model string "
+                                  "or a mapping")
+    for pair in pairs:
+        name, sep, target = pair.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ExportError(f"--models {pair!r}: write NAME=LITELLM_STRING, e.g. "
+                              "llama-3.2-1b=openai/gpt-4o-mini")
+        out.setdefault(name.strip(), {})["model"] = target.strip()
+    return out
+
+
+def unmapped_models(graph: Graph, spec: Mapping[str, Any] | None,
+                    model_map: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """The graph's models an exported module has no endpoint for: a simulated or replayed
+    study's names (no litellm string, no api_base, not local) that no mapping covers."""
+    cfg = export_config(spec)
+    out = []
+    for m in sorted({n.model for n in graph.nodes}):
+        if m in (model_map or {}):
+            continue
+        c = cfg["models"].get(m)
+        if c is None or (c["model"] == m and not c.get("api_base") and "note" not in c):
+            out.append(m)
+    return out
+
+
 def to_langgraph_module(graph: Graph, spec: Mapping[str, Any] | None = None, *, title: str | None = None,
-                        modname: str = "graph") -> str:
+                        modname: str = "graph", model_map: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """Source of a standalone LangGraph module running ``graph`` with the prompts,
-    models and call settings of ``spec`` (a resolved spec)."""
+    models and call settings of ``spec`` (a resolved spec). ``model_map`` (from
+    :func:`parse_model_map`) sets where pool models go (a simulated study's names have no
+    endpoint otherwise); it must name models of the graph."""
     from graphtune.graphs.render import to_text
 
     cfg = export_config(spec)
     used = {n.model for n in graph.nodes}
+    model_map = dict(model_map or {})
+    known = used | set(cfg["models"])
+    unknown = sorted(set(model_map) - known)
+    if unknown:
+        raise ExportError(f"--models: {', '.join(unknown)} is not a model of the study; its models: "
+                          f"{', '.join(sorted(known))}")
     models = {k: {kk: vv for kk, vv in v.items() if kk != "note"} for k, v in cfg["models"].items() if k in used}
     for m in sorted(used - set(models)):
         models[m] = {"model": m, "api_base": None, "api_key_env": None}
+    for m, entry in model_map.items():
+        if m in used:
+            models[m] = {**models[m], **{k: v for k, v in entry.items() if v}}
     g = {"nodes": [{"id": n.id, "role": n.role, "model": n.model, **({"params": n.params_dict} if n.params else {})}
                    for n in graph.nodes],
          "edges": [[u, v] for u, v in graph.edges], "sink": graph.sink, "order": list(graph.topo_order)}
     src = _MODULE.format(title=(title or "A graphtune collaboration graph").replace('"""', "'''"),
                          modname=modname, graph_text="    " + to_text(graph), graph=_py(g),
-                         prompts=_py(cfg["prompts"]), models=_py(models), settings=_py(cfg["settings"]))
+                         prompts=_py(cfg["prompts"]), models=_py(models), settings=_py(cfg["settings"]),
+                         example_model=sorted(used)[0])
     compile(src, "<exported module>", "exec")  # a template bug must fail here, not at the user's
     return src
 
@@ -396,7 +577,8 @@ def to_langgraph_module(graph: Graph, spec: Mapping[str, Any] | None = None, *, 
 
 
 def export_graph(graph: Graph, fmt: str, path: str | Path, *, spec: Mapping[str, Any] | None = None,
-                 name: str | None = None, metrics: Mapping[str, Any] | None = None) -> Path:
+                 name: str | None = None, metrics: Mapping[str, Any] | None = None,
+                 model_map: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write ``graph`` to ``path`` in ``fmt`` (see the module docstring)."""
     fmt = check_format(fmt)
     p = Path(path)
@@ -410,5 +592,5 @@ def export_graph(graph: Graph, fmt: str, path: str | Path, *, spec: Mapping[str,
         graph_png(graph, p, title=name)
     else:
         title = f"Graph {name!r}" if name else None
-        p.write_text(to_langgraph_module(graph, spec, title=title, modname=p.stem))
+        p.write_text(to_langgraph_module(graph, spec, title=title, modname=p.stem, model_map=model_map))
     return p

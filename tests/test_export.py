@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,18 @@ def test_exported_module_sends_the_same_messages_as_graphtune(tmp_path, server):
     assert sorted(seen, key=lambda t: json.dumps(t)) == sorted(ours, key=lambda t: json.dumps(t))
     assert len(seen) == 4 and "42" in outputs["f"]
     assert "42" in asyncio.run(mod.arun(q))
+    # LangGraph's own sync interface sends the same calls (a sync hook in the run's config)
+    sync_seen = []
+
+    def sync_recorder(**kw):
+        import litellm
+
+        sync_seen.append((kw["model"], kw["messages"], kw["seed"]))
+        return litellm.completion(**kw)
+
+    state = mod.graph.invoke({"question": q}, config={"configurable": {"completion": sync_recorder}})
+    assert sorted(sync_seen, key=json.dumps) == sorted(ours, key=json.dumps)
+    assert state["answer"] == state["outputs"]["f"] == outputs["f"]
 
 
 def _deps_path() -> str:
@@ -234,3 +247,134 @@ def test_cli_export_selectors_and_run_the_exported_file(tmp_path, server):
     r = runner.invoke(app, ["run", str(tmp_path / "best.yaml"), "--spec", str(spec), "--question", "x ANSWER=3"],
                       catch_exceptions=False)
     assert r.exit_code == 0 and "The answer is 3" in r.output, r.output
+
+
+# -- a plain LangGraph graph ------------------------------------------------------------------
+
+SIM_SPEC = {"task": {"scorer": "numeric"}, "env": {"kind": "simulated", "max_tokens": 40, "seed": 5},
+            "models": [{"name": m} for m in QS_MODELS]}
+
+
+def _module(tmp_path: Path, graph: Graph, spec=None, *, model_map=None, name: str = "exported"):
+    path = tmp_path / f"{name}.py"
+    path.write_text(to_langgraph_module(graph, spec, modname=name, model_map=model_map))
+    return _load(path)
+
+
+def test_exported_graph_is_called_the_way_langgraph_documents(tmp_path, server, monkeypatch):
+    from langgraph.graph.state import CompiledStateGraph
+
+    mod = _module(tmp_path, vote_graph(), SIM_SPEC,
+                  model_map={"llama-3.2-1b": {"model": "openai/echo"}, "llama-3.2-3b": {"model": "openai/echo-3b"}})
+    g = mod.graph
+    assert isinstance(g, CompiledStateGraph)
+    assert {"node_a", "node_b", "node_c", "node_f"} <= set(g.get_graph().nodes)
+    assert set(g.get_input_jsonschema()["properties"]) == {"question"}
+    assert set(g.get_output_jsonschema()["properties"]) == {"answer", "outputs"}
+    q = "What is 5 + 2? ANSWER=7"
+    state = g.invoke({"question": q}, context={"api_base": server.api_base})  # sync nodes
+    assert state["answer"].startswith("The answer is 7") and state["answer"] == state["outputs"]["f"]
+    assert set(state["outputs"]) == {"a", "b", "c", "f"}
+    # async: the same requests (the fake's reply carries a digest of prompt and seed)
+    astate = asyncio.run(g.ainvoke({"question": q}, context=mod.Context(api_base=server.api_base)))
+    assert astate == state
+    # two identical sources are two samples: seeds 5 and 6, so two different replies
+    assert state["outputs"]["a"] != state["outputs"]["b"]
+    # streaming, per node, as LangGraph streams any graph
+    updates = [u for u in g.stream({"question": q}, context={"api_base": server.api_base}, stream_mode="updates")]
+    assert [next(iter(u)) for u in updates][-1] == "node_f" and len(updates) == 4
+    # the models, chosen at call time through the context
+    seen = []
+
+    def rec(**kw):
+        import litellm
+
+        seen.append((kw["model"], kw["seed"], kw.get("api_key")))
+        return litellm.completion(**kw)
+
+    g.invoke({"question": q}, context={"api_base": server.api_base, "models": {"llama-3.2-3b": "openai/echo-acc0"},
+                                       "seed": 11},
+             config={"configurable": {"completion": rec}})
+    assert sorted(seen) == [("openai/echo", 11, "sk-no-key-required"), ("openai/echo", 12, "sk-no-key-required"),
+                            ("openai/echo-acc0", 11, "sk-no-key-required"),
+                            ("openai/echo-acc0", 11, "sk-no-key-required")]
+    # defaults from the environment: no context at all
+    monkeypatch.setenv("GRAPHTUNE_API_BASE", server.api_base)
+    assert g.invoke({"question": q}) == state
+    # the context wins over the environment, which wins over the exported MODELS block
+    monkeypatch.setenv("GRAPHTUNE_MODEL_LLAMA_3_2_1B", "openai/from-env")
+    assert mod.endpoint("llama-3.2-1b")["model"] == "openai/from-env"
+    ctx = mod.Context(models={"llama-3.2-1b": "openai/from-ctx"}, api_bases={"llama-3.2-1b": "http://ctx:1/v1"})
+    assert mod.endpoint("llama-3.2-1b", ctx)["model"] == "openai/from-ctx"
+    assert mod.endpoint("llama-3.2-1b", ctx)["api_base"] == "http://ctx:1/v1"
+    assert mod.endpoint("llama-3.2-3b", ctx) == {"model": "openai/echo-3b", "api_base": server.api_base,
+                                                 "api_key": "sk-no-key-required"}
+    # a key travels by the name of its variable only
+    monkeypatch.setenv("CTX_KEY", "sk-ctx")
+    assert mod.endpoint("llama-3.2-3b", mod.Context(api_key_envs={"llama-3.2-3b": "CTX_KEY"}))["api_key"] == "sk-ctx"
+
+
+def test_nodes_of_a_level_run_in_parallel_sync_and_async(tmp_path):
+    """Four sources and a fuser against a server that takes 0.5 s per reply: about 1 s
+    when the sources overlap, 2.5 s one after the other."""
+    g = Graph.build([Node.make(f"s{i}", "assistant", "llama-3.2-1b") for i in range(4)]
+                    + [Node.make("f", "fuser", "llama-3.2-3b")], [(f"s{i}", "f") for i in range(4)])
+    mod = _module(tmp_path, g, SIM_SPEC, model_map={"llama-3.2-1b": {"model": "openai/echo"},
+                                                    "llama-3.2-3b": {"model": "openai/echo"}}, name="wide")
+    with FakeOpenAIServer(latency_s=0.5) as slow:
+        ctx = {"api_base": slow.api_base}
+        q = {"question": "q ANSWER=3"}
+        mod.graph.invoke(q, context=ctx)  # warm-up: litellm's first call loads its provider modules
+        t0 = time.perf_counter()
+        state = mod.graph.invoke(q, context=ctx)
+        sync_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        astate = asyncio.run(mod.graph.ainvoke(q, context=ctx))
+        async_s = time.perf_counter() - t0
+    assert state == astate and state["answer"].startswith("The answer is 3")
+    assert len(set(state["outputs"].values())) == 5  # four samples (seeds 5..8) and the fuser
+    print(f"level of 4 x 0.5 s replies + fuser: invoke {sync_s:.2f} s, ainvoke {async_s:.2f} s")
+    assert sync_s < 2.0 and async_s < 2.0, (sync_s, async_s)
+
+
+def test_cli_maps_a_simulated_studys_models_to_endpoints(tmp_path, server):
+    db = make_study(tmp_path, evaluations=3)
+    runner = CliRunner()
+    out = tmp_path / "mapped.py"
+    r = runner.invoke(app, ["export", "s", "-f", "langgraph", "-o", str(tmp_path / "plain.py"), "--storage", db])
+    assert r.exit_code == 0, r.output
+    assert "no endpoint for" in r.output and "--models" in r.output and "graphtune[llm]" in r.output
+    mapping = tmp_path / "models.yaml"
+    mapping.write_text("llama-3.2-1b: openai/echo\n"
+                       "llama-3.2-3b: {litellm: openai/echo-3b, api_key_env: FAKE_KEY}\n"
+                       "llama-3.1-8b: {litellm: openai/echo-8b}\n")
+    r = runner.invoke(app, ["export", "s", "-f", "langgraph", "-o", str(out), "--models-file", str(mapping),
+                            "--models", "llama-3.1-70b=openai/echo-70b", "--models", "llama-3.1-8b=openai/echo",
+                            "--storage", db], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "no endpoint for" not in r.output and './mapped.py:graph' in r.output
+    mod = _load(out)
+    want = {"llama-3.2-1b": ("openai/echo", None), "llama-3.2-3b": ("openai/echo-3b", "FAKE_KEY"),
+            "llama-3.1-8b": ("openai/echo", None), "llama-3.1-70b": ("openai/echo-70b", None)}
+    assert mod.MODELS and all(mod.MODELS[m]["model"] == want[m][0] and mod.MODELS[m]["api_key_env"] == want[m][1]
+                              for m in mod.MODELS)
+    os.environ["FAKE_KEY"] = "sk-fake"
+    try:
+        state = mod.graph.invoke({"question": "What is 1 + 1? ANSWER=2"}, context={"api_base": server.api_base})
+    finally:
+        del os.environ["FAKE_KEY"]
+    assert state["answer"].startswith("The answer is 2")
+    assert "sk-fake" not in out.read_text()
+    # mistakes: one line each, naming the fix
+    for args, msg in ((["--models", "llama-3.2-1b"], "write NAME=LITELLM_STRING"),
+                      (["--models", "gpt-9=openai/x"], "gpt-9 is not a model of the study; its models: "),
+                      (["--models-file", str(tmp_path / "none.yaml")], "does not exist"),
+                      (["--models", "llama-3.2-1b=openai/x", "-f", "yaml"], "apply to --format langgraph only")):
+        cmd = ["export", "s", "-o", str(tmp_path / "x.py"), "--storage", db, "-f", "langgraph", *args]
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("llama-3.2-1b: {litellm: openai/x, api_key: sk-oops}\n")
+    r = runner.invoke(app, ["export", "s", "-f", "langgraph", "-o", str(out), "--models-file", str(bad),
+                            "--storage", db])
+    assert r.exit_code == 2 and "unknown key(s) api_key" in r.output and "sk-oops" not in out.read_text()

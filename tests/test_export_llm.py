@@ -76,15 +76,30 @@ storage: sqlite:///{tmp_path / 'gt.db'}
         seen.append((kw["messages"], kw["seed"], resp.choices[0].message.content or ""))
         return resp
 
+    sync_seen = []
+
+    def sync_recorder(**kw):
+        import litellm
+
+        resp = litellm.completion(**kw)
+        sync_seen.append((kw["messages"], kw["seed"], resp.choices[0].message.content or ""))
+        return resp
+
     with LocalLLMServer(smollm2_path(), alias="smollm2", n_parallel=1, seed=7) as srv:
         monkeypatch.setenv("GRAPHTUNE_API_BASE_SMOLLM2", srv.api_base)
         outputs = mod.run_nodes(q, acompletion=recorder)
+        # LangGraph's sync interface, the endpoint given in the run's context instead
+        monkeypatch.delenv("GRAPHTUNE_API_BASE_SMOLLM2")
+        state = mod.graph.invoke({"question": q}, context={"api_bases": {"smollm2": srv.api_base}},
+                                 config={"configurable": {"completion": sync_recorder}})
     assert len(seen) == 3 and set(outputs) == {"a", "b", "f"}
+    assert len(sync_seen) == 3 and state["answer"] == state["outputs"]["f"]
 
     key = lambda t: json.dumps(t[:2], sort_keys=True)  # noqa: E731
     first = lambda calls: sorted((c for c in calls if "Response 1" not in c[0][-1]["content"]), key=key)  # noqa: E731
-    # the sources: the same messages and seeds as graphtune sent
+    # the sources: the same messages and seeds as graphtune sent (async and sync runs)
     assert [c[:2] for c in first(seen)] == [c[:2] for c in first(ledger)]
+    assert [c[:2] for c in first(sync_seen)] == [c[:2] for c in first(ledger)]
     # the fuser: exactly graphtune's prompt over the replies this run received
     prompts = build_prompts(None, {}, scorer="numeric")
     fuser = [c for c in seen if "Response 1" in c[0][-1]["content"]]
