@@ -132,6 +132,9 @@ def test_upgrading_a_0001_store_keeps_its_studies_and_adds_the_worker_columns(tm
     con.execute("insert into trials (study_id, number, split, batch, slot, status, graph, graph_hash, method, "
                 "origin, parents, info, question_ids, metrics, new_runs, started_at) values (1, 1, 'dev', 0, 0, "
                 "'complete', '{}', 'g', 'random', 'sample', '[]', '{}', '[]', '{}', 10, '2026-01-01')")
+    con.execute("insert into question_results (trial_id, position, question_id, score, prompt_tokens, "
+                "completion_tokens, flops, usd, latency_s, modelled, reused, nodes) values "
+                "(1, 0, 'q1', 1.0, 0, 0, 0, 0, 0, 0, 0, '[]')")
     con.commit()
     con.close()
     with pytest.raises(StoreError, match="revision 0001, this graphtune needs"):
@@ -143,6 +146,8 @@ def test_upgrading_a_0001_store_keeps_its_studies_and_adds_the_worker_columns(tm
     st = s.get_study("s")
     assert (st.batch_index, st.runs_spent, st.n_trials) == (3, 40, 1)
     assert s.list_trials(st.id)[0].new_runs == 10
+    # 0002 rebuilds `trials` on SQLite: with foreign keys on, that cascaded to every question result
+    assert [r.question_id for r in s.trial_results(s.list_trials(st.id)[0].id)] == ["q1"]
     assert s.list_workers(st.id) == []
     s.close()
 
@@ -378,3 +383,62 @@ def test_upgrading_drops_what_a_failed_optuna_command_left_in_an_old_store(tmp_p
     assert _count(db, [f"gt_{t}" for t in STORE_0002_ROWS]) == {f"gt_{t}": n for t, n in STORE_0002_ROWS.items()}
     _optuna_study(url, n_trials=1)  # Optuna now starts clean next to graphtune
     assert "quickstart" in _graphtune("studies", "--storage", url)
+
+
+def _pg_names(url: str) -> set[tuple[str, str]]:
+    """(kind, name) of every relation (tables, indexes, sequences) and constraint in the schema."""
+    from sqlalchemy import text
+
+    eng = create_engine(url)
+    try:
+        with eng.connect() as c:
+            rels = c.execute(text("select relkind, relname from pg_class where relnamespace = current_schema()::regnamespace "
+                                  "and relkind in ('r', 'i', 'S')")).all()
+            cons = c.execute(text("select contype, conname from pg_constraint "
+                                  "where connamespace = current_schema()::regnamespace")).all()
+        return {(str(k), n) for k, n in rels} | {("c" + str(k), n) for k, n in cons}
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("GRAPHTUNE_TEST_POSTGRES_URL"),
+                    reason="set GRAPHTUNE_TEST_POSTGRES_URL (bash scripts/postgres.sh start) to test PostgreSQL")
+def test_postgresql_upgrade_of_a_0002_store_renames_everything_and_keeps_its_rows(tmp_path):
+    from sqlalchemy import text
+    from test_store import fresh_postgres
+
+    url = fresh_postgres(__import__("os").environ["GRAPHTUNE_TEST_POSTGRES_URL"])
+    Storage(url).close()
+    fresh = _pg_names(url)  # what a fresh store has
+    # the uq_* constraints keep their names (Optuna never names one; see graphtune.store.models)
+    assert {n for _, n in fresh if "gt_" not in n} == {"uq_trial_number", "uq_agent_step_key", "uq_worker_name"}
+
+    fresh_postgres(url)
+    _store_at(url, "0002")
+    eng = create_engine(url)
+    with eng.begin() as c:
+        c.execute(text("insert into studies (name, method, spec, spec_hash, status, batch_index, runs_spent, created_at, "
+                       "updated_at, schema_version) values ('s', 'random', '{}', 'h', 'complete', 3, 40, now(), now(), 2)"))
+        c.execute(text("insert into trials (study_id, number, split, batch, slot, status, graph, graph_hash, method, "
+                       "origin, parents, info, question_ids, metrics, new_runs, started_at, attempts) values (1, 1, 'dev', "
+                       "0, 0, 'complete', '{}', 'g', 'random', 'sample', '[]', '{}', '[\"q1\"]', '{}', 10, now(), 0)"))
+        c.execute(text("insert into question_results (trial_id, position, question_id, score, prompt_tokens, "
+                       "completion_tokens, flops, usd, latency_s, modelled, reused, nodes) values "
+                       "(1, 0, 'q1', 1.0, 0, 0, 0, 0, 0, false, false, '[]')"))
+    eng.dispose()
+    with pytest.raises(StoreError, match=f"revision 0002, this graphtune needs {HEAD}; run `graphtune storage upgrade"):
+        Storage(url)
+    assert Storage.upgrade(url) == ("0002", HEAD)
+    assert _diff(url) == []
+    assert _pg_names(url) == fresh  # keys, sequences, indexes: the names a fresh store has
+    s = Storage(url)
+    st = s.get_study("s")
+    (t,) = s.list_trials(st.id)
+    assert (st.runs_spent, t.new_runs, len(s.trial_results(t.id))) == (40, 10, 1)
+    s.create_study("t", "random", {})  # the renamed sequences go on numbering
+    assert s.get_study("t").id == 2
+    s.close()
+    _optuna_study(url, n_trials=1)  # and Optuna has the database to itself under its own names
+    r = _optuna("studies", "--storage", url)
+    assert r.returncode == 0 and "| opt " in r.stdout, r.stdout + r.stderr
+    fresh_postgres(url)

@@ -62,8 +62,31 @@ def script_head() -> str:
 
 
 def upgrade(engine, revision: str = "head", *, version_table: str = VERSION_TABLE) -> None:
-    """Upgrade the database behind ``engine`` to ``revision``."""
+    """Upgrade the database behind ``engine`` to ``revision``.
+
+    On SQLite the migrations run with foreign keys off (``PRAGMA foreign_keys`` cannot change
+    inside a transaction, so it is set before): ``batch_alter_table`` rebuilds a table by
+    copying it and dropping the old one, and with foreign keys on that drop would cascade to
+    the rows referencing it (revision 0002 rebuilding ``trials`` deleted every question
+    result). The references are checked once the migrations are done."""
     from alembic import command
 
-    with engine.begin() as conn:
-        command.upgrade(alembic_config(str(engine.url), conn, version_table=version_table), revision)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                command.upgrade(alembic_config(str(engine.url), conn, version_table=version_table), revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        from graphtune.errors import StoreError
+
+                        raise StoreError(f"the migration to {revision} left {len(broken)} rows with broken "
+                                         f"references (first: {tuple(broken[0])}); restore the store's backup")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
