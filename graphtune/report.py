@@ -23,7 +23,6 @@ import base64
 import html
 import io
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,9 +50,11 @@ pre { padding: 0.5em; overflow-x: auto; white-space: pre-wrap; }
 .legend { font-size: 0.85em; color: #444; } .legend span.ok, .legend span.bad, .legend span.err { padding: 0 4px; }
 span.ok { background: #e3f6e3; } span.bad { background: #fbe4e4; } span.err { background: #eee; color: #777; }
 td a, h3 a { color: inherit; text-decoration: none; } td a:hover { text-decoration: underline; }
-details.more > summary { cursor: pointer; list-style: none; } details.more > summary::-webkit-details-marker { display: none; }
+details.more > summary { cursor: pointer; list-style: none; }
+details.more > summary::-webkit-details-marker { display: none; }
 details.more > summary .m { color: #1f5fbf; font-size: 0.85em; } details.more[open] > summary .pv { display: none; }
-details.q { margin: 2px 0; } details.q > summary { cursor: pointer; } details.q:target, details.q[open] { background: #fcfcf4; }
+details.q { margin: 2px 0; } details.q > summary { cursor: pointer; }
+details.q:target, details.q[open] { background: #fcfcf4; }
 .note { color: #888; font-size: 0.85em; } ul.steps { margin: 0; padding-left: 1.1em; }
 """
 
@@ -109,7 +110,7 @@ def bounded(text: str | None, limit: int = TEXT_CHARS) -> str:
     text = "" if text is None else str(text)
     if len(text) <= limit:
         return _esc(text)
-    return (f"{_esc(cut_words(text, limit))} <span class='note'>(first {limit:,} of {len(text):,} "
+    return (f"{_esc(cut_words(text, limit))} <span class='note'>(up to {limit:,} of {len(text):,} "
             "characters)</span>")
 
 

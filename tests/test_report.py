@@ -281,7 +281,7 @@ def test_hostile_model_answers_are_escaped_and_bounded(study):
     assert "script" not in p.tags and html.count("<img ") == 3
     assert sorted(p.handlers) == [("body", "onhashchange"), ("body", "onload")]
     # a long node output is cut, with its full length noted; long agent texts are bounded
-    assert f"(first {NODE_OUTPUT_CHARS} of 5,000 characters)" in html and "y" * 1000 not in html
+    assert f"(up to {NODE_OUTPUT_CHARS} of 5,000 characters)" in html and "y" * 1000 not in html
     tl = _section(html, "Agent feedback timeline")
     assert "the model's reply" in tl and "characters)" in tl
     assert len(tl) < 40 * len(HOSTILE) * 10 * 60  # far below the stored texts' total
