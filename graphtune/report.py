@@ -49,7 +49,7 @@ pre { padding: 0.5em; overflow-x: auto; white-space: pre-wrap; }
 .kv td:first-child { color: #666; }
 .legend { font-size: 0.85em; color: #444; } .legend span.ok, .legend span.bad, .legend span.err { padding: 0 4px; }
 span.ok { background: #e3f6e3; } span.bad { background: #fbe4e4; } span.err { background: #eee; color: #777; }
-td a, h3 a { color: inherit; text-decoration: none; } td a:hover { text-decoration: underline; }
+td a, th a { color: inherit; text-decoration: none; } td a:hover, th a:hover { text-decoration: underline; }
 details.more > summary { cursor: pointer; list-style: none; }
 details.more > summary::-webkit-details-marker { display: none; }
 details.more > summary .m { color: #1f5fbf; font-size: 0.85em; } details.more[open] > summary .pv { display: none; }
