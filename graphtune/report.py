@@ -4,8 +4,17 @@ The HTML report needs nothing at view time: plots are PNGs inlined as base64, th
 inline, there is no script from elsewhere (one inline line counts the loaded plots into
 ``body[data-plots-loaded]`` so a headless browser test can check them). Sections: the
 best-so-far curve, the Pareto plot, a drawing of the recommended graph, per-question
-results of the top graphs, the agent's feedback timeline with the updates it caused
-and the trials of its proposals, and a cost breakdown (environment vs agent, per model).
+results of the top graphs (with a legend), a per-question drill-down (each node's output
+on each question, for the top graphs, the recommended trial and the held-out test trial),
+the agent's feedback timeline (what each step changed, in words and rounded numbers, its
+proposals as graph text and the trials they became), and a cost breakdown (environment vs
+agent, per model).
+
+Everything a model or an agent wrote is HTML-escaped and bounded: a text longer than its
+limit is cut at a word boundary, with its full length noted (or kept whole behind a
+"more" expander where it is short enough), so the page stays small and inert whatever
+the models replied. The size does not grow with the number of trials except through the
+Pareto front and the timeline (one row per agent step).
 """
 
 from __future__ import annotations
@@ -13,7 +22,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +47,15 @@ th { background: #f5f5f5; } td.ok { background: #e3f6e3; } td.bad { background: 
 td.err { background: #eee; color: #777; } code, pre { font-size: 0.85em; background: #f7f7f7; }
 pre { padding: 0.5em; overflow-x: auto; white-space: pre-wrap; }
 .kv td:first-child { color: #666; }
+.legend { font-size: 0.85em; color: #444; } .legend span.ok, .legend span.bad, .legend span.err { padding: 0 4px; }
+span.ok { background: #e3f6e3; } span.bad { background: #fbe4e4; } span.err { background: #eee; color: #777; }
+td a, th a { color: inherit; text-decoration: none; } td a:hover, th a:hover { text-decoration: underline; }
+details.more > summary { cursor: pointer; list-style: none; }
+details.more > summary::-webkit-details-marker { display: none; }
+details.more > summary .m { color: #1f5fbf; font-size: 0.85em; } details.more[open] > summary .pv { display: none; }
+details.q { margin: 2px 0; } details.q > summary { cursor: pointer; }
+details.q:target, details.q[open] { background: #fcfcf4; }
+.note { color: #888; font-size: 0.85em; } ul.steps { margin: 0; padding-left: 1.1em; }
 """
 
 
@@ -55,6 +72,95 @@ def _esc(x: Any) -> str:
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+#: how much of a free text (agent feedback, a reason) a timeline cell shows before "more"
+PREVIEW_CHARS = 220
+#: the most of one free text the page keeps (the rest is summarised by its length)
+TEXT_CHARS = 2000
+#: the most of one node's output the drill-down keeps
+NODE_OUTPUT_CHARS = 400
+#: the most of an agent reply the timeline keeps
+REPLY_CHARS = 4000
+#: proposals listed per agent step (a proposer may return up to 1,024)
+MAX_PROPOSALS_SHOWN = 12
+#: questions shown per trial, in the table and in the drill-down
+MAX_QUESTIONS = 150
+#: inline handler: open the <details> the address's fragment names
+OPEN_TARGET = ("var d=document.getElementById(location.hash.slice(1));"
+               "if(d&&d.tagName=='DETAILS'){d.open=true;d.scrollIntoView();}")
+
+
+def cut_words(text: str, limit: int) -> str:
+    """``text`` when it has at most ``limit`` characters, else its longest prefix of at
+    most ``limit`` characters that ends at a word boundary (a hard cut when one word is
+    longer than half the limit), with "…" appended."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit + 1]
+    cut = max(head.rfind(c) for c in (" ", "\n", "\t"))
+    if cut < limit // 2:
+        cut = limit
+    return text[:cut].rstrip().rstrip(".,;:") + "\u2026"
+
+
+def bounded(text: str | None, limit: int = TEXT_CHARS) -> str:
+    """HTML for a text kept to ``limit`` characters (cut at a word), with a note of its
+    full length when it was cut."""
+    text = "" if text is None else str(text)
+    if len(text) <= limit:
+        return _esc(text)
+    return (f"{_esc(cut_words(text, limit))} <span class='note'>(up to {limit:,} of {len(text):,} "
+            "characters)</span>")
+
+
+def more(text: str | None, preview: int = PREVIEW_CHARS, limit: int = TEXT_CHARS) -> str:
+    """HTML for a free text: whole when short, else its first words with a "more"
+    expander (no script) that holds the text bounded to ``limit``."""
+    text = "" if text is None else str(text)
+    if len(text) <= preview:
+        return _esc(text)
+    return (f"<details class='more'><summary><span class='pv'>{_esc(cut_words(text, preview))} </span>"
+            f"<span class='m'>more</span></summary>{bounded(text, limit)}</details>")
+
+
+def _num(x: Any, spec: str = "+.2f") -> str:
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def plain(value: Any, limit: int = 300) -> str:
+    """A stored value of unknown shape as short readable text (numbers rounded, no
+    brackets or quotes of a data dump)."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "-"
+    if isinstance(value, float):
+        return format(value, ".3g")
+    if isinstance(value, dict):
+        out = "; ".join(f"{k}: {plain(v, limit)}" for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        out = ", ".join(plain(v, limit) for v in value)
+    else:
+        out = str(value)
+    return cut_words(out, limit)
+
+
+def proposal_text(prop: Any) -> str:
+    """A proposed graph as graph text: :func:`to_text` when it is a valid graph, else its
+    nodes and edges as written (an invalid proposal is shown as the agent wrote it)."""
+    if not isinstance(prop, dict):
+        return plain(prop)
+    data = {k: prop[k] for k in ("nodes", "edges", "sink") if k in prop}
+    try:
+        return to_text(from_dict(data))
+    except Exception:  # noqa: BLE001 - an invalid proposal (its rejection reason says why)
+        nodes = [f"{n.get('id')}:{n.get('role')}:{n.get('model')}" if isinstance(n, dict) else str(n)
+                 for n in (prop.get("nodes") or [])[:64]]
+        edges = [f"{e[0]}->{e[1]}" if isinstance(e, (list, tuple)) and len(e) == 2 else str(e)
+                 for e in (prop.get("edges") or [])[:128]]
+        return cut_words(", ".join(nodes) + ("; edges " + ", ".join(edges) if edges else ""), 600)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -195,39 +301,206 @@ def _table(head: Sequence[str] | None, rows: Sequence[Sequence[str]], raw: bool 
     return f'<table class="{cls}">{thead}<tbody>{"".join(body)}</tbody></table>'
 
 
-def _question_table(store, trials, tops: Sequence[FrontPoint], limit: int = 150) -> str:
+QUESTION_LEGEND = (
+    "<p class='legend'>How to read it: each column is one graph, headed by its trial number and, in brackets, its "
+    "dev accuracy over all the questions that trial scored (click the header for the trial's node outputs). Each "
+    "row is one dev question; each cell is that graph on that question: <span class='ok'>&#10003;</span> correct, "
+    "<span class='bad'>&#10007;</span> wrong, followed by the graph's final (extracted) answer, cut to 24 "
+    "characters; a number in brackets is a partial score (0 to 1); <sup>m</sup> marks an outcome modelled from "
+    "records rather than observed (replay); <span class='err'>error</span> is an infrastructure failure, left "
+    "out of the accuracy (hover for the reason); <span class='err'>-</span> means the graph was not scored on "
+    "that question. Click a cell for what each node of the graph answered on that question.</p>")
+#: added to the legend for a simulated study, whose answers are classes, not texts
+SIMULATED_ANSWERS = ("<p class='legend'>This study ran on the simulator: an answer is an answer class, 0 the right "
+                     "answer and every other number one distinct wrong answer (equal numbers are equal answers, "
+                     "which is what majority votes count).</p>")
+
+
+def _env_kind(spec: Any) -> str | None:
+    env = spec.get("env") if isinstance(spec, dict) else None
+    return env.get("kind") if isinstance(env, dict) else None
+
+
+def _trial_of(trials, number: int):
+    return next((t for t in trials if t.number == number), None)
+
+
+def _cell_mark(r) -> str:
+    """The mark, score and answer a per-question cell shows (escaped)."""
+    mark = "&#10003;" if r.correct else "&#10007;"
+    part = f" ({r.score:.2f})" if r.score is not None and 0.0 < r.score < 1.0 else ""
+    modelled = "<sup>m</sup>" if r.modelled else ""
+    return f"{mark}{modelled}{part} {_esc(cut_words(r.answer or '', 24))}"
+
+
+def _question_table(store, trials, tops: Sequence[FrontPoint], drilled: dict[int, dict[str, str]],
+                    limit: int = MAX_QUESTIONS, simulated: bool = False) -> str:
     if not tops:
         return "<p>No finished dev trials.</p>"
     by_trial = {}
     qids: list[str] = []
     for p in tops:
-        t_id = next(t.id for t in trials if t.number == p.trial_number)
-        res = store.trial_results(t_id)
+        t = _trial_of(trials, p.trial_number)
+        res = store.trial_results(t.id) if t is not None else []
         by_trial[p.trial_number] = {r.question_id: r for r in res}
         for r in res:
             if r.question_id not in qids:
                 qids.append(r.question_id)
-    head = ["question"] + [f"#{p.trial_number} ({p.accuracy:.2f})" for p in tops]
+    head = "".join(f"<th><a href='#trial-{p.trial_number}'>#{p.trial_number} ({p.accuracy:.2f})</a></th>"
+                   for p in tops)
     rows = []
     for q in qids[:limit]:
-        cells = [f"<td>{_esc(q)}</td>"]
+        first = next((drilled[p.trial_number][q] for p in tops if q in drilled.get(p.trial_number, {})), None)
+        qcell = f"<a href='#{first}'>{_esc(q)}</a>" if first else _esc(q)
+        cells = [f"<td>{qcell}</td>"]
         for p in tops:
             r = by_trial[p.trial_number].get(q)
+            anchor = drilled.get(p.trial_number, {}).get(q)
             if r is None:
                 cells.append('<td class="err">-</td>')
-            elif r.error:
-                cells.append(f'<td class="err" title="{_esc(r.error)}">error</td>')
+                continue
+            if r.error:
+                cls, title, body = "err", f' title="{_esc(cut_words(r.error, 300))}"', "error"
             else:
-                ans = _esc((r.answer or "")[:24])
-                cells.append(f'<td class="{"ok" if r.correct else "bad"}">{"&#10003;" if r.correct else "&#10007;"} '
-                             f"{ans}</td>")
-        rows.append(cells)
-    more = f"<p class='sub'>first {limit} of {len(qids)} questions</p>" if len(qids) > limit else ""
-    legend = "".join(f"<li>#{p.trial_number}: <code>{_esc(to_text(from_dict(p.graph)))}</code></li>" for p in tops)
-    return f"<ul>{legend}</ul>" + _table(head, [["".join(r)] for r in rows], raw=True) + more
+                cls, title, body = "ok" if r.correct else "bad", "", _cell_mark(r)
+            if anchor:
+                body = f"<a href='#{anchor}'>{body}</a>"
+            cells.append(f'<td class="{cls}"{title}>{body}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    more_q = f"<p class='sub'>first {limit} of {len(qids)} questions</p>" if len(qids) > limit else ""
+    graphs = "".join(f"<li>#{p.trial_number}: <code>{_esc(to_text(from_dict(p.graph)))}</code></li>" for p in tops)
+    table = (f"<table><thead><tr><th>question</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    legend = QUESTION_LEGEND + (SIMULATED_ANSWERS if simulated else "")
+    return f"<ul>{graphs}</ul>" + legend + table + more_q
 
 
-def _timeline(store, study, trials) -> str:
+def drill_trials(trials, tops: Sequence[FrontPoint], recommended: FrontPoint | None, test) -> list:
+    """The trials the drill-down shows, in this order and each once: the top graphs of
+    the per-question table, the recommended graph's trial, the held-out test trial."""
+    out, seen = [], set()
+    numbers = [p.trial_number for p in tops] + ([recommended.trial_number] if recommended else [])
+    for n in numbers:
+        t = _trial_of(trials, n)
+        if t is not None and t.number not in seen:
+            out.append(t)
+            seen.add(t.number)
+    if test is not None and test.number not in seen:
+        out.append(test)
+    return out
+
+
+def _node_rows(r, models: dict[str, str], sink: str | None) -> str:
+    rows = []
+    for n in r.nodes:
+        ok = "-" if n.correct is None else ("&#10003;" if n.correct else "&#10007;")
+        cls = "" if n.correct is None else (" class='ok'" if n.correct else " class='bad'")
+        name = _esc(n.node_id) + (" (sink)" if n.node_id == sink else "")
+        out = bounded(n.answer, NODE_OUTPUT_CHARS) if n.answer else "<span class='note'>(empty)</span>"
+        rows.append(f"<tr><td>{name}</td><td>{_esc(models.get(n.node_id, '?'))}</td><td>{out}</td>"
+                    f"<td{cls}>{ok}</td><td>{n.prompt_tokens:,} / {n.completion_tokens:,}</td>"
+                    f"<td>{n.latency_s:.2f}</td></tr>")
+    if not rows:
+        return "<p class='note'>No per-node outcomes were stored for this question.</p>"
+    return ("<table><thead><tr><th>node</th><th>role : model</th><th>output (as scored)</th><th>correct</th>"
+            f"<th>tokens in / out</th><th>latency s</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _drilldown(store, chosen: Sequence[Any], limit: int = MAX_QUESTIONS) -> tuple[str, dict[int, dict[str, str]]]:
+    """The drill-down section, and per trial number the anchor of each question shown."""
+    if not chosen:
+        return "<p>No finished trials.</p>", {}
+    anchors: dict[int, dict[str, str]] = {}
+    parts = [f"<p class='legend'>Each question opens to what every node of the graph produced on it, in the "
+             f"graph's order: the output as the scorer read it (the extracted answer where the task extracts one), "
+             f"cut to {NODE_OUTPUT_CHARS} characters with the full length noted, whether it was right, its tokens "
+             f"and latency. Shown for the top graphs, the recommended trial and the held-out test trial, first "
+             f"{limit} questions each.</p>"]
+    for t in chosen:
+        res = store.trial_results(t.id)
+        graph = from_dict(t.graph)
+        models = {n.id: f"{n.role} : {n.model}" for n in graph.nodes}
+        acc = f"accuracy {_fmt(t.accuracy)} on {len(t.question_ids)} questions" if t.accuracy is not None else t.status
+        parts.append(f"<h3 id='trial-{t.number}'>trial #{t.number} ({_esc(t.split)}): {acc}</h3>"
+                     f"<p><code>{_esc(to_text(graph))}</code></p>")
+        mine = anchors.setdefault(t.number, {})
+        for i, r in enumerate(res[:limit]):
+            aid = f"q-{t.number}-{i}"
+            mine[r.question_id] = aid
+            if r.error:
+                head = f"<span class='err'>error</span> {_esc(r.question_id)}: {bounded(r.error, 300)}"
+            else:
+                head = (f"<span class='{'ok' if r.correct else 'bad'}'>{'&#10003;' if r.correct else '&#10007;'}"
+                        f"</span> {_esc(r.question_id)}: {bounded(r.answer or '', 80)}"
+                        + (" <span class='note'>(modelled)</span>" if r.modelled else ""))
+            parts.append(f"<details class='q' id='{aid}'><summary>{head}</summary>"
+                         f"{_node_rows(r, models, graph.sink)}</details>")
+        if len(res) > limit:
+            parts.append(f"<p class='sub'>first {limit} of {len(res)} questions</p>")
+    return "".join(parts), anchors
+
+
+def _changes(st: dict) -> str:
+    """What an agent step changed, in words and rounded numbers (escaped HTML)."""
+    applied = st.get("applied")
+    lines: list[str] = []
+    if isinstance(applied, dict) and isinstance(applied.get("deltas"), dict):
+        d = applied["deltas"]
+        if d.get("scale") is not None:
+            lines.append(f"applied at scale {_num(d['scale'], '.2f')} (the agent's confidence times its step size)")
+        if d.get("model"):
+            lines.append("model preference: " + ", ".join(f"{m} {_num(x)}" for m, x in d["model"].items()))
+        if d.get("role"):
+            lines.append("role preference: " + ", ".join(f"{r} {_num(x)}" for r, x in d["role"].items()))
+        if d.get("edges"):
+            lines.append("edges: " + ", ".join(f"{e[0]}\u2192{e[1]} {_num(e[2])}" if isinstance(e, (list, tuple))
+                                               and len(e) == 3 else plain(e) for e in d["edges"][:32]))
+        if isinstance(d.get("target_width"), dict):
+            w = d["target_width"]
+            lines.append(f"aimed at width {w.get('width')} (sink inputs {_num(w.get('sink_edge_shift'))})")
+        if isinstance(d.get("target_depth"), dict):
+            w = d["target_depth"]
+            lines.append(f"aimed at depth {w.get('depth')} (inner edges {_num(w.get('inner_edge_shift'))})")
+        for why in d.get("rejected") or []:
+            lines.append("not applied: " + plain(why))
+        if not lines:
+            lines.append("no preference change")
+        lines = [_esc(x) for x in lines]
+    elif isinstance(applied, dict) and "accepted" in applied:
+        n = len(applied.get("proposals") or [])
+        lines.append(_esc(f"accepted {applied['accepted']} of {n} proposals"
+                          + (f"; {applied['random_fill']} random graphs filled the batch"
+                             if applied.get("random_fill") else "")))
+    elif isinstance(applied, dict) and applied.get("fallback"):
+        lines.append(_esc(f"no structured update: {applied['fallback']}"))
+    elif applied:
+        lines.append(_esc(plain(applied)))
+    if st.get("rejected_reason"):
+        lines.append("<b>rejected:</b> " + more(st["rejected_reason"]))
+    return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>" if lines else "-"
+
+
+def _proposals(st: dict) -> str:
+    applied = st.get("applied") if isinstance(st.get("applied"), dict) else {}
+    outcomes = applied.get("proposals") or []
+    parsed = st.get("parsed") if isinstance(st.get("parsed"), dict) else {}
+    props = parsed.get("proposals") or []
+    items = []
+    for o in outcomes[:MAX_PROPOSALS_SHOWN]:
+        if not isinstance(o, dict):
+            items.append(_esc(plain(o)))
+            continue
+        i = o.get("index")
+        g = props[i] if isinstance(i, int) and 0 <= i < len(props) else None
+        status = str(o.get("status") or "?")
+        reason = f" ({more(o['reason'], 120, 600)})" if o.get("reason") else ""
+        graph = f": <code>{_esc(proposal_text(g))}</code>" if g is not None else ""
+        items.append(f"<b>{_esc(status)}</b>{reason}{graph}")
+    if len(outcomes) > MAX_PROPOSALS_SHOWN:
+        items.append(f"<span class='note'>and {len(outcomes) - MAX_PROPOSALS_SHOWN} more</span>")
+    return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in items) + "</ul>" if items else "-"
+
+
+def _timeline(store, study, trials, drilled: Sequence[int] = ()) -> str:
     steps = store.agent_steps(study.id)
     if not steps:
         return "<p>This search used no feedback agent.</p>"
@@ -238,20 +511,24 @@ def _timeline(store, study, trials) -> str:
             from_step.setdefault(key, []).append(t)
     rows = []
     for st in steps:
-        applied = st.get("applied") or {}
-        deltas = applied.get("deltas") if isinstance(applied, dict) else None
-        props = applied.get("proposals") if isinstance(applied, dict) else None
-        upd = json.dumps(deltas, default=str)[:400] if deltas else (json.dumps(applied, default=str)[:200] or "-")
-        if st.get("rejected_reason"):
-            upd += f" (rejected: {st['rejected_reason']})"
-        prop_txt = ", ".join(f"{p.get('status')}" + (f" ({p.get('reason')})" if p.get("reason") else "")
-                             for p in (props or [])) or "-"
-        tr = from_step.get(st["key"], [])
-        tr_txt = ", ".join(f"#{t.number} acc {_fmt(t.accuracy, '.2f')} on {len(t.question_ids)}q" for t in tr) or "-"
-        rows.append([str(st.get("batch")), st.get("kind") or "", st.get("backend") or "",
-                     (st.get("feedback") or "")[:600], upd, prop_txt, tr_txt])
-    return _table(["batch", "kind", "agent", "feedback", "update applied", "proposals", "trials of its proposals"],
-                  rows)
+        feedback = more(st.get("feedback"))
+        if st.get("is_llm") and st.get("reply"):
+            feedback += (f"<details class='more'><summary><span class='m'>the model's reply "
+                         f"({len(st['reply']):,} characters stored)</span></summary>"
+                         f"<pre>{bounded(st['reply'], REPLY_CHARS)}</pre></details>")
+        tr = from_step.get(st.get("key"), [])
+        tr_txt = ", ".join((f"<a href='#trial-{t.number}'>" if t.number in drilled else "")
+                           + f"#{t.number} acc {_fmt(t.accuracy, '.2f')} on {len(t.question_ids)}q"
+                           + ("</a>" if t.number in drilled else "") for t in tr) or "-"
+        rows.append([_esc(st.get("batch")), _esc(st.get("kind") or ""), _esc(st.get("backend") or ""),
+                     feedback or "-", _changes(st), _proposals(st), tr_txt])
+    head = "".join(f"<th>{h}</th>" for h in ("batch", "kind", "agent", "feedback", "what it changed", "proposals",
+                                             "trials of its proposals"))
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    legend = ("<p class='legend'>One row per agent step. Preference changes are the logit deltas actually applied "
+              "to the search distribution (positive: sampled more often), rounded to two decimals; a proposal is "
+              "queued or accepted (it becomes a trial), or rejected with the reason.</p>")
+    return legend + f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _cost_html(cb: dict) -> str:
@@ -303,13 +580,19 @@ def build_report(store, study, *, metric: str = "units", top: int = 3) -> tuple[
         ("Pareto front", f"{len(front)} of {len(sp.points)} well-evaluated graphs; hypervolume {hv:.4g} "
                          f"(reference {metric} {ref:g})"),
     ]
+    tops = top_points(sp.points, top)
+    drill_html, anchors = _drilldown(store, drill_trials(trials, tops, sp.recommended, test))
     front_rows = [[f"#{p.trial_number}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",
                    f"{p.latency_s:.2f}", to_text(from_dict(p.graph))] for p in front]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>graphtune report: {_esc(study.name)}</title><style>{CSS}</style></head>",
-        "<body onload=\"document.body.dataset.plotsLoaded=Array.from(document.images)"
-        ".filter(function(i){return i.complete&&i.naturalWidth>0;}).length\">",
+        # one inline handler counts the decoded plots (for the browser test); the other
+        # opens the drill-down entry a link (or the address) points to, for browsers that
+        # do not open a <details> on fragment navigation themselves
+        f"<body onload=\"document.body.dataset.plotsLoaded=Array.from(document.images)"
+        f".filter(function(i){{return i.complete&&i.naturalWidth>0;}}).length;{OPEN_TARGET}\" "
+        f"onhashchange=\"{OPEN_TARGET}\">",
         f"<h1>graphtune report: {_esc(study.name)}</h1>",
         f"<p class='sub'>store {_esc(store.safe_url())}; created {_esc(str(study.created_at)[:19])}</p>",
         "<h2>Summary</h2>", _table(None, [[k, v] for k, v in summary], cls="kv"),
@@ -325,8 +608,9 @@ def build_report(store, study, *, metric: str = "units", top: int = 3) -> tuple[
         "<h2>Pareto front</h2>",
         _table(["trial", "accuracy", "questions", "units", "USD / query", "latency s", "graph"], front_rows),
         f"<h2>Per-question results of the top {top} graphs</h2>",
-        _question_table(store, trials, top_points(sp.points, top)),
-        "<h2>Agent feedback timeline</h2>", _timeline(store, study, trials),
+        _question_table(store, trials, tops, anchors, simulated=_env_kind(study.spec) == "simulated"),
+        "<h2>Agent feedback timeline</h2>", _timeline(store, study, trials, set(anchors)),
+        "<h2>Per-question drill-down</h2>", drill_html,
         "<h2>Cost breakdown</h2>", _cost_html(cost_breakdown(store, study)),
         "<p class='sub'>Generated by graphtune; self-contained (no network needed to view).</p>",
         "</body></html>",
