@@ -29,7 +29,11 @@ Semantics (details and the parameters in ``docs/replay.md``):
   from the recorded wrong answers of q by popularity (the model's own counted twice),
   or is a new, never-recorded answer with weight ``novel_weight``.
 * A result that used any modelled outcome has ``QuestionResult.modelled = True``; a
-  graph of one source node is fully recorded.
+  graph of one source node is fully recorded. ``recorded_only=True`` refuses to evaluate a
+  graph any of whose outcomes would be modelled.
+* An empty wrong ``answer`` is "no answer": no candidate, no vote. ``answers="unknown"``
+  declares a table of verdicts only: correctness is replayed, and which recorded wrong
+  answers of a question agree is modelled (two agree with probability ``wrong_agreement``).
 
 Randomness comes from a hash of (seed, task, question, node, model, role, inputs), never
 from a global RNG; graphs are evaluated in canonical form, so results do not depend on
@@ -37,7 +41,9 @@ node naming, question order or evaluation order.
 
 Tokens: recorded ``prompt_tokens``/``completion_tokens`` when present; otherwise the
 prompt is estimated as ``len(question) / 4`` and the completion as ``len(text) / 4``
-(chars per token; the recorded GSM8K fixture has no token counts). Cost from the pool's
+(chars per token; the recorded GSM8K fixture has no token counts); for a model with
+neither, ``output_tokens`` (else the other models' mean, else 256, with a
+:class:`ReplayWarning` saying so once). Cost from the pool's
 constants (``node_flops``/``node_usd``/``node_latency_s``); a recorded ``cost_usd`` /
 ``latency_s`` is used for a recorded call when the pool gives the model no price / the
 row has a latency.
@@ -142,7 +148,11 @@ class ReplayEnvironment(Environment):
     ``synthesis`` is the simulator profile whose synthesis parameters model nodes with
     predecessors (its models are not used). ``prior_strength``, ``novel_weight`` and
     ``difficulty_prior_sd`` shape modelled samples (``docs/replay.md``). ``shape``
-    overrides the task shape (A, B) estimated from the records."""
+    overrides the task shape (A, B) estimated from the records; ``input_tokens`` /
+    ``output_tokens`` each override one half (and stand in for token counts the records
+    lack). ``answers``: ``"known"`` (the ``answer`` column holds answers) or ``"unknown"``
+    (verdicts only; ``wrong_agreement`` models which wrong answers agree).
+    ``recorded_only``: refuse graphs with any modelled outcome."""
 
     kind = "replay"
 
