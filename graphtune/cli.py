@@ -561,7 +561,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
                         "questions": len(r.question_ids), "reward": r.reward, "accuracy": r.accuracy,
                         "units": r.cost_units, "usd": r.usd, "latency_s": r.latency_s, "new_runs": r.new_runs,
                         "recommended": r.number == rec, "origin": r.origin, "error": r.error,
-                        **({"modelled": (r.metrics or {}).get("n_modelled")} if replay else {}),
+                        **({"modelled": _share_of(r.metrics)} if replay else {}),
                         "graph": to_short(from_dict(r.graph)) if r.status != "failed" else None} for r in rows], fmt):
         return
     # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
@@ -575,10 +575,16 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     typer.echo("\n".join(lines + _columns(head, cells, right=(0, 3, 4, 5, *((6,) if replay else ())))))
 
 
+def _share_of(metrics: dict | None) -> float | None:
+    """The fraction of a trial's scored outcomes that were modelled (None when not stored)."""
+    m = metrics or {}
+    return m["n_modelled"] / m["n_scored"] if "n_modelled" in m and m.get("n_scored") else None
+
+
 def _share(metrics: dict | None) -> str:
     """The modelled share as a table cell: a percentage, or - when not stored."""
-    m = metrics or {}
-    return f"{m['n_modelled'] / m['n_scored']:.0%}" if "n_modelled" in m and m.get("n_scored") else "-"
+    share = _share_of(metrics)
+    return "-" if share is None else f"{share:.0%}"
 
 
 @app.command()
@@ -594,8 +600,14 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     st = _study(store, study)
     con = _console()
 
-    def replay_note(metrics: dict | None) -> str:
-        return f", {_modelled(metrics)}" if _is_replay(st.spec) else ""
+    def replay_note(trial) -> str:
+        if not _is_replay(st.spec):
+            return ""
+        m = dict(trial.metrics or {})
+        if "n_modelled" not in m:  # stored before the count was: count it from the trial's results
+            scored = [r for r in store.trial_results(trial.id) if r.ok]
+            m.update(n_scored=len(scored), n_modelled=sum(bool(r.modelled) for r in scored))
+        return f", {_modelled(m)}"
 
     if trial is None:
         dev = [t for t in store.list_trials(st.id, split="dev") if t.status == "complete" and t.reward is not None]
@@ -611,9 +623,9 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         con.print(f"best graph: {to_text(g)}")
         if best:
             con.print(f"dev: reward {_fmt(best.reward)}, accuracy {_fmt(best.accuracy)} on {len(best.question_ids)} "
-                      f"questions{replay_note(best.metrics)} (trial #{best.number})")
+                      f"questions{replay_note(best)} (trial #{best.number})")
         con.print(f"test: accuracy {_fmt(t.accuracy)} on {t.metrics.get('n_scored', 0)} questions"
-                  f"{replay_note(t.metrics)} (trial #{t.number})")
+                  f"{replay_note(t)} (trial #{t.number})")
         con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, "
                   f"${_fmt(t.usd, '.6f')}, {_fmt(t.latency_s, '.2f')} s")
         con.print(to_mermaid(g))
@@ -629,7 +641,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     con.print(to_mermaid(g))
     m = t.metrics
     con.print(f"reward {_fmt(t.reward)}, accuracy {_fmt(t.accuracy)} on {m.get('n_scored', 0)} scored of "
-              f"{m.get('n', 0)} questions ({m.get('n_errors', 0)} infrastructure failures{replay_note(m)}), "
+              f"{m.get('n', 0)} questions ({m.get('n_errors', 0)} infrastructure failures{replay_note(t)}), "
               f"{t.new_runs} runs paid")
     con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, ${_fmt(t.usd, '.6f')}, "
               f"{_fmt(t.latency_s, '.2f')} s")

@@ -165,3 +165,13 @@ def test_docs_state_the_spec_default_of_test_size():
     doc = (ROOT / "docs" / "replay.md").read_text()
     assert "all the rest" not in doc
     assert f"default {TaskSpec.model_fields['test_size'].default}" in doc
+
+
+def test_a_replay_study_stored_before_the_new_options_continues_unchanged(tmp_path):
+    from graphtune.api import changed_fields, stored_spec
+
+    known = stored_spec(parse_spec(foreign_spec(tmp_path, env={"answers": "known"})))
+    old = {**known, "env": {k: v for k, v in known["env"].items()
+                            if k not in ("answers", "wrong_agreement", "recorded_only")}}
+    assert changed_fields(old, known) == []  # it ran with the defaults
+    assert changed_fields(old, stored_spec(parse_spec(foreign_spec(tmp_path)))) == [("env", "answers")]
