@@ -158,22 +158,22 @@ def consistency(storage: str, *, ledger_expected: int | None = None) -> dict:
         trials = store.list_trials(st.id)
         with store.engine.connect() as c:
             q = lambda sql: c.execute(text(sql), {"sid": st.id}).all()  # noqa: E731
-            n_trials = q("select count(*) from trials where study_id = :sid")[0][0]
-            by_status = dict(q("select status, count(*) from trials where study_id = :sid group by status"))
-            dup_places = q("select split, batch, slot from trials where study_id = :sid "
+            n_trials = q("select count(*) from gt_trials where study_id = :sid")[0][0]
+            by_status = dict(q("select status, count(*) from gt_trials where study_id = :sid group by status"))
+            dup_places = q("select split, batch, slot from gt_trials where study_id = :sid "
                            "group by split, batch, slot having count(*) > 1")
-            dev_runs = q("select coalesce(sum(new_runs), 0) from trials where study_id = :sid and split = 'dev'")[0][0]
-            paid = q("select coalesce(sum(case when r.reused then 0 else 1 end), 0) from question_results r "
-                     "join trials t on t.id = r.trial_id where t.study_id = :sid and t.split = 'dev' "
+            dev_runs = q("select coalesce(sum(new_runs), 0) from gt_trials where study_id = :sid and split = 'dev'")[0][0]
+            paid = q("select coalesce(sum(case when r.reused then 0 else 1 end), 0) from gt_question_results r "
+                     "join gt_trials t on t.id = r.trial_id where t.study_id = :sid and t.split = 'dev' "
                      "and r.error is null")[0][0]
-            dup_results = q("select t.graph_hash, t.split, r.question_id from question_results r "
-                            "join trials t on t.id = r.trial_id where t.study_id = :sid and not r.reused "
+            dup_results = q("select t.graph_hash, t.split, r.question_id from gt_question_results r "
+                            "join gt_trials t on t.id = r.trial_id where t.study_id = :sid and not r.reused "
                             "and r.error is null group by t.graph_hash, t.split, r.question_id having count(*) > 1")
-            n_results = q("select count(*) from question_results r join trials t on t.id = r.trial_id "
+            n_results = q("select count(*) from gt_question_results r join gt_trials t on t.id = r.trial_id "
                           "where t.study_id = :sid")[0][0]
-            worker_trials = q("select coalesce(sum(trials_done), 0), count(*) from workers where study_id = :sid")[0]
-            ledger = c.execute(text("select count(*) from llm_calls")).scalar()
-            ledger_dups = c.execute(text("select count(*) from (select key from llm_calls where error is null "
+            worker_trials = q("select coalesce(sum(trials_done), 0), count(*) from gt_workers where study_id = :sid")[0]
+            ledger = c.execute(text("select count(*) from gt_llm_calls")).scalar()
+            ledger_dups = c.execute(text("select count(*) from (select key from gt_llm_calls where error is null "
                                          "group by key having count(*) > 1) d")).scalar()
     finally:
         store.close()

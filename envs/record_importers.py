@@ -114,7 +114,7 @@ def records_from_ledger(source: Any, examples: Sequence[Any], scorer: Any, *, pr
                         task: str = "task", open_ledger: Callable[[str], CallLedger] | None = None) -> RecordTable:
     """Records of the *from-scratch* calls found in the call ledger of earlier live runs.
 
-    ``source`` is a store URL (its ``llm_calls`` table, opened with ``open_ledger``: the
+    ``source`` is a store URL (its ``gt_llm_calls`` table, opened with ``open_ledger``: the
     environments do not import the store, so :func:`graphtune.api.records_from_ledger`
     passes :func:`graphtune.store.ledger.open_ledger`), a
     :class:`~graphtune.envs.base.CallLedger`, or an iterable of

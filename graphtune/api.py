@@ -209,7 +209,7 @@ def build_replay_env(spec: Spec):
 
 def records_from_ledger(source, examples, scorer, *, prompts=None, task: str = "task"):
     """:func:`graphtune.envs.replay.records_from_ledger` with the store's ledger opener, so
-    ``source`` may be a store URL (its ``llm_calls`` table) as well as a ledger or call
+    ``source`` may be a store URL (its ``gt_llm_calls`` table) as well as a ledger or call
     records: a :class:`~graphtune.envs.replay.RecordTable` of the from-scratch calls."""
     from graphtune.envs.replay import records_from_ledger as from_ledger
     from graphtune.store.ledger import open_ledger

@@ -24,7 +24,7 @@ Invariants every ledger keeps:
   the app gives the ledger). The record served back from the ledger is the redacted one,
   in this process as after a resume.
 
-``SQLLedger`` stores the ``llm_calls`` table next to the studies (the same database);
+``SQLLedger`` stores the ``gt_llm_calls`` table next to the studies (the same database);
 with :meth:`SQLLedger.share` (``graphtune worker``) it also shares calls *in flight*
 between processes: a process claims a call's key in ``llm_call_claims`` before calling,
 and the others wait for its reply to appear instead of paying for it again (the claim
@@ -149,7 +149,7 @@ _STOP = object()
 
 
 class SQLLedger(Ledger):
-    """The ledger in a graphtune store's database (table ``llm_calls``).
+    """The ledger in a graphtune store's database (table ``gt_llm_calls``).
 
     ``storage`` is a :class:`graphtune.store.storage.Storage` (its engine and error
     translation are reused). The keys of successful calls are loaded once into memory,

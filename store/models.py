@@ -1,13 +1,22 @@
 """SQLAlchemy 2 tables of a graphtune store.
 
-* ``studies``: one search: its resolved spec, method, searcher state (saved after every
+Every table graphtune makes starts with ``gt_``, and so does its Alembic version table
+(``gt_alembic_version``); index names carry it too (``ix_gt_...``), and so, on
+PostgreSQL, do the default names of keys and sequences (``gt_trials_pkey``...). A store is
+often an Optuna storage URL too (Optuna is installed with graphtune) and Optuna's tables
+are ``studies``, ``trials``, ``alembic_version``...: with the prefix the two share a
+database without touching each other's tables. Schema revision 0003 renamed the older
+unprefixed tables. (The ``uq_*`` constraint names are kept: Optuna never names a
+constraint, and renaming one on SQLite would mean rebuilding its table.)
+
+* ``gt_studies``: one search: its resolved spec, method, searcher state (saved after every
   batch, so a killed search resumes where its last batch ended), status.
-* ``trials``: one graph evaluated on a set of dev (or test) questions. ``(study_id,
+* ``gt_trials``: one graph evaluated on a set of dev (or test) questions. ``(study_id,
   batch, slot)`` identifies the candidate's place in the search, so a resumed search
   that re-asks a batch finds the trials it already ran instead of duplicating them.
-* ``question_results``: per-question outcome of a trial (answer, correctness, tokens,
+* ``gt_question_results``: per-question outcome of a trial (answer, correctness, tokens,
   cost, latency, infrastructure error, per-node outcomes as JSON).
-* ``agent_steps``: what the feedback agent was asked and answered, and what it changed
+* ``gt_agent_steps``: what the feedback agent was asked and answered, and what it changed
   (lineage: trials point to the step that proposed them).
 
 Portable types only (JSON, Text, Float...), so the same schema runs on SQLite and
@@ -22,7 +31,7 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integ
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -34,7 +43,7 @@ class Base(DeclarativeBase):
 
 
 class StudyRow(Base):
-    __tablename__ = "studies"
+    __tablename__ = "gt_studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -54,16 +63,16 @@ class StudyRow(Base):
 
 
 class TrialRow(Base):
-    __tablename__ = "trials"
+    __tablename__ = "gt_trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_trial_number"),
-        Index("ix_trials_study_hash", "study_id", "graph_hash"),
-        Index("ix_trials_study_slot", "study_id", "split", "batch", "slot"),
-        Index("ix_trials_study_status", "study_id", "status"),
+        Index("ix_gt_trials_study_hash", "study_id", "graph_hash"),
+        Index("ix_gt_trials_study_slot", "study_id", "split", "batch", "slot"),
+        Index("ix_gt_trials_study_status", "study_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("gt_studies.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     split: Mapped[str] = mapped_column(String(16), default="dev")
     batch: Mapped[int] = mapped_column(Integer, default=0)
@@ -88,7 +97,7 @@ class TrialRow(Base):
     new_runs: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     feedback: Mapped[str | None] = mapped_column(Text, nullable=True)
-    agent_step_id: Mapped[int | None] = mapped_column(ForeignKey("agent_steps.id"), nullable=True)
+    agent_step_id: Mapped[int | None] = mapped_column(ForeignKey("gt_agent_steps.id"), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # distributed evaluation (schema 2): who holds the claim, its last heartbeat, how many
@@ -105,11 +114,11 @@ class TrialRow(Base):
 
 
 class QuestionResultRow(Base):
-    __tablename__ = "question_results"
-    __table_args__ = (Index("ix_qr_trial", "trial_id"),)
+    __tablename__ = "gt_question_results"
+    __table_args__ = (Index("ix_gt_qr_trial", "trial_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))
+    trial_id: Mapped[int] = mapped_column(ForeignKey("gt_trials.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     question_id: Mapped[str] = mapped_column(String(200))
     answer: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -129,11 +138,11 @@ class QuestionResultRow(Base):
 
 
 class AgentStepRow(Base):
-    __tablename__ = "agent_steps"
+    __tablename__ = "gt_agent_steps"
     __table_args__ = (UniqueConstraint("study_id", "key", name="uq_agent_step_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("gt_studies.id", ondelete="CASCADE"), index=True)
     #: the searcher's own name for the step; candidates refer to it as info["agent_step"]
     key: Mapped[str] = mapped_column(String(64))
     batch: Mapped[int] = mapped_column(Integer)
@@ -164,8 +173,8 @@ class LLMCallRow(Base):
     calls are recorded too but never served. API keys are never stored (the request
     carries only the model string and parameters)."""
 
-    __tablename__ = "llm_calls"
-    __table_args__ = (Index("ix_llm_calls_key", "key"),)
+    __tablename__ = "gt_llm_calls"
+    __table_args__ = (Index("ix_gt_llm_calls_key", "key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(64))
@@ -190,11 +199,11 @@ class WorkerRow(Base):
     heartbeat) split the spec's concurrency limits between them, so the limits hold for
     the study as a whole."""
 
-    __tablename__ = "workers"
+    __tablename__ = "gt_workers"
     __table_args__ = (UniqueConstraint("study_id", "name", name="uq_worker_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("gt_studies.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))  # host:pid:random
     host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
@@ -211,7 +220,7 @@ class LLMCallClaimRow(Base):
     paying for it again. Deleted in the transaction that records the call; left by a
     dead worker, it is taken over once that worker's heartbeat is stale."""
 
-    __tablename__ = "llm_call_claims"
+    __tablename__ = "gt_llm_call_claims"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(200))  # the worker's name (workers.name)

@@ -25,12 +25,17 @@ and of :class:`~graphtune.store.base.WorkerStorage` (stores workers share):
   through the store's :class:`~graphtune.store.redact.Redactor`, to which the app gives
   the secret values it knows (``Storage(url, secrets=...)``).
 
-Schema: versioned with Alembic (``graphtune.store.migrations``). A fresh database gets
-``create_all`` plus an ``alembic_version`` stamped with the code's head revision (one
-transaction; the same tables the migrations build, checked by tests/test_migrations.py);
-a database at an older revision is refused until ``graphtune storage upgrade`` runs; one
-at an unknown (newer) revision is refused too. Stores made before migrations existed (the
-tables, no ``alembic_version``) are stamped with the baseline revision.
+Schema: versioned with Alembic (``graphtune.store.migrations``). A database without
+graphtune's tables (empty, or an Optuna storage: every graphtune name has the ``gt_``
+prefix, so the two share a database) gets ``create_all`` plus a ``gt_alembic_version``
+stamped with the code's head revision (one transaction; the same tables the migrations
+build, checked by tests/test_migrations.py); a database at an older revision is refused
+until ``graphtune storage upgrade`` runs; one at an unknown (newer) revision is refused
+too. Stores written before revision 0003 keep their revision in ``alembic_version``
+(Alembic's default table, Optuna's too): they are recognised by a graphtune revision
+there, and the upgrade moves it to ``gt_alembic_version``. Stores made before migrations
+existed (graphtune's ``studies`` table, no ``alembic_version``) are stamped with the
+baseline revision.
 
 SQLite: WAL and a busy timeout, so several processes of one machine can share a file; a
 file on a network filesystem (NFS, SMB/CIFS, sshfs...), or one shared by ``workers``,
@@ -84,8 +89,24 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "fuse.sshfs", "sshfs", "9p", "afs",
                     "glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs")
 
-# the table Alembic keeps its revision in (same definition as Alembic's own)
-_VERSION_TABLE = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+# the table Alembic keeps graphtune's revision in (same definition as Alembic's own)
+_VERSION_TABLE = Table("gt_alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+# where graphtune kept it before revision 0003 (Alembic's default, which Optuna uses too)
+_LEGACY_VERSION_TABLE = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+
+
+def _legacy_revision(c, names: set[str]) -> str | None:
+    """The revision of a store written before revision 0003 (unprefixed tables, the revision
+    in ``alembic_version``, or none before migrations existed); None when the database holds
+    no such store (it may hold Optuna's tables, which have the same names)."""
+    from graphtune.store.migrations import BASELINE, LEGACY_REVISIONS
+
+    if "studies" not in names or "spec_hash" not in {col["name"] for col in inspect(c).get_columns("studies")}:
+        return None  # no graphtune studies table (Optuna's has no spec_hash)
+    if _LEGACY_VERSION_TABLE.name not in names:
+        return BASELINE
+    rev = c.scalar(select(_LEGACY_VERSION_TABLE.c.version_num))
+    return rev if rev in LEGACY_REVISIONS else None
 
 
 _NULL_HANDLER = logging.NullHandler()
@@ -291,13 +312,11 @@ class Storage(StudyStorage, WorkerStorage):
     # -- schema ----------------------------------------------------------------------
     def schema_revision(self) -> str | None:
         """The store's Alembic revision (None: no graphtune tables yet)."""
-        from graphtune.store.migrations import BASELINE
-
         with self.engine.connect() as c:
             names = set(inspect(c).get_table_names())
-            if "alembic_version" in names:
+            if _VERSION_TABLE.name in names:
                 return c.scalar(select(_VERSION_TABLE.c.version_num))
-            return BASELINE if "studies" in names else None
+            return _legacy_revision(c, names)
 
     def _check_schema(self, create: bool) -> None:
         from graphtune.store.migrations import HEAD, REVISIONS
@@ -343,27 +362,28 @@ class Storage(StudyStorage, WorkerStorage):
         from graphtune.store.migrations import BASELINE, HEAD
 
         names = set(inspect(c).get_table_names())
-        rev = c.scalar(select(_VERSION_TABLE.c.version_num)) if "alembic_version" in names else None
-        if rev is None and "studies" not in names:
+        rev = c.scalar(select(_VERSION_TABLE.c.version_num)) if _VERSION_TABLE.name in names else None
+        if rev is not None:
+            return rev
+        legacy = _legacy_revision(c, names)
+        if legacy is None:  # no graphtune tables (the database may hold Optuna's)
             if not create:
                 return None
             Base.metadata.create_all(c)
             _VERSION_TABLE.create(c, checkfirst=True)
             c.execute(_VERSION_TABLE.insert().values(version_num=HEAD))
             return HEAD
-        if rev is None and readonly:  # made before migrations existed: read as the baseline
-            return BASELINE
-        if rev is None:  # made before migrations existed: its schema is the baseline
-            _VERSION_TABLE.create(c, checkfirst=True)
-            c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
-            rev = BASELINE
-        return rev
+        if legacy == BASELINE and _LEGACY_VERSION_TABLE.name not in names and not readonly:
+            # made before migrations existed: its schema is the baseline
+            _LEGACY_VERSION_TABLE.create(c)
+            c.execute(_LEGACY_VERSION_TABLE.insert().values(version_num=BASELINE))
+        return legacy
 
     @classmethod
     def upgrade(cls, url: str) -> tuple[str | None, str]:
-        """Migrate the store at ``url`` to the code's head revision (creating it when empty);
-        returns ``(revision before, revision after)``."""
-        from graphtune.store.migrations import BASELINE, HEAD, upgrade
+        """Migrate the store at ``url`` to the code's head revision (creating it when it has
+        no graphtune tables); returns ``(revision before, revision after)``."""
+        from graphtune.store.migrations import HEAD, LEGACY_REVISIONS, upgrade
 
         self = cls.__new__(cls)
         self.url, self.readonly, self.redactor = url, False, Redactor()
@@ -371,12 +391,21 @@ class Storage(StudyStorage, WorkerStorage):
             self.engine = self._make_engine(url)
             try:
                 before = self.schema_revision()
-                if before == BASELINE:  # a pre-migration store: record its baseline first
+                if before is None:  # no graphtune tables (perhaps Optuna's): a fresh store
                     with self.engine.begin() as c:
-                        if "alembic_version" not in set(inspect(c).get_table_names()):
+                        self._look_or_create(c, True)
+                else:
+                    with self.engine.begin() as c:
+                        names = set(inspect(c).get_table_names())
+                        if _VERSION_TABLE.name not in names:
+                            # written before revision 0003: its revision moves to graphtune's own
+                            # table, and Alembic's default one goes (Optuna would take it for its own)
                             _VERSION_TABLE.create(c)
-                            c.execute(_VERSION_TABLE.insert().values(version_num=BASELINE))
-                upgrade(self.engine, "head")
+                            c.execute(_VERSION_TABLE.insert().values(version_num=before))
+                            if _LEGACY_VERSION_TABLE.name in names and \
+                                    c.scalar(select(_LEGACY_VERSION_TABLE.c.version_num)) in LEGACY_REVISIONS:
+                                _LEGACY_VERSION_TABLE.drop(c)
+                    upgrade(self.engine, "head")
                 after = self.schema_revision()
             finally:
                 self.engine.dispose()

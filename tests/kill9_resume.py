@@ -191,18 +191,18 @@ def snapshot(db: Path, study: str) -> dict:
     con = sqlite3.connect(db)
     try:
         sid, state, status, spent, nb = con.execute(
-            "select id, searcher_state, status, runs_spent, batch_index from studies where name=?", (study,)).fetchone()
+            "select id, searcher_state, status, runs_spent, batch_index from gt_studies where name=?", (study,)).fetchone()
         trials = con.execute(
             "select number, split, batch, slot, status, graph_hash, question_ids, reward, accuracy, new_runs, error "
-            "from trials where study_id=? order by number", (sid,)).fetchall()
-        places = con.execute("select split, batch, slot, count(*) from trials where study_id=? "
+            "from gt_trials where study_id=? order by number", (sid,)).fetchall()
+        places = con.execute("select split, batch, slot, count(*) from gt_trials where study_id=? "
                              "group by split, batch, slot having count(*) > 1", (sid,)).fetchall()
-        steps = con.execute("select key, batch, kind, parsed, applied, rejected_reason from agent_steps "
+        steps = con.execute("select key, batch, kind, parsed, applied, rejected_reason from gt_agent_steps "
                             "where study_id=? order by key", (sid,)).fetchall()
-        dup_calls = con.execute("select key, count(*) from llm_calls where error is null group by key "
+        dup_calls = con.execute("select key, count(*) from gt_llm_calls where error is null group by key "
                                 "having count(*) > 1").fetchall()
-        n_calls = con.execute("select count(*) from llm_calls").fetchone()[0]
-        test = con.execute("select graph_hash, parents, accuracy from trials where study_id=? and split='test'",
+        n_calls = con.execute("select count(*) from gt_llm_calls").fetchone()[0]
+        test = con.execute("select graph_hash, parents, accuracy from gt_trials where study_id=? and split='test'",
                            (sid,)).fetchall()
     finally:
         con.close()
@@ -225,7 +225,7 @@ def study_exists(db: Path, study: str) -> bool:
     con = sqlite3.connect(db, timeout=30)
     try:
         names = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-        return "studies" in names and con.execute("select 1 from studies where name=?", (study,)).fetchone() is not None
+        return "gt_studies" in names and con.execute("select 1 from gt_studies where name=?", (study,)).fetchone() is not None
     finally:
         con.close()
 

@@ -165,13 +165,13 @@ def hook(scenario: str, marker: Path, occurrence: int):
             from sqlalchemy.engine import Engine
 
             # a trial's outcome is stored with its results; the searcher's update sets the state
-            what = {"commit-trial": "insert into question_results", "commit-progress": "searcher_state",
-                    "commit-ledger": "insert into llm_calls"}[scenario]
+            what = {"commit-trial": "insert into gt_question_results", "commit-progress": "searcher_state",
+                    "commit-ledger": "insert into gt_llm_calls"}[scenario]
 
             @event.listens_for(Engine, "before_cursor_execute")
             def _seen(conn, cursor, statement, parameters, context, executemany):
                 s = statement.lower()
-                if what in s and (what != "searcher_state" or s.startswith("update studies")):
+                if what in s and (what != "searcher_state" or s.startswith("update gt_studies")):
                     conn.info["gt_fault_target"] = True
 
             @event.listens_for(Engine, "commit")
@@ -234,13 +234,13 @@ def durable(url: str) -> dict:
             names = set(c.execute(text("select name from sqlite_master where type='table'")).scalars()) \
                 if url.startswith("sqlite") else set(c.execute(text(
                     "select tablename from pg_tables where schemaname = current_schema()")).scalars())
-            if "trials" not in names:
+            if "gt_trials" not in names:
                 return {"trials": {}, "ledger_ok": 0, "ledger_rows": 0}
             trials = {n: str(f) for n, f in c.execute(text(
-                "select t.number, t.finished_at from trials t join studies s on s.id = t.study_id "
+                "select t.number, t.finished_at from gt_trials t join gt_studies s on s.id = t.study_id "
                 "where s.name = :n and t.status = 'complete'"), {"n": STUDY})}
-            ok = c.execute(text("select count(*) from llm_calls where error is null")).scalar()
-            rows = c.execute(text("select count(*) from llm_calls")).scalar()
+            ok = c.execute(text("select count(*) from gt_llm_calls where error is null")).scalar()
+            rows = c.execute(text("select count(*) from gt_llm_calls")).scalar()
     finally:
         eng.dispose()
     return {"trials": trials, "ledger_ok": int(ok), "ledger_rows": int(rows)}
@@ -252,7 +252,7 @@ def ledger_duplicates(url: str) -> int:
     eng = create_engine(url)
     try:
         with eng.connect() as c:
-            return len(c.execute(text("select key from llm_calls where error is null group by key "
+            return len(c.execute(text("select key from gt_llm_calls where error is null group by key "
                                       "having count(*) > 1")).all())
     finally:
         eng.dispose()
@@ -278,7 +278,7 @@ def _study_exists(url: str) -> bool:
         eng = create_engine(url)
         try:
             with eng.connect() as c:
-                return c.execute(text("select count(*) from studies where name = :n"), {"n": STUDY}).scalar() > 0
+                return c.execute(text("select count(*) from gt_studies where name = :n"), {"n": STUDY}).scalar() > 0
         except Exception:  # noqa: BLE001 - no tables yet
             return False
         finally:

@@ -144,7 +144,7 @@ def test_exported_module_sends_the_same_messages_as_graphtune(tmp_path, server):
     out = run_graph(spec, g, question=q)
     assert "42" in out.results[0].answer
     rows = Storage(spec.storage).engine.connect().exec_driver_sql(
-        "select endpoint, messages, params from llm_calls").all()
+        "select endpoint, messages, params from gt_llm_calls").all()
     ours = [(e.split("@")[0], json.loads(m) if isinstance(m, str) else m,
              (json.loads(p) if isinstance(p, str) else p)["seed"]) for e, m, p in rows]
     path = tmp_path / "exported.py"

@@ -57,7 +57,7 @@ storage: sqlite:///{tmp_path / 'gt.db'}
     ours = run_graph(spec, g, question=q)
     assert ours.calls["made"] == 3 and ours.results[0].error is None
     rows = Storage(spec.storage).engine.connect().exec_driver_sql(
-        "select messages, params, reply from llm_calls order by id").all()
+        "select messages, params, reply from gt_llm_calls order by id").all()
     ledger = [(json.loads(m) if isinstance(m, str) else m, (json.loads(p) if isinstance(p, str) else p)["seed"],
                r) for m, p, r in rows]
     assert len(ledger) == 3

@@ -118,7 +118,7 @@ def trials_of(db: Path) -> list[tuple]:
 
 def ledger_ok(db: Path) -> tuple[int, int]:
     with sqlite3.connect(db) as c:
-        return c.execute("select count(*), count(distinct key) from llm_calls where error is null").fetchone()
+        return c.execute("select count(*), count(distinct key) from gt_llm_calls where error is null").fetchone()
 
 
 # -- the suite's two searches ------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_writer_errors_surface_on_flush(tmp_path):
     led.put(rec("a"))
     led.flush()
     with led.storage.engine.begin() as c:
-        c.exec_driver_sql("DROP TABLE llm_calls")
+        c.exec_driver_sql("DROP TABLE gt_llm_calls")
     led.put(rec("b"))
     with pytest.raises(StoreError):
         led.flush()

@@ -383,7 +383,7 @@ def test_cli_optimize_live_then_a_new_study_pays_nothing(server, tmp_path):
     assert r.exit_code == 0, r.output
     assert server.requests() > before
     rows = Storage(f"sqlite:///{tmp_path / 'g.db'}").engine.connect().exec_driver_sql(
-        "select count(*), count(distinct key) from llm_calls").one()
+        "select count(*), count(distinct key) from gt_llm_calls").one()
     assert rows[0] > rows[1] > 0  # --no-cache recorded its calls again
 
 

@@ -84,11 +84,11 @@ def test_a_ledger_write_failure_is_one_line_without_the_prompts(tmp_path):
     led.put(rec("a"))
     led.flush()
     with led.storage.engine.begin() as c:
-        c.exec_driver_sql("DROP TABLE llm_calls")
+        c.exec_driver_sql("DROP TABLE gt_llm_calls")
     led.put(rec("b"))
     with pytest.raises(StoreError) as e:
         led.flush()
     msg = str(e.value)
-    assert "\n" not in msg and "no such table: llm_calls" in msg and str(tmp_path / "l.db") in msg
+    assert "\n" not in msg and "no such table: gt_llm_calls" in msg and str(tmp_path / "l.db") in msg
     assert "a prompt that must not be echoed" not in msg and "[SQL:" not in msg
     led.close()

@@ -366,7 +366,7 @@ storage: sqlite:///{tmp_path / 'live.db'}
 def _calls(spec) -> list[tuple[str, list[dict]]]:
     from graphtune.store.storage import Storage
 
-    rows = Storage(spec.storage).engine.connect().exec_driver_sql("select endpoint, messages from llm_calls").all()
+    rows = Storage(spec.storage).engine.connect().exec_driver_sql("select endpoint, messages from gt_llm_calls").all()
     return [(e, json.loads(m) if isinstance(m, str) else m) for e, m in rows]
 
 

@@ -181,7 +181,7 @@ def test_sqlite_uses_wal_and_busy_timeout(tmp_path):
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     s.close()
-    assert sqlite3.connect(path).execute("select count(*) from studies").fetchone() == (0,)
+    assert sqlite3.connect(path).execute("select count(*) from gt_studies").fetchone() == (0,)
 
 
 def test_bad_storage_url_is_one_clear_line(tmp_path):

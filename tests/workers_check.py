@@ -301,7 +301,7 @@ def _kill_while_holding(storage: str, study: str, pid: int, logs: dict, timeout_
             with eng.connect() as c:
                 try:
                     row = c.execute(text(
-                        "select t.number from trials t join studies s on s.id = t.study_id "
+                        "select t.number from gt_trials t join gt_studies s on s.id = t.study_id "
                         "where s.name = :n and t.status = 'running' and t.worker like :w and t.batch >= 1"),
                         {"n": study, "w": f"%:{pid}:%"}).first()
                 except Exception:  # tables not there yet
