@@ -227,7 +227,8 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
         con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
-                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}", soft_wrap=True, markup=False)
+                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
+                  + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
         con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
                   soft_wrap=True, markup=False)
     for warn in _never_fit(ctx):
