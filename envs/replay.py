@@ -29,7 +29,11 @@ Semantics (details and the parameters in ``docs/replay.md``):
   from the recorded wrong answers of q by popularity (the model's own counted twice),
   or is a new, never-recorded answer with weight ``novel_weight``.
 * A result that used any modelled outcome has ``QuestionResult.modelled = True``; a
-  graph of one source node is fully recorded.
+  graph of one source node is fully recorded. ``recorded_only=True`` refuses to evaluate a
+  graph any of whose outcomes would be modelled.
+* An empty wrong ``answer`` is "no answer": no candidate, no vote. ``answers="unknown"``
+  declares a table of verdicts only: correctness is replayed, and which recorded wrong
+  answers of a question agree is modelled (two agree with probability ``wrong_agreement``).
 
 Randomness comes from a hash of (seed, task, question, node, model, role, inputs), never
 from a global RNG; graphs are evaluated in canonical form, so results do not depend on
@@ -37,7 +41,9 @@ node naming, question order or evaluation order.
 
 Tokens: recorded ``prompt_tokens``/``completion_tokens`` when present; otherwise the
 prompt is estimated as ``len(question) / 4`` and the completion as ``len(text) / 4``
-(chars per token; the recorded GSM8K fixture has no token counts). Cost from the pool's
+(chars per token; the recorded GSM8K fixture has no token counts); for a model with
+neither, ``output_tokens`` (else the other models' mean, else 256, with a
+:class:`ReplayWarning` saying so once). Cost from the pool's
 constants (``node_flops``/``node_usd``/``node_latency_s``); a recorded ``cost_usd`` /
 ``latency_s`` is used for a recorded call when the pool gives the model no price / the
 row has a latency.
@@ -48,9 +54,10 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +72,7 @@ from graphtune.envs.records_cli import main
 from graphtune.envs.simulated.profile import Profile, load_profile
 from graphtune.envs.synthesis import SUPPORTED_ROLES  # noqa: F401  (kept importable from here)
 from graphtune.envs.synthesis import NodePlan, Plan, SynthesisRule, acts_like_map, check_graph, execution_plan
-from graphtune.errors import EnvError
+from graphtune.errors import EnvError, GraphtuneWarning
 from graphtune.graphs.cost import CostModel, ModelInfo, TaskShape, node_flops, node_latency_s, node_usd
 from graphtune.graphs.model import Graph, Node, RoleSpec
 
@@ -76,6 +83,21 @@ __all__ = ["Record", "RecordTable", "ReplayEnvironment", "REQUIRED_COLUMNS", "OP
 #: characters per token, for estimating tokens from text (as the live environment does)
 CHARS_PER_TOKEN = 4.0
 SPLITS = ("dev", "test")
+#: with ``answers: unknown``, the probability that two wrong answers to one question agree
+#: (on the recorded GSM8K answers of six systems, 9.2% of 5,852 pairs of wrong answers do)
+WRONG_AGREEMENT = 0.1
+#: what a table's ``answer`` column holds: ``known``, the normalised answers (empty: the
+#: model gave no answer); ``unknown``, nothing usable (only correctness was recorded)
+ANSWERS = ("known", "unknown")
+#: completion tokens of a call when the records give no count and no reply text for its
+#: model (and the caller gives no ``output_tokens``); a prompt's, likewise without counts or
+#: question texts (``input_tokens``)
+DEFAULT_COMPLETION_TOKENS = 256.0
+DEFAULT_PROMPT_TOKENS = 100.0
+
+
+class ReplayWarning(GraphtuneWarning):
+    """Something a replay rests on that the records did not give (said once)."""
 
 # ------------------------------------------------------------------------------- hashing
 
@@ -126,7 +148,11 @@ class ReplayEnvironment(Environment):
     ``synthesis`` is the simulator profile whose synthesis parameters model nodes with
     predecessors (its models are not used). ``prior_strength``, ``novel_weight`` and
     ``difficulty_prior_sd`` shape modelled samples (``docs/replay.md``). ``shape``
-    overrides the task shape (A, B) estimated from the records."""
+    overrides the task shape (A, B) estimated from the records; ``input_tokens`` /
+    ``output_tokens`` each override one half (and stand in for token counts the records
+    lack). ``answers``: ``"known"`` (the ``answer`` column holds answers) or ``"unknown"``
+    (verdicts only; ``wrong_agreement`` models which wrong answers agree).
+    ``recorded_only``: refuse graphs with any modelled outcome."""
 
     kind = "replay"
 
@@ -134,8 +160,17 @@ class ReplayEnvironment(Environment):
                  seed: int = 0, dev_size: int = 100, test_size: int | None = None, task: str | None = None,
                  synthesis: Profile | str | Path = "math",
                  prior_strength: float = 2.0, novel_weight: float = 1.0, difficulty_prior_sd: float = 1.5,
-                 shape: TaskShape | None = None, roles: Iterable[RoleSpec] = ()):
+                 shape: TaskShape | None = None, roles: Iterable[RoleSpec] = (), answers: str = "known",
+                 recorded_only: bool = False, input_tokens: float | None = None,
+                 output_tokens: float | None = None, wrong_agreement: float = WRONG_AGREEMENT):
         table = records if isinstance(records, RecordTable) else load_records(records)
+        if answers not in ANSWERS:
+            raise EnvError(f"answers must be one of {list(ANSWERS)}, got {answers!r}")
+        if not 0 < wrong_agreement < 1:
+            raise EnvError(f"wrong_agreement must be between 0 and 1 (exclusive), got {wrong_agreement}")
+        for name, v in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if v is not None and not v > 0:
+                raise EnvError(f"{name} must be > 0, got {v}")
         if not table.records:
             raise EnvError(f"records {table.source}: the table is empty")
         if task is None:
@@ -147,6 +182,9 @@ class ReplayEnvironment(Environment):
             raise EnvError(f"records {table.source} have no task {task!r}; recorded tasks: {list(table.tasks)}")
         self.task = task
         self.table = table.for_task(task)
+        self.answers = answers
+        self.recorded_only = bool(recorded_only)
+        self._input_tokens, self._output_tokens = input_tokens, output_tokens
         pool = costs.pool if isinstance(costs, CostModel) else dict(costs)
         self.seed = int(seed)
         self.profile = load_profile(synthesis)
@@ -160,6 +198,15 @@ class ReplayEnvironment(Environment):
         if missing:
             raise EnvError(f"model {missing[0]!r} of the pool has no records in {table.source} (task {task!r}); "
                            f"recorded models: {sorted(recorded)}; remove it from `models` or record it")
+        #: weight of a never-recorded answer when a wrong answer is drawn; with unknown answers
+        #: the one that makes two wrong answers agree with probability ``wrong_agreement``
+        self._novel = self.novel_weight
+        if answers == "unknown":
+            self.wrong_agreement = float(wrong_agreement)
+            self._novel = (1.0 - self.wrong_agreement) / self.wrong_agreement
+            self.table = self._with_unknown_answers(self.table)
+        else:
+            self._check_answers_known()
         self._index_records()
         self._build_splits(dev_size, test_size)
         self._fit_difficulty()
@@ -198,8 +245,21 @@ class ReplayEnvironment(Environment):
             if qid not in self._qindex:
                 raise EnvError(f"unknown question id {qid!r}; recorded ids look like {self._qids[0]!r} "
                                f"({len(self._qids)} questions; use env.split(name))")
+            if self.recorded_only:
+                self._check_recorded(plan, qid)
             out.append(self._one(plan, qid))
         return out
+
+    def _check_recorded(self, plan: Plan, qid: str) -> None:
+        """``recorded_only``: refuse a graph any of whose outcomes on ``qid`` would be modelled."""
+        for node in plan.nodes:
+            nid = plan.original_ids[node.pos]
+            if node.preds:
+                raise EnvError(f"node {nid!r} has inputs, so its outcome would be modelled, and recorded_only is "
+                               "set: only graphs of one node are replayed from records alone")
+            if node.rank >= len(self._samples.get((qid, node.model), ())):
+                raise EnvError(f"node {nid!r}: model {node.model!r} has no recorded sample {node.rank} on question "
+                               f"{qid!r}, so its outcome would be modelled, and recorded_only is set")
 
     # -- introspection --------------------------------------------------------------------
     def recorded_accuracy(self, model: str) -> float:
@@ -213,6 +273,52 @@ class ReplayEnvironment(Environment):
         if question_id not in self._qindex:
             raise EnvError(f"unknown question id {question_id!r}")
         return self._p(question_id, model)
+
+    def unrecorded_questions(self, model: str, question_ids: Sequence[str] | None = None) -> list[str]:
+        """The questions (of ``question_ids``, default both splits) on which ``model`` has no
+        recorded sample: there even a graph of one node of it is modelled."""
+        qids = self._splits["dev"] + self._splits["test"] if question_ids is None else question_ids
+        return [q for q in qids if (q, model) not in self._samples]
+
+    # -- answers ----------------------------------------------------------------------------
+    def _check_answers_known(self) -> None:
+        # every `answer` empty: every model gave no answer to every question, which no real
+        # table means; it is a table of verdicts only, and must say so
+        if any(not r.correct for r in self.table.records) and not any(r.answer for r in self.table.records):
+            raise EnvError(f"records {self.table.source}: no record has an `answer` (all "
+                           f"{len(self.table.records)} are empty, i.e. 'no answer'); if the records hold correctness "
+                           "only, declare it with env.answers: unknown (ReplayEnvironment(answers='unknown'); "
+                           "docs/replay.md)")
+
+    def _with_unknown_answers(self, table: RecordTable) -> RecordTable:
+        """``answers: unknown``: every recorded right answer is the right one (its text is
+        the reference, else ``<correct>``); which recorded wrong answers of a question agree
+        is modelled: in order of (model, sample), each joins an earlier wrong answer of that
+        question with weight how many took it, or is a new one with weight ``(1 - a) / a``,
+        ``a = wrong_agreement``, so two wrong answers agree with probability ``a`` (a
+        Chinese restaurant process; modelled wrong answers are drawn by the same rule)."""
+        out: list[Record] = []
+        by_q: dict[str, list[Record]] = {}
+        for r in table.records:
+            if r.correct:
+                out.append(replace(r, answer=""))
+            else:
+                by_q.setdefault(r.question_id, []).append(r)
+        for qid, rows in by_q.items():
+            counts: list[int] = []
+            for r in sorted(rows, key=lambda r: (r.model, r.sample)):
+                x = _u(self.seed, self.task, qid, "unknown answer", r.model, r.sample) * (sum(counts) + self._novel)
+                k = len(counts)
+                for i, c in enumerate(counts):
+                    if x < c:
+                        k = i
+                        break
+                    x -= c
+                if k == len(counts):
+                    counts.append(0)
+                counts[k] += 1
+                out.append(replace(r, answer=f"<unrecorded wrong answer {k + 1}>"))
+        return RecordTable(tuple(out), source=table.source)
 
     # -- indexes ------------------------------------------------------------------------
     def _index_records(self) -> None:
@@ -230,7 +336,8 @@ class ReplayEnvironment(Environment):
         refs: dict[str, str] = {}
         for r in self.table.records:
             if r.correct:
-                right.setdefault(r.question_id, Counter())[r.answer] += 1
+                if r.answer:
+                    right.setdefault(r.question_id, Counter())[r.answer] += 1
             else:
                 wrong_all.setdefault(r.question_id, Counter())[r.answer] += 1
                 wrong_own.setdefault((r.question_id, r.model), Counter())[r.answer] += 1
@@ -256,11 +363,30 @@ class ReplayEnvironment(Environment):
                 comp_m.setdefault(r.model, []).append(ct)
         est = {q: _est_tokens(t) for q, t in qtext.items()}
         known = [float(np.mean(v)) for v in prompt.values()] + list(est.values())
-        fallback_prompt = float(np.mean(known)) if known else 100.0
+        if known:
+            fallback_prompt = float(np.mean(known))
+        elif self._input_tokens is not None:
+            fallback_prompt = float(self._input_tokens)
+        else:
+            fallback_prompt = DEFAULT_PROMPT_TOKENS
+            self._warn(f"records {self.table.source}: no record has prompt_tokens or a question text, so every "
+                       f"prompt is taken as {DEFAULT_PROMPT_TOKENS:.0f} tokens (the default); set task.input_tokens "
+                       "to your estimate")
         self._prompt_q = {q: int(round(np.mean(prompt[q]))) if q in prompt else int(est.get(q, round(fallback_prompt)))
                           for q in self._qids}
         all_comp = [c for v in comp_m.values() for c in v]
-        fallback_comp = float(np.mean(all_comp)) if all_comp else 256.0
+        uncounted = [m for m in self._models if m not in comp_m]
+        if self._output_tokens is not None:  # the user's estimate, for the models the records give nothing
+            fallback_comp, how = float(self._output_tokens), None
+        elif all_comp:  # (the other models' mean, as before)
+            fallback_comp, how = float(np.mean(all_comp)), "the other models' mean"
+        else:
+            fallback_comp, how = DEFAULT_COMPLETION_TOKENS, "the default"
+        if uncounted and how is not None:
+            self._warn(f"records {self.table.source}: no completion_tokens or reply text for model(s) "
+                       f"{', '.join(uncounted)}, so each of their completions is taken as {fallback_comp:.0f} tokens "
+                       f"({how}); that sets the cost of their calls and of every modelled node they run; set "
+                       "task.output_tokens to your estimate")
         self._comp_m = {m: float(np.mean(comp_m[m])) if m in comp_m else fallback_comp for m in self._models}
         self._comp_qm = {k: float(np.mean(v)) for k, v in comp_q.items()}
 
@@ -330,10 +456,20 @@ class ReplayEnvironment(Environment):
         return (n0 * shared + right) / (n0 + len(recs)) if n0 + len(recs) > 0 else shared
 
     def _estimate_shape(self) -> TaskShape:
+        """(A, B): ``input_tokens``/``output_tokens`` where given (either alone), else the
+        mean recorded (or estimated) prompt and completion."""
         a = float(np.mean([self._prompt_q[q] for q in self._qids]))
         comps = [c for r in self.table.records if (c := self._recorded_completion(r)) is not None]
-        b = float(np.mean(comps)) if comps else 256.0
+        b = float(np.mean(comps)) if comps else float(np.mean(list(self._comp_m.values())))
+        if self._input_tokens is not None:
+            a = float(self._input_tokens)
+        if self._output_tokens is not None:
+            b = float(self._output_tokens)
         return TaskShape(max(1.0, a), max(1.0, b))
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, ReplayWarning, stacklevel=4)
 
     # -- plans ------------------------------------------------------------------------
     def _plan_of(self, graph: Graph) -> Plan:
@@ -360,7 +496,7 @@ class ReplayEnvironment(Environment):
         weights = Counter(self._wrong_all.get(qid, {}))
         weights.update(self._wrong_own.get((qid, model), {}))
         items = sorted(weights.items())
-        total = sum(w for _, w in items) + self.novel_weight
+        total = sum(w for _, w in items) + self._novel
         x = u * total
         for ans, w in items:
             if x < w:
@@ -380,7 +516,8 @@ class ReplayEnvironment(Environment):
             pt = r.prompt_tokens if r.prompt_tokens is not None else self._prompt_q[qid]
             ct = self._recorded_completion(r)
             ct = ct if ct is not None else self._completion(qid, node.model)
-            return _Outcome(_CORRECT if r.correct else r.answer, r.answer, r.correct, pt, ct, r.latency_s,
+            answer = self._right_text[qid] if r.correct and not r.answer else r.answer
+            return _Outcome(_CORRECT if r.correct else r.answer, answer, r.correct, pt, ct, r.latency_s,
                             r.cost_usd, modelled=False)
         # an extra sample the records do not have: keyed by (question, model, rank) so every
         # graph that needs sample k of this model gets the same one
@@ -402,9 +539,12 @@ class ReplayEnvironment(Environment):
         own_right = _u(*salt, "own") < rule.own_right(logit, penalty)
         own = _CORRECT if own_right else self._draw_wrong(qid, node.model, _u(*salt, "wrong"), *salt, "own")
         votes: dict[str, float] = {}
+        # "no answer" (an empty wrong answer) is no candidate: it casts no vote
         for o in inputs:
-            votes[o.group] = votes.get(o.group, 0.0) + 1.0
-        votes[own] = votes.get(own, 0.0) + rule.own_weight(node.role)
+            if o.group:
+                votes[o.group] = votes.get(o.group, 0.0) + 1.0
+        if own:
+            votes[own] = votes.get(own, 0.0) + rule.own_weight(node.role)
         gamma = rule.sharpness(node.role)
         beta = float(rule.beta(logit, penalty))
         cands = sorted(votes, key=lambda g: (g != _CORRECT, g))

@@ -113,6 +113,13 @@ class Metrics:
     mean_latency_s: float
     prompt_tokens: int
     completion_tokens: int
+    #: scored results whose outcome was modelled rather than observed (replay)
+    n_modelled: int = 0
+
+    @property
+    def modelled_share(self) -> float:
+        """The fraction of the scored results that were modelled (nan when none is scored)."""
+        return self.n_modelled / self.n_scored if self.n_scored else float("nan")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -137,4 +144,5 @@ def summarize(results: Sequence[QuestionResult]) -> Metrics:
         mean_latency_s=mean(r.latency_s for r in scored),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         completion_tokens=sum(r.completion_tokens for r in results),
+        n_modelled=sum(bool(r.modelled) for r in scored),
     )

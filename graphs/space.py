@@ -33,6 +33,8 @@ class Space:
     sink_roles: tuple[str, ...] | None = None
     #: Roles users define besides the built-in ones (their rules; see :class:`RoleSpec`).
     role_specs: tuple[RoleSpec, ...] = ()
+    #: Why the limits are narrower than a user asked (added to every refusal), or None.
+    note: str | None = None
 
     def __post_init__(self) -> None:
         names = [r.name for r in self.role_specs]
@@ -121,7 +123,7 @@ def validate(graph: Graph, space: Space, costs: CostModel | None = None,
     errs = structural_errors(graph, space)
     if errs:
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise GraphError(errs[0] + more)
+        raise GraphError(errs[0] + more + (f"; {space.note}" if space.note else ""))
     if costs is None:
         return None
     if budget is not None:

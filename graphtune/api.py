@@ -199,11 +199,12 @@ def build_replay_env(spec: Spec):
 
     src = Path(spec.records_source())
     records = import_gsm8k_recorded(src) if src.is_dir() else src
-    t = spec.task
-    shape = TaskShape(t.input_tokens, t.output_tokens) if t.input_tokens and t.output_tokens else None
-    return ReplayEnvironment(records, spec.pool(), seed=spec.env.seed, dev_size=t.dev_size, test_size=t.test_size,
-                             task=spec.env.task, synthesis=spec.env.synthesis, shape=shape,
-                             roles=spec.space_obj().role_specs)
+    t, e = spec.task, spec.env
+    # either override alone replaces its half of the estimated shape, as in live
+    return ReplayEnvironment(records, spec.pool(), seed=e.seed, dev_size=t.dev_size, test_size=t.test_size,
+                             task=e.task, synthesis=e.synthesis, input_tokens=t.input_tokens,
+                             output_tokens=t.output_tokens, roles=spec.space_obj().role_specs, answers=e.answers,
+                             recorded_only=e.recorded_only, wrong_agreement=e.wrong_agreement)
 
 
 def records_from_ledger(source, examples, scorer, *, prompts=None, task: str = "task"):
@@ -230,6 +231,14 @@ def _live_env_and_costs(spec: Spec, space, budget):
 def _replay_env_and_costs(spec: Spec, space, budget):
     env = build_replay_env(spec)
     costs = env.costs
+    if env.recorded_only:  # a model missing on some split question would be modelled there
+        for m in space.models:
+            missing = env.unrecorded_questions(m)
+            if missing:
+                n = len(env.split("dev")) + len(env.split("test"))
+                raise SpecError(f"model {m!r} has no record on {len(missing)} of the {n} dev and test questions (e.g. "
+                                f"{missing[0]!r}), so env.recorded_only cannot replay it there; remove it from "
+                                "space.models, or set env.recorded_only: false")
     check_space_not_empty(space, costs, budget)
     return env, costs
 

@@ -110,6 +110,42 @@ def _guard(fn):
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     _state["debug"] = debug
+    _one_line_warnings()
+
+
+def _one_line_warnings() -> None:
+    """Print graphtune's own warnings as one ``warning:`` line on stderr (others as Python does)."""
+    import warnings
+
+    from graphtune.errors import GraphtuneWarning
+
+    shown = getattr(warnings.showwarning, "__graphtune__", None)
+    original = shown or warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GraphtuneWarning):
+            typer.echo(f"warning: {_safe_line(str(message))}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    show.__graphtune__ = original
+    warnings.showwarning = show
+
+
+def _is_replay(spec: dict | None) -> bool:
+    return ((spec or {}).get("env") or {}).get("kind") == "replay"
+
+
+def _modelled(metrics: dict | None) -> str:
+    """A replay score's modelled share, to show next to it: how much of it rests on
+    outcomes the records did not hold (docs/replay.md)."""
+    m = metrics or {}
+    if "n_modelled" not in m:
+        return "modelled share not stored"
+    if not m.get("n_scored"):
+        return "-"
+    k, n = m["n_modelled"], m["n_scored"]
+    return "all recorded" if k == 0 else f"{k / n:.0%} modelled"
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -191,7 +227,8 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
         con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
-                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}", soft_wrap=True, markup=False)
+                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
+                  + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
         con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
                   soft_wrap=True, markup=False)
     for warn in _never_fit(ctx):
@@ -323,11 +360,15 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     c = problem.costs.cost(g)
     lo, hi = out.best.ci95()
     test = summarize(out.test_results) if out.test_results else None
+    replay = spec.env.kind == "replay"
+    dev_note = f"; {_modelled(out.best_trial.metrics if out.best_trial else None)}" if replay else ""
+    test_note = f"; {_modelled(test.as_dict() if test else None)}" if replay else ""
     lines = [
         f"best graph      {to_text(g)}",
         f"                {g.size} nodes, width {g.width}, depth {g.depth}; trial #{out.best.best_trial}",
-        f"dev reward      {out.best.mean:.3f}  (95% CI {lo:.3f}-{hi:.3f}, n={out.best.n})",
-        f"test accuracy   {_fmt(test.accuracy if test else None)}  (n={test.n_scored if test else 0}, held out)",
+        f"dev reward      {out.best.mean:.3f}  (95% CI {lo:.3f}-{hi:.3f}, n={out.best.n}{dev_note})",
+        f"test accuracy   {_fmt(test.accuracy if test else None)}  (n={test.n_scored if test else 0}, held out"
+        f"{test_note})",
         f"cost / query    {c.units:.2f} units, {c.flops:.3g} FLOPs, ${c.usd:.6f}, {c.latency_s:.2f} s latency",
         f"search          {out.n_trials} trials, {out.runs_spent} graph-question runs "
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
@@ -341,10 +382,9 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         per = ", ".join(f"{m} {n}" for m, n in excluded.items())
         lines.append(f"excluded        {sum(excluded.values())} question runs (infrastructure failures: {per}); "
                      "not scored wrong")
-    modelled = sum(r.modelled for r in out.test_results)
-    if modelled:
-        lines.append(f"replay          {modelled} of {len(out.test_results)} test outcomes were modelled, not "
-                     "recorded (docs/replay.md)")
+    if replay and any(r.modelled for r in out.test_results):
+        lines.append("modelled        outcomes the records do not hold, modelled with the simulator's rules "
+                     "(docs/replay.md); env.recorded_only: true searches fully recorded graphs only")
     con.print(Panel(Text("\n".join(lines)), title="graphtune result", expand=False))
     url = _url(spec.storage)
     con.print(f"next: graphtune show {spec.study} --storage {url}")
@@ -507,6 +547,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
 
     store = _storage(storage, readonly=True)
     st = _study(store, study)
+    replay = _is_replay(st.spec)
     rows = store.list_trials(st.id, split=split)
     tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
     rec = tests[-1].parents[0] if tests else None
@@ -521,16 +562,30 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
                         "questions": len(r.question_ids), "reward": r.reward, "accuracy": r.accuracy,
                         "units": r.cost_units, "usd": r.usd, "latency_s": r.latency_s, "new_runs": r.new_runs,
                         "recommended": r.number == rec, "origin": r.origin, "error": r.error,
+                        **({"modelled": _share_of(r.metrics)} if replay else {}),
                         "graph": to_short(from_dict(r.graph)) if r.status != "failed" else None} for r in rows], fmt):
         return
     # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
     # thousands of rows (3 s for 1,000 trials, benchmarks/load_bench.py)
-    head = ("#", "split", "status", "n", "reward", "units", "graph")
+    head = ("#", "split", "status", "n", "reward", *(("modelled",) if replay else ()), "units", "graph")
     cells = [(str(r.number) + ("*" if r.number == rec else ""), r.split, r.status, str(len(r.question_ids)),
-              _fmt(r.reward), _fmt(r.cost_units, ".2f"),
+              _fmt(r.reward), *((_share(r.metrics),) if replay else ()), _fmt(r.cost_units, ".2f"),
               to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
-    lines = [f"trials of {study} ({len(rows)})" + ("; * = the recommended graph's trial" if rec is not None else "")]
-    typer.echo("\n".join(lines + _columns(head, cells, right=(0, 3, 4, 5))))
+    lines = [f"trials of {study} ({len(rows)})" + ("; * = the recommended graph's trial" if rec is not None else "")
+             + ("; modelled = the share of the score's outcomes the records do not hold" if replay else "")]
+    typer.echo("\n".join(lines + _columns(head, cells, right=(0, 3, 4, 5, *((6,) if replay else ())))))
+
+
+def _share_of(metrics: dict | None) -> float | None:
+    """The fraction of a trial's scored outcomes that were modelled (None when not stored)."""
+    m = metrics or {}
+    return m["n_modelled"] / m["n_scored"] if "n_modelled" in m and m.get("n_scored") else None
+
+
+def _share(metrics: dict | None) -> str:
+    """The modelled share as a table cell: a percentage, or - when not stored."""
+    share = _share_of(metrics)
+    return "-" if share is None else f"{share:.0%}"
 
 
 @app.command()
@@ -545,6 +600,16 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     store = _storage(storage, readonly=True)
     st = _study(store, study)
     con = _console()
+
+    def replay_note(trial) -> str:
+        if not _is_replay(st.spec):
+            return ""
+        m = dict(trial.metrics or {})
+        if "n_modelled" not in m:  # stored before the count was: count it from the trial's results
+            scored = [r for r in store.trial_results(trial.id) if r.ok]
+            m.update(n_scored=len(scored), n_modelled=sum(bool(r.modelled) for r in scored))
+        return f", {_modelled(m)}"
+
     if trial is None:
         dev = [t for t in store.list_trials(st.id, split="dev") if t.status == "complete" and t.reward is not None]
         tests = store.list_trials(st.id, split="test")
@@ -559,8 +624,9 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         con.print(f"best graph: {to_text(g)}")
         if best:
             con.print(f"dev: reward {_fmt(best.reward)}, accuracy {_fmt(best.accuracy)} on {len(best.question_ids)} "
-                      f"questions (trial #{best.number})")
-        con.print(f"test: accuracy {_fmt(t.accuracy)} on {t.metrics.get('n_scored', 0)} questions (trial #{t.number})")
+                      f"questions{replay_note(best)} (trial #{best.number})")
+        con.print(f"test: accuracy {_fmt(t.accuracy)} on {t.metrics.get('n_scored', 0)} questions"
+                  f"{replay_note(t)} (trial #{t.number})")
         con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, "
                   f"${_fmt(t.usd, '.6f')}, {_fmt(t.latency_s, '.2f')} s")
         con.print(to_mermaid(g))
@@ -576,7 +642,8 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
     con.print(to_mermaid(g))
     m = t.metrics
     con.print(f"reward {_fmt(t.reward)}, accuracy {_fmt(t.accuracy)} on {m.get('n_scored', 0)} scored of "
-              f"{m.get('n', 0)} questions ({m.get('n_errors', 0)} infrastructure failures), {t.new_runs} runs paid")
+              f"{m.get('n', 0)} questions ({m.get('n_errors', 0)} infrastructure failures{replay_note(t)}), "
+              f"{t.new_runs} runs paid")
     con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, ${_fmt(t.usd, '.6f')}, "
               f"{_fmt(t.latency_s, '.2f')} s")
     if t.parents:

@@ -71,3 +71,9 @@ class EndpointDownError(LLMError):
 class LLMFatalError(LLMError):
     """Authentication failure, unknown model or bad request: retrying or continuing
     would only spend more money, so the search stops."""
+
+
+class GraphtuneWarning(UserWarning):
+    """Base of graphtune's warnings: something a result rests on that the user did not give
+    (a default taken in its place); one line naming it and how to set it. The CLI prints
+    each as one ``warning:`` line."""

@@ -351,6 +351,13 @@ class ReplayEnv(_Strict):
                                                   "recorded GSM8K fixture")
     task: str | None = Field(None, description="the task of the table to use when it holds several")
     synthesis: str = Field("math", description="simulator profile whose rules model nodes with inputs")
+    answers: Literal["known", "unknown"] = Field(
+        "known", description="known: the table's `answer` column holds the normalised answers (empty: no answer); "
+                             "unknown: only correctness was recorded, so which wrong answers agree is modelled")
+    wrong_agreement: float = Field(0.1, gt=0, lt=1, description="answers unknown: the probability that two wrong "
+                                                                 "answers to one question agree (modelled)")
+    recorded_only: bool = Field(False, description="search only graphs whose every outcome is recorded (graphs of "
+                                                   "one node whose model is recorded on every dev and test question)")
 
     @model_validator(mode="after")
     def _has_records(self) -> ReplayEnv:
@@ -382,7 +389,11 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(env, dict):
         model = ENV_KINDS.get(env.get("kind", "simulated"))
         if model is not None:
-            out["env"] = {k: v for k, v in env.items() if k in model.model_fields}
+            kept = {k: v for k, v in env.items() if k in model.model_fields}
+            for name, f in model.model_fields.items():  # a field added since: the study ran as its default says
+                if name not in kept and not f.is_required() and f.default_factory is None:
+                    kept[name] = f.default
+            out["env"] = kept
     return out
 
 
@@ -505,8 +516,14 @@ class Spec(_Strict):
     def space_obj(self) -> Space:
         s = self.space
         models = s.models if s.models is not None else tuple(m.name for m in self.models)
-        return Space(models=tuple(models), roles=tuple(s.roles), max_nodes=s.max_nodes, max_width=s.max_width,
-                     max_depth=s.max_depth, max_in_degree=s.max_in_degree,
+        limits = dict(max_nodes=s.max_nodes, max_width=s.max_width, max_depth=s.max_depth,
+                      max_in_degree=s.max_in_degree, note=None)
+        if isinstance(self.env, ReplayEnv) and self.env.recorded_only:
+            # replay replays source nodes only, and a graph has one sink: every graph of two or
+            # more nodes has a node with inputs, whose outcome is modelled
+            limits = dict(max_nodes=1, max_width=1, max_depth=1, max_in_degree=0,
+                          note="env.recorded_only: only graphs of one node have every outcome recorded")
+        return Space(models=tuple(models), roles=tuple(s.roles), **limits,
                      sink_roles=tuple(s.sink_roles) if s.sink_roles else None,
                      role_specs=tuple(d.role_spec(name) for name, d in (self.roles or {}).items()))
 

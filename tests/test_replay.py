@@ -426,3 +426,113 @@ def test_schema_columns_are_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "replay.md").read_text()
     for col in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
         assert f"`{col}`" in doc
+
+
+# -- someone else's records: correctness only ------------------------------------------------
+
+SEVEN = [f"m{i}" for i in range(7)]
+SEVEN_POOL = {m: ModelInfo(m, (i + 1) * 2e9, 32, 4096, 0.1 * (i + 1), 0.1 * (i + 1)) for i, m in enumerate(SEVEN)}
+
+
+def foreign_table(n: int = 60, missing: tuple[str, ...] = ()) -> RecordTable:
+    """Seven models, correctness flags only (``answer`` empty), no token counts, no texts:
+    what another group's evaluation table often holds. ``missing``: (model) rows left out
+    on every fifth question."""
+    recs = []
+    for q in range(n):
+        for i, m in enumerate(SEVEN):
+            if m in missing and q % 5 == 0:
+                continue
+            right = (q * 7 + i * 3) % 10 < 3 + i
+            recs.append(Record(task="t", question_id=f"q{q:03d}", model=m, sample=0, answer="", correct=right))
+    return RecordTable(tuple(recs), source="foreign.csv")
+
+
+def test_records_without_answers_must_be_declared_unknown():
+    with pytest.raises(EnvError, match=r"foreign.csv: no record has an `answer`.*env.answers: unknown"):
+        ReplayEnvironment(foreign_table(), SEVEN_POOL, dev_size=30, output_tokens=50)
+
+
+def test_unknown_answers_replay_single_nodes_and_model_which_wrong_answers_agree():
+    from collections import Counter
+
+    table = foreign_table()
+    env = ReplayEnvironment(table, SEVEN_POOL, dev_size=30, answers="unknown", output_tokens=50, input_tokens=50)
+    qs = env.split("dev") + env.split("test")
+    for m in SEVEN:  # correctness is recorded: a single node is replayed exactly
+        res = env.evaluate(single(m), qs)
+        assert summarize(res).accuracy == table.accuracy(m) and not any(r.modelled for r in res)
+    # the wrong answers of a question are not one shared answer: they agree about as often
+    # as wrong_agreement says (pairs of wrong answers to one question)
+    labels: dict[str, list[str]] = {}
+    for r in env.table.records:
+        if not r.correct:
+            labels.setdefault(r.question_id, []).append(r.answer)
+    pairs = [(a == b) for v in labels.values() for i, a in enumerate(v) for b in v[i + 1:]]
+    assert 0.02 < sum(pairs) / len(pairs) < 0.25
+    assert all(a.startswith("<unrecorded wrong answer") for v in labels.values() for a in v)
+    # a vote of seven is modelled (flagged) and beats the plurality a shared wrong answer would make
+    res = env.evaluate(fan_in(SEVEN, "m6"), qs)
+    assert all(r.modelled for r in res)
+    assert summarize(res).accuracy > max(table.accuracy(m) for m in SEVEN) - 0.05
+    assert Counter(r.answer for r in res if not r.correct).most_common(1)[0][1] < len(qs)
+    with pytest.raises(EnvError, match="wrong_agreement"):
+        ReplayEnvironment(table, SEVEN_POOL, dev_size=30, answers="unknown", wrong_agreement=1.0)
+
+
+def test_no_answer_casts_no_vote():
+    """Three inputs that gave no answer (empty ``answer``) and one right one: the right one is
+    the only candidate besides the fuser's own attempt, where a shared wrong answer "7" given
+    by the three would outvote it."""
+    def table(blank: str) -> RecordTable:
+        recs = []
+        for q in range(200):
+            recs.append(Record(task="t", question_id=f"q{q}", model="good", sample=0, answer="1", correct=True,
+                               completion_tokens=20, prompt_tokens=20))
+            for s in range(3):
+                recs.append(Record(task="t", question_id=f"q{q}", model="bad", sample=s, answer=blank, correct=False,
+                                   completion_tokens=20, prompt_tokens=20))
+        return RecordTable(tuple(recs))
+
+    pool = {m: ModelInfo(m, 8e9, 32, 4096, 0.1, 0.1) for m in ("good", "bad")}
+    g = fan_in(["good", "bad", "bad", "bad"], "bad")
+    acc = {}
+    for blank in ("", "7"):
+        env = ReplayEnvironment(table(blank), pool, dev_size=100)
+        acc[blank] = summarize(env.evaluate(g, env.split("dev") + env.split("test"))).accuracy
+    assert acc[""] > acc["7"] + 0.3, acc
+
+
+def test_missing_token_counts_are_warned_once_and_output_tokens_sets_them():
+    from graphtune.envs.replay import ReplayWarning
+
+    with pytest.warns(ReplayWarning) as got:
+        env = ReplayEnvironment(foreign_table(), SEVEN_POOL, dev_size=30, answers="unknown")
+    lines = [str(w.message) for w in got]
+    comp = [m for m in lines if "completion" in m]
+    assert len(comp) == 1 and "foreign.csv" in comp[0] and "256 tokens (the default)" in comp[0]
+    assert "task.output_tokens" in comp[0] and all("\n" not in m for m in lines)
+    assert env.shape.output_tokens == 256
+    fused = env.evaluate(fan_in(SEVEN[:3], "m6"), ["q001"])[0]
+    assert fused.nodes[-1].completion_tokens == 256  # the default set the fuser's cost
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReplayWarning)
+        env = ReplayEnvironment(foreign_table(), SEVEN_POOL, dev_size=30, answers="unknown", output_tokens=40,
+                                input_tokens=70)
+    assert (env.shape.input_tokens, env.shape.output_tokens) == (70, 40)
+    fused = env.evaluate(fan_in(SEVEN[:3], "m6"), ["q001"])[0]
+    assert fused.completion_tokens == 4 * 40 and fused.nodes[0].prompt_tokens == 70
+
+
+def test_recorded_only_refuses_modelled_outcomes():
+    env = ReplayEnvironment(foreign_table(missing=("m3",)), SEVEN_POOL, dev_size=30, answers="unknown",
+                            output_tokens=50, input_tokens=50, recorded_only=True)
+    qs = env.split("dev") + env.split("test")
+    assert not any(r.modelled for r in env.evaluate(single("m0"), qs))
+    with pytest.raises(EnvError, match="has inputs, so its outcome would be modelled, and recorded_only"):
+        env.evaluate(fan_in(["m0", "m1"], "m2"), qs[:1])
+    assert len(env.unrecorded_questions("m3")) == 12 and not env.unrecorded_questions("m0")
+    with pytest.raises(EnvError, match="no recorded sample 0 on question 'q000'"):
+        env.evaluate(single("m3"), ["q000"])
