@@ -15,7 +15,7 @@ import numpy as np
 
 from graphtune.errors import BudgetError, GraphError
 from graphtune.graphs.canonical import canonical_form, graph_hash
-from graphtune.graphs.cost import Budget, CostModel, GraphCost, node_flops, node_usd
+from graphtune.graphs.cost import Budget, CostModel, GraphCost, node_flops, node_latency_s, node_usd
 from graphtune.graphs.model import BUILTIN_ROLE_SPECS, BUILTIN_ROLES, Graph, Node, RoleSpec
 
 
@@ -152,37 +152,40 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
     form, sorted by (size, hash).
 
     Grows graphs one node at a time: every DAG arises from a smaller one by adding a new
-    node whose predecessors are existing nodes (remove any sink to see why). Each level is
-    de-duplicated up to isomorphism, and partial graphs that already break a monotone
-    limit (budget, width, depth, in-degree, size) are pruned: adding a sink node never
-    lowers any of them. Raises SpaceTooLarge past ``limit`` partial graphs.
+    node whose predecessors are existing nodes (remove the sink to see why). Each level is
+    de-duplicated up to isomorphism. A partial graph is kept only if some completion of it
+    could still be valid: adding nodes never changes the existing nodes' in-degrees,
+    levels or costs, so a partial graph that already breaks the budget, width, depth or
+    size is dropped, and so is one whose cheapest possible completion would (see
+    :func:`_completion_bound`). Candidates are costed incrementally before a graph is
+    built. Raises SpaceTooLarge past ``limit`` partial graphs.
     """
     labels = [(r, m) for m in space.models for r in space.roles]
+    bound = _CompletionBound(space, costs)
     frontier: dict[str, Graph] = {}
     out: dict[str, Graph] = {}
-    seen = 0
 
-    def admissible(g: Graph) -> bool:
-        if g.width > space.max_width or g.depth > space.max_depth:
-            return False
-        return budget.fits(costs.cost(g))
+    def too_large() -> SpaceTooLarge:
+        return SpaceTooLarge(f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
 
     for role, model in labels:
         if not space.role_spec(role).allowed(has_inputs=False, is_sink=False):
             continue
         g = Graph.build([Node.make("n0", role, model)])
-        if admissible(g):
+        st = _Partial.of(g, costs)
+        if bound.may_complete(st, budget):
             frontier[graph_hash(g)] = canonical_form(g)
     for _ in range(space.max_nodes):
         for h, g in frontier.items():
             if not structural_errors(g, space):
                 out[h] = g
         if len(out) + len(frontier) > limit:
-            raise SpaceTooLarge(f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
+            raise too_large()
         nxt: dict[str, Graph] = {}
         for g in frontier.values():
             if g.size >= space.max_nodes:
                 continue
+            st = _Partial.of(g, costs)
             ids = [n.id for n in g.nodes]
             new_id = f"x{g.size}"
             for k in range(0, min(space.max_in_degree, len(ids)) + 1):
@@ -190,17 +193,16 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
                     for role, model in labels:
                         if not space.role_spec(role).allowed(has_inputs=bool(pset), is_sink=False):
                             continue
+                        grown = st.grow(pset, new_id, role, model, costs)
+                        if not bound.may_complete(grown, budget):
+                            continue
                         cand = Graph.build(list(g.nodes) + [Node.make(new_id, role, model)],
                                            list(g.edges) + [(p, new_id) for p in pset])
-                        seen += 1
-                        if not admissible(cand):
-                            continue
                         h = graph_hash(cand)
                         if h not in nxt and h not in out:
                             nxt[h] = canonical_form(cand)
                             if len(nxt) + len(out) > limit:
-                                raise SpaceTooLarge(
-                                    f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
+                                raise too_large()
         frontier = nxt
         if not frontier:
             break
@@ -208,6 +210,111 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
         if not structural_errors(g, space):
             out[h] = g
     return sorted(out.values(), key=lambda g: (g.size, graph_hash(g)))
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """What the enumerator needs of a partial graph, kept up to date node by node: its
+    additive costs, each node's finish time and level, its sinks and its sink's role."""
+
+    size: int
+    flops: float
+    usd: float
+    finish: dict
+    level: dict
+    level_counts: dict
+    sinks: frozenset
+    last_role: str  # the role of the sink when there is one sink
+    last_has_inputs: bool
+
+    @staticmethod
+    def of(g: Graph, costs: CostModel) -> _Partial:
+        c = costs.cost(g)
+        finish: dict[str, float] = {}
+        for nid in g.topo_order:
+            p, q = costs.node_tokens(g.in_degree(nid))
+            start = max((finish[x] for x in g.preds[nid]), default=0.0)
+            finish[nid] = start + node_latency_s(costs.model(g.node_map[nid].model), p, q)
+        counts: dict[int, int] = {}
+        for lv in g.levels.values():
+            counts[lv] = counts.get(lv, 0) + 1
+        sinks = g.sinks
+        s = g.node_map[sinks[0]]
+        return _Partial(g.size, c.flops, c.usd, finish, dict(g.levels), counts, frozenset(sinks),
+                        s.role, bool(g.preds[s.id]))
+
+    def grow(self, preds: tuple[str, ...], new_id: str, role: str, model: str, costs: CostModel) -> _Partial:
+        info = costs.model(model)
+        p, q = costs.node_tokens(len(preds))
+        lv = 1 + max((self.level[x] for x in preds), default=-1)
+        counts = dict(self.level_counts)
+        counts[lv] = counts.get(lv, 0) + 1
+        start = max((self.finish[x] for x in preds), default=0.0)
+        return _Partial(self.size + 1, self.flops + node_flops(info, p, q), self.usd + node_usd(info, p, q),
+                        {**self.finish, new_id: start + node_latency_s(info, p, q)}, {**self.level, new_id: lv},
+                        counts, (self.sinks - set(preds)) | {new_id}, role, bool(preds))
+
+    @property
+    def depth(self) -> int:
+        return 1 + max(self.level_counts)
+
+    @property
+    def width(self) -> int:
+        return max(self.level_counts.values())
+
+    @property
+    def latency_s(self) -> float:
+        return max(self.finish.values())
+
+
+class _CompletionBound:
+    """A lower bound on what any completion of a partial graph adds: the test that lets
+    the enumerator drop a partial graph before it grows.
+
+    A partial graph with k sinks needs new nodes until one sink is left. A new node with
+    d inputs lowers the sink count by at most d - 1, so with in-degrees capped at D it
+    takes j >= ceil((k - 1) / (D - 1)) new nodes with sum(d) >= k - 1 + j; a lone sink
+    whose role may not be the sink needs j >= 1 node with an input. A node's FLOPs and
+    dollars are convex in d (the prompt grows linearly, attention quadratically), so
+    cost(m, d) >= a + b*d with a = min over models of cost(m, 0) and b = min of
+    cost(m, 1) - cost(m, 0): the new nodes add at least j*(a + b) + (k - 1)*b. The final
+    sink runs after every existing node, so latency grows by at least the cheapest
+    one-input call, depth by one and size by j.
+    """
+
+    def __init__(self, space: Space, costs: CostModel):
+        self.space = space
+        self.unit_flops = costs.unit_flops
+        infos = [costs.model(m) for m in space.models]
+        t0, t1 = costs.node_tokens(0), costs.node_tokens(1)
+        self.a_flops = min(node_flops(m, *t0) for m in infos)
+        self.b_flops = min(node_flops(m, *t1) - node_flops(m, *t0) for m in infos)
+        self.a_usd = min(node_usd(m, *t0) for m in infos)
+        self.b_usd = min(node_usd(m, *t1) - node_usd(m, *t0) for m in infos)
+        self.latency1 = min(node_latency_s(m, *t1) for m in infos)
+
+    def may_complete(self, st: _Partial, budget: Budget) -> bool:
+        space = self.space
+        if st.width > space.max_width or st.depth > space.max_depth:
+            return False
+        k = len(st.sinks)
+        if k > 1:
+            if space.max_in_degree < 2:
+                return False
+            j = -(-(k - 1) // (space.max_in_degree - 1))
+        elif not space.role_allowed(st.last_role, has_inputs=st.last_has_inputs, is_sink=True):
+            j = 1
+        else:
+            j = 0
+        flops, usd, latency = st.flops, st.usd, st.latency_s
+        if j:
+            if st.size + j > space.max_nodes or st.depth + 1 > space.max_depth or space.max_in_degree < 1:
+                return False
+            flops += j * (self.a_flops + self.b_flops) + (k - 1) * self.b_flops
+            usd += j * (self.a_usd + self.b_usd) + (k - 1) * self.b_usd
+            latency += self.latency1
+        return budget.fits(GraphCost(flops=flops, units=flops / self.unit_flops, usd=usd, latency_s=latency,
+                                     prompt_tokens=0.0, completion_tokens=0.0))
 
 
 # -- random graphs -------------------------------------------------------------------

@@ -211,6 +211,48 @@ def test_enumeration_respects_budget(space, costs, budget18):
         assert costs.cost(g).units <= 18 + 1e-9
 
 
+#: a replay-like pool of similar-sized models (issue 14: seven models, at most three nodes fit)
+SIMILAR_POOL = {n: ModelInfo(n, p, 32, 4096) for n, p in [
+    ("mistral-7b-v0.1", 7.2e9), ("zephyr-7b-beta", 7.2e9), ("qwen-7B", 7.7e9), ("llama-3-8b", 8e9),
+    ("Llama-3-8B", 8e9), ("llama-2-7b", 6.7e9), ("gemma-7b", 8.5e9)]}
+
+
+def test_enumeration_prunes_partial_graphs_that_cannot_complete_in_budget():
+    """Five sources fit the budget but no single-sink graph of more than three nodes does:
+    max_nodes 6 used to grow every forest of sources (over ten minutes); it must give the
+    max_nodes 3 result, exactly, in seconds."""
+    import time
+
+    costs = CostModel(SIMILAR_POOL, TaskShape(200, 250))
+    budget = Budget(units=5)
+    small = enumerate_graphs(Space(models=tuple(SIMILAR_POOL), max_nodes=3, max_in_degree=4), costs, budget)
+    t0 = time.perf_counter()
+    big = enumerate_graphs(Space(models=tuple(SIMILAR_POOL), max_nodes=6, max_in_degree=4), costs, budget)
+    elapsed = time.perf_counter() - t0
+    assert max(g.size for g in big) == 3
+    assert [graph_hash(g) for g in big] == [graph_hash(g) for g in small]
+    assert len(big) == 1891
+    assert elapsed < 15, f"enumeration took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("budget", [Budget(units=3), Budget(units=8), Budget(latency_s=6),
+                                    Budget(units=6, latency_s=8), Budget(usd=1e-4)])
+@pytest.mark.parametrize("limits", [dict(max_nodes=4, max_in_degree=4), dict(max_nodes=4, max_in_degree=2, max_depth=3,
+                                                                             max_width=2),
+                                    dict(max_nodes=4, max_in_degree=1)])
+def test_enumeration_equals_brute_force_filter(costs, budget, limits):
+    """The pruned enumeration keeps exactly the valid in-budget graphs: compare with every
+    graph of the space grown without any cost pruning, then filtered."""
+    from graphtune.graphs.space import is_valid, structural_errors
+
+    sp = Space(models=("llama-3.2-1b", "llama-3.1-8b"), roles=("assistant", "fuser"), **limits)
+    got = {graph_hash(g) for g in enumerate_graphs(sp, costs, budget)}
+    unbounded = enumerate_graphs(sp, costs, Budget())
+    want = {graph_hash(g) for g in unbounded if is_valid(g, sp, costs, budget)}
+    assert got == want
+    assert all(not structural_errors(g, sp) for g in unbounded)
+
+
 def test_random_graphs_are_valid_and_in_budget(space, costs, budget18):
     rng = np.random.default_rng(1)
     seen = set()
