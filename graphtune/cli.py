@@ -543,12 +543,15 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     """List the trials of a study; `n` is the number of questions a score rests on, `*`
     marks the recommended graph's trial."""
     from graphtune.graphs.io import from_dict
-    from graphtune.graphs.render import to_short
+    from graphtune.graphs.render import short_labels, to_short
 
     store = _storage(storage, readonly=True)
     st = _study(store, study)
     replay = _is_replay(st.spec)
     rows = store.list_trials(st.id, split=split)
+    graphs = {r.number: from_dict(r.graph) for r in rows if r.status != "failed"}
+    # one label per model across the listing, unique within the study's models
+    labels = short_labels(n.model for g in graphs.values() for n in g.nodes)
     tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
     rec = tests[-1].parents[0] if tests else None
     if top:
@@ -563,14 +566,14 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
                         "units": r.cost_units, "usd": r.usd, "latency_s": r.latency_s, "new_runs": r.new_runs,
                         "recommended": r.number == rec, "origin": r.origin, "error": r.error,
                         **({"modelled": _share_of(r.metrics)} if replay else {}),
-                        "graph": to_short(from_dict(r.graph)) if r.status != "failed" else None} for r in rows], fmt):
+                        "graph": to_short(graphs[r.number], labels) if r.status != "failed" else None} for r in rows], fmt):
         return
     # plain aligned columns, one line per trial: a rich Table takes seconds to lay out
     # thousands of rows (3 s for 1,000 trials, benchmarks/load_bench.py)
     head = ("#", "split", "status", "n", "reward", *(("modelled",) if replay else ()), "units", "graph")
     cells = [(str(r.number) + ("*" if r.number == rec else ""), r.split, r.status, str(len(r.question_ids)),
               _fmt(r.reward), *((_share(r.metrics),) if replay else ()), _fmt(r.cost_units, ".2f"),
-              to_short(from_dict(r.graph)) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
+              to_short(graphs[r.number], labels) if r.status != "failed" else (r.error or "")[:80]) for r in rows]
     lines = [f"trials of {study} ({len(rows)})" + ("; * = the recommended graph's trial" if rec is not None else "")
              + ("; modelled = the share of the score's outcomes the records do not hold" if replay else "")]
     typer.echo("\n".join(lines + _columns(head, cells, right=(0, 3, 4, 5, *((6,) if replay else ())))))
@@ -739,7 +742,7 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     from rich.table import Table
 
     from graphtune.graphs.io import from_dict
-    from graphtune.graphs.render import to_short
+    from graphtune.graphs.render import short_labels, to_short
     from graphtune.pareto import cost_attr, default_ref_cost, hypervolume_points, pareto_front
 
     cost_attr(metric)
@@ -751,10 +754,11 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     for col in ("#", "accuracy", "n", "units", "USD / query", "latency s", "FLOPs"):
         t.add_column(col, no_wrap=True)
     t.add_column("graph", overflow="fold")
+    labels = short_labels(n.model for p in sp.points for n in from_dict(p.graph).nodes)
     for p in front:
         mark = " *" if sp.recommended is not None and p.graph_hash == sp.recommended.graph_hash else ""
         t.add_row(f"{p.trial_number}{mark}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",
-                  f"{p.latency_s:.2f}", f"{p.flops:.3g}", to_short(from_dict(p.graph)))
+                  f"{p.latency_s:.2f}", f"{p.flops:.3g}", to_short(from_dict(p.graph), labels))
     con = _console()
     con.print(t)
     con.print(f"hypervolume {hypervolume_points(sp.points, metric, ref):.4g} (accuracy x {metric}, reference "

@@ -301,3 +301,23 @@ def test_renderings_show_roles_and_models():
     assert "fuser:llama-3.2-3b" in txt and "assistant:llama-3.1-8b" in txt
     mm = to_mermaid(g)
     assert mm.startswith("flowchart") and "a0 --> s" in mm and "fuser" in mm
+
+
+def test_short_labels_are_unique_within_the_pool():
+    from graphtune.graphs.render import short_labels, to_short
+
+    # unique today: kept as they are
+    assert short_labels([B1, B3, B8, B70]) == {B1: "1b", B3: "3b", B8: "8b", B70: "70b"}
+    foreign = ["mistralai/Mistral-7B-Instruct-v0.1", "HuggingFaceH4/zephyr-7b-beta", "meta-llama/Llama-2-7b",
+               "Qwen/Qwen-7B", "meta-llama/Meta-Llama-3-8B", "a/llama-3-8b", "b/llama-3-8b",
+               "lmsys/vicuna-7b-v0.1", "x/foo-beta"]
+    labels = short_labels(foreign)
+    assert len({v.lower() for v in labels.values()}) == len(foreign), labels
+    assert labels["HuggingFaceH4/zephyr-7b-beta"] == "7b-beta"
+    # one graph rendered against the pool: the same model reads the same in every graph
+    g = fan_in(["Qwen/Qwen-7B", "meta-llama/Llama-2-7b"], sink_model="HuggingFaceH4/zephyr-7b-beta")
+    text = to_short(g, foreign)
+    assert text == to_short(g, labels) == "A:2-7b A:Qwen-7B > F:7b-beta"
+    # without a pool, unique among the graph's own models
+    assert to_short(fan_in([B1, B3], sink_model=B8)) == "A:1b A:3b > F:8b"
+    assert to_short(fan_in(["org/m-7b", "org/n-7B"], sink_model="org/m-7b")) == "A:m-7b A:n-7B > F:m-7b"
