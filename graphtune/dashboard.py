@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
@@ -63,7 +65,7 @@ from graphtune.errors import GraphtuneError, StoreError
 from graphtune.graphs.io import from_dict
 from graphtune.graphs.model import BUILTIN_ROLES, Graph
 from graphtune.graphs.render import to_mermaid, to_text
-from graphtune.pareto import StudyPoints, study_points
+from graphtune.pareto import StudyPoints, study_points, well_measured_threshold
 from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,62 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: notes stay readable in the dashboard's note pane, which does not wrap code blocks:
+#: lines wrapped at NOTE_WIDTH characters, a free text (agent reply, feedback) cut at
+#: NOTE_TEXT_CHARS with the cut said
+NOTE_WIDTH = 100
+NOTE_TEXT_CHARS = 4000
+
+
+def _wrap(text: str, width: int = NOTE_WIDTH, limit: int = NOTE_TEXT_CHARS) -> str:
+    """``text`` with every line wrapped at ``width`` (long words broken too) and cut at
+    ``limit`` characters, saying how much was left out."""
+    text = text or ""
+    cut = ""
+    if len(text) > limit:
+        cut = f"\n[... {len(text) - limit} more characters, in the store]"
+        text = text[:limit]
+    out = []
+    for line in text.splitlines() or [""]:
+        out += textwrap.wrap(line, width, break_long_words=True, break_on_hyphens=False, replace_whitespace=False,
+                             drop_whitespace=True, subsequent_indent="  ") or [""]
+    return "\n".join(out) + cut
+
+
+def _graph_block(g: Graph) -> str:
+    """The graph as text, one topological level per line, each wrapped."""
+    return _wrap("\n".join(to_text(g).split(" | ")), limit=10 * NOTE_TEXT_CHARS)
+
+
+def _local(when: datetime | None) -> datetime | None:
+    """A stored time (UTC: naive from SQLite, aware from PostgreSQL and memory) as Optuna
+    keeps trial times: naive, in this machine's local time (it stamps them with
+    ``datetime.now()``). optuna-dashboard reads a naive time as the browser's local time
+    and compares it with "now": UTC passed as is puts a live study hours off (its
+    timeline then empty), and an aware time breaks Optuna's own timeline plot."""
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone().replace(tzinfo=None)
+
+
+def _well_measured(t: TrialInfo, need: int) -> bool | None:
+    """Whether a scored trial's score rests on enough questions for graphtune to rank it
+    (:func:`graphtune.pareto.well_measured_threshold`); None when it has no score."""
+    if t.status != "complete" or t.accuracy is None or t.cost_units is None:
+        return None
+    return len(t.question_ids or []) >= need
+
+
+def _constraints(t: TrialInfo, need: int) -> dict[str, Any]:
+    """Optuna's constraint system attr (feasible when <= 0): a score on fewer questions
+    than graphtune ranks on is *infeasible*, so optuna-dashboard draws it grey and leaves
+    it out of the best line and the Pareto front, which then follow graphtune's best."""
+    ok = _well_measured(t, need)
+    return {} if ok is None else {"constraints": [float(need - len(t.question_ids or []))]}
+
+
 @dataclass
 class _Mirrored:
     trial_id: int  # Optuna's
@@ -196,6 +254,7 @@ class _Mirrored:
     status: str
     finished_at: Any
     note_digest: str = ""
+    well_measured: bool | None = None  # as mirrored (None: no score)
 
 
 @dataclass(frozen=True)
@@ -245,7 +304,10 @@ class StudyMirror:
         sp = study_points(self.store, st)  # graphtune's recommendation, as `graphtune show` gives it
         trials, test = sp.trials, sp.test_trial
         rec = sp.recommended.trial_number if sp.recommended is not None else None
-        if self._study is not None and (st.id != self._graph_study_id or (rec != self._recommended and self._trials)):
+        dev = [t for t in trials if t.split == "dev"]  # held-out test trials: not Optuna trials
+        need = well_measured_threshold(dev)
+        if self._study is not None and (st.id != self._graph_study_id or (rec != self._recommended and self._trials)
+                                        or self._measure_changed(dev, need)):
             if self._owns_storage:  # build it whole aside, then swap: readers never see it half-built
                 fresh = StudyMirror(self.store, self.name)
                 stats = fresh.refresh()
@@ -253,7 +315,6 @@ class StudyMirror:
                 return stats
             self._study_gone()
         steps = self.store.agent_steps(st.id)
-        dev = [t for t in trials if t.split == "dev"]  # held-out test trials: not Optuna trials
         if self._study is None:
             self._create(st, dev)
         self._recommended = rec
@@ -270,16 +331,16 @@ class StudyMirror:
             if m is None and t.status in ("pending", "waiting"):
                 continue  # queued for a worker (graphtune worker): shown once it runs
             if m is None:
-                m = self._trials[t.id] = self._add(t, recommended=t.number == rec)
+                m = self._trials[t.id] = self._add(t, need, recommended=t.number == rec)
                 added += 1
             elif m.status == "running" and t.status != "running":
-                self._finish(m.trial_id, t, recommended=t.number == rec)
-                m.status, m.finished_at = t.status, t.finished_at
+                self._finish(m.trial_id, t, need, recommended=t.number == rec)
+                m.status, m.finished_at, m.well_measured = t.status, t.finished_at, _well_measured(t, need)
                 updated += 1
             elif not (m.note_digest == "" or sig.get(t.batch) != self._steps_sig.get(t.batch)):
                 continue  # unchanged, and so are the agent steps of its batch
             body = self._trial_note(t, m.number, steps_by_batch.get(t.batch, []), recommended=t.number == rec,
-                                    test=tested.get(t.number))
+                                    test=tested.get(t.number), need=need)
             if _digest(body) != m.note_digest:
                 self._save_note(m.trial_id, body)
                 m.note_digest = _digest(body)
@@ -293,6 +354,15 @@ class StudyMirror:
         self._steps_sig = sig
         self._update_study(st, trials, steps, sp)
         return RefreshStats(added, updated, notes)
+
+    def _measure_changed(self, dev: Sequence[TrialInfo], need: int) -> bool:
+        """Whether a finished, mirrored trial crossed the well-measured line (the best
+        coverage grew): Optuna keeps its constraint read-only, so the mirror is rebuilt."""
+        for t in dev:
+            m = self._trials.get(t.id)
+            if m is not None and m.status not in ("running", "gone") and m.well_measured != _well_measured(t, need):
+                return True
+        return False
 
     def _adopt(self, fresh: StudyMirror) -> None:
         """Take over a mirror built from scratch; the storage goes last, so a reader
@@ -363,12 +433,14 @@ class StudyMirror:
                  f"- cost budget per query: {budget or 'none'}",
                  "- objectives: dev **accuracy** (maximize), **cost units** per query (minimize)",
                  "- numbering: Optuna's \"Trial N\" counts dev trials from 0; graphtune's number is the user attr "
-                 "`graphtune_trial` and the title of each trial's note", ""]
+                 "`graphtune_trial` and the title of each trial's note",
+                 f"- best line: only scores resting on at least {well_measured_threshold(dev)} questions (half the "
+                 "best-covered trial's), as graphtune ranks; trials scored on fewer are *Infeasible* (grey)", ""]
         rec, test = sp.recommended, sp.test_trial
         if rec is not None:
             lines += [f"**Recommended graph** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
-                      f"dev accuracy {rec.accuracy:.3f} on {rec.n} questions, {rec.cost_units:.2f} units: "
-                      f"`{to_text(from_dict(rec.graph))}`", ""]
+                      f"dev accuracy {rec.accuracy:.3f} on {rec.n} questions, {rec.cost_units:.2f} units:", "",
+                      "```text", _graph_block(from_dict(rec.graph)), "```", ""]
             if test is not None:
                 lines += [f"Held-out test (graphtune trial #{test.number}): accuracy "
                           f"{'-' if test.accuracy is None else format(test.accuracy, '.3f')} on "
@@ -376,9 +448,11 @@ class StudyMirror:
         elif done:
             full = [t for t in done if len(t.question_ids or []) >= top]  # as `graphtune report`: full coverage
             best = max(full, key=lambda t: (t.accuracy, -(t.cost_units or 0)))
+            g = self._graph(best)
             lines += [f"Nothing recommended yet (the search has not finished). Best dev accuracy so far on {top} "
                       f"questions: {best.accuracy:.3f} (graphtune trial #{best.number}, "
-                      f"{best.cost_units or 0:.2f} units): `{self._text(best)}`", ""]
+                      f"{best.cost_units or 0:.2f} units):", "",
+                      "```text", _graph_block(g) if g is not None else "(unreadable graph)", "```", ""]
         if steps:
             lines += ["## Agent timeline", "", "| batch | kind | agent | feedback | update |", "|---|---|---|---|---|"]
             for s in steps:
@@ -396,10 +470,6 @@ class StudyMirror:
         except GraphtuneError:
             return None
 
-    def _text(self, t: TrialInfo) -> str:
-        g = self._graph(t)
-        return to_text(g) if g is not None else "(unreadable graph)"
-
     @staticmethod
     def _state_values(t: TrialInfo) -> tuple[TrialState, list[float] | None]:
         state = _STATES.get(t.status, TrialState.FAIL)
@@ -410,8 +480,8 @@ class StudyMirror:
         return state, None
 
     @staticmethod
-    def _user_attrs(t: TrialInfo, recommended: bool = False) -> dict[str, Any]:
-        attrs = {"graphtune_trial": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
+    def _user_attrs(t: TrialInfo, recommended: bool = False, need: int | None = None) -> dict[str, Any]:
+        attrs = {"well_measured": _well_measured(t, need) if need is not None else None,"graphtune_trial": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
                  "batch": t.batch, "slot": t.slot, "origin": t.origin, "parents": list(t.parents or []),
                  "method": t.method, "new_runs": t.new_runs, "n_questions": len(t.question_ids or []),
                  "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error,
@@ -420,25 +490,28 @@ class StudyMirror:
             attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
         return {k: v for k, v in attrs.items() if v is not None}
 
-    def _add(self, t: TrialInfo, *, recommended: bool) -> _Mirrored:
+    def _add(self, t: TrialInfo, need: int, *, recommended: bool) -> _Mirrored:
         state, values = self._state_values(t)
         g = self._graph(t)
         params, dists = self._space.params(g) if g is not None else ({}, {})
-        start = t.started_at or t.finished_at
-        end = (t.finished_at or t.started_at) if state.is_finished() else None
+        start = _local(t.started_at or t.finished_at)
+        end = _local(t.finished_at or t.started_at) if state.is_finished() else None
         template = FrozenTrial(number=-1, state=state, value=None, values=values, datetime_start=start,
                                datetime_complete=end, params=params, distributions=dists,
-                               user_attrs=self._user_attrs(t, recommended), system_attrs={},
+                               user_attrs=self._user_attrs(t, recommended, need), system_attrs=_constraints(t, need),
                                intermediate_values={}, trial_id=-1)
         trial_id = self.optuna_storage.create_new_trial(self.study._study_id, template_trial=template)
-        return _Mirrored(trial_id, self.optuna_storage.get_trial_number_from_id(trial_id), t.status, t.finished_at)
+        return _Mirrored(trial_id, self.optuna_storage.get_trial_number_from_id(trial_id), t.status, t.finished_at,
+                         well_measured=_well_measured(t, need) if state.is_finished() else None)
 
-    def _finish(self, trial_id: int, t: TrialInfo, *, recommended: bool) -> None:
+    def _finish(self, trial_id: int, t: TrialInfo, need: int, *, recommended: bool) -> None:
         """A running trial finished in the store: its final attrs, params, state and values
         (Optuna lets only unfinished trials change, so the state goes last)."""
         s = self.optuna_storage
-        for k, v in self._user_attrs(t, recommended).items():
+        for k, v in self._user_attrs(t, recommended, need).items():
             s.set_trial_user_attr(trial_id, k, v)
+        for k, v in _constraints(t, need).items():
+            s.set_trial_system_attr(trial_id, k, v)
         g = self._graph(t)
         if g is not None:
             known = s.get_trial(trial_id).params
@@ -450,7 +523,7 @@ class StudyMirror:
         s.set_trial_state_values(trial_id, state, values)
 
     def _trial_note(self, t: TrialInfo, optuna_number: int, steps: Sequence[dict], *, recommended: bool = False,
-                    test: TrialInfo | None = None) -> str:
+                    test: TrialInfo | None = None, need: int = 1) -> str:
         g = self._graph(t)
         m = t.metrics or {}
         lines = [f"## graphtune trial #{t.number} ({t.split}, {t.status})"
@@ -462,12 +535,16 @@ class StudyMirror:
                       + (f"; held-out test (graphtune trial #{test.number}): accuracy "
                          f"{'-' if test.accuracy is None else format(test.accuracy, '.3f')} on "
                          f"{len(test.question_ids or [])} questions" if test is not None else "") + ".", ""]
+        if _well_measured(t, need) is False:
+            lines += [f"Scored on {len(t.question_ids or [])} questions, fewer than the {need} (half the best-covered "
+                      "trial's) graphtune ranks on: shown as *Infeasible* (grey), not on the best line or the "
+                      "Pareto front.", ""]
         if t.error:
-            lines += [f"**error:** {t.error}", ""]
+            lines += ["**error:**", "", "```text", _wrap(t.error, limit=2000), "```", ""]
         if g is None:
             lines += ["The stored graph cannot be read by this graphtune.", ""]
         else:
-            lines += ["### Graph", "", "```text", to_text(g), "```", "", "```mermaid", to_mermaid(g), "```", "",
+            lines += ["### Graph", "", "```text", _graph_block(g), "```", "", "```mermaid", to_mermaid(g), "```", "",
                       f"hash `{t.graph_hash}`", ""]
 
         def f(x, spec):
@@ -479,20 +556,21 @@ class StudyMirror:
                   f"{len(t.question_ids or [])} | {m.get('n_errors', 0)} | {t.new_runs} | {f(t.cost_units, '.2f')} "
                   f"| {f(t.flops, '.3g')} | {f(t.usd, '.2e')} | {f(t.latency_s, '.2f')} |", ""]
         if t.feedback:
-            lines += ["### Feedback", "", t.feedback, ""]
+            lines += ["### Feedback", "", _wrap(t.feedback), ""]
         if steps:
             lines += [f"### Agent steps of batch {t.batch}", ""]
             for s in steps:
                 lines += [f"**{s.get('kind')}** ({s.get('backend')}), looked at trials {s.get('trial_numbers') or []}",
                           ""]
                 if s.get("feedback"):
-                    lines += ["> " + "\n> ".join(str(s["feedback"]).splitlines()), ""]
+                    lines += ["> " + "\n> ".join(_wrap(str(s["feedback"])).splitlines()), ""]
                 if s.get("reply") and s.get("reply") != s.get("feedback"):
-                    lines += ["reply:", "", "```text", str(s["reply"]), "```", ""]
+                    lines += ["reply:", "", "```text", _wrap(str(s["reply"])), "```", ""]
                 if s.get("rejected_reason"):
-                    lines += [f"update rejected: {s['rejected_reason']}", ""]
+                    lines += ["update rejected:", "", "```text", _wrap(str(s["rejected_reason"]), limit=2000), "```",
+                              ""]
                 elif s.get("applied"):
-                    lines += [f"update applied: `{_short(str(s['applied']), 400)}`", ""]
+                    lines += ["update applied:", "", "```text", _wrap(str(s["applied"]), limit=1000), "```", ""]
         return "\n".join(lines)
 
     def _save_note(self, trial_id: int, body: str) -> None:

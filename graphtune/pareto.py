@@ -77,6 +77,16 @@ class FrontPoint:
         return float(getattr(self, cost_attr(metric)))
 
 
+def well_measured_threshold(trials: Iterable[Any]) -> int:
+    """The fewest questions a dev score must rest on for graphtune to rank it: half the
+    coverage of the best-covered scored dev trial (at least 1). The one rule behind the
+    recommendation, the Pareto front, ``trials --top`` and the dashboard's best line."""
+    top = max((len(t.question_ids or []) for t in trials
+               if getattr(t, "split", "dev") == "dev" and t.status == "complete" and t.accuracy is not None),
+              default=0)
+    return max(1, top // 2)
+
+
 def points_from_trials(trials: Iterable[Any], *, min_questions: int | None = None) -> list[FrontPoint]:
     """One point per graph from finished dev trials (objects with ``graph_hash``,
     ``question_ids``, ``accuracy``, costs...). ``min_questions`` defaults to half the
@@ -90,8 +100,7 @@ def points_from_trials(trials: Iterable[Any], *, min_questions: int | None = Non
             best[t.graph_hash] = t
     if not best:
         return []
-    top = max(len(t.question_ids) for t in best.values())
-    need = max(1, top // 2) if min_questions is None else max(1, int(min_questions))
+    need = well_measured_threshold(best.values()) if min_questions is None else max(1, int(min_questions))
     out = [FrontPoint(graph_hash=t.graph_hash, graph=t.graph, trial_number=t.number, accuracy=float(t.accuracy),
                       n=len(t.question_ids), cost_units=float(t.cost_units or 0.0), flops=float(t.flops or 0.0),
                       usd=float(t.usd or 0.0), latency_s=float(t.latency_s or 0.0), reward=t.reward,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from graphtune.envs.base import Environment
@@ -168,8 +169,11 @@ class BatchEngine:
         """Run one planned (or claimed) trial: an invalid graph is a failed trial, never
         evaluated; otherwise the stored results are reused and only the missing questions
         are run (paid). Returns the trial as it is to be written."""
+        # when the work began, so a trial's start and finish span its evaluation (the
+        # dashboard's timeline draws that span; the store's default is the write time)
+        started_at = getattr(plan, "started_at", None) or datetime.now(timezone.utc)
         g = from_dict(plan.graph)
-        place = dict(split=plan.split, batch=plan.batch, slot=plan.slot, graph=dict(plan.graph),
+        place = dict(started_at=started_at, split=plan.split, batch=plan.batch, slot=plan.slot, graph=dict(plan.graph),
                      graph_hash=plan.graph_hash, method=plan.method, origin=plan.origin, parents=tuple(plan.parents),
                      info=dict(plan.info), question_ids=tuple(plan.question_ids))
         try:

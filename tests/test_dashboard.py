@@ -75,6 +75,24 @@ def wait_for(fn, what: str, timeout_s: float = WAIT_S):
         time.sleep(0.2)
 
 
+def assert_note_fits(body: str) -> None:
+    """A note stays inside the dashboard's note pane: code blocks (not wrapped there) have
+    lines of at most NOTE_WIDTH characters, inline code spans are short, and so is every
+    line but a table row."""
+    from graphtune.dashboard import NOTE_WIDTH
+
+    fence = None
+    for line in body.splitlines():
+        if line.startswith("```"):
+            fence = None if fence else line[3:]
+            continue
+        if fence == "text":
+            assert len(line) <= NOTE_WIDTH, line
+        elif fence is None and not line.startswith("|"):
+            assert len(line) <= 600, line
+            assert all(len(span) <= NOTE_WIDTH for span in re.findall(r"`([^`]*)`", line)), line
+
+
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
@@ -120,7 +138,10 @@ def test_mirror_copies_trials_values_params_attrs_and_notes(study_db):
         assert sum(v for k, v in t.params.items() if k.startswith("model:")) == g.size
         assert sum(v for k, v in t.params.items() if k.startswith("role:")) == g.size
         body = note(study, t._trial_id)
-        assert f"graphtune trial #{o.number}" in body and to_text(g) in body and "flowchart LR" in body
+        assert f"graphtune trial #{o.number}" in body and "flowchart LR" in body
+        # the graph as text, one level per line (a whole graph on one line ran off the note pane)
+        assert all(level in body for level in to_text(g).split(" | "))
+        assert_note_fits(body)
     # one fixed distribution per param across the study (parameter importance needs that)
     dists = {}
     for t in trials:
@@ -421,3 +442,102 @@ def test_cli_serves_the_dashboard_and_chromium_renders_it(study_db, tmp_path):
             proc.kill()
             out, err = proc.communicate()
     assert proc.returncode == 0 and "dashboard stopped" in out, (out, err)
+
+
+# -- one notion of best; the timeline; bounded notes -------------------------------------------
+
+
+def record(store: Storage, st, like, *, n: int, accuracy: float, feedback: str = "", error: str | None = None):
+    """A finished dev trial scored on ``n`` questions (racing stops trials on few)."""
+    metrics = {"accuracy": accuracy, "n": n, "n_scored": n, "n_errors": 0}
+    return store.record_trial(st.id, TrialRecord(
+        split="dev", batch=98, slot=0, status="complete", graph=like.graph, graph_hash=like.graph_hash,
+        method=st.method, origin="sample", parents=[like.number], info={}, question_ids=[f"q{i}" for i in range(n)],
+        results=[], reused=set(), metrics=metrics, reward=accuracy, feedback=feedback, error=error,
+        cost={"units": 3.5, "flops": 1e12, "usd": 1e-5, "latency_s": 2.0}, new_runs=n))
+
+
+def dashboard_best(study: optuna.Study) -> float:
+    """The top of optuna-dashboard's best line for the accuracy objective: COMPLETE
+    trials whose constraints are all <= 0 (its bundle's history plot)."""
+    ok = [t for t in study.get_trials() if t.state == TrialState.COMPLETE
+          and all(c <= 0 for c in t.system_attrs.get("constraints", []))]
+    return max(t.values[0] for t in ok)
+
+
+def test_the_best_line_follows_the_trials_graphtune_ranks(study_db, tmp_path):
+    from graphtune.pareto import study_points
+
+    store = Storage(copy_db(study_db, tmp_path / "copy.db"))
+    st = store.get_study("ar")
+    like = store.list_trials(st.id, split="dev")[-1]
+    mirror = StudyMirror(store, "ar")
+    mirror.refresh()
+    top = max(p.accuracy for p in study_points(store, st).points)
+    assert dashboard_best(mirror.study) == pytest.approx(top)
+    lucky = record(store, st, like, n=3, accuracy=1.0)  # 3 of 3 right: a small sample, not the best
+    mirror.refresh()
+    t = next(x for x in mirror.study.get_trials() if x.user_attrs["graphtune_trial"] == lucky.number)
+    assert t.state == TrialState.COMPLETE and t.values[0] == 1.0  # its score is still shown...
+    assert t.system_attrs["constraints"][0] > 0 and t.user_attrs["well_measured"] is False  # ...as infeasible
+    assert "Infeasible" in note(mirror.study, t._trial_id)
+    assert dashboard_best(mirror.study) == pytest.approx(top) and top < 1.0
+    # the best coverage doubles: earlier full-dev scores now rest on too few questions too
+    wide = record(store, st, like, n=64, accuracy=0.5)
+    mirror.refresh()
+    trials = mirror.study.get_trials()
+    assert len(trials) == len(store.list_trials(st.id, split="dev"))
+    assert dashboard_best(mirror.study) == pytest.approx(0.5)
+    assert [x.user_attrs["graphtune_trial"] for x in trials if x.user_attrs.get("well_measured")] == [wide.number]
+    assert max(p.accuracy for p in study_points(store, st).points) == pytest.approx(0.5)
+
+
+def test_timeline_times_are_local_like_optunas_and_span_each_evaluation(study_db, monkeypatch):
+    import datetime as dt
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        store = Storage(f"sqlite:///{study_db}")
+        st = store.get_study("ar")
+        ours = store.list_trials(st.id, split="dev")
+        mirror = StudyMirror(store, "ar")
+        mirror.refresh()
+        for t, o in zip(mirror.study.get_trials(), ours):
+            assert t.datetime_start.tzinfo is None and t.datetime_complete.tzinfo is None  # as Optuna's own
+            utc = o.started_at.replace(tzinfo=dt.timezone.utc) if o.started_at.tzinfo is None else o.started_at
+            assert t.datetime_start == utc.astimezone().replace(tzinfo=None)
+            # the evaluation's span, not the instant the trial was written
+            assert t.datetime_complete > t.datetime_start
+        # Optuna's timeline (what optuna-dashboard draws with plotly) reads them against datetime.now()
+        from optuna.visualization._timeline import _get_timeline_info
+
+        info = _get_timeline_info(mirror.study)
+        now = dt.datetime.now()
+        assert len(info.bars) == len(ours)
+        assert all(b.start <= b.complete <= now for b in info.bars)
+        assert now - max(b.complete for b in info.bars) < dt.timedelta(hours=1)  # not hours off
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_long_texts_stay_inside_the_note_pane(study_db, tmp_path):
+    store = Storage(copy_db(study_db, tmp_path / "copy.db"))
+    st = store.get_study("ar")
+    like = store.list_trials(st.id, split="dev")[-1]
+    long_line = "step " + "x" * 5000 + " " + "y" * 300
+    t = record(store, st, like, n=30, accuracy=0.5, feedback=long_line, error="E" * 3000)
+    fresh = store.get_study("ar")
+    store.save_progress(st.id, state=fresh.searcher_state or {}, batch_index=fresh.batch_index,
+                        runs_spent=fresh.runs_spent,
+                        agent_steps=[{"key": "b98-feedback", "batch": 98, "kind": "feedback", "backend": "critic",
+                                      "feedback": long_line, "reply": "r" * 20000, "applied": {"k": "v" * 3000},
+                                      "trial_numbers": [t.number]}])
+    mirror = StudyMirror(store, "ar")
+    mirror.refresh()
+    mt = next(x for x in mirror.study.get_trials() if x.user_attrs["graphtune_trial"] == t.number)
+    body = note(mirror.study, mt._trial_id)
+    assert_note_fits(body)
+    assert "more characters, in the store]" in body and len(body) < 20000
+    assert_note_fits(note(mirror.study))
