@@ -30,6 +30,13 @@ What goes where (docs/dashboard.md):
   ``recommended_trial`` is its graphtune number. Optuna keeps finished trials read-only,
   so when a recommendation appears (or changes) after its trial was mirrored, the mirror
   is rebuilt from the store (into a fresh in-memory storage, under the same study id);
+* **the best line**: a dev score resting on fewer questions than graphtune ranks on (half
+  the best-covered trial's: :func:`graphtune.pareto.well_measured_threshold`) is mirrored
+  with an Optuna constraint > 0, so optuna-dashboard draws it as infeasible and leaves it
+  out of the best line and its Pareto front; when the threshold moves the mirror is
+  rebuilt, as for a new recommendation;
+* times: a trial's evaluation span, as naive local times like Optuna's own (the timeline);
+  notes are wrapped and capped so they stay inside the note pane;
 * params: features of the graph (size, edges, depth, width, in-degree, sink model and
   role, nodes per model and per role) with distributions fixed per study from the
   spec's space, so parameter importance works;
