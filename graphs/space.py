@@ -166,7 +166,8 @@ def enumerate_graphs(space: Space, costs: CostModel, budget: Budget, *,
     out: dict[str, Graph] = {}
 
     def too_large() -> SpaceTooLarge:
-        return SpaceTooLarge(f"space has more than {limit} graphs; shrink `space` or `budget`, or use a sampling method")
+        return SpaceTooLarge(f"space has more than {limit} graphs; shrink `space` or `budget`, "
+                             "or use a sampling method")
 
     for role, model in labels:
         if not space.role_spec(role).allowed(has_inputs=False, is_sink=False):

@@ -488,10 +488,10 @@ class StudyMirror:
 
     @staticmethod
     def _user_attrs(t: TrialInfo, recommended: bool = False, need: int | None = None) -> dict[str, Any]:
-        attrs = {"well_measured": _well_measured(t, need) if need is not None else None,"graphtune_trial": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
+        attrs = {"graphtune_trial": t.number, "split": t.split, "status": t.status, "graph_hash": t.graph_hash,
                  "batch": t.batch, "slot": t.slot, "origin": t.origin, "parents": list(t.parents or []),
                  "method": t.method, "new_runs": t.new_runs, "n_questions": len(t.question_ids or []),
-                 "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error,
+                 "well_measured": _well_measured(t, need) if need is not None else None, "reward": t.reward, "usd": t.usd, "flops": t.flops, "latency_s": t.latency_s, "error": t.error,
                  "worker": t.worker, "recommended": True if recommended else None}
         if t.status == "complete" and (t.accuracy is None or t.cost_units is None):
             attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
