@@ -217,22 +217,18 @@ SIMILAR_POOL = {n: ModelInfo(n, p, 32, 4096) for n, p in [
     ("Llama-3-8B", 8e9), ("llama-2-7b", 6.7e9), ("gemma-7b", 8.5e9)]}
 
 
+@pytest.mark.timeout(300)  # a hang guard, not a speed target (benchmarks/enumerate_bench.py measures that)
 def test_enumeration_prunes_partial_graphs_that_cannot_complete_in_budget():
     """Five sources fit the budget but no single-sink graph of more than three nodes does:
     max_nodes 6 used to grow every forest of sources (over ten minutes); it must give the
-    max_nodes 3 result, exactly, in seconds."""
-    import time
-
+    max_nodes 3 result, exactly."""
     costs = CostModel(SIMILAR_POOL, TaskShape(200, 250))
     budget = Budget(units=5)
     small = enumerate_graphs(Space(models=tuple(SIMILAR_POOL), max_nodes=3, max_in_degree=4), costs, budget)
-    t0 = time.perf_counter()
     big = enumerate_graphs(Space(models=tuple(SIMILAR_POOL), max_nodes=6, max_in_degree=4), costs, budget)
-    elapsed = time.perf_counter() - t0
     assert max(g.size for g in big) == 3
     assert [graph_hash(g) for g in big] == [graph_hash(g) for g in small]
     assert len(big) == 1891
-    assert elapsed < 15, f"enumeration took {elapsed:.1f} s"
 
 
 @pytest.mark.parametrize("budget", [Budget(units=3), Budget(units=8), Budget(latency_s=6),
