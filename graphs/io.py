@@ -23,17 +23,23 @@ def to_dict(graph: Graph) -> dict[str, Any]:
     }
 
 
+def check_header(data, where: str, fields: tuple[str, ...]) -> None:
+    """The checks every graph file format shares: a supported ``schema_version`` and no keys
+    beyond ``fields`` (plus ``schema_version`` and the informative ``name`` and ``metrics``)."""
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise GraphError(f"{where}: schema_version {version} is not supported (this graphtune reads {SCHEMA_VERSION})")
+    unknown = set(data) - {"schema_version", "name", "metrics", *fields}
+    if unknown:
+        raise GraphError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(fields)}, schema_version")
+
+
 def from_dict(data: Any, *, where: str = "graph") -> Graph:
     """Parse plain data. If ``sink`` is given, nodes with no path to it are pruned (they
     would do no work); without it the graph must already have exactly one sink."""
     if not isinstance(data, dict):
         raise GraphError(f"{where}: expected a mapping with `nodes` and `edges`, got {type(data).__name__}")
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise GraphError(f"{where}: schema_version {version} is not supported (this graphtune reads {SCHEMA_VERSION})")
-    unknown = set(data) - {"schema_version", "nodes", "edges", "sink", "name", "metrics"}
-    if unknown:
-        raise GraphError(f"{where}: unknown keys {sorted(unknown)}; allowed: nodes, edges, sink, schema_version")
+    check_header(data, where, ("nodes", "edges", "sink"))
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise GraphError(f"{where}: `nodes` must be a non-empty list of {{id, role, model}}")

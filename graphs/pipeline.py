@@ -31,7 +31,7 @@ from graphtune.graphs.render import _short, to_text
 
 #: the input name of the task's question (a stage may not take this name)
 QUESTION = "question"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = graph_io.SCHEMA_VERSION  # one graph-file format version for graphs and pipelines
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 __all__ = ["QUESTION", "Pipeline", "Stage", "as_single", "from_dict", "pipeline_hash", "single",
@@ -192,12 +192,7 @@ def from_dict(data: Any, *, where: str = "pipeline") -> Pipeline:
     ``where`` and the stage."""
     if not isinstance(data, Mapping):
         raise GraphError(f"{where}: expected a mapping with `stages`, got {type(data).__name__}")
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise GraphError(f"{where}: schema_version {version} is not supported (this graphtune reads {SCHEMA_VERSION})")
-    unknown = set(data) - {"schema_version", "stages", "name", "metrics"}
-    if unknown:
-        raise GraphError(f"{where}: unknown keys {sorted(unknown)}; allowed: stages, schema_version")
+    graph_io.check_header(data, where, ("stages",))
     raw = data.get("stages")
     if not isinstance(raw, list) or not raw:
         raise GraphError(f"{where}: `stages` must be a non-empty list of {{name, inputs, graph}}")

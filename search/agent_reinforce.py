@@ -38,13 +38,12 @@ from graphtune.agent import make_agent
 from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import ProblemInfo
 from graphtune.agent.schema import GraphProposal
-from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
 from graphtune.search.critic import AgentCritic, probe_candidates
 from graphtune.search.probgraph import ProbabilisticGraph
 from graphtune.search.racing import recommend_paired
-from graphtune.search.reinforce import PolicyOptions, policy_parts
+from graphtune.search.reinforce import PolicyOptions, policy_batch, policy_parts
 
 
 class AgentReinforceOptions(PolicyOptions):
@@ -126,16 +125,9 @@ class AgentReinforceSearcher(Searcher):
                 self._minibatch = tuple(cands[0].question_ids or ())
                 return cands
             self.phase = "search"
-        if self.racing.final_phase():
-            race = self.racing.final_race(self.batches_told)
-            if race:
-                self._minibatch = ()
-                return race
-        cands = self.racing.promotions(self.batches_told)
-        taken = {graph_hash(c.graph) for c in cands}
-        self._minibatch = mb = self.racing.questions(0)
-        cands += self.critic.proposals(mb, taken)
-        return cands + self.policy.sample(self.n_samples, mb, taken, self.racing)
+        cands, self._minibatch = policy_batch(self.racing, self.policy, self.n_samples, self.batches_told,
+                                              extra=self.critic.proposals)
+        return cands
 
     def tell(self, evaluations: Sequence[Evaluation]) -> None:
         self.racing.record(evaluations)

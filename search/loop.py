@@ -43,7 +43,7 @@ def run_search(searcher: Searcher, env: Environment, storage: StudyStorage, stud
             rows[p.slot] = t
             spent += t.new_runs
             if t.status == "complete" and t.reward is not None and math.isfinite(t.reward) \
-                    and len(engine.results(t)) == len(ctx.dev_ids):
+                    and len(t.question_ids) == len(ctx.dev_ids):
                 best_so_far = max(best_so_far, t.reward)
             if progress:
                 progress({"runs_spent": spent, "budget_runs": budget_runs, "trial": t.number,

@@ -97,6 +97,23 @@ class PolicyOptions(SearcherOptions):
         return v
 
 
+def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: int,
+                 extra=None) -> tuple[list[Candidate], tuple[str, ...]]:
+    """The next batch of a policy searcher and its minibatch of questions: the final race
+    once it is due; otherwise the ASHA promotions, ``extra(minibatch, taken)`` (the agent's
+    proposals) and ``n_samples`` graphs drawn from the policy, no graph twice."""
+    if racing.final_phase():
+        race = racing.final_race(batch)
+        if race:
+            return race, ()
+    cands = racing.promotions(batch)
+    taken = {graph_hash(c.graph) for c in cands}
+    mb = racing.questions(0)
+    if extra is not None:
+        cands += extra(mb, taken)
+    return cands + policy.sample(n_samples, mb, taken, racing), mb
+
+
 def policy_parts(ctx: SearchContext, o: PolicyOptions) -> tuple[Racing, PolicyUpdate]:
     """The racing and policy-update parts both policy searchers hold, from their options."""
     pareto = ParetoScalarisation.of(o.pareto, o.pareto_weights, ctx.budget) if o.pareto else None
@@ -144,15 +161,8 @@ class ReinforceSearcher(Searcher):
         return self.policy.pg
 
     def ask(self) -> list[Candidate]:
-        if self.racing.final_phase():
-            race = self.racing.final_race(self.batches_told)
-            if race:
-                self._minibatch = ()
-                return race
-        cands = self.racing.promotions(self.batches_told)
-        taken = {graph_hash(c.graph) for c in cands}
-        self._minibatch = mb = self.racing.questions(0)
-        return cands + self.policy.sample(self.n_samples, mb, taken, self.racing)
+        cands, self._minibatch = policy_batch(self.racing, self.policy, self.n_samples, self.batches_told)
+        return cands
 
     def tell(self, evaluations: Sequence[Evaluation]) -> None:
         self.racing.record(evaluations)

@@ -152,18 +152,16 @@ class Worker:
 
     def _evaluate(self, t: TrialInfo) -> None:
         self._holding = t.id
-        hb = self._beating(f"trial-{t.number}")
-        hb.__enter__()
         try:
-            self.env.share_limits(max(1, self.storage.live_workers(self.study.id, self.options.stale_after_s)))
-            rec = self.engine.execute(t)
-            ok = self.storage.finish_claim(t.id, self.name, rec)
+            with self._beating(f"trial-{t.number}"):
+                self.env.share_limits(max(1, self.storage.live_workers(self.study.id, self.options.stale_after_s)))
+                rec = self.engine.execute(t)
+                ok = self.storage.finish_claim(t.id, self.name, rec)
             missing, reward = rec.new_runs, rec.reward if rec.reward is not None else float("nan")
         except BaseException:
             self.storage.release_claim(t.id, self.name)  # someone else runs it (the ledger keeps paid calls)
             raise
         finally:
-            hb.__exit__(None, None, None)
             self._holding = None
         if ok:
             self.trials += 1
