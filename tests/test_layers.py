@@ -90,7 +90,7 @@ def violations() -> list[str]:
                 continue
             if target in APP:
                 bad.append(f"{rel}:{line}: {pkg} imports {name}, part of the app; the app passes what is "
-                           "needed in (graphtune/api.py)")
+                           "needed in (src/graphtune/api.py)")
             else:
                 may = ", ".join(sorted(ALLOWED[pkg] | ANYWHERE)) or "nothing"
                 bad.append(f"{rel}:{line}: {pkg} imports {name}; {pkg} may import {may} (besides itself)")

@@ -48,3 +48,17 @@ def test_non_editable_install_imports_and_runs(wheel, tmp_path):
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "202.0" or float(r.stdout) == 202
+
+
+def test_a_module_runs_from_the_repository_root():
+    """`python -m graphtune.<subpackage>...` from the root (as the README says) imports the
+    installed package: no folder of the root shadows `graphtune` with only a half of it."""
+    assert not (ROOT / "graphtune").exists(), "the app lives under src/; a root graphtune/ would shadow it"
+    r = subprocess.run([sys.executable, "-m", "graphtune.envs.simulated.calibrate", "--help"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "usage: python -m graphtune.envs.simulated.calibrate" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import graphtune.api, graphtune.envs; print(graphtune.envs.__file__)"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent == ROOT / "envs"

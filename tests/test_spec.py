@@ -393,7 +393,7 @@ def line_of(text: str, needle: str) -> int:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) +
-                         sorted((ROOT / "graphtune" / "templates").glob("*.yaml")), ids=lambda p: p.name)
+                         sorted((ROOT / "src" / "graphtune" / "templates").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_spec_loads(path):
     spec = load_spec(path)
     assert spec.env.kind in ("simulated", "live", "replay")
