@@ -346,6 +346,28 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     _print_outcome(con, spec, problem, st, out)
 
 
+def _shape(g) -> str:
+    """A design's size: a graph's nodes, width and depth; a pipeline's stages and nodes."""
+    if hasattr(g, "stages"):
+        return f"{len(g.stages)} stages, {g.size} nodes (" + ", ".join(f"{s.name} {s.graph.size}" for s in g.stages) + ")"
+    return f"{g.size} nodes, width {g.width}, depth {g.depth}"
+
+
+def _stage_lines(cost, results, split: str) -> list[str]:
+    """One line per stage of a pipeline: its cost per query and, from ``results``, how often
+    its answer was right and how often it lost the pipeline's answer."""
+    from graphtune.graphs.results import summarize_stages
+
+    summ = {s.stage: s for s in summarize_stages(results)}
+    out = []
+    for name, c in cost.stages:
+        s = summ.get(name)
+        acc = (f"; {split} stage accuracy {_fmt(s.accuracy)} (n={s.n_scored}), lost {s.n_lost}"
+               if s is not None and s.n_scored else "")
+        out.append(f"  stage {name:<9} {c.units:.2f} units, ${c.usd:.6f}, {c.latency_s:.2f} s{acc}")
+    return out
+
+
 def _print_outcome(con, spec, problem, st, out) -> None:
     from rich.panel import Panel
     from rich.text import Text
@@ -357,7 +379,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         con.print("no graph was evaluated successfully; see `graphtune trials " + spec.study + "`")
         raise SystemExit(1)
     g = out.best.graph
-    c = problem.costs.cost(g)
+    cost = problem.costs.cost(g)
+    c = getattr(cost, "total", cost)  # a pipeline's cost: its total, with the stages' beside it
     lo, hi = out.best.ci95()
     test = summarize(out.test_results) if out.test_results else None
     replay = spec.env.kind == "replay"
@@ -365,7 +388,7 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     test_note = f"; {_modelled(test.as_dict() if test else None)}" if replay else ""
     lines = [
         f"best graph      {to_text(g)}",
-        f"                {g.size} nodes, width {g.width}, depth {g.depth}; trial #{out.best.best_trial}",
+        f"                {_shape(g)}; trial #{out.best.best_trial}",
         f"dev reward      {out.best.mean:.3f}  (95% CI {lo:.3f}-{hi:.3f}, n={out.best.n}{dev_note})",
         f"test accuracy   {_fmt(test.accuracy if test else None)}  (n={test.n_scored if test else 0}, held out"
         f"{test_note})",
@@ -374,6 +397,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
         f"study           {spec.study} in {_url(spec.storage)}",
     ]
+    if hasattr(cost, "stages"):
+        lines[6:6] = _stage_lines(cost, out.test_results or (), "test")
     if test and test.n_errors:
         lines.append(f"infrastructure  {test.n_errors} test questions failed to run (excluded from accuracy, not "
                      "scored wrong); see `graphtune trials`")
