@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from graphtune.agent.base import Agent, AgentStep
+from graphtune.agent.pipeline import PipelineBatchReport, PipelineInitReport
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
 from graphtune.agent.schema import AgentUpdate, ReplyLimits, describe_reply_error, update_json_schema
 from graphtune.agent.toolkit import ask_structured
@@ -64,10 +65,12 @@ class LLMAgent(Agent):
         self.limits = ReplyLimits.from_settings(self.settings)
 
     def initial(self, report: InitReport) -> AgentStep:
-        return self._ask("init", render_init(report))
+        # a multi-stage study's report renders itself (per-stage prompt, agent/pipeline.py)
+        return self._ask("init", report.render() if isinstance(report, PipelineInitReport) else render_init(report))
 
     def feedback(self, report: BatchReport) -> AgentStep:
-        return self._ask("feedback", render_batch(report))
+        return self._ask("feedback", report.render() if isinstance(report, PipelineBatchReport)
+                         else render_batch(report))
 
     def _ask(self, kind: str, prompt: str) -> AgentStep:
         s = self.settings
