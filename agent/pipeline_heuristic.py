@@ -159,7 +159,8 @@ def budget_split_deltas(hist: list[PipelineEntry], eff: dict, inc: PipelineEntry
     deltas = {n: float(np.clip((score[n] - mean) * 20.0, -0.6, 0.6)) for n in names}
     deltas = {n: d for n, d in deltas.items() if math.isfinite(d) and abs(d) > 1e-6}
     if deltas:
-        text.append("Budget split: " + ", ".join(f"{n} {d:+.2f}" for n, d in deltas.items()) + ".")
+        text.append("Budget split (toward the stage whose spending goes with higher effect, nudged toward the one "
+                    "losing most answers per unit): " + ", ".join(f"{n} {d:+.2f}" for n, d in deltas.items()) + ".")
     return deltas, text
 
 

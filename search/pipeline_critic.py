@@ -15,9 +15,11 @@ answers lost, for the incumbent and the batch) and applies its update per stage:
   incumbent and the pipeline budget, queued for the next batch.
 
 A name of no stage is a one-line rejection stored with the step (the rest of the update
-still applies); nothing in a reply can crash the search. Each stored step carries
-``stages``: per stage, the deltas applied to it and the incumbent's graph, cost, stage
-accuracy and answers lost, so the agent timeline shows per-stage attributions and costs.
+still applies); nothing in a reply can crash the search. Each stored step's ``applied``
+carries, per stage, the deltas applied to it (``deltas.stages``), the budget split's
+(``deltas.budget_split``, ``deltas.expected_split``) and the incumbent's graph, cost, stage
+accuracy and answers lost (``incumbent_stages``), so the agent timeline shows per-stage
+attributions and costs.
 Its state (queued proposals, usage, the last rounds' lines) is saved whole, as the single
 graph critic's is.
 """
@@ -289,6 +291,8 @@ class PipelineCritic:
                 applied = {"deltas": deltas, "proposals": self._queue_proposals(u, key, default_parents)}
         inc = self.racing.incumbent()
         views = self._views.get(inc) if inc else None
+        # per stage: the incumbent's graph, cost, stage accuracy and answers lost (attribution)
+        applied["incumbent_stages"] = {v.name: _stage_summary(v) for v in views} if views else {}
         self._steps.append({
             "key": key, "batch": batch, "kind": step.kind, "backend": self.agent.backend,
             "is_llm": self.agent.is_llm, "prompt": step.prompt,
@@ -296,9 +300,7 @@ class PipelineCritic:
             "parsed": step.update.model_dump(mode="json") if step.update is not None else None,
             "applied": applied, "rejected_reason": rejected, "feedback": step.feedback,
             "trial_numbers": trial_numbers, "calls": step.calls, "prompt_tokens": step.prompt_tokens,
-            "completion_tokens": step.completion_tokens, "usd": step.usd, "seconds": step.seconds,
-            # per stage: the incumbent's graph, cost, stage accuracy and answers lost (attribution)
-            "stages": {v.name: _stage_summary(v) for v in views} if views else {}})
+            "completion_tokens": step.completion_tokens, "usd": step.usd, "seconds": step.seconds})
 
     # -- contract ------------------------------------------------------------------------
     def drain_steps(self) -> list[dict[str, Any]]:

@@ -241,8 +241,8 @@ def test_agent_proposals_are_built_and_checked_per_stage(tmp_path):
         (GraphProposal(**_one("llama-3.2-3b"), stage="rerank"), GraphError, "unknown stage 'rerank'"),
         # the 1B is not in the answering stage's pool: the reason names the stage
         (GraphProposal(**_one("llama-3.2-1b"), stage="answer"), GraphError, "stage 'answer'"),
-        (GraphProposal(**_one("llama-3.2-3b"), stage="answer", other_stages=[{"stage": "answer", **_one("llama-3.2-3b")}]),
-         GraphError, "given twice"),
+        (GraphProposal(**_one("llama-3.2-3b"), stage="answer",
+                       other_stages=[{"stage": "answer", **_one("llama-3.2-3b")}]), GraphError, "given twice"),
         (GraphProposal(**_one("llama-3.2-3b")), GraphError, "no incumbent"),
     ]
     for prop, err, words in bad:
@@ -319,8 +319,8 @@ def test_the_heuristic_agent_reports_per_stage_attribution_and_moves_the_split(t
     fb = [x for x in steps if x["kind"] == "feedback"]
     assert fb
     for x in fb:
-        assert set(x["stages"]) == {"retrieve", "answer"}
-        for v in x["stages"].values():
+        assert set(x["applied"]["incumbent_stages"]) == {"retrieve", "answer"}
+        for v in x["applied"]["incumbent_stages"].values():
             assert v["cost_units"] > 0 and v["lost"] >= 0 and "[" in v["graph"]
         assert set(x["applied"]["deltas"]["stages"]) == {"retrieve", "answer"}
     assert "not an LLM" in fb[-1]["feedback"] and "Budget split" in " ".join(x["feedback"] for x in fb)
@@ -339,3 +339,35 @@ def test_the_update_schema_takes_stage_fields_and_a_single_stage_reply_is_unchan
     assert plain.stage_preferences == [] and plain.budget_split == {}
     with pytest.raises(ValueError):
         AgentUpdate.model_validate({"feedback": "x", "budget_split": {"retrieve": float("nan")}})
+
+
+# -- from the CLI, on SQLite: the stored steps and the report's timeline ----------------------
+
+
+@pytest.mark.parametrize("method", ["reinforce", "agent-reinforce"])
+def test_graphtune_optimize_runs_a_policy_search_on_a_pipeline_and_resumes_as_finished(tmp_path, method):
+    from typer.testing import CliRunner
+
+    from graphtune.cli import app
+    from graphtune.report import _changes
+    from graphtune.store import Storage
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = tmp_path / "rag.yaml"
+    spec.write_text(textwrap.dedent(RAG.replace("METHOD", method).replace("SEED", "0").replace("EVALS", "6"))
+                    + f"storage: {url}\n")
+    r = CliRunner().invoke(app, ["optimize", str(spec), "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    store = Storage(url)
+    st = store.get_study("rag")
+    trials = [(t.batch, t.slot, t.graph_hash) for t in store.list_trials(st.id)]
+    r2 = CliRunner().invoke(app, ["optimize", str(spec), "--quiet"], catch_exceptions=False)
+    assert r2.exit_code == 0, r2.output
+    assert [(t.batch, t.slot, t.graph_hash) for t in store.list_trials(st.id)] == trials  # nothing paid twice
+    steps = store.agent_steps(st.id)
+    if method == "reinforce":
+        assert not steps
+        return
+    html = " ".join(_changes(x) for x in steps)
+    assert "stage retrieve:" in html and "stage answer:" in html and "expected budget shares now" in html
+    assert "incumbent&#x27;s answer:" in html or "incumbent's answer:" in html

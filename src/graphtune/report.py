@@ -448,7 +448,7 @@ def _changes(st: dict) -> str:
         if d.get("scale") is not None:
             lines.append(f"applied at scale {_num(d['scale'], '.2f')} (the agent's confidence times its step size)")
         if isinstance(d.get("stages"), dict):  # a multi-stage study: per-stage deltas and the split
-            lines += _stage_changes(d, st.get("stages"))
+            lines += _stage_changes(d, applied.get("incumbent_stages"))
         if d.get("model"):
             lines.append("model preference: " + ", ".join(f"{m} {_num(x)}" for m, x in d["model"].items()))
         if d.get("role"):
