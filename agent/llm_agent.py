@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from graphtune.agent.base import Agent, AgentStep
-from graphtune.agent.pipeline import PipelineBatchReport, PipelineInitReport
+from graphtune.agent.pipeline import PipelineBatchReport, PipelineInitReport, PipelineProblemInfo
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
 from graphtune.agent.schema import AgentUpdate, ReplyLimits, describe_reply_error, update_json_schema
 from graphtune.agent.toolkit import ask_structured
@@ -35,6 +35,15 @@ SYSTEM = (
     "one call with a role and a model; an edge u->v appends u's answer to v's prompt; the single sink gives the "
     "final answer. You read paired measurements and reply with ONE JSON object matching this JSON schema, and "
     "nothing else:\n{schema}"
+)
+
+#: the same, for a multi-stage study (agent/pipeline.py renders its per-stage reports)
+SYSTEM_PIPELINE = (
+    "You optimise a multi-stage pipeline of LLM calls for a task under one per-query compute budget for all stages. "
+    "Each stage is a collaboration graph (nodes are calls with a role and a model; an edge u->v appends u's answer "
+    "to v's prompt; the stage's single sink gives its answer, which the later stages read). You read paired, "
+    "per-stage measurements and reply with ONE JSON object matching this JSON schema, and nothing else (name stages "
+    "in stage_preferences, budget_split, edge_changes[].stage and proposals[].stage):\n{schema}"
 )
 
 
@@ -75,7 +84,8 @@ class LLMAgent(Agent):
     def _ask(self, kind: str, prompt: str) -> AgentStep:
         s = self.settings
         messages = [
-            {"role": "system", "content": SYSTEM.format(schema=json.dumps(self.schema))},
+            {"role": "system", "content": (SYSTEM_PIPELINE if isinstance(self.problem, PipelineProblemInfo)
+                                           else SYSTEM).format(schema=json.dumps(self.schema))},
             {"role": "user", "content": prompt},
         ]
         retries = int(s.get("max_retries", 2))

@@ -284,6 +284,7 @@ def test_an_llm_agent_sees_stages_and_its_unknown_stage_names_are_recorded_not_f
     prompts = []
 
     def complete(model, messages, **kw):
+        assert "multi-stage pipeline" in messages[0]["content"]
         prompts.append(messages[-1]["content"])
         return FakeReply(json.dumps(REPLY))
 
