@@ -3,7 +3,8 @@
 Same spirit as :mod:`graphtune.agent.heuristic` for one graph, with per-stage statistics:
 
 * **initial**: per stage, model preferences from the probes' *stage* accuracies (each probe
-  runs one model alone per stage); proposals: the best model of each stage alone, then
+  runs one model alone per stage); the budget split toward a stage whose best model alone
+  costs more than an even share of the budget; proposals: the best model of each stage alone, then
   width on each stage (several samples of its best model merged by a synthesiser) with the
   other stages at their best single model, cheapest first;
 * **feedback**: paired pipeline effects (graph + question fit,
@@ -90,6 +91,20 @@ def pipeline_initial(report: PipelineInitReport, render) -> AgentStep:
         text.append(f"Stage {s.name}: stage accuracy alone " + ", ".join(f"{m} {a:.2f}" for m, a in
                                                                           sorted(means.items(), key=lambda t: -t[1]))
                     + ".")
+    # the split: a stage whose best model alone takes more than an even share of the budget
+    # gets more of it (one call of a large model cannot be had for less than its price)
+    split: dict[str, float] = {}
+    total = prob.budget.total.units
+    if total:
+        n = len(prob.names)
+        for name in prob.names:
+            need = prob.node_units(name, best[name], 0) / total
+            d = float(np.clip(need - 1.0 / n, -0.3, 0.3))
+            if abs(d) > 1e-3:
+                split[name] = d
+        if split:
+            text.append("Budget split from the price of each stage's best model alone: "
+                        + ", ".join(f"{k} {v:+.2f}" for k, v in split.items()) + ".")
     props: list[GraphProposal] = []
     seen: set[str] = set()
 
@@ -116,8 +131,8 @@ def pipeline_initial(report: PipelineInitReport, render) -> AgentStep:
                     break
     text.append("First proposals: each stage's best model alone, then width on one stage at a time, so the next "
                 "paired batch tells which stage gains from more compute.")
-    upd = AgentUpdate(feedback=" ".join(text), stage_preferences=prefs, proposals=props[: prob.max_proposals + 2],
-                      confidence=0.6)
+    upd = AgentUpdate(feedback=" ".join(text), stage_preferences=prefs, budget_split=split,
+                      proposals=props[: prob.max_proposals + 2], confidence=0.6)
     return AgentStep(kind="init", prompt=render(report), reply=None, update=upd, seconds=time.perf_counter() - t0)
 
 
