@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from graphtune.agent.pipeline import proposal_to_pipeline
 from graphtune.agent.schema import AgentUpdate, GraphProposal
@@ -374,3 +376,47 @@ def test_graphtune_optimize_runs_a_policy_search_on_a_pipeline_and_resumes_as_fi
     html = " ".join(_changes(x) for x in steps)
     assert "stage retrieve:" in html and "stage answer:" in html and "expected budget shares now" in html
     assert "incumbent&#x27;s answer:" in html or "incumbent's answer:" in html
+
+
+# -- any per-stage reply: applied or refused line by line, never a crash -----------------------
+
+_NAMES = st.sampled_from(["retrieve", "answer", "rerank", "", "s0", "llama-3.1-70b", "x" * 64])
+_DELTA = st.floats(-5, 5, allow_nan=False)
+_REPLIES = st.fixed_dictionaries({
+    "feedback": st.text(max_size=20),
+    "model_preference": st.dictionaries(st.sampled_from(["llama-3.2-3b", "llama-3.1-70b", "gpt-9"]), _DELTA,
+                                        max_size=3),
+    "stage_preferences": st.lists(st.fixed_dictionaries({
+        "stage": _NAMES.filter(bool),
+        "model_preference": st.dictionaries(st.sampled_from(["llama-3.2-1b", "llama-3.1-8b", "nope"]), _DELTA,
+                                            max_size=2),
+        "target_width": st.one_of(st.none(), st.integers(1, 64)),
+        "target_depth": st.one_of(st.none(), st.integers(1, 64))}), max_size=3),
+    "budget_split": st.dictionaries(_NAMES.filter(bool), _DELTA, max_size=3),
+    "edge_changes": st.lists(st.fixed_dictionaries({
+        "src": st.sampled_from(["s0", "s1", "s4", "q"]), "dst": st.sampled_from(["s1", "s2", "s4", "s9"]),
+        "delta": _DELTA, "stage": st.one_of(st.none(), _NAMES.filter(bool))}), max_size=3),
+    "confidence": st.floats(0, 1),
+})
+
+
+@pytest.fixture(scope="module")
+def rag_critic(tmp_path_factory):
+    spec, pr = problem(tmp_path_factory.mktemp("rag"), RAG, "agent-reinforce")
+    return AgentReinforceSearcher(pr.ctx)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reply=_REPLIES)
+def test_any_per_stage_reply_is_applied_or_refused_with_a_line_and_the_state_stays_finite(rag_critic, reply):
+    s = rag_critic
+    u = AgentUpdate.model_validate(reply)
+    d = s.critic._apply_update(u, 1.0 * u.confidence)
+    names = {"retrieve", "answer"}
+    unknown = ({p["stage"] for p in reply["stage_preferences"]} | set(reply["budget_split"])
+               | {c["stage"] for c in reply["edge_changes"] if c["stage"]}) - names
+    for n in unknown:
+        assert any(repr(n) in line for line in d["rejected"]), (n, d["rejected"])
+    assert set(d["budget_split"]) <= names and set(d["stages"]) == names
+    assert all("\n" not in line for line in d["rejected"])
+    json.dumps(s.state_dict(), allow_nan=False)
