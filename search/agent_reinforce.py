@@ -23,6 +23,11 @@ calls, tokens, dollars, seconds) is returned by :meth:`drain_agent_steps` and st
 trials of agent proposals carry ``info["agent_step"]`` and the trial numbers of the
 graph they came from as ``parents``.
 
+On a multi-stage study (``ctx.space`` a PipelineSpace) the policy is a
+:class:`~graphtune.search.pipeline_policy.PipelinePolicy` (a distribution per stage and a
+learned budget split), the critic a :class:`~graphtune.search.pipeline_critic.PipelineCritic`
+(per-stage reports and updates) and the probes one pipeline per model.
+
 Saved state: the policy, the counters and phase, and the critic's queued proposals, usage
 and last rounds' summaries; the evidence is rebuilt from the store's trials by ``restore``.
 """
@@ -35,12 +40,12 @@ from typing import Any
 from pydantic import Field
 
 from graphtune.agent import make_agent
+from graphtune.agent.pipeline import PipelineProblemInfo
 from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import ProblemInfo
 from graphtune.agent.schema import GraphProposal
 from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
-from graphtune.agent.pipeline import PipelineProblemInfo
 from graphtune.search.critic import AgentCritic, probe_candidates
 from graphtune.search.pipeline_critic import PipelineCritic, pipeline_probe_candidates
 from graphtune.search.pipeline_policy import is_pipeline_study

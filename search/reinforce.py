@@ -23,6 +23,10 @@ the entropy floor.
 ``recommend``: among graphs measured on the most questions (at least half of the top
 coverage), the best mean on the questions they share with the leader, with a 95% CI.
 
+On a multi-stage study (``ctx.space`` a PipelineSpace) the policy part is a
+:class:`~graphtune.search.pipeline_policy.PipelinePolicy`: a probabilistic graph per stage
+and a learned split of the pipeline budget between the stages, updated by the same signal.
+
 Saved state: the policy (logits, Adam moments, generator) and the counters; the evidence
 is rebuilt from the store's trials by ``restore`` (see :mod:`graphtune.search.racing`).
 """
