@@ -447,6 +447,8 @@ def _changes(st: dict) -> str:
         d = applied["deltas"]
         if d.get("scale") is not None:
             lines.append(f"applied at scale {_num(d['scale'], '.2f')} (the agent's confidence times its step size)")
+        if isinstance(d.get("stages"), dict):  # a multi-stage study: per-stage deltas and the split
+            lines += _stage_changes(d, applied.get("incumbent_stages"))
         if d.get("model"):
             lines.append("model preference: " + ", ".join(f"{m} {_num(x)}" for m, x in d["model"].items()))
         if d.get("role"):
@@ -479,6 +481,39 @@ def _changes(st: dict) -> str:
     return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>" if lines else "-"
 
 
+def _stage_changes(d: dict, incumbent: Any) -> list[str]:
+    """A pipeline agent step, per stage: the deltas applied to each stage's distribution,
+    the budget split's, and the incumbent's cost, stage accuracy and answers lost (plain
+    text lines, escaped by the caller)."""
+    lines = []
+    for name, x in d["stages"].items():
+        if not isinstance(x, dict):
+            continue
+        parts = []
+        if x.get("model"):
+            parts.append("models " + ", ".join(f"{m} {_num(v)}" for m, v in x["model"].items()))
+        if x.get("role"):
+            parts.append("roles " + ", ".join(f"{r} {_num(v)}" for r, v in x["role"].items()))
+        if x.get("edges"):
+            parts.append("edges " + ", ".join(f"{e[0]}\u2192{e[1]} {_num(e[2])}" for e in x["edges"][:16]
+                                              if isinstance(e, (list, tuple)) and len(e) == 3))
+        for k in ("target_width", "target_depth"):
+            if isinstance(x.get(k), dict):
+                parts.append(f"{k.removeprefix('target_')} {x[k].get(k.removeprefix('target_'))}")
+        lines.append(f"stage {name}: " + ("; ".join(parts) if parts else "no change"))
+    if d.get("budget_split"):
+        lines.append("budget split: " + ", ".join(f"{n} {_num(v)}" for n, v in d["budget_split"].items()))
+    if isinstance(d.get("expected_split"), dict):
+        lines.append("expected budget shares now: " + ", ".join(f"{n} {_num(v)}" for n, v in d["expected_split"].items()))
+    if isinstance(incumbent, dict):
+        for name, v in incumbent.items():
+            if isinstance(v, dict):
+                acc = v.get("stage_accuracy")
+                lines.append(f"incumbent's {name}: {v.get('graph')} ({_num(v.get('cost_units'), '.1f')} units, stage "
+                             f"accuracy {'n/a' if acc is None else _num(acc)}, lost {v.get('lost')}/{v.get('n')})")
+    return lines
+
+
 def _proposals(st: dict) -> str:
     applied = st.get("applied") if isinstance(st.get("applied"), dict) else {}
     outcomes = applied.get("proposals") or []
@@ -494,6 +529,8 @@ def _proposals(st: dict) -> str:
         status = str(o.get("status") or "?")
         reason = f" ({more(o['reason'], 120, 600)})" if o.get("reason") else ""
         graph = f": <code>{_esc(proposal_text(g))}</code>" if g is not None else ""
+        if o.get("stage"):  # a pipeline proposal: the stage it changes
+            graph = f" stage {_esc(o['stage'])}" + graph
         items.append(f"<b>{_esc(status)}</b>{reason}{graph}")
     if len(outcomes) > MAX_PROPOSALS_SHOWN:
         items.append(f"<span class='note'>and {len(outcomes) - MAX_PROPOSALS_SHOWN} more</span>")
