@@ -222,7 +222,14 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         shown = spec.resolved()
         shown["storage"] = _url(spec.storage)
         con.print(yaml.safe_dump(shown, sort_keys=False).rstrip())
-    else:
+    elif spec.is_pipeline:
+        con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
+                  f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
+                  soft_wrap=True, markup=False)
+    if spec.is_pipeline:
+        _validate_pipeline(con, ctx, problem, max_enumerate)
+        return
+    if not full:
         con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
@@ -266,6 +273,43 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
             raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
                            "before running a search")
+
+
+def _validate_pipeline(con, ctx, problem, max_enumerate: int) -> None:
+    """``validate`` of a multi-stage spec: each stage's space (models, roles, limits, cap,
+    size under what the total leaves it), the budget, and the pipeline's cost range over
+    random pipelines."""
+    import numpy as np
+    from rich.table import Table
+
+    from graphtune.graphs.design import random_design, stage_budget
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs
+
+    for st in ctx.space.stages:
+        sp, cap = st.space, ctx.budget.cap(st.name)
+        b = stage_budget(ctx.space, ctx.costs, ctx.budget, st.name)
+        try:
+            size = f"{len(enumerate_graphs(sp, ctx.costs.of(st.name), b, limit=max_enumerate))} graphs"
+        except SpaceTooLarge:
+            size = f"more than {max_enumerate} graphs"
+        con.print(f"stage {st.name} (reads {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
+                  f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
+                  + (f"; cap {_budget_text(cap)}" if cap is not None else "")
+                  + f"; {size} within what the total leaves it (up to isomorphism)", soft_wrap=True, markup=False)
+    con.print(f"budget per query: pipeline total {_budget_text(ctx.budget.total)}  (--full prints the whole "
+              "resolved spec)", soft_wrap=True, markup=False)
+    rng = np.random.default_rng(0)
+    costs = [ctx.costs.cost(random_design(ctx.space, ctx.costs, ctx.budget, rng)).total for _ in range(200)]
+    t = Table(title="cost per query of the whole pipeline, over 200 random pipelines")
+    for col in ("", "min", "max"):
+        t.add_column(col)
+    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
+                         ("latency s", "latency_s", ".2f")):
+        vals = [getattr(c, key) for c in costs]
+        t.add_row(name, format(min(vals), f), format(max(vals), f))
+    con.print(t)
+    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
+              f"search budget: {ctx.budget_runs} pipeline-question runs")
 
 
 def _budget_text(budget) -> str:
@@ -576,7 +620,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     rows = store.list_trials(st.id, split=split)
     graphs = {r.number: from_dict(r.graph) for r in rows if r.status != "failed"}
     # one label per model across the listing, unique within the study's models
-    labels = short_labels(n.model for g in graphs.values() for n in g.nodes)
+    labels = short_labels(m for g in graphs.values() for m in g.model_counts())  # a graph's or a pipeline's
     tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
     rec = tests[-1].parents[0] if tests else None
     if top:
@@ -657,6 +701,8 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
                   f"{replay_note(t)} (trial #{t.number})")
         con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, "
                   f"${_fmt(t.usd, '.6f')}, {_fmt(t.latency_s, '.2f')} s")
+        if hasattr(g, "stages"):
+            _print_stages(con, store, g, best or t, test=t)
         con.print(to_mermaid(g))
         return
     t = store.get_trial(st.id, trial)
@@ -674,10 +720,38 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
               f"{t.new_runs} runs paid")
     con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, ${_fmt(t.usd, '.6f')}, "
               f"{_fmt(t.latency_s, '.2f')} s")
+    if hasattr(g, "stages"):
+        _print_stages(con, store, g, t)
     if t.parents:
         con.print(f"parents: {t.parents}")
     if t.feedback:
         con.print(f"feedback: {t.feedback}")
+
+
+def _print_stages(con, store, pipeline, trial, *, test=None) -> None:
+    """A pipeline trial's stages, one line each: inputs, models, calls, cost per query (its
+    share of the trial's units by FLOPs, dollars, latency), stage accuracy on the trial's
+    questions and how many of the pipeline's wrong answers the stage lost first; with
+    ``test`` (the held-out trial) its stage accuracy there too."""
+    from graphtune.stages import stage_rows
+
+    split = trial.split
+    rows = stage_rows(pipeline, store.trial_results(trial.id), trial_units=trial.cost_units)
+    tests = ({r.name: r for r in stage_rows(pipeline, store.trial_results(test.id), trial_units=test.cost_units)}
+             if test is not None and test.id != trial.id else {})
+    head = ("stage", "reads", "calls", "units", "USD / query", "latency s", f"{split} stage acc", "lost",
+            *(("test stage acc",) if tests else ()), "models")
+    cells = []
+    for r in rows:
+        tr = tests.get(r.name)
+        cells.append((r.name, ",".join(r.inputs), str(r.calls), _fmt(r.units, ".2f"), _fmt(r.usd, ".6f"),
+                      _fmt(r.latency_s, ".2f"),
+                      f"{_fmt(r.accuracy)} (n={r.n_scored})" if r.n_scored else "-", str(r.n_lost) if r.n else "-",
+                      *((f"{_fmt(tr.accuracy)} (n={tr.n_scored})" if tr is not None and tr.n_scored else "-",)
+                        if tests else ()), r.models_text()))
+    con.print(f"stages of trial #{trial.number} (stage accuracy: the stage's own answer right; lost: the pipeline's "
+              "wrong answers this stage lost first):", soft_wrap=True)
+    con.print("\n".join(_columns(head, cells, right=(2, 3, 4, 5, 7))), soft_wrap=True)
 
 
 # -- export / pareto / report / compare ---------------------------------------------------
@@ -779,7 +853,7 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     for col in ("#", "accuracy", "n", "units", "USD / query", "latency s", "FLOPs"):
         t.add_column(col, no_wrap=True)
     t.add_column("graph", overflow="fold")
-    labels = short_labels(n.model for p in sp.points for n in from_dict(p.graph).nodes)
+    labels = short_labels(m for p in sp.points for m in from_dict(p.graph).model_counts())
     for p in front:
         mark = " *" if sp.recommended is not None and p.graph_hash == sp.recommended.graph_hash else ""
         t.add_row(f"{p.trial_number}{mark}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",
