@@ -245,6 +245,32 @@ def test_langgraph_export_runs_each_stage_as_a_subgraph(rag, server):
     assert any(ns and ns[0].startswith("stage_answer:") for ns, _ in chunks)
 
 
+def test_exported_pipeline_runs_without_graphtune(rag, server, tmp_path):
+    import subprocess
+
+    from test_export import _deps_path
+
+    url, _, _ = rag
+    out = tmp_path / "pipe.py"
+    cli("export", "rag", "-f", "langgraph", "-o", str(out), "--storage", url)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    script = ("import sys, importlib.util\n"
+              f"sys.path.insert(0, {str(out.parent)!r})\n"
+              "import pipe\n"
+              "print('STAGES:', pipe.run_stages('What is 5 + 2? ANSWER=7'))\n"
+              "assert not any(m == 'graphtune' or m.startswith('graphtune.') for m in sys.modules), 'imported'\n"
+              "assert importlib.util.find_spec('graphtune') is None, 'graphtune importable'\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": _deps_path(), "GRAPHTUNE_API_BASE": server.api_base,
+           "HOME": str(tmp_path)}
+    for m in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"):
+        env["GRAPHTUNE_MODEL_" + m.upper().replace("-", "_").replace(".", "_")] = "openai/echo"
+    p = subprocess.run([sys.executable, "-S", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "'retrieve': 'The answer is 7" in p.stdout and "'answer': 'The answer is 7" in p.stdout
+
+
 def test_langgraph_export_uses_a_stage_prompt_template_and_stage_prompts(tmp_path, server):
     from graphtune.export import to_langgraph_module
     from graphtune.graphs import Graph, Node

@@ -20,6 +20,12 @@ mermaid flowchart or a PNG drawing.
 * ``mermaid``: :func:`graphtune.graphs.render.to_mermaid`.
 * ``png``: networkx layout by topological level, drawn with matplotlib (Agg, nothing
   fetched); each node shows its id, role and model.
+
+A multi-stage pipeline (:class:`graphtune.graphs.pipeline.Pipeline`) exports in every
+format: its ``to_dict`` file, a mermaid subgraph per stage, a drawing with one box per
+stage (:func:`pipeline_figure`), and a LangGraph module where each stage is a compiled
+graph added as a node (subgraph) of the parent graph, its question text built by
+:func:`graphtune.envs.prompts.stage_question` (:func:`to_langgraph_pipeline_module`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ limit is cut at a word boundary, with its full length noted (or kept whole behin
 "more" expander where it is short enough), so the page stays small and inert whatever
 the models replied. The size does not grow with the number of trials except through the
 Pareto front and the timeline (one row per agent step).
+
+A pipeline study's report names the recommended pipeline, draws it one box per stage,
+tables its stages (models, cost share, dev and held-out stage accuracy, answers lost:
+:func:`graphtune.stages.stage_rows`), and its drill-down shows each stage's answer per
+question (bounded like node outputs) before the nodes, named ``<stage>/<node id>``.
 """
 
 from __future__ import annotations
@@ -153,6 +158,11 @@ def proposal_text(prop: Any) -> str:
     nodes and edges as written (an invalid proposal is shown as the agent wrote it)."""
     if not isinstance(prop, dict):
         return plain(prop)
+    if "stages" in prop:  # a proposed pipeline: its stages' text, else as the agent wrote it
+        try:
+            return to_text(from_dict({k: prop[k] for k in ("stages", "schema_version") if k in prop}))
+        except Exception:  # noqa: BLE001 - an invalid proposal (its rejection reason says why)
+            return plain(prop.get("stages"), 600)
     data = {k: prop[k] for k in ("nodes", "edges", "sink") if k in prop}
     try:
         return to_text(from_dict(data))
