@@ -222,14 +222,7 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         shown = spec.resolved()
         shown["storage"] = _url(spec.storage)
         con.print(yaml.safe_dump(shown, sort_keys=False).rstrip())
-    elif spec.is_pipeline:
-        con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
-                  f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
-                  soft_wrap=True, markup=False)
-    if spec.is_pipeline:
-        _validate_pipeline(con, ctx, problem, max_enumerate)
-        return
-    if not full:
+    else:
         con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
@@ -273,43 +266,6 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
             raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
                            "before running a search")
-
-
-def _validate_pipeline(con, ctx, problem, max_enumerate: int) -> None:
-    """``validate`` of a multi-stage spec: each stage's space (models, roles, limits, cap,
-    size under what the total leaves it), the budget, and the pipeline's cost range over
-    random pipelines."""
-    import numpy as np
-    from rich.table import Table
-
-    from graphtune.graphs.design import random_design, stage_budget
-    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs
-
-    for st in ctx.space.stages:
-        sp, cap = st.space, ctx.budget.cap(st.name)
-        b = stage_budget(ctx.space, ctx.costs, ctx.budget, st.name)
-        try:
-            size = f"{len(enumerate_graphs(sp, ctx.costs.of(st.name), b, limit=max_enumerate))} graphs"
-        except SpaceTooLarge:
-            size = f"more than {max_enumerate} graphs"
-        con.print(f"stage {st.name} (reads {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
-                  f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
-                  + (f"; cap {_budget_text(cap)}" if cap is not None else "")
-                  + f"; {size} within what the total leaves it (up to isomorphism)", soft_wrap=True, markup=False)
-    con.print(f"budget per query: pipeline total {_budget_text(ctx.budget.total)}  (--full prints the whole "
-              "resolved spec)", soft_wrap=True, markup=False)
-    rng = np.random.default_rng(0)
-    costs = [ctx.costs.cost(random_design(ctx.space, ctx.costs, ctx.budget, rng)).total for _ in range(200)]
-    t = Table(title="cost per query of the whole pipeline, over 200 random pipelines")
-    for col in ("", "min", "max"):
-        t.add_column(col)
-    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
-                         ("latency s", "latency_s", ".2f")):
-        vals = [getattr(c, key) for c in costs]
-        t.add_row(name, format(min(vals), f), format(max(vals), f))
-    con.print(t)
-    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
-              f"search budget: {ctx.budget_runs} pipeline-question runs")
 
 
 def _budget_text(budget) -> str:
