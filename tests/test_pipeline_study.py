@@ -173,3 +173,16 @@ def test_optimize_runs_a_pipeline_study_and_shows_each_stage(tmp_path):
     show = CliRunner().invoke(app, ["show", "rag", "--storage", f"sqlite:///{tmp_path / 's.db'}"])
     assert show.exit_code == 0, show.output
     assert "subgraph" in show.output  # the mermaid drawing has a subgraph per stage
+
+
+def test_validate_prints_each_stage_its_cap_and_the_pipeline_cost_range(tmp_path):
+    spec_path = write(tmp_path, RAG.replace("budget: {units: 600}", "budget: {units: 120}"))
+    r = CliRunner().invoke(app, ["validate", str(spec_path)])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "pipeline budget per query: units <= 120" in out
+    assert "stage retrieve (<- question)" in out and "stage answer (<- question, retrieve)" in out
+    assert "cap units <= 300" in out
+    # one call of the 70B retrieval (3000-token prompt) leaves no room for answering in 120 units
+    assert "stage retrieve: model 'llama-3.1-70b' can never be used" in out
+    assert "over 200 random pipelines" in out and "pipeline-question runs" in out

@@ -192,12 +192,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         -> None:
     """Check a spec; print what it searches (models, roles, space size, cost range, budget),
     the models that can never fit the budget, and with --full the whole resolved spec."""
-    import numpy as np
     import yaml
-    from rich.table import Table
 
     from graphtune.api import build_problem, make_searcher
-    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
     from graphtune.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -226,11 +223,86 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
-        con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
-                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
-                  + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
-        con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
+        if not hasattr(ctx.space, "stages"):
+            con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
+                      f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
+                      + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
+            con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
+                      soft_wrap=True, markup=False)
+    if hasattr(ctx.space, "stages"):
+        _validate_pipeline(con, ctx, problem, full=full)
+    else:
+        _validate_graphs(con, ctx, problem, max_enumerate)
+    if check_endpoints:
+        from graphtune.api import check_endpoints as check
+
+        results = check(spec)
+        for name, ok, detail in results:
+            con.print(f"endpoint {name}: {'ok' if ok else 'failed'}: {detail}", soft_wrap=True, markup=False)
+        bad = [name for name, ok, _ in results if not ok]
+        if bad:
+            from graphtune.errors import EnvError
+
+            raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
+                           "before running a search")
+
+
+def _cost_table(con, costs: list, how: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"cost per query, {how}")
+    for col in ("", "min", "max"):
+        t.add_column(col)
+    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
+                         ("latency s", "latency_s", ".2f")):
+        vals = [getattr(c, key) for c in costs]
+        t.add_row(name, format(min(vals), f), format(max(vals), f))
+    con.print(t)
+
+
+def _validate_pipeline(con, ctx, problem, *, full: bool) -> None:
+    """What a multi-stage spec searches: each stage's space, cap and models that cannot fit
+    it, and the pipeline's cost range over random pipelines."""
+    import numpy as np
+
+    from graphtune.errors import GraphError
+    from graphtune.graphs.design import random_design, stage_budget
+    from graphtune.graphs.model import ASSISTANT, Graph, Node
+
+    space, costs, budget = ctx.space, ctx.costs, ctx.budget
+    if not full:
+        con.print(f"pipeline budget per query: {_budget_text(budget.total)}  (--full prints the whole resolved spec)",
                   soft_wrap=True, markup=False)
+    for st in space.stages:
+        sp, cap = st.space, budget.cap(st.name)
+        con.print(f"stage {st.name} (<- {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
+                  f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
+                  + (f"; cap {_budget_text(cap)}" if cap is not None else ""), soft_wrap=True, markup=False)
+        room = stage_budget(space, costs, budget, st.name)
+        for m in sp.models:
+            c = costs.of(st.name).cost(Graph((Node("n0", ASSISTANT, m),), ()))
+            v = room.violations(c)
+            if v:
+                con.print(f"warning: stage {st.name}: model {m!r} can never be used: a single call leaves no room "
+                          f"for the other stages ({'; '.join(v)}, in the stage's units); drop it from the stage's "
+                          "space.models or raise the budget", soft_wrap=True, markup=False)
+    rng = np.random.default_rng(0)
+    try:
+        pipes = [random_design(space, costs, budget, rng) for _ in range(200)]
+    except GraphError as e:
+        con.print(f"warning: {e}", soft_wrap=True, markup=False)
+        pipes = []
+    if pipes:
+        _cost_table(con, [costs.cost(p).total for p in pipes], "over 200 random pipelines")
+    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
+              f"search budget: {ctx.budget_runs} pipeline-question runs")
+
+
+def _validate_graphs(con, ctx, problem, max_enumerate: int) -> None:
+    import numpy as np
+
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
+
     for warn in _never_fit(ctx):
         con.print(f"warning: {warn}", soft_wrap=True, markup=False)
     try:
@@ -244,28 +316,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         costs = [ctx.costs.cost(random_graph(ctx.space, ctx.costs, ctx.budget, rng)) for _ in range(500)]
         how = "over 500 random graphs (the space is too large to enumerate)"
     con.print(f"space: {size}")
-    t = Table(title=f"cost per query, {how}")
-    for col in ("", "min", "max"):
-        t.add_column(col)
-    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
-                         ("latency s", "latency_s", ".2f")):
-        vals = [getattr(c, key) for c in costs]
-        t.add_row(name, format(min(vals), f), format(max(vals), f))
-    con.print(t)
+    _cost_table(con, costs, how)
     con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
               f"search budget: {ctx.budget_runs} graph-question runs")
-    if check_endpoints:
-        from graphtune.api import check_endpoints as check
-
-        results = check(spec)
-        for name, ok, detail in results:
-            con.print(f"endpoint {name}: {'ok' if ok else 'failed'}: {detail}", soft_wrap=True, markup=False)
-        bad = [name for name, ok, _ in results if not ok]
-        if bad:
-            from graphtune.errors import EnvError
-
-            raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
-                           "before running a search")
 
 
 def _budget_text(budget) -> str:
