@@ -118,7 +118,7 @@ def test_validate_compare_resume_dump_worker_on_a_pipeline_study(rag):
     url, spec, tmp = rag
     out = cli("validate", str(spec))
     assert "stage retrieve (<- question)" in out and "stage answer (<- question, retrieve)" in out
-    assert "cap units <= 300" in out and "random pipelines" in out
+    assert "cap units <= 300" in out and "pipeline-question" in out
     assert "rag" in cli("compare", "rag", "--storage", url)
     # a stored pipeline study continues from its stored spec (which holds no top-level space)
     before = len(_trials(url)[2])
