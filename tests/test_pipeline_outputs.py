@@ -65,9 +65,15 @@ def test_stage_question_default_wording_and_templates():
     # a stage that does not read the question: only its inputs, in order
     two = stage_question(None, None, {"a": "x", "b-c": "y"})
     assert two == "Output of the a stage:\nx\n\nOutput of the b-c stage:\ny"
+    # the stage's input order: a stage may read an earlier stage before the question, or not the question
+    assert stage_question(None, "q", {"a": "x"}, order=("a", "question")) == "Output of the a stage:\nx\n\nq"
+    assert stage_question(None, "q", {"a": "x"}, order=("a",)) == "Output of the a stage:\nx"
     assert stage_question("Q: {question}\nP: {retrieve}", "q?", {"retrieve": "p"}) == "Q: q?\nP: p"
+    assert stage_question("{question} / {a}", "q", {"a": "x"}, order=("a",)) == "q / x"  # a template may name it
     with pytest.raises(KeyError, match=r"names \{answer\}.*it may name \{retrieve\}, \{question\}"):
         stage_question("{answer}", "q", {"retrieve": "p"})
+    with pytest.raises(KeyError, match=r"names \{a positional field\}"):
+        stage_question("{0}", "q", {"retrieve": "p"})
 
 
 # -- listings ------------------------------------------------------------------------------

@@ -671,8 +671,8 @@ class _Stage:
     def question(self, state: dict) -> str:
         """The text this stage's graph is given as its question."""
         answers = state.get("stages") or {{}}
-        q = state["question"] if QUESTION in self.inputs else None
-        return stage_question(self.template, q, {{i: answers[i] for i in self.inputs if i != QUESTION}})
+        return stage_question(self.template, state["question"],
+                              {{i: answers[i] for i in self.inputs if i != QUESTION}}, order=self.inputs)
 
 
 class Input(TypedDict):
@@ -1027,7 +1027,8 @@ def to_langgraph_pipeline_module(pipeline: Pipeline, spec: Mapping[str, Any] | N
         title=(title or "A graphtune multi-stage pipeline").replace('"""', "'''"), modname=modname,
         pipeline_text=text, pipeline=_py({"stages": stages}), prompts=_py(prompts), models=_py(models),
         settings=_py(cfg["settings"]), example_model=sorted(used)[0], endpoints=_ENDPOINTS,
-        stage_question_source=source.replace("Mapping[str, str]", "dict[str, str]"))
+        stage_question_source=source.replace("Mapping[str, str]", "dict[str, str]").replace(
+            "Sequence[str] | None", "Optional[list[str]]"))
     compile(src, "<exported module>", "exec")  # a template bug must fail here, not at the user's
     return src
 
