@@ -101,6 +101,7 @@ def test_show_prints_each_stage_with_models_cost_and_accuracy(rag):
     test = [t for t in trials if t.split == "test"][-1]
     best = store.get_trial(st.id, test.parents[0])
     out = cli("show", "rag", "--storage", url)
+    assert "best pipeline: retrieve(<-question)" in out
     assert f"stages of trial #{best.number}" in out and "dev stage acc" in out and "test stage acc" in out
     dev_summ = {s.stage: s for s in summarize_stages(store.trial_results(best.id))}
     test_summ = {s.stage: s for s in summarize_stages(store.trial_results(test.id))}
@@ -365,6 +366,7 @@ def test_dashboard_mirrors_a_pipeline_study_with_its_stages(rag):
     body = get_note(optuna.trial.Trial(mirror.study, t0._trial_id))
     assert "### Stages" in body and "| retrieve | question |" in body and "| answer | question, retrieve |" in body
     assert "retrieve (reads question):" in body
+    assert "**Recommended pipeline**" in get_note(mirror.study)
     with DashboardServer(store, "rag", port=0, refresh_s=0.5).start() as server:
         base = f"http://127.0.0.1:{server.port}"
         with urllib.request.urlopen(base + "/api/studies", timeout=30) as resp:

@@ -702,7 +702,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         t = tests[-1]
         best = store.get_trial(st.id, t.parents[0]) if t.parents else None
         g = from_dict(t.graph)
-        con.print(f"best graph: {to_text(g)}")
+        con.print(f"{'best pipeline' if hasattr(g, 'stages') else 'best graph'}: {to_text(g)}")
         if best:
             con.print(f"dev: reward {_fmt(best.reward)}, accuracy {_fmt(best.accuracy)} on {len(best.question_ids)} "
                       f"questions{replay_note(best)} (trial #{best.number})")

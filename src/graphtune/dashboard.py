@@ -501,7 +501,8 @@ class StudyMirror:
                  "best-covered trial's), as graphtune ranks; trials scored on fewer are *Infeasible* (grey)", ""]
         rec, test = sp.recommended, sp.test_trial
         if rec is not None:
-            lines += [f"**Recommended graph** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
+            kind = "pipeline" if "stages" in (rec.graph or {}) else "graph"
+            lines += [f"**Recommended {kind}** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
                       f"dev accuracy {rec.accuracy:.3f} on {rec.n} questions, {rec.cost_units:.2f} units:", "",
                       "```text", _graph_block(from_dict(rec.graph)), "```", ""]
             if test is not None:
