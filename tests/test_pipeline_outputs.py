@@ -314,6 +314,36 @@ def test_langgraph_export_uses_a_stage_prompt_template_and_stage_prompts(tmp_pat
     assert solve_seeds == [3, 4]
 
 
+def test_langgraph_export_wires_parallel_stages_and_a_join(tmp_path, server):
+    """Two stages on the question (one named with a dash) run side by side; a third reads
+    both and not the question: its text is their answers in its input order."""
+    from graphtune.export import to_langgraph_module
+    from graphtune.graphs import Graph, Node
+    from graphtune.graphs.pipeline import Stage
+
+    def one(m):
+        return Graph.build([Node.make("n0", "assistant", m)])
+
+    p = Pipeline((Stage("a", one("m1")), Stage("b-two", one("m2")), Stage("c", one("m1"), ("b-two", "a"))))
+    spec = {"task": {"scorer": "numeric"}, "env": {"kind": "live", "seed": 1},
+            "models": [{"name": "m1", "litellm": "openai/echo", "api_base": server.api_base},
+                       {"name": "m2", "litellm": "openai/echo-acc0", "api_base": server.api_base}]}
+    path = tmp_path / "dag.py"
+    path.write_text(to_langgraph_module(p, spec, modname="dag"))
+    mod = _load(path)
+    edges = {(e.source, e.target) for e in mod.graph.get_graph().edges}
+    assert {("__start__", "stage_a"), ("__start__", "stage_b-two"), ("stage_a", "stage_c"),
+            ("stage_b-two", "stage_c"), ("stage_c", "__end__")} <= edges
+    q = "q ANSWER=9"
+    steps = [list(u) for u in mod.graph.stream({"question": q}, stream_mode="updates")]
+    assert sorted(k for u in steps[:2] for k in u) == ["stage_a", "stage_b-two"] and steps[2] == ["stage_c"]
+    state = mod.graph.invoke({"question": q})
+    st = state["stages"]
+    assert st["a"] != st["b-two"]  # different models
+    assert state["prompts"]["c"] == f"Output of the b-two stage:\n{st['b-two']}\n\nOutput of the a stage:\n{st['a']}"
+    assert state["answer"] == st["c"]
+
+
 # -- the report and the dashboard ------------------------------------------------------------
 
 
