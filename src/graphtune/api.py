@@ -462,7 +462,7 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     (``graphtune.spec.stored_spec_data``)."""
     from graphtune.spec import stored_spec_data
 
-    old = stored_spec_data(old)
+    old, new = stored_spec_data(old), stored_spec_data(new)  # both in today's shape (a pipeline's: no `space`)
     out = []
     for c in spec_changes(old, new):
         if c in SAFE_TO_CHANGE:

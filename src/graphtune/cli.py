@@ -629,7 +629,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     rows = store.list_trials(st.id, split=split)
     graphs = {r.number: from_dict(r.graph) for r in rows if r.status != "failed"}
     # one label per model across the listing, unique within the study's models
-    labels = short_labels(n.model for g in graphs.values() for n in g.nodes)
+    labels = short_labels(m for g in graphs.values() for m in g.model_counts())  # a graph's or a pipeline's
     tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
     rec = tests[-1].parents[0] if tests else None
     if top:
@@ -702,7 +702,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         t = tests[-1]
         best = store.get_trial(st.id, t.parents[0]) if t.parents else None
         g = from_dict(t.graph)
-        con.print(f"best graph: {to_text(g)}")
+        con.print(f"{'best pipeline' if hasattr(g, 'stages') else 'best graph'}: {to_text(g)}")
         if best:
             con.print(f"dev: reward {_fmt(best.reward)}, accuracy {_fmt(best.accuracy)} on {len(best.question_ids)} "
                       f"questions{replay_note(best)} (trial #{best.number})")
@@ -710,6 +710,8 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
                   f"{replay_note(t)} (trial #{t.number})")
         con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, "
                   f"${_fmt(t.usd, '.6f')}, {_fmt(t.latency_s, '.2f')} s")
+        if hasattr(g, "stages"):
+            _print_stages(con, store, g, best or t, test=t)
         con.print(to_mermaid(g))
         return
     t = store.get_trial(st.id, trial)
@@ -727,10 +729,38 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
               f"{t.new_runs} runs paid")
     con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, ${_fmt(t.usd, '.6f')}, "
               f"{_fmt(t.latency_s, '.2f')} s")
+    if hasattr(g, "stages"):
+        _print_stages(con, store, g, t)
     if t.parents:
         con.print(f"parents: {t.parents}")
     if t.feedback:
         con.print(f"feedback: {t.feedback}")
+
+
+def _print_stages(con, store, pipeline, trial, *, test=None) -> None:
+    """A pipeline trial's stages, one line each: inputs, models, calls, cost per query (its
+    share of the trial's units by FLOPs, dollars, latency), stage accuracy on the trial's
+    questions and how many of the pipeline's wrong answers the stage lost first; with
+    ``test`` (the held-out trial) its stage accuracy there too."""
+    from graphtune.stages import stage_rows
+
+    split = trial.split
+    rows = stage_rows(pipeline, store.trial_results(trial.id), trial_units=trial.cost_units)
+    tests = ({r.name: r for r in stage_rows(pipeline, store.trial_results(test.id), trial_units=test.cost_units)}
+             if test is not None and test.id != trial.id else {})
+    head = ("stage", "reads", "calls", "units", "USD / query", "latency s", f"{split} stage acc", "lost",
+            *(("test stage acc",) if tests else ()), "models")
+    cells = []
+    for r in rows:
+        tr = tests.get(r.name)
+        cells.append((r.name, ",".join(r.inputs), str(r.calls), _fmt(r.units, ".2f"), _fmt(r.usd, ".6f"),
+                      _fmt(r.latency_s, ".2f"),
+                      f"{_fmt(r.accuracy)} (n={r.n_scored})" if r.n_scored else "-", str(r.n_lost) if r.n else "-",
+                      *((f"{_fmt(tr.accuracy)} (n={tr.n_scored})" if tr is not None and tr.n_scored else "-",)
+                        if tests else ()), r.models_text()))
+    con.print(f"stages of trial #{trial.number} (stage accuracy: the stage's own answer right; lost: the pipeline's "
+              "wrong answers this stage lost first):", soft_wrap=True)
+    con.print("\n".join(_columns(head, cells, right=(2, 3, 4, 5, 7))), soft_wrap=True)
 
 
 # -- export / pareto / report / compare ---------------------------------------------------
@@ -832,7 +862,7 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     for col in ("#", "accuracy", "n", "units", "USD / query", "latency s", "FLOPs"):
         t.add_column(col, no_wrap=True)
     t.add_column("graph", overflow="fold")
-    labels = short_labels(n.model for p in sp.points for n in from_dict(p.graph).nodes)
+    labels = short_labels(m for p in sp.points for m in from_dict(p.graph).model_counts())
     for p in front:
         mark = " *" if sp.recommended is not None and p.graph_hash == sp.recommended.graph_hash else ""
         t.add_row(f"{p.trial_number}{mark}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",

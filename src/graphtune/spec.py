@@ -388,6 +388,8 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
     flat model hold every kind's fields (defaults and nulls); the fields that are not of the
     stored kind meant nothing for it and are dropped (never refused) so the study loads."""
     out = dict(data)
+    if out.get("pipeline"):  # resolved() writes the top-level space's defaults, which a pipeline spec refuses
+        out.pop("space", None)
     env = out.get("env")
     if isinstance(env, dict):
         model = ENV_KINDS.get(env.get("kind", "simulated"))
