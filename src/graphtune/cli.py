@@ -422,7 +422,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
 
 @app.command("run")
 @_guard
-def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph file (YAML or JSON)"),
+def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph or pipeline file (YAML or JSON, "
+                                                                          "as `graphtune export` writes)"),
             spec_path: Path = typer.Option(..., "--spec", help="a spec with `env: {kind: live}` (models, prompts)"),
             question: Optional[str] = typer.Option(None, "--question", help="run on this question text"),
             dataset: Optional[str] = typer.Option(None, "--dataset",
@@ -432,8 +433,9 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
             storage: Optional[str] = typer.Option(None, "--storage", help="store of the call ledger (default: the "
                                                                            "spec's)"),
             no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
-            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
-    """Execute one graph on live endpoints; print the answer, its cost and latency."""
+            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output (and, for "
+                                                              "a pipeline, each stage's question and answer)")) -> None:
+    """Execute one graph or multi-stage pipeline on live endpoints; print the answer, its cost and latency."""
     from graphtune.api import redact, run_graph
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
@@ -446,11 +448,17 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     graph = load(graph_path)
     out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
     con = _console()
-    con.print(f"graph     {to_text(graph)}")
+    pipeline = getattr(graph, "stages", None) is not None
+    if pipeline:
+        con.print("pipeline  " + to_text(graph).replace("\n", "\n          "))
+    else:
+        con.print(f"graph     {to_text(graph)}")
     calls = f"{out.calls['made']} made, {out.calls['cached'] + out.calls['shared']} served from the ledger"
     if out.node_runs is not None:
         r = out.results[0]
-        if nodes:
+        if nodes and pipeline:
+            _print_stage_runs(con, out.stage_runs)
+        elif nodes:
             for nid in graph.topo_order:
                 n, nr = graph.node_map[nid], out.node_runs[nid]
                 tag = " (ledger)" if nr.cached else ""
@@ -472,6 +480,13 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     m = summarize(out.results)
     con.print(f"accuracy  {_fmt(m.accuracy)} on {m.n_scored} scored of {m.n} questions "
               f"({m.n_errors} infrastructure failures)")
+    if pipeline:
+        from graphtune.graphs.results import summarize_stages
+
+        for st in summarize_stages(out.results):
+            acc = f"accuracy {_fmt(st.accuracy)}, " if st.n_scored else ""
+            con.print(f"  stage {st.stage:<9} {acc}{st.mean_tokens:.0f} tokens, {_fmt(st.mean_flops, '.3g')} FLOPs, "
+                      f"${_fmt(st.mean_usd, '.6f')}, {_fmt(st.mean_latency_s, '.2f')} s per query")
     con.print(f"per query {_fmt(m.mean_flops, '.3g')} FLOPs, ${_fmt(m.mean_usd, '.6f')}, "
               f"{_fmt(m.mean_latency_s, '.2f')} s latency (critical path); "
               f"{m.prompt_tokens} prompt + {m.completion_tokens} completion tokens in all")
@@ -479,6 +494,31 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     errs = [r.error for r in out.results if r.error]
     if errs:
         con.print(f"first failure: {redact(errs[0])}")
+
+
+def _print_stage_runs(con, stage_runs) -> None:
+    """``graphtune run PIPELINE --nodes``: per stage, the text its graph ran on, every
+    node's output and the stage's answer."""
+    from graphtune.api import redact
+
+    def block(text: str) -> str:
+        return "    " + redact(text).strip().replace("\n", "\n    ")
+
+    for sr in stage_runs:
+        con.print(f"== stage {sr.stage}: {sr.latency_s:.2f} s")
+        con.print("  question:")
+        con.print(block(sr.text))
+        for nid in sr.graph.topo_order:
+            n, nr = sr.graph.node_map[nid], sr.runs.get(nid)
+            if nr is None:
+                continue
+            tag = " (ledger)" if nr.cached else ""
+            con.print(f"  [{sr.stage}/{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, "
+                      f"{nr.latency_s:.2f} s{tag}")
+            con.print(block(nr.text or f"error: {nr.error}"))
+        if sr.error is None:
+            con.print(f"  stage answer ({sr.stage}):")
+            con.print(block(sr.answer or ""))
 
 
 # -- studies / trials / show -----------------------------------------------------------
