@@ -349,3 +349,86 @@ def test_multistage_example_runs_end_to_end_on_the_local_model(tmp_path):
         assert r.stages[0].correct is None and r.stages[1].correct in (True, False)
         assert r.stages[0].answer.strip() and r.latency_s > 0 and r.flops > 0
         assert r.latency_s == pytest.approx(r.stages[0].latency_s + r.stages[1].latency_s)
+
+
+def _cut_down_example(tmp_path: Path) -> Path:
+    """examples/multistage.yaml made short: 2 dev and 2 test questions, 3 trials of one
+    pipeline each, 16-token replies, and one llama.cpp slot (calls one at a time, so a call
+    made again after a kill gets the same reply as in the uninterrupted run)."""
+    import re
+
+    text = (ROOT / "examples" / "multistage.yaml").read_text()
+    for pat, new in ((r"(?m)^  dev_size: \d+", "  dev_size: 2"), (r"(?m)^  test_size: \d+", "  test_size: 2"),
+                     (r"(?m)^  evaluations: \d+", "  evaluations: 3"), (r"(?m)^  batch_size: \d+", "  batch_size: 1"),
+                     (r"(?m)^  max_tokens: \d+", "  max_tokens: 16"),
+                     (r"(?m)^    max_concurrency: \d+", "    max_concurrency: 1")):
+        text, n = re.subn(pat, new, text)
+        assert n == 1, pat
+    p = tmp_path / "multistage-short.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.llm
+@pytest.mark.timeout(900)
+def test_the_local_multistage_example_resumes_after_kill9_with_the_same_result(tmp_path):
+    """`graphtune optimize` of the example (cut down) killed with SIGKILL once a trial is
+    stored, then `graphtune resume`: the same trials, pipelines, rewards, state and test
+    score as an uninterrupted run, and no call recorded twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fakes import skip_without_local_llm
+    from kill9_resume import _comparable, snapshot
+
+    skip_without_local_llm()
+    spec = _cut_down_example(tmp_path)
+    cli = [sys.executable, "-c", "from graphtune.cli import main; main()"]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
+    def run(args, **kw):
+        return subprocess.run([*cli, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, **kw)
+
+    ref_db = tmp_path / "ref.db"
+    p = run(["optimize", str(spec), "--quiet", "--storage", f"sqlite:///{ref_db}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ref = snapshot(ref_db, "multistage")
+
+    db = tmp_path / "killed.db"
+    proc = subprocess.Popen([*cli, "optimize", str(spec), "--quiet", "--storage", f"sqlite:///{db}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while True:  # kill once the first trial is stored (the search is under way, calls in the ledger)
+            assert proc.poll() is None, "the search finished before it could be killed"
+            assert time.monotonic() - t0 < 300
+            if db.exists():
+                import sqlite3
+
+                con = sqlite3.connect(db, timeout=30)
+                try:
+                    n = con.execute("select count(*) from gt_trials where status='complete'").fetchone()[0]
+                except sqlite3.OperationalError:  # tables not there yet
+                    n = 0
+                finally:
+                    con.close()
+                if n >= 1:
+                    break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # graphtune and its llama.cpp server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    mid = snapshot(db, "multistage")
+    assert mid["status"] != "complete" and 0 < len(mid["trials"]) < len(ref["trials"])
+    p = run(["resume", "multistage", "--quiet", "--storage", f"sqlite:///{db}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = snapshot(db, "multistage")
+    assert got["status"] == "complete"
+    assert got["trials"] == ref["trials"] and got["test"] == ref["test"]
+    assert _comparable(got["state"]) == _comparable(ref["state"])
+    assert got["duplicate_places"] == [] and got["duplicate_ledger_calls"] == []
