@@ -21,8 +21,9 @@ calls), local servers and event loop, and adds what a pipeline needs:
   FLOPs and dollars add up over the stages, latency follows the critical path through them
   (a stage starts when all its input stages have ended).
 * **Failures.** A call that fails in any stage makes the question an infrastructure
-  failure (``error`` set, ``correct`` None: never scored wrong); the stages after it do not
-  run. ``LLMFatalError`` and ``EndpointDownError`` stop the evaluation as in a single graph.
+  failure (``error`` set, naming the stage; ``correct`` None: never scored wrong); the
+  stages that read the failed stage do not run. ``LLMFatalError`` and
+  ``EndpointDownError`` stop the evaluation as in a single graph.
 * **Caching.** Every call goes through the executor and its ledger; a stage's prompt holds
   its upstream answers, so a call is served from the ledger only when everything it was
   given is identical. Each stage is one graph run: within it the k-th identical request is
@@ -213,7 +214,7 @@ class LivePipelineEnvironment(Environment):
     def evaluate(self, pipeline: Pipeline, question_ids: Sequence[str]) -> list[QuestionResult]:
         """Run ``pipeline`` on each question (questions concurrently; a stage once its input
         stages have ended); one result per id, same order."""
-        return self._run(self.aevaluate(pipeline, question_ids))
+        return self.live.run_sync(self.aevaluate(pipeline, question_ids))
 
     def run_text(self, pipeline: Pipeline, question: str) -> list[StageRun]:
         """Run ``pipeline`` once on a question text; every stage's run, in pipeline order (a
@@ -227,21 +228,9 @@ class LivePipelineEnvironment(Environment):
                 if isinstance(self.live.ledger, CallLedger):
                     await asyncio.to_thread(self.live.ledger.flush)
 
-        return self._run(go())
+        return self.live.run_sync(go())
 
     # -- running ---------------------------------------------------------------------
-    def _run(self, coro):
-        lv = self.live
-        if lv._closed:
-            coro.close()
-            raise EnvError("the live environment is closed")
-        lv.start()
-        if lv._loop is None:
-            from graphtune.envs.live import _LoopThread
-
-            lv._loop = _LoopThread()
-        return lv._loop.run(coro)
-
     def _check(self, pipeline: Pipeline) -> None:
         if not isinstance(pipeline, Pipeline):
             raise EnvError(f"a live pipeline environment runs pipelines, not a {type(pipeline).__name__}")

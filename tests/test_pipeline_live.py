@@ -318,6 +318,26 @@ def test_cli_run_executes_a_pipeline_file(server, tmp_path):
     assert r.exit_code == 2 and "stage 'compute'" in r.output and "not in the spec's pool" in r.output
 
 
+def test_cli_validate_prints_each_stage_of_a_pipeline_spec(server, tmp_path):
+    from graphtune.cli import app
+
+    spec = write_spec(tmp_path, server)
+    before = server.requests()
+    r = CliRunner().invoke(app, ["validate", str(spec)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "stage extract (<- question): models llama-3.2-1b, llama-3.2-3b" in r.output
+    assert "stage compute (<- question, extract): models llama-3.2-3b" in r.output
+    assert "budget per query, whole pipeline: units <= 12" in r.output
+    assert "graphs per stage (up to isomorphism, the other stages at their cheapest): extract " in r.output
+    assert server.requests() == before and not (tmp_path / "g.db").exists()  # validate runs and writes nothing
+    # the 3B extracting, with compute's cheapest graph, breaks 7.5 units (the 1B's 6.77 fit): named with its stage
+    spec.write_text(spec.read_text().replace("units: 12", "units: 7.5"))
+    r = CliRunner().invoke(app, ["validate", str(spec)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "warning: stage 'extract': model 'llama-3.2-3b' can never be used there" in r.output
+    assert "model 'llama-3.2-1b' can never" not in r.output
+
+
 def test_a_stage_prompt_naming_an_unknown_input_is_refused(server, tmp_path):
     from graphtune.spec import load_spec
 

@@ -192,12 +192,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         -> None:
     """Check a spec; print what it searches (models, roles, space size, cost range, budget),
     the models that can never fit the budget, and with --full the whole resolved spec."""
-    import numpy as np
     import yaml
-    from rich.table import Table
 
     from graphtune.api import build_problem, make_searcher
-    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
     from graphtune.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -226,32 +223,18 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
+    if spec.is_pipeline:
+        _validate_pipeline(con, ctx, full=full, max_enumerate=max_enumerate)
+    elif not full:
         con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
                   f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
                   + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
         con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
                   soft_wrap=True, markup=False)
-    for warn in _never_fit(ctx):
+    for warn in ([] if spec.is_pipeline else _never_fit(ctx)):
         con.print(f"warning: {warn}", soft_wrap=True, markup=False)
-    try:
-        graphs = enumerate_graphs(ctx.space, ctx.costs, ctx.budget, limit=max_enumerate)
-        size = f"{len(graphs)} graphs (exact, up to isomorphism)"
-        costs = [ctx.costs.cost(g) for g in graphs]
-        how = "over all graphs"
-    except SpaceTooLarge:
-        size = f"more than {max_enumerate} graphs (up to isomorphism)"
-        rng = np.random.default_rng(0)
-        costs = [ctx.costs.cost(random_graph(ctx.space, ctx.costs, ctx.budget, rng)) for _ in range(500)]
-        how = "over 500 random graphs (the space is too large to enumerate)"
-    con.print(f"space: {size}")
-    t = Table(title=f"cost per query, {how}")
-    for col in ("", "min", "max"):
-        t.add_column(col)
-    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
-                         ("latency s", "latency_s", ".2f")):
-        vals = [getattr(c, key) for c in costs]
-        t.add_row(name, format(min(vals), f), format(max(vals), f))
-    con.print(t)
+    if not spec.is_pipeline:
+        _validate_space(con, ctx, max_enumerate)
     con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
               f"search budget: {ctx.budget_runs} graph-question runs")
     if check_endpoints:
@@ -266,6 +249,79 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
             raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
                            "before running a search")
+
+
+def _cost_table(con, costs, how: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"cost per query, {how}")
+    for col in ("", "min", "max"):
+        t.add_column(col)
+    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
+                         ("latency s", "latency_s", ".2f")):
+        vals = [getattr(c, key) for c in costs]
+        t.add_row(name, format(min(vals), f), format(max(vals), f))
+    con.print(t)
+
+
+def _validate_pipeline(con, ctx, *, full: bool, max_enumerate: int) -> None:
+    """``validate`` of a multi-stage spec: per stage its models, roles, limits, cap and
+    graph count, the models that can never fit; the cost range of random pipelines."""
+    import numpy as np
+
+    from graphtune.errors import GraphError
+    from graphtune.graphs.design import random_design, stage_budget
+    from graphtune.graphs.model import ASSISTANT, Graph, Node
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs
+    from graphtune.graphs.space import validate as check
+
+    sizes = []
+    for st in ctx.space.stages:
+        sp, cm = st.space, ctx.costs.of(st.name)
+        room = stage_budget(ctx.space, ctx.costs, ctx.budget, st.name)  # the others at their cheapest
+        cap = ctx.budget.cap(st.name)
+        if not full:
+            con.print(f"stage {st.name} (<- {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
+                      f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
+                      + (f"; cap {_budget_text(cap)}" if cap is not None else ""), soft_wrap=True, markup=False)
+        for m in sp.models:
+            try:
+                check(Graph((Node("n0", ASSISTANT, m),), ()), sp, cm, room)
+            except GraphError as e:
+                con.print(f"warning: stage {st.name!r}: model {m!r} can never be used there: a single call, with "
+                          f"the other stages at their cheapest, breaks the budget ({e})", soft_wrap=True, markup=False)
+        try:
+            n = len(enumerate_graphs(sp, cm, room, limit=max_enumerate))
+            sizes.append(f"{st.name} {n}")
+        except SpaceTooLarge:
+            sizes.append(f"{st.name} more than {max_enumerate}")
+    if not full:
+        con.print(f"budget per query, whole pipeline: {_budget_text(ctx.budget.total)}  (--full prints the whole "
+                  "resolved spec)", soft_wrap=True, markup=False)
+    con.print(f"space: graphs per stage (up to isomorphism, the other stages at their cheapest): {', '.join(sizes)}",
+              soft_wrap=True, markup=False)
+    rng = np.random.default_rng(0)
+    costs = [ctx.costs.cost(random_design(ctx.space, ctx.costs, ctx.budget, rng)).total for _ in range(200)]
+    _cost_table(con, costs, "over 200 random pipelines")
+
+
+def _validate_space(con, ctx, max_enumerate: int) -> None:
+    import numpy as np
+
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
+
+    try:
+        graphs = enumerate_graphs(ctx.space, ctx.costs, ctx.budget, limit=max_enumerate)
+        size = f"{len(graphs)} graphs (exact, up to isomorphism)"
+        costs = [ctx.costs.cost(g) for g in graphs]
+        how = "over all graphs"
+    except SpaceTooLarge:
+        size = f"more than {max_enumerate} graphs (up to isomorphism)"
+        rng = np.random.default_rng(0)
+        costs = [ctx.costs.cost(random_graph(ctx.space, ctx.costs, ctx.budget, rng)) for _ in range(500)]
+        how = "over 500 random graphs (the space is too large to enumerate)"
+    con.print(f"space: {size}")
+    _cost_table(con, costs, how)
 
 
 def _budget_text(budget) -> str:
