@@ -180,9 +180,10 @@ def test_validate_prints_each_stage_its_cap_and_the_pipeline_cost_range(tmp_path
     r = CliRunner().invoke(app, ["validate", str(spec_path)])
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "pipeline budget per query: units <= 120" in out
+    assert "budget per query, whole pipeline: units <= 120" in out
     assert "stage retrieve (<- question)" in out and "stage answer (<- question, retrieve)" in out
     assert "cap units <= 300" in out
     # one call of the 70B retrieval (3000-token prompt) leaves no room for answering in 120 units
-    assert "stage retrieve: model 'llama-3.1-70b' can never be used" in out
+    assert "stage 'retrieve': model 'llama-3.1-70b' can never be used" in out
+    assert "space: graphs per stage" in out
     assert "over 200 random pipelines" in out and "pipeline-question runs" in out

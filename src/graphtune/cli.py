@@ -230,7 +230,7 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
             con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
                       soft_wrap=True, markup=False)
     if hasattr(ctx.space, "stages"):
-        _validate_pipeline(con, ctx, problem, full=full)
+        _validate_pipeline(con, ctx, problem, full=full, max_enumerate=max_enumerate)
     else:
         _validate_graphs(con, ctx, problem, max_enumerate)
     if check_endpoints:
@@ -260,44 +260,6 @@ def _cost_table(con, costs: list, how: str) -> None:
     con.print(t)
 
 
-def _validate_pipeline(con, ctx, problem, *, full: bool) -> None:
-    """What a multi-stage spec searches: each stage's space, cap and models that cannot fit
-    it, and the pipeline's cost range over random pipelines."""
-    import numpy as np
-
-    from graphtune.errors import GraphError
-    from graphtune.graphs.design import random_design, stage_budget
-    from graphtune.graphs.model import ASSISTANT, Graph, Node
-
-    space, costs, budget = ctx.space, ctx.costs, ctx.budget
-    if not full:
-        con.print(f"pipeline budget per query: {_budget_text(budget.total)}  (--full prints the whole resolved spec)",
-                  soft_wrap=True, markup=False)
-    for st in space.stages:
-        sp, cap = st.space, budget.cap(st.name)
-        con.print(f"stage {st.name} (<- {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
-                  f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
-                  + (f"; cap {_budget_text(cap)}" if cap is not None else ""), soft_wrap=True, markup=False)
-        room = stage_budget(space, costs, budget, st.name)
-        for m in sp.models:
-            c = costs.of(st.name).cost(Graph((Node("n0", ASSISTANT, m),), ()))
-            v = room.violations(c)
-            if v:
-                con.print(f"warning: stage {st.name}: model {m!r} can never be used: a single call leaves no room "
-                          f"for the other stages ({'; '.join(v)}, in the stage's units); drop it from the stage's "
-                          "space.models or raise the budget", soft_wrap=True, markup=False)
-    rng = np.random.default_rng(0)
-    try:
-        pipes = [random_design(space, costs, budget, rng) for _ in range(200)]
-    except GraphError as e:
-        con.print(f"warning: {e}", soft_wrap=True, markup=False)
-        pipes = []
-    if pipes:
-        _cost_table(con, [costs.cost(p).total for p in pipes], "over 200 random pipelines")
-    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
-              f"search budget: {ctx.budget_runs} pipeline-question runs")
-
-
 def _validate_graphs(con, ctx, problem, max_enumerate: int) -> None:
     import numpy as np
 
@@ -319,6 +281,49 @@ def _validate_graphs(con, ctx, problem, max_enumerate: int) -> None:
     _cost_table(con, costs, how)
     con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
               f"search budget: {ctx.budget_runs} graph-question runs")
+
+
+def _validate_pipeline(con, ctx, problem, *, full: bool, max_enumerate: int) -> None:
+    """``validate`` of a multi-stage spec: per stage its models, roles, limits, cap and
+    graph count, the models that can never fit; the cost range of random pipelines."""
+    import numpy as np
+
+    from graphtune.errors import GraphError
+    from graphtune.graphs.design import random_design, stage_budget
+    from graphtune.graphs.model import ASSISTANT, Graph, Node
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs
+    from graphtune.graphs.space import validate as check
+
+    sizes = []
+    for st in ctx.space.stages:
+        sp, cm = st.space, ctx.costs.of(st.name)
+        room = stage_budget(ctx.space, ctx.costs, ctx.budget, st.name)  # the others at their cheapest
+        cap = ctx.budget.cap(st.name)
+        if not full:
+            con.print(f"stage {st.name} (<- {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
+                      f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
+                      + (f"; cap {_budget_text(cap)}" if cap is not None else ""), soft_wrap=True, markup=False)
+        for m in sp.models:
+            try:
+                check(Graph((Node("n0", ASSISTANT, m),), ()), sp, cm, room)
+            except GraphError as e:
+                con.print(f"warning: stage {st.name!r}: model {m!r} can never be used there: a single call, with "
+                          f"the other stages at their cheapest, breaks the budget ({e})", soft_wrap=True, markup=False)
+        try:
+            n = len(enumerate_graphs(sp, cm, room, limit=max_enumerate))
+            sizes.append(f"{st.name} {n}")
+        except SpaceTooLarge:
+            sizes.append(f"{st.name} more than {max_enumerate}")
+    if not full:
+        con.print(f"budget per query, whole pipeline: {_budget_text(ctx.budget.total)}  (--full prints the whole "
+                  "resolved spec)", soft_wrap=True, markup=False)
+    con.print(f"space: graphs per stage (up to isomorphism, the other stages at their cheapest): {', '.join(sizes)}",
+              soft_wrap=True, markup=False)
+    rng = np.random.default_rng(0)
+    costs = [ctx.costs.cost(random_design(ctx.space, ctx.costs, ctx.budget, rng)).total for _ in range(200)]
+    _cost_table(con, costs, "over 200 random pipelines")
+    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
+              f"search budget: {ctx.budget_runs} pipeline-question runs")
 
 
 def _budget_text(budget) -> str:
@@ -475,7 +480,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
 
 @app.command("run")
 @_guard
-def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph file (YAML or JSON)"),
+def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph or pipeline file (YAML or JSON, "
+                                                                          "as `graphtune export` writes)"),
             spec_path: Path = typer.Option(..., "--spec", help="a spec with `env: {kind: live}` (models, prompts)"),
             question: Optional[str] = typer.Option(None, "--question", help="run on this question text"),
             dataset: Optional[str] = typer.Option(None, "--dataset",
@@ -485,8 +491,9 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
             storage: Optional[str] = typer.Option(None, "--storage", help="store of the call ledger (default: the "
                                                                            "spec's)"),
             no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
-            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
-    """Execute one graph on live endpoints; print the answer, its cost and latency."""
+            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output (and, for "
+                                                              "a pipeline, each stage's question and answer)")) -> None:
+    """Execute one graph or multi-stage pipeline on live endpoints; print the answer, its cost and latency."""
     from graphtune.api import redact, run_graph
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
@@ -499,11 +506,17 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     graph = load(graph_path)
     out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
     con = _console()
-    con.print(f"graph     {to_text(graph)}")
+    pipeline = getattr(graph, "stages", None) is not None
+    if pipeline:
+        con.print("pipeline  " + to_text(graph).replace("\n", "\n          "))
+    else:
+        con.print(f"graph     {to_text(graph)}")
     calls = f"{out.calls['made']} made, {out.calls['cached'] + out.calls['shared']} served from the ledger"
     if out.node_runs is not None:
         r = out.results[0]
-        if nodes:
+        if nodes and pipeline:
+            _print_stage_runs(con, out.stage_runs)
+        elif nodes:
             for nid in graph.topo_order:
                 n, nr = graph.node_map[nid], out.node_runs[nid]
                 tag = " (ledger)" if nr.cached else ""
@@ -525,6 +538,13 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     m = summarize(out.results)
     con.print(f"accuracy  {_fmt(m.accuracy)} on {m.n_scored} scored of {m.n} questions "
               f"({m.n_errors} infrastructure failures)")
+    if pipeline:
+        from graphtune.graphs.results import summarize_stages
+
+        for st in summarize_stages(out.results):
+            acc = f"accuracy {_fmt(st.accuracy)}, " if st.n_scored else ""
+            con.print(f"  stage {st.stage:<9} {acc}{st.mean_tokens:.0f} tokens, {_fmt(st.mean_flops, '.3g')} FLOPs, "
+                      f"${_fmt(st.mean_usd, '.6f')}, {_fmt(st.mean_latency_s, '.2f')} s per query")
     con.print(f"per query {_fmt(m.mean_flops, '.3g')} FLOPs, ${_fmt(m.mean_usd, '.6f')}, "
               f"{_fmt(m.mean_latency_s, '.2f')} s latency (critical path); "
               f"{m.prompt_tokens} prompt + {m.completion_tokens} completion tokens in all")
@@ -532,6 +552,31 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     errs = [r.error for r in out.results if r.error]
     if errs:
         con.print(f"first failure: {redact(errs[0])}")
+
+
+def _print_stage_runs(con, stage_runs) -> None:
+    """``graphtune run PIPELINE --nodes``: per stage, the text its graph ran on, every
+    node's output and the stage's answer."""
+    from graphtune.api import redact
+
+    def block(text: str) -> str:
+        return "    " + redact(text).strip().replace("\n", "\n    ")
+
+    for sr in stage_runs:
+        con.print(f"== stage {sr.stage}: {sr.latency_s:.2f} s")
+        con.print("  question:")
+        con.print(block(sr.text))
+        for nid in sr.graph.topo_order:
+            n, nr = sr.graph.node_map[nid], sr.runs.get(nid)
+            if nr is None:
+                continue
+            tag = " (ledger)" if nr.cached else ""
+            con.print(f"  [{sr.stage}/{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, "
+                      f"{nr.latency_s:.2f} s{tag}")
+            con.print(block(nr.text or f"error: {nr.error}"))
+        if sr.error is None:
+            con.print(f"  stage answer ({sr.stage}):")
+            con.print(block(sr.answer or ""))
 
 
 # -- studies / trials / show -----------------------------------------------------------

@@ -576,7 +576,8 @@ class Spec(_Strict):
         """The checks of a multi-stage spec: each stage's space against the pool and the
         declared roles, the stages' names and inputs (a DAG in order), the env kinds that
         run pipelines."""
-        if "space" in self.model_fields_set:
+        # a stored (resolved) spec holds the default `space`: only a space with settings is refused
+        if "space" in self.model_fields_set and self.space != SpaceSpec():
             raise ValueError("space: a multi-stage spec gives each stage its space under pipeline.stages[i].space; "
                              "move the top-level `space` there")
         if self.stages is not None:
