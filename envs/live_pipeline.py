@@ -43,7 +43,7 @@ from typing import Any
 from graphtune.envs.base import CallLedger, Environment, NodeOutcome, QuestionResult
 from graphtune.envs.live import (CHARS_PER_TOKEN, INLINE_SCORERS, LiveEnvironment, NodeRun, compile_graph,
                                  critical_path_s, question_result)
-from graphtune.envs.prompts import PromptSet
+from graphtune.envs.prompts import STAGE_INPUT_HEADING, PromptSet, stage_question
 from graphtune.errors import EnvError
 from graphtune.graphs.cost import TaskShape
 from graphtune.graphs.model import Graph
@@ -53,7 +53,7 @@ from graphtune.graphs.results import StageOutcome
 __all__ = ["LivePipelineEnvironment", "LiveStage", "StageRun", "estimate_stage_shapes", "stage_text"]
 
 #: how an input stage's answer is headed in a stage's default question text
-HEADING = "Output of the {name} stage:"
+HEADING = STAGE_INPUT_HEADING  # "Output of the {stage} stage:"
 
 
 @dataclass(frozen=True)
@@ -112,21 +112,14 @@ class StageRun:
 def stage_text(stage: LiveStage, question: str, answers: Mapping[str, str]) -> str:
     """The text a stage's graph runs on: ``stage.prompt`` formatted with ``question`` and
     each input stage's final answer by name, or by default its inputs in order (the
-    question, then each input stage's answer under the heading ``HEADING``)."""
-    if stage.prompt is not None:
-        values = {QUESTION: question.strip(), **{k: answers[k].strip() for k in stage.inputs if k != QUESTION}}
-        try:
-            return stage.prompt.format(**values)
-        except (KeyError, IndexError, ValueError) as e:
-            raise EnvError(f"stage {stage.name!r}: its prompt template names {e}, which is not the question or an "
-                           f"input of the stage ({list(stage.inputs)}); fix pipeline.stages[].prompt") from None
-    parts = []
-    for inp in stage.inputs:
-        if inp == QUESTION:
-            parts.append(question.strip())
-        else:
-            parts.append(HEADING.format(name=inp) + "\n" + answers[inp].strip())
-    return "\n\n".join(parts)
+    question, then each input stage's answer under its heading). One definition with the
+    exported LangGraph module: :func:`graphtune.envs.prompts.stage_question`."""
+    try:
+        return stage_question(stage.prompt, question, {k: answers[k] for k in stage.inputs if k != QUESTION},
+                              order=stage.inputs)
+    except (KeyError, IndexError, ValueError) as e:
+        raise EnvError(f"stage {stage.name!r}: its prompt template names {e}, which is not the question or an "
+                       f"input of the stage ({list(stage.inputs)}); fix pipeline.stages[].prompt") from None
 
 
 def estimate_stage_shapes(stages: Sequence[LiveStage], examples: Sequence[Any],

@@ -106,7 +106,7 @@ def test_a_stage_prompt_holds_its_input_stage_answer_and_only_the_last_stage_is_
                           and f"What is {r.question_id[1:]} + 0" in text]
         assert len(verify_prompts) == 3  # two assistants and the fuser
         for text in verify_prompts:
-            assert HEADING.format(name="draft") + "\n" + draft.answer.strip() in text
+            assert HEADING.format(stage="draft") + "\n" + draft.answer.strip() in text
         assert "[" in draft.answer  # the fake's digest tag: the real reply went in, not a summary
         # costs add up over the stages; each stage its own
         assert r.prompt_tokens == draft.prompt_tokens + verify.prompt_tokens > 0
@@ -301,7 +301,7 @@ def test_cli_run_executes_a_pipeline_file(server, tmp_path):
     assert r.exit_code == 0, r.output
     assert "== stage extract" in r.output and "== stage compute" in r.output
     assert "List the numbers of: What is 5+5? ANSWER=10" in r.output  # extract's question text
-    assert HEADING.format(name="extract") in r.output  # compute's, by default, under a heading
+    assert HEADING.format(stage="extract") in r.output  # compute's, by default, under a heading
     assert "[extract/" in r.output and "[compute/" in r.output
     assert "answer    The answer is 10" in r.output and "latency" in r.output
     r = runner.invoke(app, ["run", str(out), "--spec", str(spec), "--dataset", str(tmp_path / "qs.jsonl"),
