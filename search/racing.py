@@ -17,8 +17,8 @@ evidence and their evaluation protocol (why it is sample-efficient):
 * In the last ``final_race_frac`` of the budget, or once the policy has no new graph to
   draw (:attr:`Racing.exhausted`: a space smaller than the budget; :meth:`Racing.final_phase`)
   no new graphs are drawn: the best graphs by paired effect race to the full dev set
-  (:meth:`Racing.final_race`), one level a batch, until none is left below it or the
-  budget is spent. A trial cut at the budget (the engine runs it on the prefix of its
+  (:meth:`Racing.final_race`; once exhausted :meth:`Racing.catch_up_race`, lowest level
+  first), one level a batch, until none is left below it or the budget is spent. A trial cut at the budget (the engine runs it on the prefix of its
   questions the budget pays for) completes no level; its results count as evidence, and a
   later trial of the graph pays only for the rest.
 
@@ -270,19 +270,53 @@ class Racing:
                     out.append(self.extend(h, k + 1))
         return out
 
-    def final_race(self, batch: int, *, top: int | None = None, exclude: Container[str] = ()) -> list[Candidate]:
-        """Race to the full dev set, one level up per batch: the leader, and the ``top``
-        (default ``race_top``) graphs whose paired upper confidence bound against the
-        leader is above zero, most promising first; graphs in ``exclude`` (already in the
-        batch) are left out. Asked batch after batch, every contender reaches the full dev
-        set; [] once none is left below it. In Pareto mode: the current front instead
+    def final_race(self, batch: int) -> list[Candidate]:
+        """Race to the full dev set: the leader, and every graph whose paired upper
+        confidence bound against the leader is above zero (most promising first, up to
+        ``race_top``), one level up. In Pareto mode: the current front instead
         (:meth:`pareto_race`)."""
+        if self.pareto:
+            return self.pareto_race()
+        leader = self.incumbent()
+        if leader is None:
+            return []
+        top_level = len(self.levels) - 1
+        out = []
+        if self.level_of(leader) < top_level:
+            out.append(self.extend(leader, self.level_of(leader) + 1))
+        for _, h in sorted(self._rivals(leader), key=lambda t: (-t[0], t[1]))[: self.race_top]:
+            out.append(self.extend(h, self.level_of(h) + 1))
+        return out
+
+    def catch_up_race(self, batch: int, *, top: int, exclude: Container[str] = ()) -> list[Candidate]:
+        """The final race once the space is used up (:attr:`exhausted`): the contenders (the
+        leader and every graph whose paired upper confidence bound against it is above zero)
+        on the lowest level any of them is on climb one level, the leader then the most
+        promising first, up to ``top`` a batch, none in ``exclude`` (already in the batch).
+        Rung by rung, as successive halving does (the field is re-judged on each rung's
+        shared questions), so that when the budget runs out the contenders stand on about
+        as many questions and are compared on them: a leader raced alone to the full dev
+        set would be picked for its coverage. Asked batch after batch, every contender
+        reaches the full dev set; [] once none is left below it. In Pareto mode: the
+        current front (:meth:`pareto_race`)."""
         if self.pareto:
             return [c for c in self.pareto_race(top) if graph_hash(c.graph) not in exclude]
         leader = self.incumbent()
         if leader is None:
             return []
-        top = self.race_top if top is None else top
+        top_level = len(self.levels) - 1
+        todo = [(math.inf, leader)] if self.level_of(leader) < top_level else []
+        todo += self._rivals(leader)
+        todo = [(ucb, h) for ucb, h in todo if h not in exclude]
+        if not todo:
+            return []
+        low = min(self.level_of(h) for _, h in todo)  # a rung is done before the next starts
+        todo = sorted((t for t in todo if self.level_of(t[1]) == low), key=lambda t: (self.n_scored(t[1]), -t[0], t[1]))
+        return [self.extend(h, low + 1) for _, h in todo[:top]]
+
+    def _rivals(self, leader: str) -> list[tuple[float, str]]:
+        """(paired upper confidence bound of the difference to ``leader``, hash) of every
+        graph below the full dev set whose bound is above zero."""
         top_level = len(self.levels) - 1
         lr = self.records[leader].rewards
         scored = []
@@ -296,13 +330,7 @@ class Racing:
             ucb = float(diff.mean() + 2.0 * diff.std(ddof=1) / math.sqrt(len(diff)))
             if ucb > 0:
                 scored.append((ucb, h))
-        out = []
-        if self.level_of(leader) < top_level and leader not in exclude:
-            out.append(self.extend(leader, self.level_of(leader) + 1))
-        rivals = [h for _, h in sorted(scored, key=lambda t: (-t[0], t[1])) if h not in exclude]
-        for h in rivals[:top]:
-            out.append(self.extend(h, self.level_of(h) + 1))
-        return out
+        return scored
 
     def pareto_race(self, top: int | None = None) -> list[Candidate]:
         """Final race in Pareto mode: extend the graphs of the current front (by own mean

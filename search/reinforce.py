@@ -106,13 +106,14 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
 
     When the policy finds no new graph to draw (a small space, used up), the racing part is
     marked exhausted and the final race starts at once: the batch's promotions and new
-    proposals, then the contenders (up to ``max(race_top, n_samples)`` a batch, best
-    first) one level up; from then on every batch races, until each contender is on the
-    full dev set or the budget is spent, so the pick rests on the full dev set rather than
-    on the first levels' few questions."""
+    proposals, then the contenders one level up (:meth:`Racing.catch_up_race`: the lowest
+    level first, best first within it, up to ``max(race_top, n_samples)`` a batch); from
+    then on every batch races, until each contender is on the full dev set or the budget
+    is spent, so the pick rests on the full dev set rather than on the first levels' few
+    questions."""
     wide = max(racing.race_top, n_samples)
     if racing.final_phase():
-        race = racing.final_race(batch, top=wide if racing.exhausted else None)
+        race = racing.catch_up_race(batch, top=wide) if racing.exhausted else racing.final_race(batch)
         if race:
             return race, ()
     cands = racing.promotions(batch)
@@ -123,7 +124,7 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
     drawn = policy.sample(n_samples, mb, taken, racing)
     if n_samples and not drawn and not racing.exhausted:
         racing.exhausted = True
-        cands += racing.final_race(batch, top=wide, exclude=taken)
+        cands += racing.catch_up_race(batch, top=wide, exclude=taken)
     return cands + drawn, mb
 
 

@@ -31,14 +31,14 @@ from fakes import FakeEnv
 DEV = 100
 
 
-def _small_spec(method: str, evaluations: int, seed: int = 0):
+def _small_spec(method: str, evaluations: int, seed: int = 0, storage: str = "sqlite:///:memory:"):
     return parse_spec({
         "study": "small", "task": {"profile": "math", "dev_size": DEV, "test_size": 20},
         "models": [{"name": m} for m in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")],
         "space": {"roles": ["assistant"], "max_nodes": 2, "max_width": 2, "max_depth": 2, "max_in_degree": 1},
         "budget": {"units": 6},  # only the two small models fit, alone or as two calls
         "search": {"method": method, "evaluations": evaluations, "batch_size": 8, "seed": seed},
-        "env": {"kind": "simulated"}, "storage": "sqlite:///:memory:"})
+        "env": {"kind": "simulated"}, "storage": storage})
 
 
 def _run_small(method: str, evaluations: int, seed: int = 0):
@@ -81,6 +81,44 @@ def test_a_space_smaller_than_the_budget_is_searched_to_the_end(method):
     assert out.runs_spent == sum(len(q) for q in covered.values()) <= 5 * DEV
     # every graph left short of the full dev set was measured and found worse than the pick
     assert all(len(q) == DEV or full_dev[h] < out.best.mean for h, q in covered.items())
+
+
+class Interrupt(Exception):
+    """Stands for a crash in the middle of a batch."""
+
+
+@pytest.mark.parametrize("method", ["reinforce", "agent-reinforce"])
+def test_a_small_space_race_interrupted_then_resumed_equals_an_uninterrupted_one(tmp_path, method):
+    """The exhausted flag and the race's promotions are saved, so a search killed while
+    racing the five graphs continues with the same trials (and the same cut last trial)."""
+    from graphtune.api import optimize
+
+    def trials(db):
+        store = Storage(f"sqlite:///{db}")
+        try:
+            st = store.get_study("small")
+            return [(t.split, t.batch, t.slot, t.origin, t.graph_hash, tuple(t.question_ids), t.new_runs)
+                    for t in store.list_trials(st.id)]
+        finally:
+            store.close()
+
+    ref = tmp_path / "ref.db"
+    optimize(_small_spec(method, 4, storage=f"sqlite:///{ref}"))
+    db = tmp_path / "g.db"
+    for stop_after in (7, 3):  # the second interruption lands inside the race
+        seen = [0]
+
+        def progress(ev, seen=seen, stop_after=stop_after):
+            seen[0] += 1
+            if seen[0] >= stop_after:
+                raise Interrupt()
+
+        with pytest.raises(Interrupt):
+            optimize(_small_spec(method, 4, storage=f"sqlite:///{db}"), progress=progress)
+    optimize(_small_spec(method, 4, storage=f"sqlite:///{db}"))
+    got, want = trials(db), trials(ref)
+    assert got == want
+    assert sum(t[6] for t in want if t[0] == "dev") == 4 * DEV and any(t[3] == "race" for t in want)
 
 
 def test_a_budget_that_cannot_race_all_five_is_spent_exactly():
