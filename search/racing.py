@@ -18,9 +18,10 @@ evidence and their evaluation protocol (why it is sample-efficient):
   draw (:attr:`Racing.exhausted`: a space smaller than the budget; :meth:`Racing.final_phase`)
   no new graphs are drawn: the best graphs by paired effect race to the full dev set
   (:meth:`Racing.final_race`; once exhausted :meth:`Racing.catch_up_race`, lowest level
-  first), one level a batch, until none is left below it or the budget is spent. A trial cut at the budget (the engine runs it on the prefix of its
-  questions the budget pays for) completes no level; its results count as evidence, and a
-  later trial of the graph pays only for the rest.
+  first), one level a batch, until none is left below it or the budget is spent. A trial
+  cut at the budget (the engine runs it on the prefix of its questions the budget pays
+  for) completes no level; its results count as evidence, and a later trial of the graph
+  pays only for the rest.
 
 Evidence versus state. The per-graph evidence (its rewards per question, its trials,
 where it came from, its cost) is what the store already holds: it is rebuilt from the
@@ -311,7 +312,7 @@ class Racing:
         if not todo:
             return []
         low = min(self.level_of(h) for _, h in todo)  # a rung is done before the next starts
-        todo = sorted((t for t in todo if self.level_of(t[1]) == low), key=lambda t: (self.n_scored(t[1]), -t[0], t[1]))
+        todo = sorted((t for t in todo if self.level_of(t[1]) == low), key=lambda t: (-t[0], t[1]))
         return [self.extend(h, low + 1) for _, h in todo[:top]]
 
     def _rivals(self, leader: str) -> list[tuple[float, str]]:
