@@ -205,3 +205,32 @@ def test_the_engine_cuts_the_last_trial_to_the_prefix_the_budget_pays(costs):
     assert [len(p.question_ids) for p in plan] == [20, 15]
     assert plan[1].question_ids == ctx.dev_ids[:15] and plan[1].info["trimmed_from"] == 20
     assert "trimmed_from" not in plan[0].info
+
+
+@pytest.mark.filterwarnings("ignore::graphtune.store.storage.SharedSQLiteWarning")
+@pytest.mark.parametrize("method", ["reinforce", "agent-reinforce"])
+def test_workers_rebuilt_for_every_trial_race_a_small_space_as_optimize_does(tmp_path, method):
+    """The worker path: each `work` call runs one trial and stops, so every batch update
+    rebuilds the searcher from the stored state (the exhausted flag included) and plans
+    again (the cut last trial included). The study ends equal to one process's."""
+    import sys as _sys
+    from pathlib import Path
+
+    from graphtune.api import optimize, work
+    from graphtune.search.worker import WorkerOptions
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from workers_check import compare, snapshot
+
+    ref_url = f"sqlite:///{tmp_path / 'ref.db'}"
+    optimize(_small_spec(method, 4, storage=ref_url))
+    ref = snapshot(ref_url, "small")
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = _small_spec(method, 4, storage=url)
+    for _ in range(200):
+        _, st, _ = work("small", url, spec=spec, options=WorkerOptions(max_trials=1, poll_s=0.01))
+        if st.status == "complete":
+            break
+    got = snapshot(url, "small")
+    assert compare(got, ref) == []
+    assert got["runs_spent"] == 4 * DEV and got["duplicate_places"] == 0
