@@ -4,8 +4,9 @@ A study advances batch by batch. For batch ``k`` the engine
 
 1. **plans** the batch the searcher asked for (:meth:`BatchEngine.plan`): its trials in slot
    order while the runs predicted to be paid (from the results already stored) stay under
-   the budget; a graph repeated inside the batch waits for its earlier slot, so shared
-   questions are paid once;
+   the budget, the one that would pass it trimmed to a prefix of its questions that spends
+   exactly what is left (a search stops at its budget, never past it); a graph repeated
+   inside the batch waits for its earlier slot, so shared questions are paid once;
 2. the planned trials are **executed** (:meth:`BatchEngine.execute`: check the graph against
    the space and budget, run it on the questions without a stored result, score) by the
    process itself (:func:`graphtune.search.loop.run_search`, ``graphtune optimize``) or by
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -135,10 +136,14 @@ class BatchEngine:
     def plan(self, cands: Sequence[Candidate], *, batch: int, spent: int, method: str) -> list[TrialPlan]:
         """The trials of batch ``batch``: in slot order, while the runs spent (counting the
         new runs each slot is predicted to pay, from the results stored by earlier batches
-        and earlier slots of this one) stay under the budget. A slot whose graph appeared
-        earlier in the batch waits for that slot. The prediction is exact unless an earlier
-        trial of the same graph in the batch hits infrastructure failures (those questions
-        are paid again)."""
+        and earlier slots of this one) stay under the budget. The slot that would pass the
+        budget is trimmed to the shortest prefix of its questions that pays exactly the runs
+        left (``info["trimmed_from"]``: the length it was asked on), so a search stops at
+        its budget, never past it; what the trimmed trial measured is stored like any
+        result, and a later trial of the same graph pays only for the rest. A slot whose
+        graph appeared earlier in the batch waits for that slot. The prediction is exact
+        unless an earlier trial of the same graph in the batch hits infrastructure failures
+        (those questions are paid again)."""
         covered: dict[str, set[str]] = {}
         last: dict[str, int] = {}
         out = []
@@ -155,10 +160,16 @@ class BatchEngine:
                 ok = True
             except GraphError:
                 ok = False
+            info = dict(c.info)
             if ok:
-                spent += sum(1 for q in qids if q not in covered[h])
+                new = sum(1 for q in qids if q not in covered[h])
+                if spent + new > self.budget:  # the budget's last runs: a prefix of its questions
+                    qids = affordable_prefix(qids, covered[h], self.budget - spent)
+                    info["trimmed_from"] = len(c.question_ids or self.ctx.dev_ids)
+                    new = self.budget - spent
+                spent += new
             out.append(TrialPlan(split="dev", batch=batch, slot=slot, graph=to_dict(g), graph_hash=h, method=method,
-                                 origin=c.origin, parents=tuple(c.parents), info=dict(c.info), question_ids=qids,
+                                 origin=c.origin, parents=tuple(c.parents), info=info, question_ids=qids,
                                  after_slot=last.get(h) if ok else None))
             if ok:
                 covered[h] |= set(qids)
@@ -245,7 +256,7 @@ class BatchEngine:
                           plans=todo, asked=tuple(cands))
         if not plan:  # nothing affordable
             return self._finish(searcher, k, spent, "budget")
-        evals = [self.evaluation(rows[p.slot], cands[p.slot]) for p in plan]
+        evals = [self.evaluation(rows[p.slot], _as_planned(cands[p.slot], p)) for p in plan]
         searcher.tell(evals)
         spent += sum(e.new_runs for e in evals)
         # a snapshot now: state_dict() may share structures that ask() changes
@@ -328,6 +339,28 @@ class BatchEngine:
                              test_trial=test, test_results=tuple(self.results(test)) if test else (),
                              runs_spent=runs_spent, n_trials=sum(1 for t in trials if t.split == "dev"),
                              stopped=stopped, excluded=excluded_by_model(trials))
+
+
+def _as_planned(cand: Candidate, plan: TrialPlan) -> Candidate:
+    """The candidate as its trial ran: a trial trimmed at the budget ran on fewer questions
+    than asked, and the searcher is told so (as a resumed one reads it from the store)."""
+    if "trimmed_from" not in plan.info:
+        return cand
+    return replace(cand, question_ids=tuple(plan.question_ids), info=dict(plan.info))
+
+
+def affordable_prefix(question_ids: Sequence[str], covered: set[str], runs_left: int) -> tuple[str, ...]:
+    """The shortest prefix of ``question_ids`` holding ``runs_left`` questions not in
+    ``covered`` (the ones a trial would pay for): the prefix a trial is trimmed to when
+    the whole list would pass the budget. A prefix, so a graph raced on an order's prefix
+    stays measured on a prefix of it."""
+    out, new = [], 0
+    for q in question_ids:
+        if new >= runs_left:
+            break
+        out.append(q)
+        new += q not in covered
+    return tuple(out)
 
 
 def trial_metrics(results: Sequence[QuestionResult]) -> dict:

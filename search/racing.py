@@ -14,16 +14,22 @@ evidence and their evaluation protocol (why it is sample-efficient):
   runs; only contenders earn the whole dev set.
 * The loop never pays twice for a graph on a question (canonical hash), so extending a
   graph costs only its new questions.
-* In the last ``final_race_frac`` of the budget (:meth:`Racing.final_phase`) no new
-  graphs are drawn: the best graphs by paired effect race to the full dev set
-  (:meth:`Racing.final_race`).
+* In the last ``final_race_frac`` of the budget, or once the policy has no new graph to
+  draw (:attr:`Racing.exhausted`: a space smaller than the budget; :meth:`Racing.final_phase`)
+  no new graphs are drawn: the best graphs by paired effect race to the full dev set
+  (:meth:`Racing.final_race`; once exhausted :meth:`Racing.catch_up_race`, lowest level
+  first), one level a batch, until none is left below it or the budget is spent. A trial
+  cut at the budget (the engine runs it on the prefix of its questions the budget pays
+  for) completes no level; its results count as evidence, and a later trial of the graph
+  pays only for the rest.
 
 Evidence versus state. The per-graph evidence (its rewards per question, its trials,
 where it came from, its cost) is what the store already holds: it is rebuilt from the
 told evaluations by :meth:`Racing.restore` and never saved. So are the promotions the
 race trials show. ``state_dict`` keeps only what the store cannot give: the runs counted
-so far and the promotions that were asked but never run (the budget ran out within the
-batch), which a study continued with more evaluations must not ask again.
+so far, whether the space was found exhausted, and the promotions that were asked but
+never completed (the budget ran out before or within them), which a study continued with
+more evaluations must not ask again.
 
 :class:`ParetoScalarisation` is ``search.options.pareto``: each batch ranks graphs by
 ``reward - w * cost / scale`` (``w`` cycling through the weights), for the ASHA
@@ -33,13 +39,14 @@ promotions here and for the policy gradient's rewards (:meth:`Racing.minibatch_r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from graphtune.agent.report import GraphEntry
+from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import Budget, GraphCost
 from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, Objective, SearchContext, best_paired, pool_stats
@@ -129,6 +136,9 @@ class Racing:
     raced: dict[str, int] = field(default_factory=dict)
     #: graph-question runs paid for by the evaluations told so far
     spent: int = 0
+    #: the policy found no new graph to draw (the space is used up): the final race runs
+    #: from then on, whatever budget is left (saved: the draws that found it are gone)
+    exhausted: bool = False
 
     @classmethod
     def of(cls, ctx: SearchContext, *, n0: int | None, eta: float, race_top: int, final_race_frac: float,
@@ -234,8 +244,10 @@ class Racing:
         return max(0, self.budget_runs - self.spent) if self.budget_runs else 1 << 30
 
     def final_phase(self) -> bool:
-        """In the last ``final_race_frac`` of the budget: race, draw no new graphs."""
-        return bool(self.budget_runs) and self.remaining_runs() < self.final_race_frac * self.budget_runs
+        """In the last ``final_race_frac`` of the budget, or once the policy found no new
+        graph to draw (:attr:`exhausted`): race, draw no new graphs."""
+        return self.exhausted or (bool(self.budget_runs)
+                                  and self.remaining_runs() < self.final_race_frac * self.budget_runs)
 
     def extend(self, h: str, level: int, origin: str = "race") -> Candidate:
         """Graph ``h`` on level ``level``'s questions (it pays only for the new ones)."""
@@ -261,13 +273,51 @@ class Racing:
 
     def final_race(self, batch: int) -> list[Candidate]:
         """Race to the full dev set: the leader, and every graph whose paired upper
-        confidence bound against the leader is above zero (most promising first). In
-        Pareto mode: the current front instead (:meth:`pareto_race`)."""
+        confidence bound against the leader is above zero (most promising first, up to
+        ``race_top``), one level up. In Pareto mode: the current front instead
+        (:meth:`pareto_race`)."""
         if self.pareto:
             return self.pareto_race()
         leader = self.incumbent()
         if leader is None:
             return []
+        top_level = len(self.levels) - 1
+        out = []
+        if self.level_of(leader) < top_level:
+            out.append(self.extend(leader, self.level_of(leader) + 1))
+        for _, h in sorted(self._rivals(leader), key=lambda t: (-t[0], t[1]))[: self.race_top]:
+            out.append(self.extend(h, self.level_of(h) + 1))
+        return out
+
+    def catch_up_race(self, batch: int, *, top: int, exclude: Container[str] = ()) -> list[Candidate]:
+        """The final race once the space is used up (:attr:`exhausted`): the contenders (the
+        leader and every graph whose paired upper confidence bound against it is above zero)
+        on the lowest level any of them is on climb one level, the leader then the most
+        promising first, up to ``top`` a batch, none in ``exclude`` (already in the batch).
+        Rung by rung, as successive halving does (the field is re-judged on each rung's
+        shared questions), so that when the budget runs out the contenders stand on about
+        as many questions and are compared on them: a leader raced alone to the full dev
+        set would be picked for its coverage. Asked batch after batch, every contender
+        reaches the full dev set; [] once none is left below it. In Pareto mode: the
+        current front (:meth:`pareto_race`)."""
+        if self.pareto:
+            return [c for c in self.pareto_race(top) if graph_hash(c.graph) not in exclude]
+        leader = self.incumbent()
+        if leader is None:
+            return []
+        top_level = len(self.levels) - 1
+        todo = [(math.inf, leader)] if self.level_of(leader) < top_level else []
+        todo += self._rivals(leader)
+        todo = [(ucb, h) for ucb, h in todo if h not in exclude]
+        if not todo:
+            return []
+        low = min(self.level_of(h) for _, h in todo)  # a rung is done before the next starts
+        todo = sorted((t for t in todo if self.level_of(t[1]) == low), key=lambda t: (-t[0], t[1]))
+        return [self.extend(h, low + 1) for _, h in todo[:top]]
+
+    def _rivals(self, leader: str) -> list[tuple[float, str]]:
+        """(paired upper confidence bound of the difference to ``leader``, hash) of every
+        graph below the full dev set whose bound is above zero."""
         top_level = len(self.levels) - 1
         lr = self.records[leader].rewards
         scored = []
@@ -281,16 +331,12 @@ class Racing:
             ucb = float(diff.mean() + 2.0 * diff.std(ddof=1) / math.sqrt(len(diff)))
             if ucb > 0:
                 scored.append((ucb, h))
-        out = []
-        if self.level_of(leader) < top_level:
-            out.append(self.extend(leader, self.level_of(leader) + 1))
-        for _, h in sorted(scored, key=lambda t: (-t[0], t[1]))[: self.race_top]:
-            out.append(self.extend(h, self.level_of(h) + 1))
-        return out
+        return scored
 
-    def pareto_race(self) -> list[Candidate]:
+    def pareto_race(self, top: int | None = None) -> list[Candidate]:
         """Final race in Pareto mode: extend the graphs of the current front (by own mean
-        reward and cost) that have not reached the full dev set, most accurate first."""
+        reward and cost) that have not reached the full dev set, most accurate first
+        (``2 * top + 1`` of them; ``top`` defaults to ``race_top``)."""
         top_level = len(self.levels) - 1
         pts = sorted(((d.pcost or 0.0, -d.mean, d.trials[0], h) for h, d in self.records.items()))
         front, best = [], -math.inf
@@ -300,7 +346,8 @@ class Racing:
                 best = -neg_mean
         todo = [h for h in front if self.level_of(h) < top_level]
         todo.sort(key=lambda h: -self.records[h].mean)
-        return [self.extend(h, self.level_of(h) + 1) for h in todo[: 2 * self.race_top + 1]]
+        top = self.race_top if top is None else top
+        return [self.extend(h, self.level_of(h) + 1) for h in todo[: 2 * top + 1]]
 
     # -- what a batch is ranked by -----------------------------------------------------------
     def _rank_value(self, h: str, n: int, batch: int) -> float:
@@ -329,13 +376,17 @@ class Racing:
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The runs counted, and the promotions no told trial shows yet (asked, not run)."""
-        return {"spent": self.spent,
-                "promoted": {h: k for h, k in self.promoted.items() if k > self.raced.get(h, 0)}}
+        out: dict[str, Any] = {"spent": self.spent,
+                               "promoted": {h: k for h, k in self.promoted.items() if k > self.raced.get(h, 0)}}
+        if self.exhausted:
+            out["exhausted"] = True
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Counters and promotions; a state saved before the evidence left it (``evidence``:
         hash -> {..., "promoted": level}) gives its promotions the same way."""
         self.spent = int(state["spent"])
+        self.exhausted = bool(state.get("exhausted", False))
         if "promoted" in state:
             self.promoted = {str(h): int(k) for h, k in state["promoted"].items()}
         else:

@@ -12,8 +12,9 @@ the critic):
   edge/role/model policy gradient).
 
 One batch (``ask``): the pending promotions, then ``samples`` new graphs drawn from the
-distribution, on the level-0 prefix. In the last ``final_race_frac`` of the budget no new
-graphs are drawn: the best graphs by paired effect race to the full dev set.
+distribution, on the level-0 prefix. In the last ``final_race_frac`` of the budget, or as
+soon as the distribution has no new graph to give (a small space, used up), no new graphs
+are drawn: the best graphs by paired effect race to the full dev set.
 
 ``tell``: the samples of a batch share the level-0 questions, so their rewards are
 directly comparable: leave-one-out baseline, normalised advantages, the gradient of the
@@ -106,9 +107,18 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
                  extra=None) -> tuple[list[Candidate], tuple[str, ...]]:
     """The next batch of a policy searcher and its minibatch of questions: the final race
     once it is due; otherwise the ASHA promotions, ``extra(minibatch, taken)`` (the agent's
-    proposals) and ``n_samples`` graphs drawn from the policy, no graph twice."""
+    proposals) and ``n_samples`` graphs drawn from the policy, no graph twice.
+
+    When the policy finds no new graph to draw (a small space, used up), the racing part is
+    marked exhausted and the final race starts at once: the batch's promotions and new
+    proposals, then the contenders one level up (:meth:`Racing.catch_up_race`: the lowest
+    level first, best first within it, up to ``max(race_top, n_samples)`` a batch); from
+    then on every batch races, until each contender is on the full dev set or the budget
+    is spent, so the pick rests on the full dev set rather than on the first levels' few
+    questions."""
+    wide = max(racing.race_top, n_samples)
     if racing.final_phase():
-        race = racing.final_race(batch)
+        race = racing.catch_up_race(batch, top=wide) if racing.exhausted else racing.final_race(batch)
         if race:
             return race, ()
     cands = racing.promotions(batch)
@@ -116,7 +126,11 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
     mb = racing.questions(0)
     if extra is not None:
         cands += extra(mb, taken)
-    return cands + policy.sample(n_samples, mb, taken, racing), mb
+    drawn = policy.sample(n_samples, mb, taken, racing)
+    if n_samples and not drawn and not racing.exhausted:
+        racing.exhausted = True
+        cands += racing.catch_up_race(batch, top=wide, exclude=taken)
+    return cands + drawn, mb
 
 
 def policy_parts(ctx: SearchContext, o: PolicyOptions) -> tuple[Racing, PolicyUpdate | PipelinePolicy]:
