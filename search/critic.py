@@ -244,12 +244,14 @@ class AgentCritic:
                             "feedback": cut_words(one_line(said or ""), FEEDBACK_CHARS),
                             "confidence": round(float(u.confidence), 3) if u is not None else 0.0,
                             "push": push, "proposals": props})
-        # a rendered round is longer than its feedback plus ~40 characters per claim: a
-        # hypothesis past the bound that way could never be shown
+        # a rendered round is at least its head line, its feedback, 35 characters per
+        # pushed preference and 20 per proposal (plus their line heads): a hypothesis past
+        # the bound that way could never be shown
         room, used = self.memory_tokens * CHARS_PER_TOKEN, 0
         for k in range(len(self.memory) - 1, -1, -1):
             r = self.memory[k]
-            used += len(r["feedback"]) + 40 * (len(r["push"]) + len(r["proposals"]))
+            used += (45 + len(r["feedback"]) + (50 + 35 * len(r["push"]) if r["push"] else 0)
+                     + (38 + 20 * len(r["proposals"]) if r["proposals"] else 0))
             if used > room and k < len(self.memory) - 1:
                 self.memory = self.memory[k + 1:]
                 break
