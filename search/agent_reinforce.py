@@ -20,11 +20,16 @@ and :class:`~graphtune.search.critic.AgentCritic` (the agent's steps and proposa
 
 Every agent step (prompt, reply, parsed update, what was applied or rejected and why,
 calls, tokens, dollars, seconds) is returned by :meth:`drain_agent_steps` and stored;
-trials of agent proposals carry ``info["agent_step"]`` and the trial numbers of the
-graph they came from as ``parents``.
+trials of agent proposals carry ``info["agent_step"]`` and, as ``parents``, the trial the
+proposal names in its ``parent`` field (when it is a trial of a measured graph).
 
-Saved state: the policy, the counters and phase, and the critic's queued proposals, usage
-and last rounds' summaries; the evidence is rebuilt from the store's trials by ``restore``.
+Each step's memory (the agent's earlier hypotheses next to what was measured since), a
+proposal's ``parent`` and the per-batch attribution of the logit changes (gradient, agent,
+entropy floor) are described in :mod:`graphtune.search.critic` and ``docs/agent.md``.
+
+Saved state: the policy, the counters and phase, and the critic's queued proposals, usage,
+last rounds' summaries and remembered hypotheses; the evidence is rebuilt from the store's
+trials by ``restore``.
 """
 
 from __future__ import annotations
