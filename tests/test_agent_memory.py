@@ -271,6 +271,24 @@ def test_an_unknown_parent_is_dropped_with_a_warning_not_a_crash(costs):
     assert [c.parents for c in cands if c.origin == "agent"] == [()]
 
 
+def test_the_heuristic_names_the_graph_it_mutated_as_parent(costs):
+    env = FakeEnv(costs, n_dev=30)
+    ctx = _ctx(costs, env, agent={"model": "heuristic"}, evaluations=12)
+    store = MemoryStorage()
+    st = store.create_study("s", "agent-reinforce", {})
+    run_search(AgentReinforceSearcher(ctx), env, store, st, ctx, budget_runs=ctx.budget_runs)
+    steps = {x["key"]: x for x in store.agent_steps(st.id)}
+    trials = store.list_trials(st.id, split="dev")
+    by_number = {t.number: t for t in trials}
+    mutated = [t for t in trials if t.origin == "agent" and t.info["agent_step"].endswith("feedback")]
+    assert mutated
+    for t in mutated:
+        step = steps[t.info["agent_step"]]
+        row = next(r for r in step["applied"]["proposals"] if r.get("graph_hash") == t.graph_hash)
+        named = step["parsed"]["proposals"][row["index"]]["parent"]
+        assert list(t.parents) == [named] and by_number[named].number < t.number
+
+
 # -- attribution ------------------------------------------------------------------------------
 
 
