@@ -122,7 +122,8 @@ class AgentCritic:
 
     def _queue_proposals(self, upd: AgentUpdate, key: str) -> list[dict[str, Any]]:
         report: list[dict[str, Any]] = []
-        shown = {t: h for h, d in self.racing.records.items() for t in d.trials}
+        # every measured graph is in the report's history: its trials are the names a parent may take
+        shown = {t for d in self.racing.records.values() for t in d.trials}
         limit = self.max_proposals + (2 if key.endswith("init") else 0)
         for i, prop in enumerate(upd.proposals):
             if i >= limit:

@@ -82,3 +82,10 @@ def test_agent_reinforce_with_a_real_llm_agent(server, tmp_path):
     usd = sum(s["usd"] for s in steps)
     assert usd == pytest.approx((tokens_in * 0.1 + tokens_out * 0.2) / 1e6)
     assert sum(s["seconds"] for s in steps) > 0
+    # from the second feedback on, the model is shown its earlier hypotheses and their outcomes
+    from graphtune.agent.memory import MEMORY_HEADER
+
+    feedback = [s for s in steps if s["kind"] == "feedback"]
+    assert all(MEMORY_HEADER in s["prompt"] for s in feedback[1:])
+    # every batch records how the distribution moved, and by whom
+    assert all("attribution" in s["applied"] for s in steps)
