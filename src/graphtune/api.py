@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from graphtune.envs.base import Environment
-from graphtune.errors import SpecError
-from graphtune.graphs.cost import CostModel, TaskShape
+from graphtune.errors import BudgetError, SpecError
+from graphtune.graphs.cost import Budget, CostModel, GraphCost, PipelineCost, TaskShape
 from graphtune.graphs.space import check_space_not_empty
 from graphtune.search.base import Objective, SearchContext, Searcher
 from graphtune.spec import Spec
@@ -256,14 +256,65 @@ def _simulated_env_and_costs(spec: Spec, space, budget):
 
 #: env kind (graphtune.spec.ENV_KINDS) -> ``(spec, space, budget) -> (environment, cost model)``
 ENV_BUILDERS = {"simulated": _simulated_env_and_costs, "live": _live_env_and_costs, "replay": _replay_env_and_costs}
+#: the same for multi-stage specs (besides the simulator's, below): ``(spec, pipeline space,
+#: pipeline budget) -> (environment, pipeline cost model)``
+PIPELINE_ENV_BUILDERS: dict = {}
+
+
+def _simulated_pipeline_env_and_costs(spec: Spec, space, budget):
+    """The simulated pipeline of ``task.profile`` (``pipeline-rag``, ``pipeline-tool-use`` or
+    a pipeline profile file); the spec's stages must be the profile's, with the same inputs,
+    and each stage's models ones the profile models for that stage."""
+    from graphtune.envs.simulated.pipelines import BUILTIN_PIPELINES, SimulatedPipelineEnvironment
+
+    name = spec.task.profile
+    key = name.removeprefix("pipeline-") if name.startswith("pipeline-") else name
+    if key not in BUILTIN_PIPELINES and not Path(name).exists():
+        raise SpecError(f"task.profile {name!r} is not a pipeline profile; a multi-stage spec on the simulator takes "
+                        f"{', '.join('pipeline-' + k for k in sorted(BUILTIN_PIPELINES))} or a pipeline profile "
+                        "file")
+    env = SimulatedPipelineEnvironment(key if key in BUILTIN_PIPELINES else name, seed=spec.env.seed,
+                                       dev_size=spec.task.dev_size, test_size=spec.task.test_size, pool=spec.pool())
+    want = [(s.name, s.inputs) for s in env.profile.stages]
+    got = [(s.name, s.inputs) for s in space.stages]
+    if want != got:
+        raise SpecError(f"pipeline.stages: the simulated pipeline {name!r} has the stages (inputs) "
+                        f"{[(n, list(i)) for n, i in want]}, the spec {[(n, list(i)) for n, i in got]}; give its "
+                        "stages in that order with those inputs")
+    for st in space.stages:
+        modelled = env.profile.stage(st.name).profile.model_names
+        bad = [m for m in st.space.models if m not in modelled]
+        if bad:
+            raise SpecError(f"pipeline.stages: stage {st.name!r} uses model(s) {bad}, which the simulated pipeline "
+                            f"{name!r} does not model for it; its models: {list(modelled)} (set the stage's "
+                            "space.models)")
+    # every stage's cheapest graph together: the cheapest pipeline there is
+    per = []
+    for st in space.stages:
+        c = check_space_not_empty(st.space, env.costs.of(st.name), Budget())
+        per.append((st.name, dataclasses.replace(c, units=c.flops / env.costs.unit_flops)))
+    total = GraphCost(flops=sum(c.flops for _, c in per), units=sum(c.units for _, c in per),
+                      usd=sum(c.usd for _, c in per), latency_s=sum(c.latency_s for _, c in per),
+                      prompt_tokens=0.0, completion_tokens=0.0)
+    v = budget.violations(PipelineCost(total=total, stages=tuple(per)))
+    if v:
+        raise BudgetError(f"budget is impossible: even the cheapest pipeline (each stage's cheapest graph) breaks "
+                          f"it ({'; '.join(v)}); raise `budget` or the stage's cap")
+    return env, env.costs
 
 
 def build_problem(spec: Spec) -> Problem:
     """Resolve a spec into an environment and a search context; raises a one-line error
     for an unknown model, an impossible budget or an empty space."""
-    space = spec.space_obj()
-    budget = spec.budget.budget()
-    env, costs = ENV_BUILDERS[spec.env.kind](spec, space, budget)
+    space = spec.search_space()
+    budget = spec.search_budget()
+    if spec.is_pipeline:
+        builders = {"simulated": _simulated_pipeline_env_and_costs, **PIPELINE_ENV_BUILDERS}
+        if spec.env.kind not in builders:
+            raise SpecError(f"env.kind {spec.env.kind!r} does not run multi-stage pipelines yet; use `simulated`")
+        env, costs = builders[spec.env.kind](spec, space, budget)
+    else:
+        env, costs = ENV_BUILDERS[spec.env.kind](spec, space, budget)
     obj = Objective(cost_weight=spec.objective.cost_weight, latency_weight=spec.objective.latency_weight,
                     usd_weight=spec.objective.usd_weight)
     dev = tuple(env.split("dev"))
@@ -411,7 +462,7 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     (``graphtune.spec.stored_spec_data``)."""
     from graphtune.spec import stored_spec_data
 
-    old = stored_spec_data(old)
+    old, new = stored_spec_data(old), stored_spec_data(new)  # both in today's shape (a pipeline's: no `space`)
     out = []
     for c in spec_changes(old, new):
         if c in SAFE_TO_CHANGE:
