@@ -375,3 +375,23 @@ def test_assistant_only_needs_an_assistant_role(costs):
                space=Space(models=LLAMA_POOL, roles=("fuser", "critic"), max_nodes=5, max_in_degree=3))
     with pytest.raises(SpecError, match="assistant-only needs the role 'assistant'"):
         AgentReinforceSearcher(ctx)
+
+
+def test_on_a_pipeline_insight_init_false_skips_the_probes_and_assistant_only_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from test_pipeline_search import RAG, problem
+
+    spec, pr = problem(tmp_path, RAG, "agent-reinforce", evaluations=8)
+    ctx = replace(pr.ctx, options={"insight_init": False})
+    s = AgentReinforceSearcher(ctx)
+    store = MemoryStorage()
+    st = store.create_study("s", "agent-reinforce", {})
+    for k in range(2):
+        cands = s.ask()
+        assert cands and all(c.origin != "probe" for c in cands)
+        s.tell([evaluate_candidate(c, env=pr.env, storage=store, study=st, ctx=ctx, method="agent-reinforce",
+                                   batch=k, slot=i) for i, c in enumerate(cands)])
+    assert [x["kind"] for x in s.drain_agent_steps()] == ["feedback", "feedback"]
+    with pytest.raises(SpecError, match="assistant-only is for single-stage studies"):
+        AgentReinforceSearcher(replace(pr.ctx, options={"roles": "assistant-only"}))
