@@ -14,7 +14,13 @@ LLM agent would give, plus feedback text written from the statistics:
 * ``proposals``: local mutations of the best graphs (change a model or role, add or
   drop a node or edge, add a synthesiser on top), validated against space and budget,
   not yet evaluated, ranked by the regression's prediction;
-* ``confidence`` grows with the number of graphs measured.
+* ``confidence`` grows with the number of graphs measured;
+* its memory (``report.memory``, when the searcher keeps one): the feedback opens by
+  saying whether its previous hypothesis held (which pushed preferences the graphs
+  measured since confirm or contradict, how its proposals did against the incumbent).
+  The numbers it answers with do not depend on the memory.
+
+Each proposal names the graph it mutates in ``parent`` (that graph's latest trial).
 
 On a multi-stage pipeline the same agent answers from per-stage statistics
 (:mod:`graphtune.agent.pipeline_heuristic`).
@@ -31,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphtune.agent.base import Agent, AgentStep
+from graphtune.agent.memory import RoundMemory
 from graphtune.agent.mutations import local_mutations
 from graphtune.agent.pipeline import (PipelineBatchReport, PipelineInitReport, render_pipeline_batch,
                                       render_pipeline_init)
@@ -111,9 +118,34 @@ def _finite(prefs: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in prefs.items() if math.isfinite(v)}
 
 
-def _to_proposal(g: Graph, why: str) -> GraphProposal:
+def _to_proposal(g: Graph, why: str, parent: int | None = None) -> GraphProposal:
     return GraphProposal(nodes=[ProposedNode(id=n.id, role=n.role, model=n.model) for n in g.nodes],
-                         edges=[(u, v) for u, v in g.edges], rationale=why)
+                         edges=[(u, v) for u, v in g.edges], rationale=why, parent=parent)
+
+
+def recall_text(memory: Sequence[RoundMemory]) -> str | None:
+    """One sentence on the newest remembered round: whether its hypothesis held."""
+    if not memory:
+        return None
+    last = memory[-1]
+    what = "initial step" if last.kind == "init" else f"step after round {last.round}"
+    parts = []
+    tested = [o for o in last.preferences if o.verdict != "untested"]
+    if tested:
+        parts.append("its pushes " + ", ".join(f"{o.claim} {o.verdict}" for o in tested[:4]))
+    elif last.preferences:
+        parts.append("its pushes not tested yet (too few graphs measured since)")
+    measured = [o for o in last.proposals if o.verdict in ("better", "worse", "unclear", "incumbent")]
+    if measured:
+        counts: dict[str, int] = {}
+        for o in measured:
+            counts[o.verdict] = counts.get(o.verdict, 0) + 1
+        parts.append("its proposals vs the incumbent: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
+    held = sum(o.verdict == "held" for o in tested)
+    bad = sum(o.verdict == "contradicted" for o in tested)
+    verdict = ("held" if held and not bad else "did not hold" if bad and not held
+               else "held in part" if held else "is not settled yet")
+    return f"Previous hypothesis ({what}) {verdict}: " + ("; ".join(parts) or "nothing measurable yet") + "."
 
 
 # -- the agent ------------------------------------------------------------------------------
@@ -218,6 +250,9 @@ class HeuristicAgent(Agent):
         models, roles = list(p.space.models), list(p.space.roles)
         M = len(models)
         text: list[str] = [LABEL]
+        recalled = recall_text(report.memory)
+        if recalled:
+            text.append(recalled)
         # model preferences from the per-node coefficients (plus the sink-model ones)
         pref: dict[str, float] = {}
         if sur.coef is not None:
@@ -305,7 +340,7 @@ class HeuristicAgent(Agent):
             return []
         # parents: the best graphs by effect, preferring well-measured ones (lower bound)
         parents = sorted(ranked, key=lambda e: -(eff[e.key][0] - eff[e.key][1]))[:3]
-        cands: list[tuple[float, str, Graph, str]] = []
+        cands: list[tuple[float, str, Graph, GraphEntry]] = []
         found: set[str] = set()
         for rank, par in enumerate(parents):
             base = eff[par.key][0]
@@ -316,16 +351,18 @@ class HeuristicAgent(Agent):
                 found.add(h)
                 # the parent's measured effect plus the surrogate's predicted change
                 score = base + (sur.predict(g) - sur.predict(par.graph))
-                cands.append((score, h, g, par.key))
+                cands.append((score, h, g, par))
         cands.sort(key=lambda t: (-t[0], t[1]))
         out: list[GraphProposal] = []
         per_parent: dict[str, int] = {}
         cap = max(1, math.ceil(p.max_proposals / 2))
-        for score, h, g, pk in cands:
+        for score, h, g, par in cands:
+            pk = par.key
             if per_parent.get(pk, 0) >= cap:
                 continue
             per_parent[pk] = per_parent.get(pk, 0) + 1
-            out.append(_to_proposal(g, f"mutation of {pk}, predicted effect {score * 100:+.1f} pts"))
+            parent = par.trial_numbers[-1] if par.trial_numbers else None
+            out.append(_to_proposal(g, f"mutation of {pk}, predicted effect {score * 100:+.1f} pts", parent))
             if len(out) >= p.max_proposals:
                 break
         return out

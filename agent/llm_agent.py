@@ -1,7 +1,9 @@
 """An agent backed by any litellm model string, through the LLM client the app passes in
 (``complete``: :func:`graphtune.llm.complete`; the agent does not import it).
 
-Each step renders the report to a prompt, asks for JSON matching
+Each step renders the report to a prompt (a feedback report carries the agent's earlier
+hypotheses next to what was measured since, bounded by tokens: :mod:`graphtune.agent.memory`;
+the conversation itself stays two messages), asks for JSON matching
 :class:`graphtune.agent.schema.AgentUpdate` (structured output where the provider
 supports it), validates the reply with pydantic and, when it is unusable, asks again
 with the validation error (up to ``max_retries`` more times): the loop is

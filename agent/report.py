@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from graphtune.agent.memory import RoundMemory, render_memory
 from graphtune.graphs.cost import Budget, CostModel
 from graphtune.graphs.model import Graph
 from graphtune.graphs.render import to_text
@@ -118,6 +119,11 @@ class BatchReport:
     #: a compact view of the current distribution (model marginals, expected inputs of the sink)
     policy: Mapping[str, Any] = field(default_factory=dict)
     hard_questions: tuple[str, ...] = ()
+    #: the agent's earlier rounds with their measured outcomes (:mod:`graphtune.agent.memory`),
+    #: already cut to ``memory_tokens``; empty without memory
+    memory: tuple[RoundMemory, ...] = ()
+    #: the token bound of the memory section (0: no memory)
+    memory_tokens: int = 0
 
     def render(self) -> str:
         return render_batch(self)
@@ -190,10 +196,15 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[f
 # -- rendering -------------------------------------------------------------------------
 
 
+def trial_label(e: GraphEntry) -> str:
+    """``#N``: the trial number a proposal's ``parent`` names this graph by (its latest)."""
+    return f"#{e.trial_numbers[-1]} " if e.trial_numbers else ""
+
+
 def _graph_line(e: GraphEntry) -> str:
     g = e.graph
     flips = ", ".join(f"{nid}({e.flips[nid]}/{e.flip_chances.get(nid, 0)})" for nid in sorted(e.flips)) or "none"
-    return (f"{to_text(g)}\n    reward {e.reward:.3f} on the minibatch, mean {e.mean:.3f} over {e.n} questions; "
+    return (f"{trial_label(e)}{to_text(g)}\n    reward {e.reward:.3f} on the minibatch, mean {e.mean:.3f} over {e.n} questions; "
             f"cost {e.cost_units:.1f} units, latency {e.latency_s:.1f} s; width {g.width}, depth {g.depth}, "
             f"max in-degree {g.max_in_degree}; origin {e.origin}; correct->wrong flips: {flips}")
 
@@ -225,7 +236,7 @@ def render_problem(p: ProblemInfo) -> str:
 def render_init(r: InitReport) -> str:
     lines = [render_problem(r.problem), "", "PROBE RESULTS (each model alone, same dev questions):"]
     for e in r.probes:
-        lines.append(f"- {to_text(e.graph)}: reward {e.reward:.3f} over {e.n} questions, cost {e.cost_units:.1f} units")
+        lines.append(f"- {trial_label(e)}{to_text(e.graph)}: reward {e.reward:.3f} over {e.n} questions, cost {e.cost_units:.1f} units")
     lines += ["", f"Return the initial preferences and up to {r.problem.max_proposals} graphs to try first, as JSON "
               "matching the schema."]
     return "\n".join(lines)
@@ -245,7 +256,7 @@ def render_batch(r: BatchReport) -> str:
         lines.append(f"[{k}] " + _graph_line(e) + diff)
     if inc is not None:
         lo = inc.mean - 1.96 * float(np.std(list(inc.rewards.values()), ddof=1) / math.sqrt(max(inc.n, 2)))
-        lines += ["", f"INCUMBENT (best so far): {to_text(inc.graph)}: mean {inc.mean:.3f} over {inc.n} questions "
+        lines += ["", f"INCUMBENT (best so far): {trial_label(inc)}{to_text(inc.graph)}: mean {inc.mean:.3f} over {inc.n} questions "
                   f"(95% lower bound {lo:.3f})"]
     if r.hard_questions:
         lines.append("QUESTIONS MOST GRAPHS FAILED: " + ", ".join(r.hard_questions))
@@ -253,7 +264,11 @@ def render_batch(r: BatchReport) -> str:
         lines.append("CURRENT DISTRIBUTION: " + ", ".join(f"{k}={v}" for k, v in r.policy.items()))
     if r.earlier:
         lines += ["", "EARLIER ROUNDS:", *r.earlier[-5:]]
+    memory = render_memory(r.memory, r.memory_tokens)
+    if memory:
+        lines += ["", *memory]
     lines += ["", "Explain what the paired evidence suggests in `feedback`, then give logit deltas, target width/depth "
-              f"and up to {p.max_proposals} new graphs (not yet evaluated) as JSON matching the schema. "
+              f"and up to {p.max_proposals} new graphs (not yet evaluated) as JSON matching the schema; a graph "
+              "that changes one shown above names it in `parent` by its trial number (#N). "
               "Set `confidence` to how sure you are."]
     return "\n".join(lines)

@@ -119,7 +119,10 @@ class StageGraph(_Strict):
 
 class GraphProposal(_Strict):
     """A concrete graph to evaluate next: nodes and ``[src, dst]`` edges; exactly one
-    node without successors (the sink) gives the final answer.
+    node without successors (the sink) gives the final answer. ``parent`` (optional)
+    names the graph it was derived from by a trial number the agent was shown; the
+    searcher checks it (an unknown trial is dropped with a recorded warning) and the
+    proposed trial's lineage (``parents``) comes from it.
 
     In a multi-stage study a proposal is a pipeline: the incumbent pipeline with the graph
     of stage ``stage`` (default: the last stage) replaced by ``nodes``/``edges``, and those
@@ -129,6 +132,9 @@ class GraphProposal(_Strict):
     nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
     edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
     rationale: str = Field("", max_length=2000)
+    parent: int | None = Field(None, ge=0, le=2**31 - 1,
+                               description="trial number (#N in the report) of the graph this one changes; "
+                                           "omit for a new graph")
     stage: _StageName | None = None
     other_stages: list[StageGraph] = Field(default_factory=list, max_length=16)
 

@@ -20,22 +20,29 @@ and :class:`~graphtune.search.critic.AgentCritic` (the agent's steps and proposa
 
 Every agent step (prompt, reply, parsed update, what was applied or rejected and why,
 calls, tokens, dollars, seconds) is returned by :meth:`drain_agent_steps` and stored;
-trials of agent proposals carry ``info["agent_step"]`` and the trial numbers of the
-graph they came from as ``parents``.
+trials of agent proposals carry ``info["agent_step"]`` and, as ``parents``, the trial the
+proposal names in its ``parent`` field (when it is a trial of a measured graph).
+
+Each step's memory (the agent's earlier hypotheses next to what was measured since), a
+proposal's ``parent`` and the per-batch attribution of the logit changes (gradient, agent,
+entropy floor) are described in :mod:`graphtune.search.critic` and ``docs/agent.md``.
 
 On a multi-stage study (``ctx.space`` a PipelineSpace) the policy is a
 :class:`~graphtune.search.pipeline_policy.PipelinePolicy` (a distribution per stage and a
 learned budget split), the critic a :class:`~graphtune.search.pipeline_critic.PipelineCritic`
-(per-stage reports and updates) and the probes one pipeline per model.
+(per-stage reports and updates) and the probes one pipeline per model; the memory, the
+``parent`` field and the attribution are those of single-stage studies only.
 
-Saved state: the policy, the counters and phase, and the critic's queued proposals, usage
-and last rounds' summaries; the evidence is rebuilt from the store's trials by ``restore``.
+Saved state: the policy, the counters and phase, and the critic's queued proposals, usage,
+last rounds' summaries and remembered hypotheses; the evidence is rebuilt from the store's
+trials by ``restore``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -44,6 +51,7 @@ from graphtune.agent.pipeline import PipelineProblemInfo
 from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import ProblemInfo
 from graphtune.agent.schema import GraphProposal
+from graphtune.errors import SpecError
 from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
 from graphtune.search.critic import AgentCritic, probe_candidates
@@ -58,6 +66,13 @@ class AgentReinforceOptions(PolicyOptions):
     lr_agent: float = Field(1.0, ge=0, le=100, description="scale of the agent's deltas (times its confidence)")
     max_agent_delta: float = Field(2.0, gt=0, le=100, description="clip of one agent delta on a logit")
     proposals: int = Field(3, ge=0, le=1024, description="graphs the agent may propose per batch")
+    memory_tokens: int = Field(1000, ge=0, le=100_000,
+                               description="token bound (chars/4) of the agent's memory of its earlier rounds; "
+                                           "0: no memory")
+    insight_init: bool = Field(True, description="probe every model and let the agent set the initial "
+                                                 "distribution from the insights; false: start uniform")
+    roles: Literal["space", "assistant-only"] = Field("space", description="roles the search uses: the space's, "
+                                                                          "or only 'assistant'")
 
 
 class AgentReinforceSearcher(Searcher):
@@ -75,7 +90,19 @@ class AgentReinforceSearcher(Searcher):
       on the next minibatch);
     - ``samples`` defaults to ``search.batch_size - proposals`` (at least 2) here;
     - ``pareto`` / ``pareto_weights``: search the accuracy-vs-cost front (see
-      :class:`~graphtune.search.reinforce.ReinforceSearcher`); the agent is told so.
+      :class:`~graphtune.search.reinforce.ReinforceSearcher`); the agent is told so;
+    - ``memory_tokens`` (1000): token bound (characters / 4) of the agent's memory of its
+      earlier rounds (its hypotheses next to what was measured since; see
+      :mod:`graphtune.agent.memory`), oldest rounds dropped first; 0 = no memory (the
+      paper's "agent without memory" ablation);
+    - ``insight_init`` (true): batch 0 probes every affordable model and the agent's
+      initial step sets the distribution from the task, the pool, the insights and the
+      probes; false: no probes and no initial step, the distribution starts uniform
+      (the paper's "no insight-based initialisation" ablation);
+    - ``roles`` (``space``): ``assistant-only`` searches only graphs whose nodes are all
+      ``assistant`` (the paper's "assistant-only roles" ablation): the distribution, the
+      probes, the agent's report and the check of its proposals use the space with that
+      one role.
 
     ``complete`` is the LLM client an LLM agent calls (:func:`graphtune.llm.complete`'s
     signature; ``graphtune.api.make_searcher`` passes it); the heuristic needs none.
@@ -88,6 +115,11 @@ class AgentReinforceSearcher(Searcher):
     def __init__(self, ctx: SearchContext, *, complete: Callable[..., Any] | None = None):
         super().__init__(ctx)
         o = self.opts
+        if o.roles == "assistant-only":
+            if is_pipeline_study(ctx):
+                raise SpecError("search.options.roles: assistant-only is for single-stage studies; on a pipeline "
+                                "set each stage's space.roles to [assistant]")
+            ctx = self.ctx = dataclasses.replace(ctx, space=assistant_only(ctx.space))
         self.racing, self.policy = policy_parts(ctx, o)
         self.n_samples = o.samples if o.samples is not None else max(2, ctx.batch_size - o.proposals)
         objective = "accuracy" if ctx.objective.is_accuracy else (
@@ -116,10 +148,11 @@ class AgentReinforceSearcher(Searcher):
                                       self.racing, self.policy, build_graph=self._proposal_graph,
                                       lr_agent=o.lr_agent, max_agent_delta=o.max_agent_delta,
                                       max_proposals=o.proposals, objective=ctx.objective,
-                                      unit_flops=ctx.costs.unit_flops)
+                                      unit_flops=ctx.costs.unit_flops, memory_tokens=o.memory_tokens)
         self.batches_told = 0
         #: "probe" until the probes (every affordable model alone) were told, then "search"
-        self.phase = "probe"
+        #: (no probes without ``insight_init``)
+        self.phase = "probe" if o.insight_init else "search"
         self._minibatch: tuple[str, ...] = ()
 
     @property
@@ -157,16 +190,28 @@ class AgentReinforceSearcher(Searcher):
         if isinstance(self.critic, PipelineCritic):
             self.critic.remember(evaluations)
         mb = self._minibatch
+        # single-stage: how far each logit moves in this batch and by whom (critic.attribute)
+        track = isinstance(self.critic, AgentCritic)
+        before = self.policy.snapshot() if track else None
         if self.phase == "probe":
             self.critic.initial(evaluations, mb, self.batches_told)
+            if track:
+                self.critic.attribute(self.batches_told,
+                                      self.policy.attribution(before, before, self.policy.snapshot()))
             self.phase = "search"
             self.batches_told += 1
             return
         numeric = (self.policy.step(evaluations, self.racing.minibatch_reward(mb, self.batches_told)) if mb
                    else {"samples": 0, "step": 0.0})
+        after_gradient = self.policy.snapshot() if track else None
         self.critic.feedback(evaluations, mb, numeric, self.batches_told)
+        after_agent = self.policy.snapshot() if track else None
         self.policy.enforce_entropy_floor()
-        self.critic.note_round(self.batches_told, len(evaluations))
+        if track:
+            self.critic.note_round(self.batches_told, len(evaluations),
+                                   self.policy.attribution(before, after_gradient, after_agent))
+        else:
+            self.critic.note_round(self.batches_told, len(evaluations))
         self.batches_told += 1
 
     def recommend(self, history: Sequence[Evaluation]) -> GraphStats | None:
@@ -201,3 +246,13 @@ class AgentReinforceSearcher(Searcher):
 
     def close(self) -> None:
         self.critic.close()
+
+
+def assistant_only(space):
+    """``space`` with ``assistant`` as its only role (``roles: assistant-only``); a
+    one-line SpecError when the space has no ``assistant`` or it may not be the sink."""
+    if "assistant" not in space.roles or (space.sink_roles is not None and "assistant" not in space.sink_roles):
+        raise SpecError("search.options.roles: assistant-only needs the role 'assistant' in space.roles "
+                        f"(and in space.sink_roles when set); the space has roles {list(space.roles)}")
+    return dataclasses.replace(space, roles=("assistant",),
+                               sink_roles=None if space.sink_roles is None else ("assistant",))

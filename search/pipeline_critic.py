@@ -26,7 +26,6 @@ graph critic's is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +44,6 @@ from graphtune.search.base import Candidate, Evaluation, Objective, SearchContex
 from graphtune.search.pipeline_policy import PipelinePolicy
 from graphtune.search.racing import Racing
 
-_HASH = re.compile(r"\b[0-9a-f]{16}\b")
 USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens", "usd", "seconds")
 
 
@@ -142,13 +140,18 @@ class PipelineCritic:
                 report.append({"index": i, "stage": prop.stage, "status": "rejected",
                                "reason": f"pipeline {h} was already evaluated"})
                 continue
-            parents = list(default_parents)
-            m = _HASH.search(prop.rationale or "")
-            if m and m.group(0) in self.racing:
-                parents = self.racing.trials(m.group(0))[-1:]
             stage = prop.stage or pr.names[-1]
+            row: dict[str, Any] = {"index": i, "stage": stage, "status": "queued", "graph_hash": h}
+            # a pipeline proposal changes the incumbent's: its parent, unless it names another trial
+            parents = list(default_parents)
+            if prop.parent is not None:
+                if any(prop.parent in d.trials for d in self.racing.records.values()):
+                    parents = [prop.parent]
+                else:
+                    row["warning"] = (f"parent #{prop.parent} is not a trial of a pipeline measured so far; "
+                                      "the incumbent stays its parent")
             self.pending.append({"graph": design_to_dict(p), "step": key, "parents": parents, "stage": stage})
-            report.append({"index": i, "stage": stage, "status": "queued", "graph_hash": h})
+            report.append(row)
         return report
 
     # -- reports -------------------------------------------------------------------------

@@ -89,6 +89,29 @@ class PolicyUpdate:
         moved = self.pg.step(grad, self.lr, max_step=self.max_step)
         return {"samples": K, "step": moved, "mean_reward": float(R.mean())}
 
+    def snapshot(self) -> np.ndarray:
+        """A copy of the logits now (for :meth:`attribution`)."""
+        return self.pg.params.copy()
+
+    def attribution(self, before: np.ndarray, after_gradient: np.ndarray, after_agent: np.ndarray,
+                    *, top: int = 8) -> dict[str, Any]:
+        """How the logits moved in one batch, by source: the numeric gradient step
+        (``before`` -> ``after_gradient``), the agent's deltas (-> ``after_agent``) and the
+        entropy floor (-> the logits now). Plain data, rounded to 4 decimals: the summed
+        absolute change of each source (``gradient_l1``, ``agent_l1``, ``floor_l1``), the
+        agent's share of the gradient-plus-agent change (``agent_share``; None when
+        nothing moved) and the ``top`` logits by total change, each split into its parts."""
+        now = self.pg.params
+        g, a, f = after_gradient - before, after_agent - after_gradient, now - after_agent
+        gl, al, fl = (float(np.abs(x).sum()) for x in (g, a, f))
+        total = g + a + f
+        names = self.pg.param_names()
+        order = [int(i) for i in np.argsort(-np.abs(total), kind="stable")[:top] if abs(total[i]) > 1e-6]
+        return {"gradient_l1": round(gl, 4), "agent_l1": round(al, 4), "floor_l1": round(fl, 4),
+                "agent_share": round(al / (gl + al), 4) if gl + al > 1e-12 else None,
+                "top": [{"logit": names[i], "gradient": round(float(g[i]), 4), "agent": round(float(a[i]), 4),
+                         "floor": round(float(f[i]), 4), "total": round(float(total[i]), 4)} for i in order]}
+
     def enforce_entropy_floor(self) -> None:
         self.pg.enforce_entropy_floor(self.min_entropy)
 

@@ -497,6 +497,16 @@ class ProbabilisticGraph:
         S = self.S
         return S * len(self.models) + S * len(self.roles) + S * (S - 1) // 2 + (S - 1)
 
+    def param_names(self) -> list[str]:
+        """A readable name per coordinate of :attr:`params`, in its order: ``s0 model
+        llama-3.1-8b``, ``s2 role fuser``, ``edge s0->s4``, ``s1 activation``."""
+        S = self.S
+        names = [f"{self.slot_id(j)} model {m}" for j in range(S) for m in self.models]
+        names += [f"{self.slot_id(j)} role {r}" for j in range(S) for r in self.roles]
+        names += [f"edge {self.slot_id(int(i))}->{self.slot_id(int(j))}" for i, j in zip(*self._iu)]
+        names += [f"{self.slot_id(i)} activation" for i in range(S - 1)]
+        return names
+
     @property
     def params(self) -> np.ndarray:
         return self._flatten(self.model_logits, self.role_logits, self.edge_logits, self.slot_logits)

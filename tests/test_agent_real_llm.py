@@ -19,6 +19,13 @@ pytestmark = pytest.mark.llm
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _fallback(applied: dict) -> bool:
+    """A step that changed nothing: the numeric update only (the batch's attribution, when
+    stored, has no agent part)."""
+    rest = {k: v for k, v in applied.items() if k != "attribution"}
+    return rest == {"fallback": "numeric update only"} and not (applied.get("attribution") or {}).get("agent_l1")
+
+
 def _have_model() -> bool:
     try:
         return xllamacpp_available() and smollm2_path().exists()
@@ -68,10 +75,17 @@ def test_agent_reinforce_with_a_real_llm_agent(server, tmp_path):
             assert all(p.get("reason") for p in props if p["status"] == "rejected")
         else:  # unusable: a stored reason and the numeric update instead
             assert s["rejected_reason"]
-            assert s["applied"] == {"fallback": "numeric update only"}
+            assert _fallback(s["applied"])
     # the agent's own cost is counted apart from the environment's
     tokens_in = sum(s["prompt_tokens"] for s in steps)
     tokens_out = sum(s["completion_tokens"] for s in steps)
     usd = sum(s["usd"] for s in steps)
     assert usd == pytest.approx((tokens_in * 0.1 + tokens_out * 0.2) / 1e6)
     assert sum(s["seconds"] for s in steps) > 0
+    # from the second feedback on, the model is shown its earlier hypotheses and their outcomes
+    from graphtune.agent.memory import MEMORY_HEADER
+
+    feedback = [s for s in steps if s["kind"] == "feedback"]
+    assert all(MEMORY_HEADER in s["prompt"] for s in feedback[1:])
+    # every batch records how the distribution moved, and by whom
+    assert all("attribution" in s["applied"] for s in steps)

@@ -180,15 +180,18 @@ def test_a_finished_study_continued_with_more_evaluations_proposes_the_pinned_tr
 @pytest.mark.parametrize("method", ["reinforce", "agent-reinforce"])
 def test_the_saved_state_does_not_grow_with_the_evaluations(tmp_path, method):
     """The store holds every graph's results; the saved state (rewritten after every batch)
-    keeps the policy and counters only, so three times the evaluations leave it the same size."""
+    keeps the policy and counters only (and agent-reinforce's memory, bounded by its token
+    bound), so three times the evaluations leave it the same size."""
     sizes = {}
     for n in (4, 12):
         db = str(tmp_path / f"g{n}.db")
         _run(_spec(db, method, n))
         saved = _state(db)
         assert len(saved.get("earlier", [])) <= 8  # agent-reinforce: one line per round, the last 8
+        # agent-reinforce: the agent's hypotheses, bounded by memory_tokens (1000, ~4000 characters)
+        assert len(json.dumps(saved.get("memory", []))) <= 2 * 4 * 1000
         state = json.dumps(saved)
-        sizes[n] = len(json.dumps({k: v for k, v in saved.items() if k != "earlier"}))
+        sizes[n] = len(json.dumps({k: v for k, v in saved.items() if k not in ("earlier", "memory")}))
         asked = {q for t in _store_trials(db) for q in t.question_ids}
         assert asked and not any(f'"{q}"' in state for q in asked)  # no question's result is copied
     assert abs(sizes[12] - sizes[4]) < 1000, sizes

@@ -221,6 +221,41 @@ def test_the_agent_timeline_reads_as_text_not_data(study):
     assert source.startswith(preview) and source[len(preview)] in " .,;:" and len(preview) <= 220
 
 
+def test_the_timeline_shows_each_batchs_logit_changes_split_into_gradient_and_agent(study):
+    from graphtune.store import Storage
+
+    _, db = study
+    store = Storage(db, readonly=True)
+    steps = store.agent_steps(store.get_study("ar").id)
+    tl = _section(_build(store), "Agent feedback timeline")
+    heads = re.findall(r"logit change this batch \(sum of \|change\|\): gradient (\d+\.\d\d), agent (\d+\.\d\d), "
+                       r"entropy floor (\d+\.\d\d)(?:; agent share (\d+)%)?", unescape(tl))
+    assert len(heads) == len(steps) >= 3  # one per batch with an agent step
+    for (g, a, f, share), st in zip(heads, steps):
+        att = st["applied"]["attribution"]
+        assert (float(g), float(a), float(f)) == pytest.approx((att["gradient_l1"], att["agent_l1"],
+                                                                att["floor_l1"]), abs=0.006)
+    # the logits that moved most, each split into its parts, rounded to two decimals
+    tables = re.findall(r"<table class='attr'>(.*?)</table>", tl)
+    assert tables
+    for table in tables:
+        rows = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>",
+                          table)
+        assert 1 <= len(rows) <= 5
+        for name, *nums in rows:
+            assert re.fullmatch(r"s\d (model|role) \S+|edge s\d->s\d|s\d activation", unescape(name)), name
+            assert all(re.fullmatch(r"[+-]\d+\.\d\d", x) for x in nums), nums
+    assert any(float(r[2]) != 0 for t in tables for r in re.findall(
+        r"<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>", t))  # the agent moved something
+    # no text cut mid-word: every preview ends where its source has a word boundary
+    texts = [x for st in steps for x in (st.get("feedback"), st.get("rejected_reason")) if x]
+    previews = [unescape(p) for p in re.findall(r"<span class='pv'>(.*?)\u2026 </span>", tl)]
+    assert previews
+    for pv in previews:
+        src = next(t for t in texts if t.startswith(pv))
+        assert src[len(pv)] in " .,;:\n\t"
+
+
 HOSTILE = '<script>alert("x")</script>\'"><img src=x onerror=alert(1)>'
 
 

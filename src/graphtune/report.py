@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from graphtune.agent.memory import cut_words
 from graphtune.export import _matplotlib, draw_graph, pipeline_figure
 from graphtune.graphs.io import from_dict
 from graphtune.graphs.render import to_text
@@ -95,19 +96,6 @@ MAX_QUESTIONS = 150
 #: inline handler: open the <details> the address's fragment names
 OPEN_TARGET = ("var d=document.getElementById(location.hash.slice(1));"
                "if(d&&d.tagName=='DETAILS'){d.open=true;d.scrollIntoView();}")
-
-
-def cut_words(text: str, limit: int) -> str:
-    """``text`` when it has at most ``limit`` characters, else its longest prefix of at
-    most ``limit`` characters that ends at a word boundary (a hard cut when one word is
-    longer than half the limit), with "…" appended."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit + 1]
-    cut = max(head.rfind(c) for c in (" ", "\n", "\t"))
-    if cut < limit // 2:
-        cut = limit
-    return text[:cut].rstrip().rstrip(".,;:") + "\u2026"
 
 
 def bounded(text: str | None, limit: int = TEXT_CHARS) -> str:
@@ -563,7 +551,34 @@ def _changes(st: dict) -> str:
         lines.append(_esc(plain(applied)))
     if st.get("rejected_reason"):
         lines.append("<b>rejected:</b> " + more(st["rejected_reason"]))
-    return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>" if lines else "-"
+    attribution = _attribution(applied.get("attribution") if isinstance(applied, dict) else None)
+    out = "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>" if lines else ""
+    return (out + attribution) or "-"
+
+
+#: logits listed per batch in the attribution table
+MAX_LOGITS_SHOWN = 5
+
+
+def _attribution(a: Any) -> str:
+    """The batch's logit changes by source (escaped HTML): the summed absolute change of
+    the gradient, the agent and the entropy floor, and the top logits split into parts."""
+    if not isinstance(a, dict):
+        return ""
+    parts = [f"gradient {_num(a.get('gradient_l1'), '.2f')}", f"agent {_num(a.get('agent_l1'), '.2f')}",
+             f"entropy floor {_num(a.get('floor_l1'), '.2f')}"]
+    share = a.get("agent_share")
+    head = ("logit change this batch (sum of |change|): " + ", ".join(parts)
+            + (f"; agent share {_num(float(share) * 100, '.0f')}%" if isinstance(share, (int, float)) else ""))
+    rows = []
+    for r in (a.get("top") or [])[:MAX_LOGITS_SHOWN]:
+        if isinstance(r, dict):
+            rows.append("<tr>" + f"<td>{_esc(cut_words(str(r.get('logit', '')), 60))}</td>"
+                        + "".join(f"<td>{_num(r.get(k))}</td>" for k in ("gradient", "agent", "floor", "total"))
+                        + "</tr>")
+    table = ("<table class='attr'><thead><tr><th>logit</th><th>gradient</th><th>agent</th><th>floor</th>"
+             f"<th>total</th></tr></thead><tbody>{''.join(rows)}</tbody></table>" if rows else "")
+    return f"<p class='sub'>{_esc(head)}</p>{table}"
 
 
 def _stage_changes(d: dict, incumbent: Any) -> list[str]:
@@ -616,7 +631,10 @@ def _proposals(st: dict) -> str:
         graph = f": <code>{_esc(proposal_text(g))}</code>" if g is not None else ""
         if o.get("stage"):  # a pipeline proposal: the stage it changes
             graph = f" stage {_esc(o['stage'])}" + graph
-        items.append(f"<b>{_esc(status)}</b>{reason}{graph}")
+        parent = (f" from #{_esc(g['parent'])}" if isinstance(g, dict) and isinstance(g.get("parent"), int)
+                  and not o.get("warning") else "")
+        warning = f" <span class='note'>({more(o['warning'], 120, 600)})</span>" if o.get("warning") else ""
+        items.append(f"<b>{_esc(status)}</b>{reason}{parent}{graph}{warning}")
     if len(outcomes) > MAX_PROPOSALS_SHOWN:
         items.append(f"<span class='note'>and {len(outcomes) - MAX_PROPOSALS_SHOWN} more</span>")
     return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in items) + "</ul>" if items else "-"
@@ -649,7 +667,10 @@ def _timeline(store, study, trials, drilled: Sequence[int] = ()) -> str:
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     legend = ("<p class='legend'>One row per agent step. Preference changes are the logit deltas actually applied "
               "to the search distribution (positive: sampled more often), rounded to two decimals; a proposal is "
-              "queued or accepted (it becomes a trial), or rejected with the reason.</p>")
+              "queued or accepted (it becomes a trial), or rejected with the reason; \"from #N\" is the trial it "
+              "names as its parent. Under the changes, how far the batch moved the distribution's logits and by "
+              "whom: the numeric policy gradient, the agent, and the entropy floor (summed absolute change), with "
+              "the logits that moved most split into those parts.</p>")
     return legend + f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
