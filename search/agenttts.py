@@ -10,19 +10,23 @@ cap). On a single-stage study it is the same with one stage.
 
 The procedure is agent-free coordinate search, the order AgentTTS's findings suggest
 (``../shared/design/multistage.md``: stages prefer different models; returns diminish;
-allocations interact). Start from every stage at its cheapest model, one sample. Round 1,
-stage by stage in pipeline order:
+allocations interact). Start from every stage at one sample of the largest model that fits
+(stage by stage in pipeline order, the later stages at their cheapest model), so each stage
+is first judged with capable neighbours. Round 1, stage by stage in pipeline order:
 
 1. *model*: every other model of the stage at one sample (the others fixed at the
    current pick); keep the best;
 2. *samples*: grow ``k`` of the kept model along the grid, ``samples_per_step`` values at
-   a time, while the best of a step is its largest value (and beats the pick); stop at the
-   first step that does not help or when the budget allows no more.
+   a time, while the step's largest count is not clearly worse than the pick (within one
+   standard error of the pick's dev reward, so dev noise does not stop the growth on a
+   plateau); the pick is the best count seen. Stop when the largest count is clearly worse
+   or the budget allows no more.
 
 Later rounds (only while the previous one changed something, at most ``max_rounds``)
 revisit each stage with the others at their new picks: every model at the stage's
 current count (or the largest count that fits), then one count below and one above,
-going on in the direction that helped. Picks compare the mean dev reward (ties: the
+going on upwards as in round 1, or downwards while fewer samples score higher (which frees
+budget for the other stages). Picks compare the mean dev reward (ties: the
 cheaper pipeline). Every candidate is evaluated on the whole dev split; a pipeline
 evaluated before is never paid again (its reward is reused). The search ends when a round
 changes nothing.
@@ -96,11 +100,20 @@ class AgentTTSSearcher(Searcher):
         if not self._fits(start):
             raise SearchError("agenttts: even every stage's cheapest model at its fewest samples is over the budget; "
                               "raise `budget` or allow cheaper models")
+        # the starting pick: stage by stage, the largest model at one sample that still fits
+        # with the later stages at their cheapest (a stage is judged with strong neighbours)
+        for n in self.stages:
+            for m in reversed(list(self.options[n])):
+                c = {**start, n: (m, min(self.options[n][m]))}
+                if self._fits(c):
+                    start = c
+                    break
         self.ref: Config = start
         self.round = 1
         self.stage_i = 0
         self.phase = "init"
         self.direction = "up"
+        self.cursor = 1  # the count a samples step moves away from
         self.queue: list[Config] = [dict(start)]
         self.step: list[Config] = [dict(start)]
         self.changed = False
@@ -160,23 +173,37 @@ class AgentTTSSearcher(Searcher):
             self._start_stage(0)
             return
         stage = self.stages[self.stage_i]
-        old_k = self.ref[stage][1]
+        before = self._score(self.ref)
         best = max([self.ref, *self.step], key=self._score)  # max keeps the first on ties: the pick stays
-        improved = self._score(best) > self._score(self.ref)
-        if improved:
+        if self._score(best) > before:
             self.ref, self.changed = dict(best), True
         if self.phase == "model":
-            self._samples_step(stage, "up" if self.round == 1 else "both")
+            k = self.ref[stage][1]
+            self._samples_step(stage, "up" if self.round == 1 else "both", k)
             return
-        if improved:  # samples: go on in the direction that helped, past its extreme value
-            k, tried = best[stage][1], [c[stage][1] for c in self.step]
-            if k > old_k and k == max(tried):
-                self._samples_step(stage, "up")
+        # samples: go on past the step's extreme value while it is not clearly worse than the
+        # pick was (within one standard error of its reward: dev noise must not stop the growth)
+        margin = self._noise(before[0])
+        k0 = self.cursor
+        ups = [c for c in self.step if c[stage][1] > k0]
+        downs = [c for c in self.step if c[stage][1] < k0]
+        if self.direction in ("up", "both") and ups:
+            top = max(ups, key=lambda c: c[stage][1])
+            if self._score(top)[0] >= before[0] - margin:
+                self._samples_step(stage, "up", top[stage][1])
                 return
-            if k < old_k and k == min(tried):
-                self._samples_step(stage, "down")
+        if self.direction in ("down", "both") and downs:
+            low = min(downs, key=lambda c: c[stage][1])
+            if self._score(low)[0] > before[0]:
+                self._samples_step(stage, "down", low[stage][1])
                 return
         self._next_stage()
+
+    def _noise(self, reward: float) -> float:
+        """One standard error of a mean 0/1 reward over the dev split (0 outside [0, 1])."""
+        if not 0.0 <= reward <= 1.0 or not self.ctx.dev_ids:
+            return 0.0
+        return math.sqrt(reward * (1.0 - reward) / len(self.ctx.dev_ids))
 
     def _start_stage(self, i: int) -> None:
         self.stage_i = i
@@ -193,8 +220,9 @@ class AgentTTSSearcher(Searcher):
         self.phase = "model"
         self.step, self.queue = step, list(step)
 
-    def _samples_step(self, stage: str, direction: str) -> None:
-        model, k = self.ref[stage]
+    def _samples_step(self, stage: str, direction: str, k: int) -> None:
+        """Counts of the pick's model next to ``k`` (the cursor) in ``direction``."""
+        model = self.ref[stage][0]
         ks = self.options[stage][model]
         up = [kk for kk in ks if kk > k]
         down = [kk for kk in ks if kk < k][::-1]
@@ -208,7 +236,7 @@ class AgentTTSSearcher(Searcher):
                 step.append(c)
         if direction in ("down", "both"):
             step += [self._with(stage, model, kk) for kk in down[:n if direction == "down" else 1]]
-        self.phase, self.direction = "samples", direction
+        self.phase, self.direction, self.cursor = "samples", direction, k
         if not step:
             self._next_stage()
             return
@@ -230,7 +258,7 @@ class AgentTTSSearcher(Searcher):
             return {n: [m, int(k)] for n, (m, k) in c.items()}
 
         return {"version": STATE_VERSION, "ref": cfg(self.ref), "round": self.round, "stage_i": self.stage_i,
-                "phase": self.phase, "direction": self.direction, "queue": [cfg(c) for c in self.queue],
+                "phase": self.phase, "direction": self.direction, "cursor": self.cursor, "queue": [cfg(c) for c in self.queue],
                 "step": [cfg(c) for c in self.step], "changed": self.changed, "done": self.done,
                 "known": {h: [r if math.isfinite(r) else None, u if math.isfinite(u) else None]
                           for h, (r, u) in self.known.items()}}
@@ -246,6 +274,7 @@ class AgentTTSSearcher(Searcher):
         self.ref = cfg(state["ref"])
         self.round, self.stage_i = int(state["round"]), int(state["stage_i"])
         self.phase, self.direction = str(state["phase"]), str(state["direction"])
+        self.cursor = int(state["cursor"])
         self.queue = [cfg(c) for c in state["queue"]]
         self.step = [cfg(c) for c in state["step"]]
         self.changed, self.done = bool(state["changed"]), bool(state["done"])

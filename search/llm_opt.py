@@ -22,6 +22,17 @@ agent-reinforce's are, and against the graphs already proposed; rejected proposa
 their reason in the step record, and random valid graphs fill the batch, so every batch
 is full. Each proposed graph is evaluated on the whole dev split.
 
+Multi-stage studies (a :class:`~graphtune.graphs.design.PipelineSpace`): the prompt shows
+the stages (inputs, models with their costs in the pipeline's budget units, roles, rules,
+caps), the total budget and every evaluated pipeline with its trial number; the reply is the
+same :class:`~graphtune.agent.schema.ProposalReply`, each proposal one stage's graph naming
+its ``stage``. With ``base`` (a shown trial number) it changes that stage of that pipeline;
+without, one proposal per stage, consecutive and in stage order, makes a whole pipeline
+(the strict schema lists the stage names and requires both fields). Each stage's graph is
+checked against its stage's space, then the pipeline against the caps and the total
+budget; every refusal is one line naming the stage (or the missing stages, the unknown
+stage, the unknown base). The offline heuristic mutates one stage of the best pipelines.
+
 With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
 graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
 steps are labelled ``heuristic (mutation proposer, not an LLM)``, so a study never

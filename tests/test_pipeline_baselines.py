@@ -286,3 +286,19 @@ def test_llm_opt_offline_heuristic_mutates_one_stage_at_a_time():
     mutated = [st_ for st_ in steps if st_["parsed"] and st_["parsed"]["reasoning"]]
     assert mutated and any("retrieve:" in m["parsed"]["reasoning"] or "answer:" in m["parsed"]["reasoning"]
                            for m in mutated)
+
+
+def test_agenttts_runs_a_single_stage_study_on_sampling_graphs():
+    spec = parse_spec({"study": "s", "task": {"profile": "math", "dev_size": 10, "test_size": 5},
+                       "models": POOL, "space": {"max_nodes": 5}, "budget": {"units": 30},
+                       "search": {"method": "agenttts", "evaluations": 12, "batch_size": 4}})
+    prob = build_problem(spec)
+    store = MemoryStorage()
+    st = store.create_study("s", "agenttts", {})
+    out = run_search(make("agenttts", prob.ctx), prob.env, store, st, prob.ctx, budget_runs=prob.ctx.budget_runs)
+    from graphtune.graphs.io import from_dict
+
+    trials = store.list_trials(st.id, split="dev")
+    assert trials and all(sampling_params(from_dict(t.graph)) is not None for t in trials)
+    assert all(t.cost_units <= 30 + 1e-9 for t in trials)
+    assert sampling_params(out.best.graph) is not None

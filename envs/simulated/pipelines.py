@@ -273,6 +273,15 @@ class SimulatedPipelineEnvironment(Environment):
         """Fraction of questions the pipeline answers correctly."""
         return float(self.stage_correct(pipeline, question_ids)[pipeline.final.name].mean())
 
+    def stage_runs(self, stage: str, graph: Graph, question_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(Q,) bool outcomes of stage ``stage`` running ``graph`` when all its inputs are
+        right and when one is wrong (what :meth:`stage_correct` combines per question); for
+        benchmarks that score many pipelines from the same stage graphs."""
+        st = Stage(stage, graph, self.profile.stage(stage).inputs)
+        ids = list(question_ids)
+        sid, key = self._stage_ids(ids)[stage], tuple(ids)
+        return self._stage_run(st, 0, sid, key), self._stage_run(st, 1, sid, key)
+
     def stage_accuracy(self, stage: str, graph: Graph, question_ids: Sequence[str], *, inputs_right: bool = True
                        ) -> float:
         """Accuracy of one stage's ``graph`` when all its inputs are right (or all wrong)."""
