@@ -26,12 +26,14 @@ Multi-stage studies (a :class:`~graphtune.graphs.design.PipelineSpace`): the pro
 the stages (inputs, models with their costs in the pipeline's budget units, roles, rules,
 caps), the total budget and every evaluated pipeline with its trial number; the reply is the
 same :class:`~graphtune.agent.schema.ProposalReply`, each proposal one stage's graph naming
-its ``stage``. With ``base`` (a shown trial number) it changes that stage of that pipeline;
-without, one proposal per stage, consecutive and in stage order, makes a whole pipeline
-(the strict schema lists the stage names and requires both fields). Each stage's graph is
-checked against its stage's space, then the pipeline against the caps and the total
-budget; every refusal is one line naming the stage (or the missing stages, the unknown
-stage, the unknown base). The offline heuristic mutates one stage of the best pipelines.
+its ``stage`` as the agent's proposals do (:mod:`graphtune.agent.pipeline`): that stage's
+graph replaces the stage's in the best pipeline so far (the incumbent, shown last), and the
+graphs of ``other_stages`` replace theirs (a whole pipeline names every stage); the strict
+schema lists the stage names and requires both fields. Each proposal is built and checked
+by :func:`graphtune.agent.pipeline.proposal_to_pipeline` (each stage's graph against its
+stage's space, then the pipeline against the caps and the total budget), so llm-opt and
+agent-reinforce accept and refuse the same pipeline proposals; every refusal is one line
+naming the stage. The offline heuristic mutates one stage of the best pipelines.
 
 With ``agent.model: heuristic`` (no LLM configured) an offline proposer mutates the best
 graphs so far (model swaps, role swaps, node and edge insertions and deletions); its
@@ -53,6 +55,7 @@ from typing import Any
 from pydantic import Field
 
 from graphtune.agent.mutations import random_mutation
+from graphtune.agent.pipeline import proposal_to_pipeline
 from graphtune.agent.proposals import check_graph, proposal_to_graph
 from graphtune.agent.schema import (MAX_STORED_REPLY_CHARS, GraphProposal, ProposalReply, ReplyLimits,
                                     describe_reply_error, one_line, parse_proposal_reply, proposal_reply_json_schema,
@@ -102,7 +105,7 @@ PIPELINE_SYSTEM_PROMPT = (
 def reply_schema(models: Sequence[str], roles: Sequence[str], stages: Sequence[str] | None = None) -> dict:
     """JSON schema of a reply for strict structured output: every field required, no
     extra fields, the space's models and roles as enums (with ``stages``, each proposal's
-    ``stage`` too, and its ``base``), no length or count constraints
+    ``stage`` and ``other_stages`` too), no length or count constraints
     (:func:`graphtune.agent.schema.proposal_reply_json_schema`); every reply it admits
     parses as a :class:`~graphtune.agent.schema.ProposalReply`, whose bounds pydantic checks."""
     return proposal_reply_json_schema(models, roles, stages)
@@ -190,8 +193,6 @@ class LLMOptSearcher(Searcher):
                                 "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0, "seconds": 0.0}
         if self.is_llm:
             proposals, failure = self._llm_proposals(step)
-            if self.is_pipeline:
-                proposals = self._assemble(proposals)
         else:
             proposals, failure = self._heuristic_proposals(step), None
         out: list[Candidate] = []
@@ -255,22 +256,22 @@ class LLMOptSearcher(Searcher):
         self.batch = int(state["batch"])
 
     # -- checks ----------------------------------------------------------------------
-    def _check(self, raw: GraphProposal | Design | str) -> tuple[Design | None, str | None]:
-        """A proposal (the LLM's, a design the heuristic made, or on a pipeline study the
-        pipeline assembled from the LLM's per-stage proposals, or the reason it could not
-        be) as a valid, new, in-budget design, or None and the one-line reason."""
+    def _check(self, raw: GraphProposal | Design) -> tuple[Design | None, str | None]:
+        """A proposal (the LLM's, or a design the heuristic made) as a valid, new,
+        in-budget design, or None and the one-line reason. On a pipeline study an LLM
+        proposal changes the incumbent (``proposal_to_pipeline``)."""
         ctx = self.ctx
-        if isinstance(raw, str):
-            return None, raw
         try:
             if isinstance(raw, Pipeline):
                 validate_design(raw, ctx.space, ctx.costs, ctx.budget)
                 g = raw
             elif self.is_pipeline:
-                return None, "a pipeline study needs one graph per stage; propose with `stage` (and `base`)"
+                if isinstance(raw, Graph):
+                    return None, "a pipeline study needs a graph per stage, not a single graph"
+                g = proposal_to_pipeline(raw, ctx.space, ctx.costs, ctx.budget, self._incumbent())
             else:
-                if isinstance(raw, GraphProposal) and (raw.stage is not None or raw.base is not None):
-                    return None, "`stage` and `base` are for multi-stage studies; this study searches one graph"
+                if isinstance(raw, GraphProposal) and (raw.stage is not None or raw.other_stages):
+                    return None, "`stage` and `other_stages` are for multi-stage studies; this study searches one graph"
                 g = (check_graph(raw, ctx.space, ctx.costs, ctx.budget) if isinstance(raw, Graph)
                      else proposal_to_graph(raw, ctx.space, ctx.costs, ctx.budget))
         except GraphError as e:  # BudgetError included
@@ -279,6 +280,14 @@ class LLMOptSearcher(Searcher):
             what = "pipeline" if self.is_pipeline else "graph"
             return None, f"already proposed (a {what} isomorphic to it was evaluated or is in this batch)"
         return g, None
+
+    def _incumbent(self) -> Pipeline | None:
+        """The best pipeline evaluated so far (ties: the earliest), None before any."""
+        if not self.history:
+            return None
+        best = min(self.history, key=lambda h: (-h["reward"], h["trial"]))
+        d = design_from_dict(best["graph"])
+        return d if isinstance(d, Pipeline) else None
 
     def _random_unseen(self, tries: int = 200) -> Design | None:
         for _ in range(tries):
@@ -289,68 +298,6 @@ class LLMOptSearcher(Searcher):
             if design_hash(g) not in self.seen:
                 return g
         return None
-
-    # -- pipelines: per-stage proposals into pipelines ----------------------------------
-    def _assemble(self, proposals: Sequence[GraphProposal]) -> list[Pipeline | str]:
-        """The LLM's per-stage proposals as pipelines (or, for each that cannot be one, the
-        one-line reason). A proposal with ``base`` changes stage ``stage`` of the pipeline
-        evaluated as trial ``base``; proposals without ``base`` come as whole pipelines, one
-        proposal per stage, consecutive (a new pipeline starts at a stage already given)."""
-        space: PipelineSpace = self.ctx.space
-        names = space.names
-        by_trial = {h["trial"]: h for h in self.history}
-        out: list[Pipeline | str] = []
-        group: dict[str, Graph | str] = {}
-
-        def close() -> None:
-            if not group:
-                return
-            missing = [n for n in names if n not in group]
-            bad = [v for v in group.values() if isinstance(v, str)]
-            if bad:
-                out.append(bad[0])
-            elif missing:
-                out.append(f"pipeline proposal gives stages {[n for n in names if n in group]} but not {missing}; "
-                           "give one graph per stage, or set `base` to change one stage of a shown pipeline")
-            else:
-                out.append(space.pipeline(group))
-            group.clear()
-
-        for p in proposals:
-            if p.stage is None or p.stage not in names:
-                close()
-                out.append(f"unknown stage {p.stage!r}; `stage` must be one of {list(names)}" if p.stage is not None
-                           else f"no `stage`: name the stage ({list(names)}) each graph is for")
-                continue
-            g = self._stage_graph(p)
-            if p.base is not None:
-                close()
-                if isinstance(g, str):
-                    out.append(g)
-                elif p.base not in by_trial:
-                    out.append(f"base {p.base} is not the trial number of a pipeline shown; use one of the shown "
-                               "trial numbers, or null with one graph per stage")
-                else:
-                    base = design_from_dict(by_trial[p.base]["graph"])
-                    if not isinstance(base, Pipeline):
-                        base = space.pipeline({names[0]: base})
-                    out.append(space.pipeline({**{s.name: s.graph for s in base.stages}, p.stage: g}))
-                continue
-            if p.stage in group:
-                close()
-            group[p.stage] = g
-            if len(group) == len(names):
-                close()
-        close()
-        return out
-
-    def _stage_graph(self, p: GraphProposal) -> Graph | str:
-        """Stage ``p.stage``'s graph from the proposal, checked against the stage's space
-        (caps and the total budget are checked on the assembled pipeline), or the reason."""
-        try:
-            return proposal_to_graph(p, self.ctx.space.stage(p.stage).space)
-        except GraphError as e:
-            return f"stage {p.stage!r}: {one_line(str(e))}"
 
     # -- the LLM proposer ------------------------------------------------------------
     def prompt(self) -> str:
@@ -454,12 +401,13 @@ class LLMOptSearcher(Searcher):
             lines.append("No pipeline has been evaluated yet.")
         lines.append(
             f"Propose {ctx.batch_size} new pipelines, different from all of the above, that you expect to reach a "
-            "higher reward within the budget. Each entry of `proposals` is one stage's graph with its `stage`. To "
-            "change one stage of a shown pipeline, give that stage's graph with `base` set to the pipeline's trial "
-            "number (its other stages are kept). To propose a whole pipeline, give one entry per stage, "
-            "consecutively in stage order, each with `base` null. Node ids are free names; edges are [src, dst] "
-            'pairs of ids. Answer as JSON: {"reasoning": "...", "proposals": [{"stage": "...", "base": null, '
-            '"nodes": [{"id": "a", "role": "assistant", "model": "..."}], "edges": []}]}')
+            "higher reward within the budget. Each proposal gives the graph of one stage (`stage`, `nodes`, "
+            "`edges`): it replaces that stage of the best pipeline so far (shown last), whose other stages are kept; "
+            "`other_stages` lists more stages' graphs to replace too (name every stage for a whole new pipeline; "
+            "before any pipeline is evaluated you must). Node ids are free names; edges are [src, dst] pairs of ids. "
+            'Answer as JSON: {"reasoning": "...", "proposals": [{"stage": "...", "nodes": [{"id": "a", "role": '
+            '"assistant", "model": "..."}], "edges": [], "other_stages": [{"stage": "...", "nodes": [...], '
+            '"edges": []}]}]}')
         return "\n".join(lines)
 
     def _llm_proposals(self, step: dict[str, Any]) -> tuple[list[GraphProposal], str | None]:
