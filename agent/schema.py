@@ -203,29 +203,39 @@ def update_json_schema() -> dict[str, Any]:
     return AgentUpdate.model_json_schema()
 
 
-def proposal_json_schema(models: Sequence[str], roles: Sequence[str]) -> dict[str, Any]:
+def proposal_json_schema(models: Sequence[str], roles: Sequence[str],
+                         stages: Sequence[str] | None = None) -> dict[str, Any]:
     """JSON schema of one :class:`GraphProposal` in the subset every schema-enforcing
     provider accepts in strict mode: every listed field required, no extra fields, the
     space's models and roles as enums, and no length or count constraints (OpenAI's
     strict mode rejects them; pydantic checks them instead). ``rationale`` is left out:
     optional in the model, and a grammar-constrained model cannot see its length bound.
-    Every reply this schema admits has the fields the model requires."""
+    Every reply this schema admits has the fields the model requires. With ``stages`` (a
+    multi-stage study) ``stage`` (one of them) and ``other_stages`` (each a stage and its
+    graph) are required too."""
     node = {"type": "object", "additionalProperties": False, "required": ["id", "role", "model"],
             "properties": {"id": {"type": "string"}, "role": {"type": "string", "enum": list(roles)},
                            "model": {"type": "string", "enum": list(models)}}}
-    return {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"],
-            "properties": {"nodes": {"type": "array", "items": node},
-                           "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}
+    graph = {"nodes": {"type": "array", "items": node},
+             "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}
+    if stages is None:
+        return {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"], "properties": graph}
+    stage = {"type": "string", "enum": list(stages)}
+    other = {"type": "object", "additionalProperties": False, "required": ["stage", "nodes", "edges"],
+             "properties": {"stage": stage, **graph}}
+    return {"type": "object", "additionalProperties": False, "required": ["stage", "nodes", "edges", "other_stages"],
+            "properties": {"stage": stage, **graph, "other_stages": {"type": "array", "items": other}}}
 
 
-def proposal_reply_json_schema(models: Sequence[str], roles: Sequence[str]) -> dict[str, Any]:
+def proposal_reply_json_schema(models: Sequence[str], roles: Sequence[str],
+                               stages: Sequence[str] | None = None) -> dict[str, Any]:
     """JSON schema of a :class:`ProposalReply` for strict structured output (see
     :func:`proposal_json_schema`). Reasoning comes first so a model constrained by a
     grammar thinks before it proposes."""
     return {"title": "GraphProposals", "type": "object", "additionalProperties": False,
             "required": ["reasoning", "proposals"],
             "properties": {"reasoning": {"type": "string"},
-                           "proposals": {"type": "array", "items": proposal_json_schema(models, roles)}}}
+                           "proposals": {"type": "array", "items": proposal_json_schema(models, roles, stages)}}}
 
 
 def describe_reply_error(e: Exception) -> str:

@@ -10,6 +10,13 @@ to the sink and turns a fuser left without inputs into an assistant (the one rep
 would answer alone anyway, and random parameters put fusers on source slots most of the
 time). A parameter with a single possible value is not suggested at all.
 
+Pipelines (a multi-stage study): every stage's graph is encoded as above in its own
+stage's space (its slots, models in its cost order, roles), each parameter prefixed with
+the stage's name (``retrieve.on_0``, ``answer.model_3``), the stages in pipeline order;
+decoding builds each stage's graph and the pipeline from them. A pipeline that breaks a
+stage's space, a stage's cap or the total budget is handled as an invalid graph is below
+(penalty, never proposed); the fallback is a random pipeline (``random_design``).
+
 Every sampler sees the *same* parameter set in every trial on purpose: GP, CMA-ES and
 QMC only model the intersection of the trials' search spaces and silently fall back to
 random sampling for conditional parameters, so a conditional encoding ("model_3 only if
@@ -72,10 +79,11 @@ from optuna.trial import TrialState
 from pydantic import Field
 
 from graphtune.errors import GraphtuneError
-from graphtune.graphs.canonical import graph_hash
-from graphtune.graphs.cost import Budget, GraphCost
+from graphtune.graphs.cost import Budget, CostModel, GraphCost, PipelineBudget
+from graphtune.graphs.design import Design, PipelineSpace, design_hash, random_design
 from graphtune.graphs.model import ASSISTANT, Graph, Node
-from graphtune.graphs.space import prune_to_sink, random_graph, structural_errors
+from graphtune.graphs.pipeline import Pipeline
+from graphtune.graphs.space import Space, prune_to_sink, structural_errors
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
 
@@ -101,29 +109,37 @@ def _quiet():
 
 
 class GraphEncoding:
-    """Graph <-> Optuna parameters for one space (see the module docstring)."""
+    """Graph <-> Optuna parameters for one space (see the module docstring).
 
-    def __init__(self, ctx: SearchContext, *, continuous: bool):
-        space = ctx.space
+    ``space``/``costs`` default to the context's; ``prefix`` goes before every parameter
+    name (a pipeline's stage encodings use ``"<stage>."``; a single graph has none)."""
+
+    def __init__(self, ctx: SearchContext | None = None, *, continuous: bool, space: Space | None = None,
+                 costs: CostModel | None = None, prefix: str = ""):
+        space = space if space is not None else ctx.space
+        costs = costs if costs is not None else ctx.costs
         self.continuous = continuous
+        self.prefix = prefix
         self.k = space.max_nodes
         # cost order makes the continuous (ordinal) encoding meaningful
-        self.models = tuple(sorted(space.models, key=lambda m: (ctx.costs.node_units(m, 0), m)))
+        self.models = tuple(sorted(space.models, key=lambda m: (costs.node_units(m, 0), m)))
         self.space = space
         self.roles = tuple(space.roles)
         # roles the sink may take with or without inputs (a role with `sink: false` never)
         self.sink_roles = tuple(r for r in (space.sink_roles or space.roles) if space.role_spec(r).may_be_sink) \
             or self.roles
         self.sink = self.k - 1
+        p = prefix
+        #: full parameter name -> its choices
         self.choices: dict[str, tuple] = {}
         for i in range(self.k):
             if i != self.sink:
-                self.choices[f"on_{i}"] = (0, 1)
-            self.choices[f"model_{i}"] = self.models
-            self.choices[f"role_{i}"] = self.sink_roles if i == self.sink else self.roles
+                self.choices[f"{p}on_{i}"] = (0, 1)
+            self.choices[f"{p}model_{i}"] = self.models
+            self.choices[f"{p}role_{i}"] = self.sink_roles if i == self.sink else self.roles
         for j in range(self.k):
             for i in range(j):
-                self.choices[f"edge_{i}_{j}"] = (0, 1)
+                self.choices[f"{p}edge_{i}_{j}"] = (0, 1)
         #: parameters actually suggested, in suggestion order (single choices are fixed)
         self.names = [n for n, c in self.choices.items() if len(c) > 1]
         if continuous:
@@ -142,6 +158,7 @@ class GraphEncoding:
         return out
 
     def _value(self, params: Mapping[str, Any], name: str):
+        name = self.prefix + name
         ch = self.choices[name]
         if len(ch) == 1:
             return ch[0]
@@ -191,13 +208,13 @@ class GraphEncoding:
             nid = next((n for n, s in slot.items() if s == i), None)
             node = graph.node_map[nid] if nid is not None else None
             values[f"model_{i}"] = node.model if node else self.models[0]
-            values[f"role_{i}"] = node.role if node else self.choices[f"role_{i}"][0]
+            values[f"role_{i}"] = node.role if node else self.choices[f"{self.prefix}role_{i}"][0]
         for j in range(self.k):
             for i in range(j):
                 values[f"edge_{i}_{j}"] = int((i, j) in edges)
         out: dict[str, Any] = {}
         for n in self.names:
-            v = values[n]
+            v = values[n[len(self.prefix):]]
             if self.continuous:
                 ch = self.choices[n]
                 out[n] = (ch.index(v) + 0.5) / len(ch)  # middle of the value's interval
@@ -206,11 +223,67 @@ class GraphEncoding:
         return out
 
 
-def violation(graph: Graph, ctx: SearchContext) -> tuple[float, GraphCost]:
-    """0 for a graph that fits the space and the budget, else a positive amount: the
-    largest relative budget overshoot, or 1 + 0.1 per structural problem."""
-    cost = ctx.costs.cost(graph)
-    errs = structural_errors(graph, ctx.space)
+class PipelineEncoding:
+    """Pipeline <-> Optuna parameters: each stage's graph encoded as a single graph is
+    (:class:`GraphEncoding`), every parameter prefixed with the stage's name
+    (``retrieve.model_2``, ``answer.edge_0_4``), stages in pipeline order."""
+
+    def __init__(self, ctx: SearchContext, *, continuous: bool):
+        space: PipelineSpace = ctx.space
+        self.space = space
+        self.continuous = continuous
+        self.stages = tuple((s.name, GraphEncoding(space=s.space, costs=ctx.costs.of(s.name), continuous=continuous,
+                                                   prefix=f"{s.name}."))
+                            for s in space.stages)
+        #: parameters actually suggested, in suggestion order (stage by stage)
+        self.names = [n for _, e in self.stages for n in e.names]
+        self.distributions = {n: d for _, e in self.stages for n, d in e.distributions.items()}
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Suggest every stage's parameters (define-by-run) and return them."""
+        out: dict[str, Any] = {}
+        for _, e in self.stages:
+            out.update(e.suggest(trial))
+        return out
+
+    def decode(self, params: Mapping[str, Any]) -> Pipeline:
+        """The pipeline the parameters describe (each stage's graph decoded and pruned to
+        its sink as a single graph's is; it may break a stage's space or the budget)."""
+        return self.space.pipeline({name: e.decode(params) for name, e in self.stages})
+
+    def encode(self, pipeline: Pipeline) -> dict[str, Any]:
+        """Parameters that decode to ``pipeline`` (up to node naming)."""
+        out: dict[str, Any] = {}
+        for name, e in self.stages:
+            out.update(e.encode(pipeline.stage(name).graph))
+        return out
+
+
+def encoding(ctx: SearchContext, *, continuous: bool) -> GraphEncoding | PipelineEncoding:
+    """The encoding of the context's space: a graph's, or a pipeline's (one per stage)."""
+    if isinstance(ctx.space, PipelineSpace):
+        return PipelineEncoding(ctx, continuous=continuous)
+    return GraphEncoding(ctx, continuous=continuous)
+
+
+def violation(design: Design, ctx: SearchContext) -> tuple[float, GraphCost]:
+    """0 for a design that fits the space and the budget, else a positive amount: the
+    largest relative budget overshoot (a pipeline's: of its total or of any stage over its
+    cap), or 1 + 0.1 per structural problem (of every stage). The cost is the design's
+    total."""
+    if isinstance(design, Pipeline):
+        pc = ctx.costs.cost(design)
+        errs = ctx.space.errors(design)
+        if errs:
+            return 1.0 + 0.1 * len(errs), pc.total
+        b: PipelineBudget = ctx.budget
+        worst = _overshoot(pc.total, b.total)
+        for name, cap in b.stages:
+            if cap is not None:
+                worst = max(worst, _overshoot(pc.stage(name), cap))
+        return worst, pc.total
+    cost = ctx.costs.cost(design)
+    errs = structural_errors(design, ctx.space)
     if errs:
         return 1.0 + 0.1 * len(errs), cost
     return _overshoot(cost, ctx.budget), cost
@@ -251,7 +324,7 @@ class OptunaSearcher(Searcher):
         super().__init__(ctx)
         self.check_available()
         self.max_rejects = self.opts.max_rejects
-        self.enc = GraphEncoding(ctx, continuous=self.continuous)
+        self.enc = encoding(ctx, continuous=self.continuous)
         self.rng = ctx.rng(salt=7)  # fallback random graphs
         self.values: dict[str, list[float]] = {}  # graph hash -> told values (evaluated graphs)
         self.n_fallbacks = 0
@@ -322,7 +395,7 @@ class OptunaSearcher(Searcher):
                 self._tell(trial, self._penalty(viol, cost), viol)
                 rejects += 1
                 continue
-            h = graph_hash(graph)
+            h = design_hash(graph)
             if h in self.values:  # evaluated before: never pay twice
                 self._tell(trial, self.values[h])
                 rejects += 1
@@ -352,14 +425,15 @@ class OptunaSearcher(Searcher):
                 self._tell(t, values)
         self._batch, self._dups = [], {}
 
-    def _fallback_graph(self, tries: int = 200) -> Graph | None:
-        """A random valid graph that is neither evaluated nor pending, or None."""
+    def _fallback_graph(self, tries: int = 200) -> Design | None:
+        """A random valid design (graph or pipeline) that is neither evaluated nor
+        pending, or None."""
         for _ in range(tries):
             try:
-                g = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
+                g = random_design(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
             except GraphtuneError:
                 return None
-            h = graph_hash(g)
+            h = design_hash(g)
             if h not in self.values and h not in self._dups:
                 return g
         return None
@@ -525,5 +599,5 @@ class NSGA2Searcher(OptunaSearcher):
                                              **extra)
 
 
-__all__ = ["CmaEsSearcher", "GPSearcher", "GraphEncoding", "NSGA2Searcher", "OptunaSearcher", "QMCSearcher",
-           "TPESearcher", "violation"]
+__all__ = ["CmaEsSearcher", "GPSearcher", "GraphEncoding", "NSGA2Searcher", "OptunaSearcher", "PipelineEncoding",
+           "QMCSearcher", "TPESearcher", "encoding", "violation"]

@@ -23,6 +23,7 @@ SEARCHERS: dict[str, str] = {
     "qmc": "graphtune.search.optuna_search:QMCSearcher",
     "nsga2": "graphtune.search.optuna_search:NSGA2Searcher",
     "llm-opt": "graphtune.search.llm_opt:LLMOptSearcher",
+    "agenttts": "graphtune.search.agenttts:AgentTTSSearcher",
 }
 
 

@@ -40,7 +40,8 @@ from graphtune.envs.simulated.simulator import SPLITS, SimulatedEnvironment
 from graphtune.errors import EnvError, GraphError
 from graphtune.graphs.catalog import KNOWN_MODELS
 from graphtune.graphs.cost import CostModel, ModelInfo, PipelineCostModel, TaskShape
-from graphtune.graphs.model import ASSISTANT, FUSER, Graph, Node
+from graphtune.graphs.families import sampling_graph as _sampling_graph
+from graphtune.graphs.model import ASSISTANT, Graph
 from graphtune.graphs.pipeline import QUESTION, Pipeline, Stage
 from graphtune.graphs.results import StageOutcome
 
@@ -146,14 +147,12 @@ def pipeline_profile_from_dict(data: Any, *, source: str = "<memory>") -> Pipeli
 
 
 def sampling_graph(model: str, samples: int) -> Graph:
-    """Repeated sampling: one call of ``model`` when ``samples`` is 1, else ``samples``
-    assistants of it feeding one fuser of it (AgentTTS's (model, samples) per stage)."""
+    """Repeated sampling (:func:`graphtune.graphs.families.sampling_graph`): one call of
+    ``model`` when ``samples`` is 1, else ``samples`` assistants of it feeding one fuser of
+    it (AgentTTS's (model, samples) per stage)."""
     if samples < 1:
         raise EnvError(f"samples must be at least 1, got {samples}")
-    if samples == 1:
-        return Graph.build([Node.make("a0", ASSISTANT, model)])
-    nodes = [Node.make(f"a{i}", ASSISTANT, model) for i in range(samples)] + [Node.make("f", FUSER, model)]
-    return Graph.build(nodes, [(f"a{i}", "f") for i in range(samples)])
+    return _sampling_graph(model, samples)
 
 
 class SimulatedPipelineEnvironment(Environment):
@@ -273,6 +272,15 @@ class SimulatedPipelineEnvironment(Environment):
     def accuracy(self, pipeline: Pipeline, question_ids: Sequence[str]) -> float:
         """Fraction of questions the pipeline answers correctly."""
         return float(self.stage_correct(pipeline, question_ids)[pipeline.final.name].mean())
+
+    def stage_runs(self, stage: str, graph: Graph, question_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(Q,) bool outcomes of stage ``stage`` running ``graph`` when all its inputs are
+        right and when one is wrong (what :meth:`stage_correct` combines per question); for
+        benchmarks that score many pipelines from the same stage graphs."""
+        st = Stage(stage, graph, self.profile.stage(stage).inputs)
+        ids = list(question_ids)
+        sid, key = self._stage_ids(ids)[stage], tuple(ids)
+        return self._stage_run(st, 0, sid, key), self._stage_run(st, 1, sid, key)
 
     def stage_accuracy(self, stage: str, graph: Graph, question_ids: Sequence[str], *, inputs_right: bool = True
                        ) -> float:
