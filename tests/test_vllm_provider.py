@@ -161,7 +161,7 @@ def test_a_missing_vllm_executable_is_one_line_naming_pip_install_and_vllm_comma
     assert r.exit_code != 0
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1, r.output
-    assert lines[0].startswith("error: model 'llama-3.2-1b': cannot start vLLM, `vllm` not found")
+    assert lines[0].startswith("error: model 'llama-3.2-1b': cannot start vLLM: `vllm` is not on PATH")
     assert "pip install vllm" in lines[0] and "vllm_command" in lines[0]
 
 

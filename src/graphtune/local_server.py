@@ -107,12 +107,15 @@ class LocalLLMServer:
     prompt cache (every prompt is processed from scratch, in the same batches) and fixed
     batch sizes (:data:`DETERMINISTIC_PARAMS`); ``n_parallel`` must then be 1. See
     docs/live.md ("Reproducible local runs") for what this does and does not promise.
+    ``engine_params`` sets further ``xllamacpp.CommonParams`` fields (experiments and
+    benchmarks: ``{"cache_prompt": False}``).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, alias: str = "smollm2",
                  host: str = "127.0.0.1", port: int = 0, n_parallel: int = 4, ctx_per_slot: int = 2048,
                  n_threads: int | None = None, seed: int = 0, startup_timeout_s: float = 120.0,
-                 log_path: str | os.PathLike | None = None, deterministic: bool = False):
+                 log_path: str | os.PathLike | None = None, deterministic: bool = False,
+                 engine_params: dict[str, object] | None = None):
         if n_parallel < 1 or ctx_per_slot < 128:
             raise EnvError(f"local server: n_parallel must be >= 1 and ctx_per_slot >= 128 "
                            f"(got {n_parallel}, {ctx_per_slot})")
@@ -120,6 +123,8 @@ class LocalLLMServer:
             raise EnvError(f"local server: deterministic mode serves one request at a time; set n_parallel to 1 "
                            f"(got {n_parallel})")
         self.deterministic = bool(deterministic)
+        #: llama.cpp settings set on top (``xllamacpp.CommonParams`` field -> value)
+        self.engine_params = {**(DETERMINISTIC_PARAMS if deterministic else {}), **(engine_params or {})}
         self.model_path = Path(model_path) if model_path is not None else None
         self.alias = alias
         self.host = host
@@ -170,7 +175,7 @@ class LocalLLMServer:
         cfg = {"model_path": str(path), "alias": self.alias, "host": self.host, "port": port,
                "n_parallel": self.n_parallel, "n_ctx": self.ctx_per_slot * self.n_parallel,
                "n_threads": self.n_threads, "seed": self.seed,
-               "params": dict(DETERMINISTIC_PARAMS) if self.deterministic else {}}
+               "params": dict(self.engine_params)}
         if self._log_path is not None:
             self._log_file = open(self._log_path, "w+b")
         else:

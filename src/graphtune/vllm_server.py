@@ -102,10 +102,12 @@ class VLLMServer:
     def _executable(self) -> str:
         found = shutil.which(self.command)
         if found is None:
-            how = ("the vllm_command file does not exist or is not executable" if os.sep in self.command
-                   else f"it is not on PATH; install it with `{VLLM_PIP}` (a GPU machine)")
-            raise EnvError(f"model {self.name!r}: cannot start vLLM, `{self.command}` not found ({how}), or name the "
-                           "executable with the model's `vllm_command` option")
+            if os.sep in self.command:
+                raise EnvError(f"model {self.name!r}: cannot start vLLM: `{self.command}` does not exist or is not "
+                               f"executable; fix the model's `vllm_command` option (or install vLLM: `{VLLM_PIP}`)")
+            raise EnvError(f"model {self.name!r}: cannot start vLLM: `{self.command}` is not on PATH; install it with "
+                           f"`{VLLM_PIP}` (on a GPU machine) or name the executable with the model's `vllm_command` "
+                           "option")
         return found
 
     # -- lifecycle -----------------------------------------------------------------
