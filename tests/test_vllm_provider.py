@@ -213,3 +213,31 @@ def test_model_entry_mistakes_are_one_line_errors(tmp_path, entry, message):
     with pytest.raises(SpecError) as e:
         load_spec(write_spec(tmp_path, models))
     assert message in str(e.value) and "\n" not in str(e.value).strip()
+
+
+def test_a_vllm_server_stops_when_graphtune_is_killed(stand_in, tmp_path):
+    """kill -9 of the process that started the server: its supervisor notices and stops it,
+    so no server is left holding the GPU."""
+    import subprocess
+    import time
+
+    script = ("from graphtune.vllm_server import VLLMServer\n"
+              "import time\n"
+              "VLLMServer('org/echo', name='m').start()\n"
+              "print('up', flush=True)\n"
+              "time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "up"
+        (s,) = starts(stand_in)
+        assert alive(s["pid"])
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 20
+        while alive(s["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(s["pid"])
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        owner.stdout.close()

@@ -1,11 +1,13 @@
 """A vLLM OpenAI-compatible server that graphtune starts and stops itself
 (``provider: vllm`` on a model entry).
 
-graphtune runs ``vllm serve MODEL --host 127.0.0.1 --port P [...]`` as a child process in
-its own session (vLLM starts engine processes of its own: stopping signals the whole
-process group), waits until ``/health`` answers, sends the model's calls to it through
-litellm's ``hosted_vllm/`` route, and stops it (SIGTERM, then SIGKILL) when the search
-ends or the interpreter exits.
+graphtune runs ``vllm serve MODEL --host 127.0.0.1 --port P [...]`` in a process group of
+its own (vLLM starts engine processes of its own: stopping signals the whole group), waits
+until ``/health`` answers, sends the model's calls to it through litellm's
+``hosted_vllm/`` route, and stops it (SIGTERM, then SIGKILL) when the search ends or the
+interpreter exits. A small supervisor (``python -m graphtune.vllm_server``) leads the
+group and stops the server when graphtune dies without stopping it (``kill -9``), so a
+crashed search never leaves a server holding the GPU's memory.
 
 Usage::
 
@@ -19,11 +21,14 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,7 +128,8 @@ class VLLMServer:
             self._log_file = tempfile.TemporaryFile(prefix="graphtune-vllm-")
         t0 = time.perf_counter()
         try:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_file,
+            self._proc = subprocess.Popen([sys.executable, "-m", "graphtune.vllm_server", json.dumps(argv)],
+                                          stdin=subprocess.DEVNULL, stdout=self._log_file,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             self._log_file.close()
@@ -169,13 +175,15 @@ class VLLMServer:
             return "no log"
         return " ".join(tail.split()) or "no log output"
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``timeout_s``; idempotent."""
+    def stop(self, timeout_s: float = 40.0) -> None:
+        """Stop the server: SIGTERM to its supervisor, which passes it on and kills the
+        server after 30 s; SIGKILL to the whole process group after ``timeout_s`` and, in
+        any case, to whatever the server left behind. Idempotent."""
         proc, self._proc = self._proc, None
         _LIVE.discard(self)
         if proc is not None:
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:
@@ -204,3 +212,34 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# -- the supervisor process --------------------------------------------------------------
+
+
+def _supervise(argv: list[str], *, poll_s: float = 0.5, grace_s: float = 30.0) -> int:
+    """Run ``argv`` (in this process's group) until it exits, SIGTERM/SIGINT arrives, or the
+    parent dies; return its exit code. On a stop or an orphaning the server gets SIGTERM,
+    then SIGKILL after ``grace_s``."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    parent = os.getppid()
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        print(f"cannot run {argv[0]}: {e}", flush=True)
+        return 127
+    while child.poll() is None:
+        if stop.wait(poll_s) or os.getppid() != parent:  # stopped, or orphaned by a killed graphtune
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            break
+    return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise(json.loads(sys.argv[1])))
