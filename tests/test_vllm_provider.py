@@ -241,3 +241,34 @@ def test_a_vllm_server_stops_when_graphtune_is_killed(stand_in, tmp_path):
         if owner.poll() is None:
             owner.kill()
         owner.stdout.close()
+
+
+def test_a_study_stored_before_the_new_model_options_continues_unrefused(tmp_path):
+    """Stores written before `deterministic`, `model`, `vllm_args`, ... existed hold model
+    entries without them: continuing such a study is not a spec change."""
+    from graphtune.api import optimize
+    from graphtune.spec import load_spec
+
+    spec_path = tmp_path / "sim.yaml"
+    spec_path.write_text(f"""
+study: old
+task: {{profile: math}}
+models: [{{name: llama-3.2-1b}}, {{name: llama-3.2-3b}}]
+budget: {{units: 10}}
+search: {{method: random, evaluations: 2, batch_size: 2}}
+storage: sqlite:///{tmp_path / 'old.db'}
+""")
+    optimize(load_spec(spec_path))
+    with sqlite3.connect(tmp_path / "old.db") as c:
+        (raw,) = c.execute("select spec from gt_studies where name = 'old'").fetchone()
+        stored = json.loads(raw)
+        for m in stored["models"]:
+            for k in ("deterministic", "model", "vllm_args", "vllm_command", "port", "gpu_memory_utilization",
+                      "startup_timeout_s"):
+                del m[k]
+        c.execute("update gt_studies set spec = ? where name = 'old'", (json.dumps(stored),))
+        (before,) = c.execute("select count(*) from gt_trials").fetchone()
+    optimize(load_spec(spec_path, overrides={"search.evaluations": 4}))  # refused before: "models" changed
+    with sqlite3.connect(tmp_path / "old.db") as c:
+        (after,) = c.execute("select count(*) from gt_trials").fetchone()
+    assert after > before

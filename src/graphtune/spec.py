@@ -427,6 +427,11 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
                 if name not in kept and not f.is_required() and f.default_factory is None:
                     kept[name] = f.default
             out["env"] = kept
+    models = out.get("models")
+    if isinstance(models, list):  # a model option added since: the study ran as its default says
+        out["models"] = [{**{name: f.get_default(call_default_factory=True)
+                             for name, f in ModelEntry.model_fields.items() if not f.is_required()}, **m}
+                         if isinstance(m, dict) else m for m in models]
     return out
 
 
