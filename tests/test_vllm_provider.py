@@ -89,7 +89,7 @@ TWO_MODELS = """\
     model: org/echo-acc60
     gpu_memory_utilization: 0.45
     max_concurrency: 4
-    vllm_args: [--dtype, half]
+    vllm_args: [--dtype, half, --max-model-len, 2048]
   - name: llama-3.2-3b
     provider: vllm
     model: org/echo-acc85
@@ -108,14 +108,15 @@ def test_a_live_optimize_starts_one_vllm_server_per_model_once_and_stops_them_at
     by_model = {s["argv"][1]: s for s in got}
     a, b = by_model["org/echo-acc60"]["argv"], by_model["org/echo-acc85"]["argv"]
     assert a[0] == "serve" and a[2:4] == ["--host", "127.0.0.1"] and a[4] == "--port"
-    assert a[6:] == ["--gpu-memory-utilization", "0.45", "--max-num-seqs", "4", "--dtype", "half"]
+    assert a[6:] == ["--gpu-memory-utilization", "0.45", "--max-num-seqs", "4", "--dtype", "half", "--max-model-len",
+                     "2048"]  # a number in YAML is passed as text
     assert b[6:] == [] and a[5] != b[5]  # no options given: none passed; each on its own free port
     assert not any(alive(s["pid"]) for s in got)  # stopped when the search ended
     with sqlite3.connect(tmp_path / "g.db") as c:
         rows = c.execute("select endpoint, count(*) from gt_llm_calls where error is null group by endpoint").fetchall()
     # the calls reached the servers (through litellm's hosted_vllm route); the ledger names
     # the served model and its arguments, not the random port
-    assert dict(rows).keys() <= {"vllm:org/echo-acc60 --dtype half", "vllm:org/echo-acc85"} and rows
+    assert dict(rows).keys() <= {"vllm:org/echo-acc60 --dtype half --max-model-len 2048", "vllm:org/echo-acc85"} and rows
 
 
 def test_a_rerun_is_served_by_the_ledger_though_the_server_gets_another_port(stand_in, tmp_path):

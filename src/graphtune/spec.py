@@ -139,6 +139,14 @@ class ModelEntry(_Strict):
     decode_tok_s: float | None = Field(None, gt=0, le=1e12)
     max_concurrency: int | None = Field(None, ge=1, le=4096)
 
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _args_as_text(cls, v: Any) -> Any:
+        """``[--max-model-len, 4096]``: YAML reads the number as a number; vLLM gets text."""
+        if isinstance(v, list):
+            return [str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in v]
+        return v
+
     @model_validator(mode="after")
     def _resolvable(self) -> ModelEntry:
         if self.provider in ("local", "vllm") and (self.litellm or self.api_base or self.api_key_env):
