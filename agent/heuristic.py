@@ -16,6 +16,9 @@ LLM agent would give, plus feedback text written from the statistics:
   not yet evaluated, ranked by the regression's prediction;
 * ``confidence`` grows with the number of graphs measured.
 
+On a multi-stage pipeline the same agent answers from per-stage statistics
+(:mod:`graphtune.agent.pipeline_heuristic`).
+
 Deterministic given the report (no hidden state), so a resumed search replays it.
 """
 
@@ -29,6 +32,9 @@ import numpy as np
 
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.mutations import local_mutations
+from graphtune.agent.pipeline import (PipelineBatchReport, PipelineInitReport, render_pipeline_batch,
+                                      render_pipeline_init)
+from graphtune.agent.pipeline_heuristic import pipeline_feedback, pipeline_initial
 from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemInfo, graph_effects, render_batch, \
     render_init
 from graphtune.agent.schema import AgentUpdate, EdgeChange, GraphProposal, ProposedNode
@@ -124,6 +130,8 @@ class HeuristicAgent(Agent):
 
     # -- initial --------------------------------------------------------------------
     def initial(self, report: InitReport) -> AgentStep:
+        if isinstance(report, PipelineInitReport):  # a multi-stage study: per-stage statistics
+            return pipeline_initial(report, render_pipeline_init)
         t0 = time.perf_counter()
         p = report.problem
         acc = {e.graph.nodes[0].model: e.reward for e in report.probes if e.graph.size == 1}
@@ -200,6 +208,8 @@ class HeuristicAgent(Agent):
 
     # -- feedback -------------------------------------------------------------------
     def feedback(self, report: BatchReport) -> AgentStep:
+        if isinstance(report, PipelineBatchReport):
+            return pipeline_feedback(report, render_pipeline_batch)
         t0 = time.perf_counter()
         p = report.problem
         hist = [e for e in report.history if e.rewards]

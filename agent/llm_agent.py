@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from graphtune.agent.base import Agent, AgentStep
+from graphtune.agent.pipeline import PipelineBatchReport, PipelineInitReport, PipelineProblemInfo
 from graphtune.agent.report import BatchReport, InitReport, ProblemInfo, render_batch, render_init
 from graphtune.agent.schema import AgentUpdate, ReplyLimits, describe_reply_error, update_json_schema
 from graphtune.agent.toolkit import ask_structured
@@ -34,6 +35,15 @@ SYSTEM = (
     "one call with a role and a model; an edge u->v appends u's answer to v's prompt; the single sink gives the "
     "final answer. You read paired measurements and reply with ONE JSON object matching this JSON schema, and "
     "nothing else:\n{schema}"
+)
+
+#: the same, for a multi-stage study (agent/pipeline.py renders its per-stage reports)
+SYSTEM_PIPELINE = (
+    "You optimise a multi-stage pipeline of LLM calls for a task under one per-query compute budget for all stages. "
+    "Each stage is a collaboration graph (nodes are calls with a role and a model; an edge u->v appends u's answer "
+    "to v's prompt; the stage's single sink gives its answer, which the later stages read). You read paired, "
+    "per-stage measurements and reply with ONE JSON object matching this JSON schema, and nothing else (name stages "
+    "in stage_preferences, budget_split, edge_changes[].stage and proposals[].stage):\n{schema}"
 )
 
 
@@ -64,15 +74,18 @@ class LLMAgent(Agent):
         self.limits = ReplyLimits.from_settings(self.settings)
 
     def initial(self, report: InitReport) -> AgentStep:
-        return self._ask("init", render_init(report))
+        # a multi-stage study's report renders itself (per-stage prompt, agent/pipeline.py)
+        return self._ask("init", report.render() if isinstance(report, PipelineInitReport) else render_init(report))
 
     def feedback(self, report: BatchReport) -> AgentStep:
-        return self._ask("feedback", render_batch(report))
+        return self._ask("feedback", report.render() if isinstance(report, PipelineBatchReport)
+                         else render_batch(report))
 
     def _ask(self, kind: str, prompt: str) -> AgentStep:
         s = self.settings
         messages = [
-            {"role": "system", "content": SYSTEM.format(schema=json.dumps(self.schema))},
+            {"role": "system", "content": (SYSTEM_PIPELINE if isinstance(self.problem, PipelineProblemInfo)
+                                           else SYSTEM).format(schema=json.dumps(self.schema))},
             {"role": "user", "content": prompt},
         ]
         retries = int(s.get("max_retries", 2))

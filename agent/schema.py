@@ -87,12 +87,17 @@ _MAX_PREFERENCES = 64
 _MAX_NAME_CHARS = 200
 
 
+_StageName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
 class EdgeChange(_Strict):
-    """Logit delta on the edge ``src -> dst`` between two slots (``s0``..)."""
+    """Logit delta on the edge ``src -> dst`` between two slots (``s0``..); in a
+    multi-stage study, of the graph of stage ``stage`` (default: the last stage)."""
 
     src: str = Field(min_length=1, max_length=64)
     dst: str = Field(min_length=1, max_length=64)
     delta: float = Field(ge=-5.0, le=5.0)
+    stage: _StageName | None = None
 
 
 _NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -104,13 +109,53 @@ class ProposedNode(_Strict):
     model: str = Field(min_length=1, max_length=200)
 
 
+class StageGraph(_Strict):
+    """The graph of one named stage of a multi-stage pipeline (inside a proposal)."""
+
+    stage: _StageName
+    nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
+    edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
+
+
 class GraphProposal(_Strict):
     """A concrete graph to evaluate next: nodes and ``[src, dst]`` edges; exactly one
-    node without successors (the sink) gives the final answer."""
+    node without successors (the sink) gives the final answer.
+
+    In a multi-stage study a proposal is a pipeline: the incumbent pipeline with the graph
+    of stage ``stage`` (default: the last stage) replaced by ``nodes``/``edges``, and those
+    of ``other_stages`` by theirs (a whole pipeline names every stage). Single-stage studies
+    leave both unset."""
 
     nodes: list[ProposedNode] = Field(min_length=1, max_length=64)
     edges: list[tuple[_NodeId, _NodeId]] = Field(default_factory=list, max_length=512)
     rationale: str = Field("", max_length=2000)
+    stage: _StageName | None = None
+    other_stages: list[StageGraph] = Field(default_factory=list, max_length=16)
+
+
+class StagePreference(_Strict):
+    """Preferences for the graph of one stage of a multi-stage pipeline (as the top-level
+    fields of :class:`AgentUpdate` are for a single graph)."""
+
+    stage: _StageName
+    model_preference: dict[str, float] = Field(default_factory=dict)
+    role_preference: dict[str, float] = Field(default_factory=dict)
+    target_width: int | None = Field(None, ge=1, le=64)
+    target_depth: int | None = Field(None, ge=1, le=64)
+
+    @field_validator("model_preference", "role_preference")
+    @classmethod
+    def _bounded_names(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_preferences(v)
+
+
+def _check_preferences(v: dict[str, float]) -> dict[str, float]:
+    if len(v) > _MAX_PREFERENCES:
+        raise ValueError(f"at most {_MAX_PREFERENCES} names, got {len(v)}")
+    for k in v:
+        if not 1 <= len(k) <= _MAX_NAME_CHARS:
+            raise ValueError(f"a name must have 1 to {_MAX_NAME_CHARS} characters, got {len(k)}")
+    return v
 
 
 class AgentUpdate(_Strict):
@@ -125,16 +170,16 @@ class AgentUpdate(_Strict):
     target_depth: int | None = Field(None, ge=1, le=64)
     proposals: list[GraphProposal] = Field(default_factory=list, max_length=16)
     confidence: float = Field(0.5, ge=0.0, le=1.0)
+    #: multi-stage studies only: preferences per stage, and logit deltas of the budget split
+    #: (stage -> delta, positive: give the stage a larger share of the pipeline's budget)
+    stage_preferences: list[StagePreference] = Field(default_factory=list, max_length=16)
+    budget_split: dict[str, float] = Field(default_factory=dict,
+                                           description="multi-stage: logit delta of each stage's budget share")
 
-    @field_validator("model_preference", "role_preference")
+    @field_validator("model_preference", "role_preference", "budget_split")
     @classmethod
     def _bounded_names(cls, v: dict[str, float]) -> dict[str, float]:
-        if len(v) > _MAX_PREFERENCES:
-            raise ValueError(f"at most {_MAX_PREFERENCES} names, got {len(v)}")
-        for k in v:
-            if not 1 <= len(k) <= _MAX_NAME_CHARS:
-                raise ValueError(f"a name must have 1 to {_MAX_NAME_CHARS} characters, got {len(k)}")
-        return v
+        return _check_preferences(v)
 
 
 class ProposalReply(_Strict):

@@ -39,7 +39,8 @@ TRUE_TEST_SIZE = 4000
 TRUE_SEED = 10_007
 
 
-def spec_for(task: str, budget: float, method: str, seed: int, mult: int, dev: int) -> dict:
+def spec_for(task: str, budget: float, method: str, seed: int, mult: int, dev: int,
+             agent: dict | None = None) -> dict:
     return {
         "study": f"{method}-{task}-{budget:g}-{seed}-{mult}",
         "task": {"profile": task, "dev_size": dev, "test_size": 1},
@@ -47,7 +48,8 @@ def spec_for(task: str, budget: float, method: str, seed: int, mult: int, dev: i
         "space": {"roles": ["assistant", "fuser"], "max_nodes": 9, "max_width": 9, "max_depth": 4,
                   "max_in_degree": 4},
         "budget": {"units": budget},
-        "search": {"method": method, "evaluations": mult, "batch_size": 8, "seed": seed},
+        "search": {"method": method, "evaluations": mult, "batch_size": 8, "seed": seed,
+                   **({"agent": agent} if agent else {})},
         # the dev questions differ per seed: variance over seeds includes the dev draw
         "env": {"kind": "simulated", "seed": 1000 + seed},
         "storage": "sqlite:///:memory:",
@@ -63,6 +65,10 @@ class Job:
     mult: int
     dev: int
     curve: bool
+    #: search.agent settings (benchmarks/agent_bench.py: an LLM agent); None: the default agent
+    agent: dict | None = None
+    #: a label told apart in the results (default: the method)
+    label: str | None = None
 
 
 _PROBLEMS: dict = {}  # per worker: environments are deterministic and stateless, so reuse them
@@ -91,7 +97,7 @@ def run_job(job: Job) -> dict:
     from graphtune.store.memory import MemoryStorage
 
     t0 = time.perf_counter()
-    spec = parse_spec(spec_for(job.task, job.budget, job.method, job.seed, job.mult, job.dev))
+    spec = parse_spec(spec_for(job.task, job.budget, job.method, job.seed, job.mult, job.dev, job.agent))
     problem, ctx = _problem(spec, job)
     searcher = make_searcher(spec, ctx)
     store = MemoryStorage()
@@ -127,7 +133,12 @@ def run_job(job: Job) -> dict:
     stats = sorted(pool_stats(history, ctx.objective, ctx.costs.unit_flops).values(),
                    key=lambda s: (-s.n, -s.mean))[:5]
     searcher.close()
-    return {"method": job.method, "task": job.task, "budget": job.budget, "seed": job.seed, "mult": job.mult,
+    steps = store.agent_steps(study.id)
+    return {"label": job.label or job.method, "steps": [
+                {k: st.get(k) for k in ("kind", "is_llm", "rejected_reason", "calls", "prompt_tokens",
+                                        "completion_tokens", "usd", "seconds")} | {"parsed": st.get("parsed") is not None}
+                for st in steps],
+            "method": job.method, "task": job.task, "budget": job.budget, "seed": job.seed, "mult": job.mult,
             "graph": to_dict(out.best.graph) if out.best else None, "runs": out.runs_spent,
             "trials": out.n_trials, "env_flops": flops, "env_usd": usd,
             "agent": {k: usage.get(k) for k in ("backend", "is_llm", "calls", "prompt_tokens", "completion_tokens",

@@ -638,20 +638,22 @@ class LiveEnvironment(Environment):
             self.ledger.share(owner, stale_after_s=stale_after_s)
 
     def evaluate(self, graph: Graph, question_ids: Sequence[str]) -> list[QuestionResult]:
+        return self.run_sync(self.aevaluate(graph, question_ids))
+
+    def run_sync(self, coro):
+        """Run the coroutine ``coro`` on this environment's event loop (its servers started
+        and ledger opened first) and return its result; what ``evaluate`` does, for layers
+        over this environment (e.g. :mod:`graphtune.envs.live_pipeline`)."""
         if self._closed:
+            coro.close()
             raise EnvError("the live environment is closed")
         self.start()
         if self._loop is None:
             self._loop = _LoopThread()
-        return self._loop.run(self.aevaluate(graph, question_ids))
+        return self._loop.run(coro)
 
     def run_text(self, graph: Graph, question: str) -> dict[str, NodeRun]:
         """Run ``graph`` once on a question text (synchronous); every node's run."""
-        if self._closed:
-            raise EnvError("the live environment is closed")
-        self.start()
-        if self._loop is None:
-            self._loop = _LoopThread()
 
         async def go():
             try:
@@ -660,7 +662,7 @@ class LiveEnvironment(Environment):
                 if isinstance(self.ledger, CallLedger):
                     await asyncio.to_thread(self.ledger.flush)
 
-        return self._loop.run(go())
+        return self.run_sync(go())
 
     def close(self) -> None:
         if self._closed:

@@ -166,3 +166,46 @@ def _check(ps: PromptSet) -> None:
         except (KeyError, IndexError, ValueError) as e:
             raise SpecError(f"roles.{name}.prompt: bad placeholder {e} in the template; allowed: {{question}}, "
                             "{inputs}, {answer_format} (write literal braces as {{ and }})") from None
+
+
+# -- the question text of a pipeline stage ---------------------------------------------------
+
+#: the heading above an input stage's answer in a stage's default question text
+#: (:func:`stage_question`); ``{stage}`` is the input stage's name
+STAGE_INPUT_HEADING = "Output of the {stage} stage:"
+
+
+def stage_question(template: str | None, question: str | None, inputs: Mapping[str, str],
+                   order: Sequence[str] | None = None) -> str:
+    """The text a pipeline stage's graph is given as its question: what the live
+    environment sends and what an exported LangGraph module builds (the one definition
+    both use; the export copies this function's source into the module, so it must stay
+    self-contained: only ``STAGE_INPUT_HEADING`` and builtins).
+
+    ``question`` is the task's question; ``inputs`` maps each input stage's name to its
+    final answer; ``order`` is the stage's inputs in the spec's order (``"question"`` and
+    stage names; default: the question, then ``inputs`` in their order). ``template`` is
+    the spec's ``pipeline.stages[i].prompt``: a ``str.format`` template over
+    ``{question}`` and the input stages' names. Without one, the inputs come in ``order``,
+    the question as it is and each input stage's answer under the heading
+    ``STAGE_INPUT_HEADING``, blocks separated by a blank line (a stage that does not read
+    the question leaves it out of ``order``). Texts are stripped. A template naming
+    anything else raises ``KeyError`` naming the placeholder and what it may name."""
+    if order is None:
+        order = (["question"] if question is not None else []) + [name for name in inputs if name != "question"]
+    if template is None:
+        blocks = []
+        for name in order:
+            if name == "question":
+                blocks.append((question or "").strip())
+            else:
+                blocks.append(STAGE_INPUT_HEADING.format(stage=name) + "\n" + (inputs[name] or "").strip())
+        return "\n\n".join(blocks)
+    values = {name: (answer or "").strip() for name, answer in inputs.items()}
+    values["question"] = (question or "").strip()
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError) as e:
+        what = e.args[0] if isinstance(e, KeyError) else "a positional field"
+        raise KeyError(f"stage prompt template names {{{what}}}, which is neither the question nor an input "
+                       f"stage; it may name {', '.join('{' + k + '}' for k in values)}") from None

@@ -94,7 +94,12 @@ def _canonical_cached(graph: Graph) -> Graph:
 
 
 def graph_hash(graph: Graph) -> str:
-    """Stable 16-hex-digit hash of the canonical form (naming-independent)."""
+    """Stable 16-hex-digit hash of the canonical form (naming-independent). A pipeline
+    hashes as :func:`graphtune.graphs.design.design_hash` says."""
+    if getattr(graph, "stages", None) is not None:
+        from graphtune.graphs.design import design_hash
+
+        return design_hash(graph)
     return _hash_cached(graph)
 
 

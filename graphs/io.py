@@ -14,6 +14,11 @@ SCHEMA_VERSION = 1
 
 
 def to_dict(graph: Graph) -> dict[str, Any]:
+    """Plain data of a graph (or of a pipeline: its stages, :mod:`graphtune.graphs.pipeline`)."""
+    if getattr(graph, "stages", None) is not None:
+        from graphtune.graphs.pipeline import to_dict as pipeline_dict
+
+        return pipeline_dict(graph)
     return {
         "schema_version": SCHEMA_VERSION,
         "nodes": [{"id": n.id, "role": n.role, "model": n.model, **({"params": n.params_dict} if n.params else {})}
@@ -36,7 +41,12 @@ def check_header(data, where: str, fields: tuple[str, ...]) -> None:
 
 def from_dict(data: Any, *, where: str = "graph") -> Graph:
     """Parse plain data. If ``sink`` is given, nodes with no path to it are pruned (they
-    would do no work); without it the graph must already have exactly one sink."""
+    would do no work); without it the graph must already have exactly one sink. A mapping
+    with ``stages`` is a pipeline's and parses as one."""
+    if isinstance(data, dict) and "stages" in data:
+        from graphtune.graphs.pipeline import from_dict as pipeline_from_dict
+
+        return pipeline_from_dict(data, where=where)
     if not isinstance(data, dict):
         raise GraphError(f"{where}: expected a mapping with `nodes` and `edges`, got {type(data).__name__}")
     check_header(data, where, ("nodes", "edges", "sink"))

@@ -11,8 +11,17 @@ def _short(model: str) -> str:
     return model.split("/")[-1]
 
 
+def _stages(design) -> tuple | None:
+    """A pipeline's stages (a design with ``stages``), None for a graph: the renderings
+    below take either (:mod:`graphtune.graphs.design`)."""
+    return getattr(design, "stages", None)
+
+
 def to_text(graph: Graph) -> str:
-    """One line per level, e.g. ``[assistant:3b, assistant:3b] -> fuser:8b``."""
+    """One line per level, e.g. ``[assistant:3b, assistant:3b] -> fuser:8b``; a pipeline:
+    one line per stage (``name(<-inputs): ...``)."""
+    if _stages(graph) is not None:
+        return "\n".join(f"{s.name}(<-{','.join(s.inputs)}): {to_text(s.graph)}" for s in graph.stages)
     by_level: dict[int, list[str]] = {}
     for nid, lv in sorted(graph.levels.items(), key=lambda kv: (kv[1], kv[0])):
         n = graph.node_map[nid]
@@ -63,7 +72,10 @@ def to_short(graph: Graph, labels: Mapping[str, str] | Iterable[str] | None = No
     ``labels`` is the pool being shown (its model names) or the labels
     :func:`short_labels` made for it; a listing of many graphs passes the same pool to
     every call so one model reads the same everywhere. Without it the labels are unique
-    among the graph's own models."""
+    among the graph's own models. A pipeline: its stages as ``name: ...`` joined by `` / ``."""
+    if _stages(graph) is not None:
+        pool = labels if labels is not None else short_labels(n.model for s in graph.stages for n in s.graph.nodes)
+        return " / ".join(f"{s.name}: {to_short(s.graph, pool)}" for s in graph.stages)
     if labels is None:
         labels = short_labels(n.model for n in graph.nodes)
     elif not isinstance(labels, Mapping):
@@ -78,7 +90,12 @@ def to_short(graph: Graph, labels: Mapping[str, str] | Iterable[str] | None = No
 
 
 def to_mermaid(graph: Graph) -> str:
-    """A mermaid flowchart; roles and models appear on the nodes."""
+    """A mermaid flowchart; roles and models appear on the nodes (a pipeline: one subgraph
+    per stage)."""
+    if _stages(graph) is not None:
+        from graphtune.graphs.pipeline import to_mermaid as pipeline_mermaid
+
+        return pipeline_mermaid(graph)
     lines = ["flowchart LR"]
     for n in graph.nodes:
         shape = ("[[", "]]") if n.role == "fuser" else ("[", "]")

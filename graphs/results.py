@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,58 @@ def summarize(results: Sequence[QuestionResult]) -> Metrics:
         completion_tokens=sum(r.completion_tokens for r in results),
         n_modelled=sum(bool(r.modelled) for r in scored),
     )
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage of a pipeline over many questions: how often its answer was right (among
+    the questions its correctness is known on), how often it lost the pipeline's answer,
+    and its mean cost per question."""
+
+    stage: str
+    n: int  # questions with an outcome of this stage
+    n_scored: int  # of those, questions where the stage's correctness is known
+    n_correct: int
+    n_lost: int  # questions the pipeline got wrong because of this stage first
+    mean_flops: float
+    mean_usd: float
+    mean_latency_s: float
+    mean_tokens: float
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.n_correct / self.n_scored if self.n_scored else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "n": self.n, "n_scored": self.n_scored, "n_correct": self.n_correct,
+                "accuracy": self.accuracy, "n_lost": self.n_lost, "mean_flops": self.mean_flops,
+                "mean_usd": self.mean_usd, "mean_latency_s": self.mean_latency_s, "mean_tokens": self.mean_tokens}
+
+
+def summarize_stages(results: Sequence[QuestionResult]) -> list[StageSummary]:
+    """Per-stage summaries of pipeline results, in pipeline order (empty for single graphs).
+    Infrastructure failures are left out, as from accuracy."""
+    order: list[str] = []
+    acc: dict[str, list[StageOutcome]] = {}
+    lost: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            continue
+        for s in r.stages:
+            if s.stage not in acc:
+                order.append(s.stage)
+                acc[s.stage] = []
+            acc[s.stage].append(s)
+        at = r.lost_at
+        if at is not None:
+            lost[at] = lost.get(at, 0) + 1
+    out = []
+    for name in order:
+        xs = acc[name]
+        n = len(xs)
+        scored = [x for x in xs if x.correct is not None]
+        out.append(StageSummary(stage=name, n=n, n_scored=len(scored), n_correct=sum(1 for x in scored if x.correct),
+                                n_lost=lost.get(name, 0), mean_flops=sum(x.flops for x in xs) / n,
+                                mean_usd=sum(x.usd for x in xs) / n, mean_latency_s=sum(x.latency_s for x in xs) / n,
+                                mean_tokens=sum(x.prompt_tokens + x.completion_tokens for x in xs) / n))
+    return out

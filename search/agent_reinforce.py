@@ -23,6 +23,11 @@ calls, tokens, dollars, seconds) is returned by :meth:`drain_agent_steps` and st
 trials of agent proposals carry ``info["agent_step"]`` and the trial numbers of the
 graph they came from as ``parents``.
 
+On a multi-stage study (``ctx.space`` a PipelineSpace) the policy is a
+:class:`~graphtune.search.pipeline_policy.PipelinePolicy` (a distribution per stage and a
+learned budget split), the critic a :class:`~graphtune.search.pipeline_critic.PipelineCritic`
+(per-stage reports and updates) and the probes one pipeline per model.
+
 Saved state: the policy, the counters and phase, and the critic's queued proposals, usage
 and last rounds' summaries; the evidence is rebuilt from the store's trials by ``restore``.
 """
@@ -35,12 +40,15 @@ from typing import Any
 from pydantic import Field
 
 from graphtune.agent import make_agent
+from graphtune.agent.pipeline import PipelineProblemInfo
 from graphtune.agent.proposals import proposal_to_graph
 from graphtune.agent.report import ProblemInfo
 from graphtune.agent.schema import GraphProposal
 from graphtune.graphs.model import Graph
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
 from graphtune.search.critic import AgentCritic, probe_candidates
+from graphtune.search.pipeline_critic import PipelineCritic, pipeline_probe_candidates
+from graphtune.search.pipeline_policy import is_pipeline_study
 from graphtune.search.probgraph import ProbabilisticGraph
 from graphtune.search.racing import recommend_paired
 from graphtune.search.reinforce import PolicyOptions, policy_batch, policy_parts
@@ -82,21 +90,33 @@ class AgentReinforceSearcher(Searcher):
         o = self.opts
         self.racing, self.policy = policy_parts(ctx, o)
         self.n_samples = o.samples if o.samples is not None else max(2, ctx.batch_size - o.proposals)
-        pg = self.policy.pg
-        slots = tuple(pg.slot_id(i) for i in range(pg.S))
         objective = "accuracy" if ctx.objective.is_accuracy else (
             f"accuracy - {ctx.objective.cost_weight:g}/unit - {ctx.objective.latency_weight:g}/s latency "
             f"- {ctx.objective.usd_weight:g}/$")
         if o.pareto:  # search.options.pareto: the agent is told it is after a front
             objective += f" (Pareto mode: trading accuracy against {o.pareto}; cheap graphs matter too)"
-        self.problem = ProblemInfo(task_description=ctx.task_description, space=ctx.space, costs=ctx.costs,
-                                   budget=ctx.budget, objective=objective, slots=slots,
-                                   max_proposals=o.proposals, seed=ctx.seed)
-        self.critic = AgentCritic(make_agent(ctx.agent or {}, self.problem, complete=complete), self.problem,
-                                  self.racing, self.policy, build_graph=self._proposal_graph,
-                                  lr_agent=o.lr_agent, max_agent_delta=o.max_agent_delta,
-                                  max_proposals=o.proposals, objective=ctx.objective,
-                                  unit_flops=ctx.costs.unit_flops)
+        agent_settings = ctx.agent or {}
+        if is_pipeline_study(ctx):
+            # a multi-stage study: per-stage reports and updates (search/pipeline_critic.py)
+            pol = self.policy
+            self.problem = PipelineProblemInfo(
+                task_description=ctx.task_description, space=ctx.space, costs=ctx.costs, budget=ctx.budget,
+                objective=objective, slots={n: tuple(pg.slot_id(i) for i in range(pg.S)) for n, pg in pol.pgs.items()},
+                max_proposals=o.proposals, seed=ctx.seed)
+            self.critic = PipelineCritic(make_agent(agent_settings, self.problem, complete=complete), self.problem,
+                                         self.racing, pol, lr_agent=o.lr_agent, max_agent_delta=o.max_agent_delta,
+                                         max_proposals=o.proposals, objective=ctx.objective)
+        else:
+            pg = self.policy.pg
+            slots = tuple(pg.slot_id(i) for i in range(pg.S))
+            self.problem = ProblemInfo(task_description=ctx.task_description, space=ctx.space, costs=ctx.costs,
+                                       budget=ctx.budget, objective=objective, slots=slots,
+                                       max_proposals=o.proposals, seed=ctx.seed)
+            self.critic = AgentCritic(make_agent(agent_settings, self.problem, complete=complete), self.problem,
+                                      self.racing, self.policy, build_graph=self._proposal_graph,
+                                      lr_agent=o.lr_agent, max_agent_delta=o.max_agent_delta,
+                                      max_proposals=o.proposals, objective=ctx.objective,
+                                      unit_flops=ctx.costs.unit_flops)
         self.batches_told = 0
         #: "probe" until the probes (every affordable model alone) were told, then "search"
         self.phase = "probe"
@@ -104,7 +124,8 @@ class AgentReinforceSearcher(Searcher):
 
     @property
     def pg(self) -> ProbabilisticGraph:
-        """The distribution over graphs (the policy part's)."""
+        """The distribution over graphs (the policy part's; a multi-stage study has one per
+        stage instead: ``policy.pgs``)."""
         return self.policy.pg
 
     @property
@@ -120,7 +141,9 @@ class AgentReinforceSearcher(Searcher):
     def ask(self) -> list[Candidate]:
         if self.phase == "probe":
             # probes seed the agent's prior: measured on the second level's questions
-            cands = probe_candidates(self.ctx, self.policy, self.racing.questions(min(1, len(self.racing.levels) - 1)))
+            qs = self.racing.questions(min(1, len(self.racing.levels) - 1))
+            cands = (pipeline_probe_candidates(self.ctx, qs) if is_pipeline_study(self.ctx)
+                     else probe_candidates(self.ctx, self.policy, qs))
             if cands:
                 self._minibatch = tuple(cands[0].question_ids or ())
                 return cands
@@ -131,6 +154,8 @@ class AgentReinforceSearcher(Searcher):
 
     def tell(self, evaluations: Sequence[Evaluation]) -> None:
         self.racing.record(evaluations)
+        if isinstance(self.critic, PipelineCritic):
+            self.critic.remember(evaluations)
         mb = self._minibatch
         if self.phase == "probe":
             self.critic.initial(evaluations, mb, self.batches_told)
@@ -171,6 +196,8 @@ class AgentReinforceSearcher(Searcher):
 
     def restore(self, history: Sequence[Evaluation]) -> None:
         self.racing.restore(history)
+        if isinstance(self.critic, PipelineCritic):
+            self.critic.remember(history)
 
     def close(self) -> None:
         self.critic.close()

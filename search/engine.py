@@ -38,11 +38,12 @@ from typing import Any
 
 from graphtune.envs.base import Environment
 from graphtune.errors import GraphError, SearchError
-from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import GraphCost
-from graphtune.graphs.io import from_dict, to_dict
+from graphtune.graphs.design import design_from_dict as from_dict
+from graphtune.graphs.design import design_hash as graph_hash
+from graphtune.graphs.design import design_to_dict as to_dict
+from graphtune.graphs.design import validate_design as validate
 from graphtune.graphs.results import QuestionResult, summarize
-from graphtune.graphs.space import validate
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher
 from graphtune.store.base import StudyInfo, StudyStorage, TrialInfo, TrialRecord
 

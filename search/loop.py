@@ -11,8 +11,8 @@ import math
 from collections.abc import Sequence
 
 from graphtune.envs.base import Environment
-from graphtune.graphs.canonical import graph_hash
-from graphtune.graphs.io import to_dict
+from graphtune.graphs.design import design_hash as graph_hash
+from graphtune.graphs.design import design_to_dict as to_dict
 from graphtune.search.base import Candidate, Evaluation, ProgressCallback, SearchContext, Searcher
 from graphtune.search.engine import (MAX_IDLE_BATCHES, BatchEngine, SearchOutcome, TrialPlan, Update,
                                      excluded_by_model, no_graph_measured, trial_metrics)

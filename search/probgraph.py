@@ -227,10 +227,11 @@ class ProbabilisticGraph:
                 roles.append(-1)
         return models, roles, bits
 
-    def _quick_reject(self, models: Sequence[int], bits: Sequence[tuple[int, int, int]]) -> bool:
+    def _quick_reject(self, models: Sequence[int], bits: Sequence[tuple[int, int, int]],
+                      budget: Budget | None = None) -> bool:
         """Cheap budget check on the reached nodes (FLOPs, units, dollars depend only on
         each node's model and in-degree) before building the graph."""
-        b = self.budget
+        b = self.budget if budget is None else budget
         if b.units is None and b.flops is None and b.usd is None:
             return False
         preds: list[list[int]] = [[] for _ in range(self.S)]
@@ -281,10 +282,11 @@ class ProbabilisticGraph:
         edges = [(self.slot_id(i), self.slot_id(j)) for j in range(S) if reached[j] for i in preds[j]]
         return Graph.build(nodes, edges), tuple(reached)
 
-    def feasible(self, graph: Graph) -> bool:
+    def feasible(self, graph: Graph, budget: Budget | None = None) -> bool:
+        """Whether ``graph`` fits the space and ``budget`` (default: the distribution's own)."""
         if structural_errors(graph, self.space):
             return False
-        return self.budget.fits(self.costs.cost(graph))
+        return (self.budget if budget is None else budget).fits(self.costs.cost(graph))
 
     def sample_unconstrained(self, rng: np.random.Generator) -> GraphSample | None:
         """One latent draw without the feasibility check (None when a reached slot has no
@@ -295,19 +297,21 @@ class ProbabilisticGraph:
             return None
         return GraphSample(tuple(models), tuple(roles), tuple(bits), reached, g)
 
-    def sample(self, rng: np.random.Generator, *, max_tries: int = 5000) -> tuple[GraphSample, float]:
+    def sample(self, rng: np.random.Generator, *, max_tries: int = 5000,
+               budget: Budget | None = None) -> tuple[GraphSample, float]:
         """A feasible sample and its marginal log-probability (of the slot-labelled graph,
         before truncation to the feasible set; see the module doc for why that is the
-        right one for the gradient). Rejection sampling on space limits and budget."""
+        right one for the gradient). Rejection sampling on space limits and ``budget``
+        (default: the distribution's own; a pipeline's stage draws under its share)."""
         for _ in range(max_tries):
             models, roles, bits = self._draw_latent(rng)
-            if self._quick_reject(models, bits):
+            if self._quick_reject(models, bits, budget):
                 continue
             g, reached = self._build(models, roles, bits)
             if g is None:
                 continue
             s = GraphSample(tuple(models), tuple(roles), tuple(bits), reached, g)
-            if self.feasible(s.graph):
+            if self.feasible(s.graph, budget):
                 return s, self.log_prob(s, marginal=True)
         raise BudgetError(f"no feasible graph in {max_tries} draws from the probabilistic graph; "
                           "raise `budget` or relax `space`")

@@ -1,4 +1,5 @@
-"""``random``: uniform-ish random valid graphs within budget (the simplest baseline)."""
+"""``random``: uniform-ish random valid graphs (or pipelines: a graph per stage) within budget
+(the simplest baseline)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from graphtune.graphs.canonical import graph_hash
-from graphtune.graphs.space import random_graph
+from graphtune.graphs.design import design_hash, random_design
 from graphtune.search.base import (Candidate, Evaluation, SearchContext, Searcher, SearcherOptions, rng_from_state,
                                    rng_state)
 
@@ -22,7 +22,8 @@ class RandomSearcher(Searcher):
 
     Graphs already proposed are skipped (up to ``max_redraws`` redraws per slot), so the
     search never spends budget on a graph twice; in a tiny space it stops when no new
-    graph turns up.
+    graph turns up. On a multi-stage study each candidate is a pipeline whose stage graphs
+    are drawn under a random split of the budget (``graphs.design.random_design``).
     """
 
     name = "random"
@@ -38,8 +39,8 @@ class RandomSearcher(Searcher):
         out: list[Candidate] = []
         for _ in range(self.ctx.batch_size):
             for _ in range(self.max_redraws):
-                g = random_graph(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
-                h = graph_hash(g)
+                g = random_design(self.ctx.space, self.ctx.costs, self.ctx.budget, self.rng)
+                h = design_hash(g)
                 if h not in self.seen:
                     self.seen.add(h)
                     out.append(Candidate(graph=g, origin="random"))

@@ -23,6 +23,10 @@ the entropy floor.
 ``recommend``: among graphs measured on the most questions (at least half of the top
 coverage), the best mean on the questions they share with the leader, with a 95% CI.
 
+On a multi-stage study (``ctx.space`` a PipelineSpace) the policy part is a
+:class:`~graphtune.search.pipeline_policy.PipelinePolicy`: a probabilistic graph per stage
+and a learned split of the pipeline budget between the stages, updated by the same signal.
+
 Saved state: the policy (logits, Adam moments, generator) and the counters; the evidence
 is rebuilt from the store's trials by ``restore`` (see :mod:`graphtune.search.racing`).
 """
@@ -37,6 +41,7 @@ from pydantic import Field, field_validator
 from graphtune.errors import SpecError
 from graphtune.graphs.canonical import graph_hash
 from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchContext, Searcher, SearcherOptions
+from graphtune.search.pipeline_policy import PipelinePolicy, is_pipeline_study
 from graphtune.search.policy import PolicyUpdate
 from graphtune.search.probgraph import ProbabilisticGraph
 from graphtune.search.racing import ParetoScalarisation, Racing, recommend_paired
@@ -114,12 +119,16 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
     return cands + policy.sample(n_samples, mb, taken, racing), mb
 
 
-def policy_parts(ctx: SearchContext, o: PolicyOptions) -> tuple[Racing, PolicyUpdate]:
+def policy_parts(ctx: SearchContext, o: PolicyOptions) -> tuple[Racing, PolicyUpdate | PipelinePolicy]:
     """The racing and policy-update parts both policy searchers hold, from their options."""
-    pareto = ParetoScalarisation.of(o.pareto, o.pareto_weights, ctx.budget) if o.pareto else None
+    # a multi-stage study's budget is a PipelineBudget: the Pareto scale is its total
+    budget = ctx.budget.total if is_pipeline_study(ctx) else ctx.budget
+    pareto = ParetoScalarisation.of(o.pareto, o.pareto_weights, budget) if o.pareto else None
     racing = Racing.of(ctx, n0=o.n0, eta=o.eta, race_top=o.race_top, final_race_frac=o.final_race_frac,
                        pareto=pareto)
-    policy = PolicyUpdate(ctx, lr=o.lr, max_step=o.max_step, entropy_floor=o.entropy_floor, edge_init=o.edge_init)
+    # a multi-stage study: one distribution per stage and a budget split (search/pipeline_policy.py)
+    kind = PipelinePolicy if is_pipeline_study(ctx) else PolicyUpdate
+    policy = kind(ctx, lr=o.lr, max_step=o.max_step, entropy_floor=o.entropy_floor, edge_init=o.edge_init)
     return racing, policy
 
 
@@ -157,7 +166,8 @@ class ReinforceSearcher(Searcher):
 
     @property
     def pg(self) -> ProbabilisticGraph:
-        """The distribution over graphs (the policy part's)."""
+        """The distribution over graphs (the policy part's; a multi-stage study has one per
+        stage instead: ``policy.pgs``)."""
         return self.policy.pg
 
     def ask(self) -> list[Candidate]:

@@ -19,7 +19,9 @@ server received but whose reply the dead process had not yet committed to the le
 the calls in flight, plus replies within the ledger's 50 ms write-behind window).
 
 Usage: python tests/kill9_resume.py [--kills 10] [--methods agent-reinforce,tpe] [--seed 0]
-           [--json FILE]
+           [--json FILE] [--pipeline]
+``--pipeline`` runs the same checks on a two-stage live pipeline (a draft, then a check whose
+prompt holds the draft) searched by the given methods (e.g. ``--methods random``).
 Every run is a real process forked from this one after it imported graphtune and litellm
 (start-up in milliseconds), killed with a real SIGKILL. Exit status 0 when every check
 holds.
@@ -69,6 +71,47 @@ models:
 space:
   max_nodes: 4
   max_depth: 3
+budget:
+  units: 12
+objective:
+  cost_weight: 0.01
+search:
+  method: {method}
+  evaluations: {evaluations}
+  batch_size: 4
+  seed: {seed}
+  options: {options}
+env:
+  kind: live
+  concurrency: {concurrency}
+  max_tokens: 32
+storage: {storage}
+"""
+
+
+#: a two-stage live pipeline on the same endpoint (``--pipeline``): a draft, then a check
+#: whose prompt holds the draft
+PIPELINE_SPEC = """\
+study: {study}
+task:
+  dataset: {dataset}
+  scorer: numeric
+  dev_size: 6
+  test_size: 6
+models:
+  - name: llama-3.2-1b
+    litellm: openai/echo
+    api_base: {api_base}
+  - name: llama-3.2-3b
+    litellm: openai/echo-3b
+    api_base: {api_base}
+pipeline:
+  stages:
+    - name: draft
+      space: {{max_nodes: 3, max_depth: 2}}
+    - name: check
+      prompt: "Check this draft answer: {{draft}}\\nQuestion: {{question}}"
+      space: {{max_nodes: 3, max_depth: 2}}
 budget:
   units: 12
 objective:
@@ -231,20 +274,22 @@ def study_exists(db: Path, study: str) -> bool:
 
 
 def check_method(method: str, *, kills: int, seed: int, work: Path, server: FakeOpenAIServer,
-                 rng: random.Random, evaluations: int) -> dict:
+                 rng: random.Random, evaluations: int, pipeline: bool = False) -> dict:
     options = "{n_startup_trials: 4}" if method == "tpe" else "{}"
-    study = f"k9-{method}"
+    label = f"pipeline-{method}" if pipeline else method
+    study = f"k9-{label}"
+    template = PIPELINE_SPEC if pipeline else SPEC
 
     def write_spec(name: str, db: Path) -> Path:
         p = work / f"{name}.yaml"
-        p.write_text(SPEC.format(study=study, dataset=DATASET, api_base=server.api_base, method=method,
+        p.write_text(template.format(study=study, dataset=DATASET, api_base=server.api_base, method=method,
                                  evaluations=evaluations, seed=seed, options=options, concurrency=CONCURRENCY,
                                  storage=f"sqlite:///{db}"))
         return p
 
     # 1. the uninterrupted reference
-    ref_db = work / f"ref-{method}.db"
-    ref_spec = write_spec(f"ref-{method}", ref_db)
+    ref_db = work / f"ref-{label}.db"
+    ref_spec = write_spec(f"ref-{label}", ref_db)
     server.reset()
     first: list[float] = []
 
@@ -260,7 +305,7 @@ def check_method(method: str, *, kills: int, seed: int, work: Path, server: Fake
     # 2. resuming a finished study runs nothing (and tells how long a start-up takes)
     _, startup_s = run_cli(["resume", study, "--storage", f"sqlite:///{ref_db}", "--quiet"], cwd=work)
     if server.requests() != ref_requests:
-        raise AssertionError(f"{method}: resuming a finished study made {server.requests() - ref_requests} calls")
+        raise AssertionError(f"{label}: resuming a finished study made {server.requests() - ref_requests} calls")
     # each kill inside the search lets it progress by about half a slice
     search_s = ref_wall - (first[0] if first else startup_s)
     slice_s = max(0.05, search_s / kills)
@@ -274,15 +319,15 @@ def check_method(method: str, *, kills: int, seed: int, work: Path, server: Fake
     got = ref
     while n_mid < kills and rounds < 4:
         rounds += 1
-        db = work / f"kill-{method}-{rounds}.db"
-        spec = write_spec(f"kill-{method}-{rounds}", db)
+        db = work / f"kill-{label}-{rounds}.db"
+        spec = write_spec(f"kill-{label}-{rounds}", db)
         server.reset()
         finished = False
         round_kills = 0
         while not finished:
             attempts += 1
             if attempts > 20 * kills:
-                raise AssertionError(f"{method}: no progress after {attempts} attempts")
+                raise AssertionError(f"{label}: no progress after {attempts} attempts")
             # until the study is in the store (a kill during the first start-up), start it again
             args = (["resume", study, "--storage", f"sqlite:///{db}", "--quiet"] if study_exists(db, study) else
                     ["optimize", str(spec), "--quiet"])
@@ -321,7 +366,7 @@ def check_method(method: str, *, kills: int, seed: int, work: Path, server: Fake
         extra_total += round_requests - ref_requests
     if n_mid < kills:
         problems.append(f"only {n_mid} kills inside the search")
-    return {"method": method, "rounds": rounds, "kills": n_kills, "kills_mid_search": n_mid,
+    return {"method": label, "rounds": rounds, "kills": n_kills, "kills_mid_search": n_mid,
             "resumes": attempts - rounds, "kill_delays_s": delays, "trials": len(got["trials"]),
             "trials_match": not any("trials differ" in p for p in problems),
             "best_graph_match": not any("best graph" in p for p in problems),
@@ -371,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluations", type=int, default=8, help="search budget in full-dev evaluations")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--workdir", type=Path, help="keep the stores here (default: a temporary folder)")
+    ap.add_argument("--pipeline", action="store_true", help="search a two-stage live pipeline (draft, then check) "
+                                                            "instead of single graphs; its results are named "
+                                                            "pipeline-METHOD")
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
     t0 = time.perf_counter()
@@ -381,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         for method in a.methods.split(","):
             r = check_method(method.strip(), kills=a.kills, seed=a.seed, work=work, server=server, rng=rng,
-                             evaluations=a.evaluations)
+                             evaluations=a.evaluations, pipeline=a.pipeline)
             results.append(r)
             status = "ok" if not r["problems"] else "FAILED: " + "; ".join(r["problems"])
             print(f"{r['method']}: {r['rounds']} round(s), {r['kills']} kills ({r['kills_mid_search']} mid-search), {r['resumes']} resumes, "

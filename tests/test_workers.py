@@ -475,3 +475,16 @@ def test_a_worker_killed_while_it_holds_a_trial_loses_nothing(tmp_path):
     # (at most its share of the concurrency limit: 64 / 4)
     req = res["endpoint_requests"]
     assert req["reference"] <= req["workers"] <= req["reference"] + 16, req
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_worker_processes_run_a_pipeline_study_as_one_process_does(tmp_path):
+    """A multi-stage study (the simulated retrieve-then-answer pipeline, method random) run
+    by two `graphtune worker` processes on one SQLite store ends with the same trials,
+    pipelines, per-question results, state and test score as one `optimize`."""
+    res = _check(tmp_path, "--workers", "2", "--env", "pipeline", "--method", "random", "--evaluations", "12",
+                 timeout=280)
+    assert res["errors"] == [] and res["duplicate_places"] == 0 and res["unfinished"] == 0
+    assert len(res["worker_rows"]) == 2  # both joined (which trials each took depends on timing)
+    assert sum(w["trials_done"] for w in res["worker_rows"]) == res["trials"]  # none lost, none twice

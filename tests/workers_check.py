@@ -7,7 +7,7 @@ latency). Every worker is a real process forked from this one after it imported
 graphtune (and litellm for live specs), so start-up takes milliseconds.
 
     python tests/workers_check.py --storage postgresql+psycopg://... [--workers 4]
-        [--env simulated|live] [--method agent-reinforce] [--kill-one] [--json FILE]
+        [--env simulated|live|pipeline] [--method agent-reinforce] [--kill-one] [--json FILE]
 
 Checks: every trial finished, no (split, batch, slot) twice, no trial lost (the same
 trials as the reference, in the same places, with the same graphs, questions, results,
@@ -50,6 +50,27 @@ space:
   max_depth: 4
 budget:
   units: 18
+search:
+  method: {method}
+  evaluations: {evaluations}
+  batch_size: {batch_size}
+  seed: {seed}
+  options: {options}
+env:
+  kind: simulated
+storage: {storage}
+"""
+
+#: a simulated retrieve-then-answer pipeline (``--env pipeline``)
+PIPELINE_SPEC = """\
+study: {study}
+task: {{profile: pipeline-rag, dev_size: 40, test_size: 100}}
+models: [{{name: llama-3.2-1b}}, {{name: llama-3.2-3b}}, {{name: llama-3.1-8b}}, {{name: llama-3.1-70b}}]
+pipeline:
+  stages:
+    - {{name: retrieve, space: {{max_nodes: 3}}}}
+    - {{name: answer, space: {{models: [llama-3.2-3b, llama-3.1-8b], max_nodes: 5}}, budget: {{units: 300}}}}
+budget: {{units: 600}}
 search:
   method: {method}
   evaluations: {evaluations}
@@ -233,7 +254,7 @@ def run(*, storage: str, workers: int, env: str, method: str, evaluations: int, 
     options = "{n_startup_trials: 4}" if method == "tpe" else "{}"
 
     def spec_file(name: str, url: str) -> Path:
-        tpl = LIVE_SPEC if env == "live" else SIMULATED_SPEC
+        tpl = {"live": LIVE_SPEC, "pipeline": PIPELINE_SPEC}.get(env, SIMULATED_SPEC)
         p = work / f"{name}.yaml"
         p.write_text(tpl.format(study=study, dataset=DATASET, api_base=api_base, method=method,
                                 evaluations=evaluations, batch_size=batch_size, seed=seed, options=options,
@@ -323,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", help="shared store URL (default: a new database on $GRAPHTUNE_TEST_POSTGRES_URL's "
                                       "server, else a SQLite file)")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--env", choices=["simulated", "live"], default="simulated")
+    ap.add_argument("--env", choices=["simulated", "live", "pipeline"], default="simulated",
+                    help="pipeline: a simulated two-stage pipeline (retrieve, answer)")
     ap.add_argument("--method", default="agent-reinforce")
     ap.add_argument("--evaluations", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)

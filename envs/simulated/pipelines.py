@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from graphtune.envs.base import NodeOutcome, QuestionResult
+from graphtune.envs.base import Environment, NodeOutcome, QuestionResult
 from graphtune.envs.simulated.profile import PROFILE_DIR, Profile, expected_accuracy, profile_from_dict
 from graphtune.envs.simulated.simulator import SPLITS, SimulatedEnvironment
 from graphtune.errors import EnvError, GraphError
@@ -156,7 +156,7 @@ def sampling_graph(model: str, samples: int) -> Graph:
     return Graph.build(nodes, [(f"a{i}", "f") for i in range(samples)])
 
 
-class SimulatedPipelineEnvironment:
+class SimulatedPipelineEnvironment(Environment):
     """Runs pipelines on a simulated pipeline task; deterministic given ``seed``.
 
     ``evaluate(pipeline, question_ids)`` keeps the contract of
@@ -193,6 +193,11 @@ class SimulatedPipelineEnvironment:
         if name not in self._sizes:
             raise EnvError(f"unknown split {name!r}; the simulator has splits {list(SPLITS)}")
         return list(self._ids[name])
+
+    @property
+    def shape(self) -> TaskShape:
+        """The last stage's task shape (each stage's own is in ``costs.of(stage).shape``)."""
+        return self.costs.of(self.profile.stages[-1].name).shape
 
     def describe(self) -> str:
         return f"Pipeline '{self.profile.name}': {self.profile.task}. Stages: " + ", ".join(

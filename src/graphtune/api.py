@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from graphtune.envs.base import Environment
-from graphtune.errors import SpecError
-from graphtune.graphs.cost import CostModel, TaskShape
+from graphtune.errors import BudgetError, GraphError, SpecError
+from graphtune.graphs.cost import Budget, CostModel, GraphCost, PipelineCost, PipelineCostModel, TaskShape
 from graphtune.graphs.space import check_space_not_empty
 from graphtune.search.base import Objective, SearchContext, Searcher
 from graphtune.spec import Spec
@@ -175,6 +175,53 @@ def build_live_env(spec: Spec, examples: list | None = None):
                            servers=servers, description=t.description, acomplete=live_acomplete(settings))
 
 
+def build_live_pipeline_env(spec: Spec, examples: list | None = None, pipeline=None):
+    """The live environment of a multi-stage spec (``env.kind: live`` with ``pipeline``):
+    :func:`build_live_env`'s questions, scorer, endpoints and ledger, and per stage its
+    inputs, ``prompt`` template and prompts (the task's ``prompts`` with the stage's own
+    fields over them) and its task shape (the stage's ``input_tokens``/``output_tokens``,
+    else the task's, else estimated: ``graphtune.envs.live_pipeline.estimate_stage_shapes``).
+
+    ``pipeline`` (``graphtune run``): the stages to run are this pipeline's; with a
+    multi-stage spec they must be the spec's (names and inputs), with a single-stage spec
+    every stage takes the task's prompts and the default stage text."""
+    from graphtune.envs.live_pipeline import LivePipelineEnvironment, LiveStage
+    from graphtune.envs.prompts import build_prompts
+    from graphtune.envs.scorers import default_scorer_for
+
+    declared = {}
+    if spec.is_pipeline:
+        declared = {s.name: s for s in spec.pipeline.stages}
+        want = [(s.name, tuple(s.inputs)) for s in spec.pipeline_space().stages]
+    if pipeline is None:
+        wiring = want if spec.is_pipeline else None
+        if wiring is None:
+            raise SpecError("this spec has no `pipeline` section; give the pipeline's stages under pipeline.stages")
+    else:
+        wiring = [(s.name, tuple(s.inputs)) for s in pipeline.stages]
+        if spec.is_pipeline and wiring != want:
+            raise SpecError(f"the pipeline's stages (inputs) {[(n, list(i)) for n, i in wiring]} are not the spec's "
+                            f"pipeline.stages {[(n, list(i)) for n, i in want]}; run it with the spec of its study")
+    t = spec.task
+    scorer_name = t.scorer or default_scorer_for(t.preset)
+    base = t.prompts.model_dump()
+    stages = []
+    for name, inputs in wiring:
+        st = declared.get(name)
+        over = {**base, **{k: v for k, v in st.prompts.model_dump().items() if v is not None}} if st else base
+        try:
+            prompts = build_prompts(over.get("style"), over, scorer=scorer_name, preset=t.preset,
+                                    roles=spec.role_templates())
+        except SpecError as e:
+            raise SpecError(f"pipeline stage {name!r}: {e}") from None
+        stages.append(LiveStage(name, inputs, prompts, prompt=st.prompt if st else None,
+                                input_tokens=(st.input_tokens if st else None) or t.input_tokens,
+                                output_tokens=(st.output_tokens if st else None) or t.output_tokens,
+                                description=(st.description or "") if st else ""))
+    live = build_live_env(spec, examples)
+    return LivePipelineEnvironment(live, stages, description=t.description)
+
+
 def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
     """``graphtune validate --check-endpoints``: per pool model, ``(name, ok, detail)``
     after checking that its ``api_key_env`` variable is set and making one cheap call
@@ -284,12 +331,88 @@ def _simulated_env_and_costs(spec: Spec, space, budget):
 ENV_BUILDERS = {"simulated": _simulated_env_and_costs, "live": _live_env_and_costs, "replay": _replay_env_and_costs}
 
 
+def _check_pipeline_not_empty(space, costs, budget) -> None:
+    """Raise a one-line error unless each stage's space has a graph and every stage's
+    cheapest graph together (the cheapest pipeline there is) fits the budget and the caps."""
+    per = []
+    for st in space.stages:
+        try:
+            c = check_space_not_empty(st.space, costs.of(st.name), Budget())
+        except (BudgetError, GraphError) as e:
+            raise type(e)(f"pipeline stage {st.name!r}: {e}") from None
+        per.append((st.name, dataclasses.replace(c, units=c.flops / costs.unit_flops)))
+    total = GraphCost(flops=sum(c.flops for _, c in per), units=sum(c.units for _, c in per),
+                      usd=sum(c.usd for _, c in per), latency_s=sum(c.latency_s for _, c in per),
+                      prompt_tokens=0.0, completion_tokens=0.0)
+    v = budget.violations(PipelineCost(total=total, stages=tuple(per)))
+    if v:
+        raise BudgetError(f"budget is impossible: even the cheapest pipeline (each stage's cheapest graph) breaks "
+                          f"it ({'; '.join(v)}); raise `budget` or the stage's cap")
+
+
+def _live_pipeline_env_and_costs(spec: Spec, space, budget):
+    """A live pipeline: one cost model per stage over the pool, with the stage's task shape
+    (its prompt includes its input stages' answers; ``build_live_pipeline_env``)."""
+    env = build_live_pipeline_env(spec)
+    try:
+        pool = spec.pool()
+        costs = PipelineCostModel({name: CostModel(pool, shape) for name, shape in env.shapes.items()})
+        _check_pipeline_not_empty(space, costs, budget)
+    except BaseException:
+        env.close()
+        raise
+    return env, costs
+
+
+#: the same for multi-stage specs (besides the simulator's, below): ``(spec, pipeline space,
+#: pipeline budget) -> (environment, pipeline cost model)``
+PIPELINE_ENV_BUILDERS: dict = {"live": _live_pipeline_env_and_costs}
+
+
+def _simulated_pipeline_env_and_costs(spec: Spec, space, budget):
+    """The simulated pipeline of ``task.profile`` (``pipeline-rag``, ``pipeline-tool-use`` or
+    a pipeline profile file); the spec's stages must be the profile's, with the same inputs,
+    and each stage's models ones the profile models for that stage."""
+    from graphtune.envs.simulated.pipelines import BUILTIN_PIPELINES, SimulatedPipelineEnvironment
+
+    name = spec.task.profile
+    key = name.removeprefix("pipeline-") if name.startswith("pipeline-") else name
+    if key not in BUILTIN_PIPELINES and not Path(name).exists():
+        raise SpecError(f"task.profile {name!r} is not a pipeline profile; a multi-stage spec on the simulator takes "
+                        f"{', '.join('pipeline-' + k for k in sorted(BUILTIN_PIPELINES))} or a pipeline profile "
+                        "file")
+    env = SimulatedPipelineEnvironment(key if key in BUILTIN_PIPELINES else name, seed=spec.env.seed,
+                                       dev_size=spec.task.dev_size, test_size=spec.task.test_size, pool=spec.pool())
+    want = [(s.name, s.inputs) for s in env.profile.stages]
+    got = [(s.name, s.inputs) for s in space.stages]
+    if want != got:
+        raise SpecError(f"pipeline.stages: the simulated pipeline {name!r} has the stages (inputs) "
+                        f"{[(n, list(i)) for n, i in want]}, the spec {[(n, list(i)) for n, i in got]}; give its "
+                        "stages in that order with those inputs")
+    for st in space.stages:
+        modelled = env.profile.stage(st.name).profile.model_names
+        bad = [m for m in st.space.models if m not in modelled]
+        if bad:
+            raise SpecError(f"pipeline.stages: stage {st.name!r} uses model(s) {bad}, which the simulated pipeline "
+                            f"{name!r} does not model for it; its models: {list(modelled)} (set the stage's "
+                            "space.models)")
+    _check_pipeline_not_empty(space, env.costs, budget)
+    return env, env.costs
+
+
 def build_problem(spec: Spec) -> Problem:
     """Resolve a spec into an environment and a search context; raises a one-line error
     for an unknown model, an impossible budget or an empty space."""
-    space = spec.space_obj()
-    budget = spec.budget.budget()
-    env, costs = ENV_BUILDERS[spec.env.kind](spec, space, budget)
+    space = spec.search_space()
+    budget = spec.search_budget()
+    if spec.is_pipeline:
+        builders = {"simulated": _simulated_pipeline_env_and_costs, **PIPELINE_ENV_BUILDERS}
+        if spec.env.kind not in builders:
+            raise SpecError(f"env.kind {spec.env.kind!r} does not run multi-stage pipelines; use "
+                            f"{' or '.join(repr(k) for k in builders)}")
+        env, costs = builders[spec.env.kind](spec, space, budget)
+    else:
+        env, costs = ENV_BUILDERS[spec.env.kind](spec, space, budget)
     obj = Objective(cost_weight=spec.objective.cost_weight, latency_weight=spec.objective.latency_weight,
                     usd_weight=spec.objective.usd_weight)
     dev = tuple(env.split("dev"))
@@ -309,6 +432,9 @@ class GraphRun:
     results: list
     node_runs: dict | None
     calls: dict
+    #: a pipeline on one question text: every stage's run in order
+    #: (``graphtune.envs.live_pipeline.StageRun``: its question text, node runs, answer)
+    stage_runs: list | None = None
 
 
 def check_runnable(graph, spec: Spec) -> None:
@@ -354,6 +480,8 @@ def run_graph(spec: Spec, graph, *, question: str | None = None, dataset: str | 
         raise SpecError(f"graphtune run needs a spec with `env: {{kind: live}}` (this one is {spec.env.kind!r})")
     if (question is None) == (dataset is None):
         raise SpecError("give exactly one of --question TEXT and --dataset PATH")
+    if getattr(graph, "stages", None) is not None:
+        return _run_pipeline(spec, graph, question=question, dataset=dataset, limit=limit)
     check_runnable(graph, spec)
     if question is not None:
         examples = [Example(id="question", question=question, answer=None)]
@@ -374,6 +502,36 @@ def run_graph(spec: Spec, graph, *, question: str | None = None, dataset: str | 
                                  error=errors[0] if errors else None)
             return GraphRun([res], runs, env.executor.stats.as_dict())
         results = env.evaluate(graph, env.split("dev"))
+        return GraphRun(results, None, env.executor.stats.as_dict())
+    finally:
+        env.close()
+
+
+def _run_pipeline(spec: Spec, pipeline, *, question: str | None, dataset: str | None,
+                  limit: int | None) -> GraphRun:
+    """``run_graph`` of a multi-stage pipeline: each stage's graph checked against the spec
+    (``check_runnable``), then run stage by stage with the stages' prompts."""
+    from graphtune.envs.datasets import Example, load_dataset
+    from graphtune.envs.live_pipeline import pipeline_result
+    from graphtune.errors import GraphError
+
+    for s in pipeline.stages:
+        try:
+            check_runnable(s.graph, spec)
+        except GraphError as e:
+            raise GraphError(f"stage {s.name!r}: {e}") from None
+    if question is not None:
+        examples = [Example(id="question", question=question, answer=None)]
+    else:
+        examples = load_dataset(dataset, fields=spec.task.fields, preset=spec.task.preset, limit=limit)
+    env = build_live_pipeline_env(spec, examples, pipeline=pipeline)
+    try:
+        if question is not None:
+            runs = env.run_text(pipeline, question)
+            res = pipeline_result(pipeline, examples[0], runs, None)
+            node_runs = {f"{r.stage}/{nid}": nr for r in runs for nid, nr in r.runs.items()}
+            return GraphRun([res], node_runs, env.executor.stats.as_dict(), stage_runs=runs)
+        results = env.evaluate(pipeline, env.split("dev"))
         return GraphRun(results, None, env.executor.stats.as_dict())
     finally:
         env.close()
@@ -437,7 +595,7 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     (``graphtune.spec.stored_spec_data``)."""
     from graphtune.spec import stored_spec_data
 
-    old = stored_spec_data(old)
+    old, new = stored_spec_data(old), stored_spec_data(new)  # both in today's shape (a pipeline's: no `space`)
     out = []
     for c in spec_changes(old, new):
         if c in SAFE_TO_CHANGE:

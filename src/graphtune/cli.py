@@ -192,12 +192,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         -> None:
     """Check a spec; print what it searches (models, roles, space size, cost range, budget),
     the models that can never fit the budget, and with --full the whole resolved spec."""
-    import numpy as np
     import yaml
-    from rich.table import Table
 
     from graphtune.api import build_problem, make_searcher
-    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
     from graphtune.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -226,11 +223,48 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         con.print(f"study {spec.study} in {_url(spec.storage)}; env {spec.env.kind}; method {spec.search.method}, "
                   f"{spec.search.evaluations} evaluations, batch {spec.search.batch_size}, seed {spec.search.seed}",
                   soft_wrap=True, markup=False)
-        con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
-                  f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
-                  + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
-        con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
-                  soft_wrap=True, markup=False)
+        if not hasattr(ctx.space, "stages"):
+            con.print(f"models: {', '.join(m.name for m in spec.models)}; roles: {', '.join(ctx.space.roles)}; "
+                      f"at most {ctx.space.max_nodes} nodes, depth {ctx.space.max_depth}"
+                      + (f" ({ctx.space.note})" if ctx.space.note else ""), soft_wrap=True, markup=False)
+            con.print(f"budget per query: {_budget_text(ctx.budget)}  (--full prints the whole resolved spec)",
+                      soft_wrap=True, markup=False)
+    if hasattr(ctx.space, "stages"):
+        _validate_pipeline(con, ctx, problem, full=full, max_enumerate=max_enumerate)
+    else:
+        _validate_graphs(con, ctx, problem, max_enumerate)
+    if check_endpoints:
+        from graphtune.api import check_endpoints as check
+
+        results = check(spec)
+        for name, ok, detail in results:
+            con.print(f"endpoint {name}: {'ok' if ok else 'failed'}: {detail}", soft_wrap=True, markup=False)
+        bad = [name for name, ok, _ in results if not ok]
+        if bad:
+            from graphtune.errors import EnvError
+
+            raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
+                           "before running a search")
+
+
+def _cost_table(con, costs: list, how: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"cost per query, {how}")
+    for col in ("", "min", "max"):
+        t.add_column(col)
+    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
+                         ("latency s", "latency_s", ".2f")):
+        vals = [getattr(c, key) for c in costs]
+        t.add_row(name, format(min(vals), f), format(max(vals), f))
+    con.print(t)
+
+
+def _validate_graphs(con, ctx, problem, max_enumerate: int) -> None:
+    import numpy as np
+
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs, random_graph
+
     for warn in _never_fit(ctx):
         con.print(f"warning: {warn}", soft_wrap=True, markup=False)
     try:
@@ -244,28 +278,52 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         costs = [ctx.costs.cost(random_graph(ctx.space, ctx.costs, ctx.budget, rng)) for _ in range(500)]
         how = "over 500 random graphs (the space is too large to enumerate)"
     con.print(f"space: {size}")
-    t = Table(title=f"cost per query, {how}")
-    for col in ("", "min", "max"):
-        t.add_column(col)
-    for name, key, f in (("units", "units", ".2f"), ("FLOPs", "flops", ".3g"), ("USD / query", "usd", ".2e"),
-                         ("latency s", "latency_s", ".2f")):
-        vals = [getattr(c, key) for c in costs]
-        t.add_row(name, format(min(vals), f), format(max(vals), f))
-    con.print(t)
+    _cost_table(con, costs, how)
     con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
               f"search budget: {ctx.budget_runs} graph-question runs")
-    if check_endpoints:
-        from graphtune.api import check_endpoints as check
 
-        results = check(spec)
-        for name, ok, detail in results:
-            con.print(f"endpoint {name}: {'ok' if ok else 'failed'}: {detail}", soft_wrap=True, markup=False)
-        bad = [name for name, ok, _ in results if not ok]
-        if bad:
-            from graphtune.errors import EnvError
 
-            raise EnvError(f"{len(bad)} of {len(results)} endpoints failed the check ({', '.join(bad)}); fix them "
-                           "before running a search")
+def _validate_pipeline(con, ctx, problem, *, full: bool, max_enumerate: int) -> None:
+    """``validate`` of a multi-stage spec: per stage its models, roles, limits, cap and
+    graph count, the models that can never fit; the cost range of random pipelines."""
+    import numpy as np
+
+    from graphtune.errors import GraphError
+    from graphtune.graphs.design import random_design, stage_budget
+    from graphtune.graphs.model import ASSISTANT, Graph, Node
+    from graphtune.graphs.space import SpaceTooLarge, enumerate_graphs
+    from graphtune.graphs.space import validate as check
+
+    sizes = []
+    for st in ctx.space.stages:
+        sp, cm = st.space, ctx.costs.of(st.name)
+        room = stage_budget(ctx.space, ctx.costs, ctx.budget, st.name)  # the others at their cheapest
+        cap = ctx.budget.cap(st.name)
+        if not full:
+            con.print(f"stage {st.name} (<- {', '.join(st.inputs)}): models {', '.join(sp.models)}; roles "
+                      f"{', '.join(sp.roles)}; at most {sp.max_nodes} nodes, depth {sp.max_depth}"
+                      + (f"; cap {_budget_text(cap)}" if cap is not None else ""), soft_wrap=True, markup=False)
+        for m in sp.models:
+            try:
+                check(Graph((Node("n0", ASSISTANT, m),), ()), sp, cm, room)
+            except GraphError as e:
+                con.print(f"warning: stage {st.name!r}: model {m!r} can never be used there: a single call, with "
+                          f"the other stages at their cheapest, breaks the budget ({e})", soft_wrap=True, markup=False)
+        try:
+            n = len(enumerate_graphs(sp, cm, room, limit=max_enumerate))
+            sizes.append(f"{st.name} {n}")
+        except SpaceTooLarge:
+            sizes.append(f"{st.name} more than {max_enumerate}")
+    if not full:
+        con.print(f"budget per query, whole pipeline: {_budget_text(ctx.budget.total)}  (--full prints the whole "
+                  "resolved spec)", soft_wrap=True, markup=False)
+    con.print(f"space: graphs per stage (up to isomorphism, the other stages at their cheapest): {', '.join(sizes)}",
+              soft_wrap=True, markup=False)
+    rng = np.random.default_rng(0)
+    costs = [ctx.costs.cost(random_design(ctx.space, ctx.costs, ctx.budget, rng)).total for _ in range(200)]
+    _cost_table(con, costs, "over 200 random pipelines")
+    con.print(f"dev questions: {len(ctx.dev_ids)}, test questions: {len(problem.test_ids)}, "
+              f"search budget: {ctx.budget_runs} pipeline-question runs")
 
 
 def _budget_text(budget) -> str:
@@ -346,6 +404,28 @@ def optimize(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     _print_outcome(con, spec, problem, st, out)
 
 
+def _shape(g) -> str:
+    """A design's size: a graph's nodes, width and depth; a pipeline's stages and nodes."""
+    if hasattr(g, "stages"):
+        return f"{len(g.stages)} stages, {g.size} nodes (" + ", ".join(f"{s.name} {s.graph.size}" for s in g.stages) + ")"
+    return f"{g.size} nodes, width {g.width}, depth {g.depth}"
+
+
+def _stage_lines(cost, results, split: str) -> list[str]:
+    """One line per stage of a pipeline: its cost per query and, from ``results``, how often
+    its answer was right and how often it lost the pipeline's answer."""
+    from graphtune.graphs.results import summarize_stages
+
+    summ = {s.stage: s for s in summarize_stages(results)}
+    out = []
+    for name, c in cost.stages:
+        s = summ.get(name)
+        acc = (f"; {split} stage accuracy {_fmt(s.accuracy)} (n={s.n_scored}), lost {s.n_lost}"
+               if s is not None and s.n_scored else "")
+        out.append(f"  stage {name:<9} {c.units:.2f} units, ${c.usd:.6f}, {c.latency_s:.2f} s{acc}")
+    return out
+
+
 def _print_outcome(con, spec, problem, st, out) -> None:
     from rich.panel import Panel
     from rich.text import Text
@@ -357,7 +437,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         con.print("no graph was evaluated successfully; see `graphtune trials " + spec.study + "`")
         raise SystemExit(1)
     g = out.best.graph
-    c = problem.costs.cost(g)
+    cost = problem.costs.cost(g)
+    c = getattr(cost, "total", cost)  # a pipeline's cost: its total, with the stages' beside it
     lo, hi = out.best.ci95()
     test = summarize(out.test_results) if out.test_results else None
     replay = spec.env.kind == "replay"
@@ -365,7 +446,7 @@ def _print_outcome(con, spec, problem, st, out) -> None:
     test_note = f"; {_modelled(test.as_dict() if test else None)}" if replay else ""
     lines = [
         f"best graph      {to_text(g)}",
-        f"                {g.size} nodes, width {g.width}, depth {g.depth}; trial #{out.best.best_trial}",
+        f"                {_shape(g)}; trial #{out.best.best_trial}",
         f"dev reward      {out.best.mean:.3f}  (95% CI {lo:.3f}-{hi:.3f}, n={out.best.n}{dev_note})",
         f"test accuracy   {_fmt(test.accuracy if test else None)}  (n={test.n_scored if test else 0}, held out"
         f"{test_note})",
@@ -374,6 +455,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
         f"({out.runs_spent / max(1, len(problem.ctx.dev_ids)):.1f} x dev set), stopped: {out.stopped}",
         f"study           {spec.study} in {_url(spec.storage)}",
     ]
+    if hasattr(cost, "stages"):
+        lines[6:6] = _stage_lines(cost, out.test_results or (), "test")
     if test and test.n_errors:
         lines.append(f"infrastructure  {test.n_errors} test questions failed to run (excluded from accuracy, not "
                      "scored wrong); see `graphtune trials`")
@@ -397,7 +480,8 @@ def _print_outcome(con, spec, problem, st, out) -> None:
 
 @app.command("run")
 @_guard
-def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph file (YAML or JSON)"),
+def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a graph or pipeline file (YAML or JSON, "
+                                                                          "as `graphtune export` writes)"),
             spec_path: Path = typer.Option(..., "--spec", help="a spec with `env: {kind: live}` (models, prompts)"),
             question: Optional[str] = typer.Option(None, "--question", help="run on this question text"),
             dataset: Optional[str] = typer.Option(None, "--dataset",
@@ -407,8 +491,9 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
             storage: Optional[str] = typer.Option(None, "--storage", help="store of the call ledger (default: the "
                                                                            "spec's)"),
             no_cache: bool = typer.Option(False, "--no-cache", help="make every call again (ignore the ledger)"),
-            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output")) -> None:
-    """Execute one graph on live endpoints; print the answer, its cost and latency."""
+            nodes: bool = typer.Option(False, "--nodes", help="with --question: print every node's output (and, for "
+                                                              "a pipeline, each stage's question and answer)")) -> None:
+    """Execute one graph or multi-stage pipeline on live endpoints; print the answer, its cost and latency."""
     from graphtune.api import redact, run_graph
     from graphtune.envs.base import summarize
     from graphtune.graphs.io import load
@@ -421,11 +506,17 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     graph = load(graph_path)
     out = run_graph(spec, graph, question=question, dataset=dataset, limit=limit)
     con = _console()
-    con.print(f"graph     {to_text(graph)}")
+    pipeline = getattr(graph, "stages", None) is not None
+    if pipeline:
+        con.print("pipeline  " + to_text(graph).replace("\n", "\n          "))
+    else:
+        con.print(f"graph     {to_text(graph)}")
     calls = f"{out.calls['made']} made, {out.calls['cached'] + out.calls['shared']} served from the ledger"
     if out.node_runs is not None:
         r = out.results[0]
-        if nodes:
+        if nodes and pipeline:
+            _print_stage_runs(con, out.stage_runs)
+        elif nodes:
             for nid in graph.topo_order:
                 n, nr = graph.node_map[nid], out.node_runs[nid]
                 tag = " (ledger)" if nr.cached else ""
@@ -447,6 +538,13 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     m = summarize(out.results)
     con.print(f"accuracy  {_fmt(m.accuracy)} on {m.n_scored} scored of {m.n} questions "
               f"({m.n_errors} infrastructure failures)")
+    if pipeline:
+        from graphtune.graphs.results import summarize_stages
+
+        for st in summarize_stages(out.results):
+            acc = f"accuracy {_fmt(st.accuracy)}, " if st.n_scored else ""
+            con.print(f"  stage {st.stage:<9} {acc}{st.mean_tokens:.0f} tokens, {_fmt(st.mean_flops, '.3g')} FLOPs, "
+                      f"${_fmt(st.mean_usd, '.6f')}, {_fmt(st.mean_latency_s, '.2f')} s per query")
     con.print(f"per query {_fmt(m.mean_flops, '.3g')} FLOPs, ${_fmt(m.mean_usd, '.6f')}, "
               f"{_fmt(m.mean_latency_s, '.2f')} s latency (critical path); "
               f"{m.prompt_tokens} prompt + {m.completion_tokens} completion tokens in all")
@@ -454,6 +552,31 @@ def run_cmd(graph_path: Path = typer.Argument(..., metavar="GRAPH", help="a grap
     errs = [r.error for r in out.results if r.error]
     if errs:
         con.print(f"first failure: {redact(errs[0])}")
+
+
+def _print_stage_runs(con, stage_runs) -> None:
+    """``graphtune run PIPELINE --nodes``: per stage, the text its graph ran on, every
+    node's output and the stage's answer."""
+    from graphtune.api import redact
+
+    def block(text: str) -> str:
+        return "    " + redact(text).strip().replace("\n", "\n    ")
+
+    for sr in stage_runs:
+        con.print(f"== stage {sr.stage}: {sr.latency_s:.2f} s")
+        con.print("  question:")
+        con.print(block(sr.text))
+        for nid in sr.graph.topo_order:
+            n, nr = sr.graph.node_map[nid], sr.runs.get(nid)
+            if nr is None:
+                continue
+            tag = " (ledger)" if nr.cached else ""
+            con.print(f"  [{sr.stage}/{nid}] {n.role} {n.model}: {nr.prompt_tokens}+{nr.completion_tokens} tokens, "
+                      f"{nr.latency_s:.2f} s{tag}")
+            con.print(block(nr.text or f"error: {nr.error}"))
+        if sr.error is None:
+            con.print(f"  stage answer ({sr.stage}):")
+            con.print(block(sr.answer or ""))
 
 
 # -- studies / trials / show -----------------------------------------------------------
@@ -551,7 +674,7 @@ def trials(study: str = typer.Argument(...), storage: str = STORAGE_OPT,
     rows = store.list_trials(st.id, split=split)
     graphs = {r.number: from_dict(r.graph) for r in rows if r.status != "failed"}
     # one label per model across the listing, unique within the study's models
-    labels = short_labels(n.model for g in graphs.values() for n in g.nodes)
+    labels = short_labels(m for g in graphs.values() for m in g.model_counts())  # a graph's or a pipeline's
     tests = [t for t in store.list_trials(st.id, split="test") if t.status == "complete" and t.parents]
     rec = tests[-1].parents[0] if tests else None
     if top:
@@ -624,7 +747,7 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
         t = tests[-1]
         best = store.get_trial(st.id, t.parents[0]) if t.parents else None
         g = from_dict(t.graph)
-        con.print(f"best graph: {to_text(g)}")
+        con.print(f"{'best pipeline' if hasattr(g, 'stages') else 'best graph'}: {to_text(g)}")
         if best:
             con.print(f"dev: reward {_fmt(best.reward)}, accuracy {_fmt(best.accuracy)} on {len(best.question_ids)} "
                       f"questions{replay_note(best)} (trial #{best.number})")
@@ -632,6 +755,8 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
                   f"{replay_note(t)} (trial #{t.number})")
         con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, "
                   f"${_fmt(t.usd, '.6f')}, {_fmt(t.latency_s, '.2f')} s")
+        if hasattr(g, "stages"):
+            _print_stages(con, store, g, best or t, test=t)
         con.print(to_mermaid(g))
         return
     t = store.get_trial(st.id, trial)
@@ -649,10 +774,38 @@ def show(study: str = typer.Argument(...), trial: Optional[int] = typer.Argument
               f"{t.new_runs} runs paid")
     con.print(f"cost / query: {_fmt(t.cost_units, '.2f')} units, {_fmt(t.flops, '.3g')} FLOPs, ${_fmt(t.usd, '.6f')}, "
               f"{_fmt(t.latency_s, '.2f')} s")
+    if hasattr(g, "stages"):
+        _print_stages(con, store, g, t)
     if t.parents:
         con.print(f"parents: {t.parents}")
     if t.feedback:
         con.print(f"feedback: {t.feedback}")
+
+
+def _print_stages(con, store, pipeline, trial, *, test=None) -> None:
+    """A pipeline trial's stages, one line each: inputs, models, calls, cost per query (its
+    share of the trial's units by FLOPs, dollars, latency), stage accuracy on the trial's
+    questions and how many of the pipeline's wrong answers the stage lost first; with
+    ``test`` (the held-out trial) its stage accuracy there too."""
+    from graphtune.stages import stage_rows
+
+    split = trial.split
+    rows = stage_rows(pipeline, store.trial_results(trial.id), trial_units=trial.cost_units)
+    tests = ({r.name: r for r in stage_rows(pipeline, store.trial_results(test.id), trial_units=test.cost_units)}
+             if test is not None and test.id != trial.id else {})
+    head = ("stage", "reads", "calls", "units", "USD / query", "latency s", f"{split} stage acc", "lost",
+            *(("test stage acc",) if tests else ()), "models")
+    cells = []
+    for r in rows:
+        tr = tests.get(r.name)
+        cells.append((r.name, ",".join(r.inputs), str(r.calls), _fmt(r.units, ".2f"), _fmt(r.usd, ".6f"),
+                      _fmt(r.latency_s, ".2f"),
+                      f"{_fmt(r.accuracy)} (n={r.n_scored})" if r.n_scored else "-", str(r.n_lost) if r.n else "-",
+                      *((f"{_fmt(tr.accuracy)} (n={tr.n_scored})" if tr is not None and tr.n_scored else "-",)
+                        if tests else ()), r.models_text()))
+    con.print(f"stages of trial #{trial.number} (stage accuracy: the stage's own answer right; lost: the pipeline's "
+              "wrong answers this stage lost first):", soft_wrap=True)
+    con.print("\n".join(_columns(head, cells, right=(2, 3, 4, 5, 7))), soft_wrap=True)
 
 
 # -- export / pareto / report / compare ---------------------------------------------------
@@ -754,7 +907,7 @@ def pareto_cmd(study: str = typer.Argument(..., metavar="NAME"),
     for col in ("#", "accuracy", "n", "units", "USD / query", "latency s", "FLOPs"):
         t.add_column(col, no_wrap=True)
     t.add_column("graph", overflow="fold")
-    labels = short_labels(n.model for p in sp.points for n in from_dict(p.graph).nodes)
+    labels = short_labels(m for p in sp.points for m in from_dict(p.graph).model_counts())
     for p in front:
         mark = " *" if sp.recommended is not None and p.graph_hash == sp.recommended.graph_hash else ""
         t.add_row(f"{p.trial_number}{mark}", f"{p.accuracy:.3f}", str(p.n), f"{p.cost_units:.2f}", f"{p.usd:.2e}",

@@ -103,7 +103,11 @@ def _optuna_dashboard():
 
 
 def graph_features(g: Graph) -> dict[str, Any]:
-    """The features of a graph that become Optuna params (plain values)."""
+    """The features of a graph that become Optuna params (plain values); of a pipeline,
+    every stage's graph features named ``<stage>:<feature>`` (``answer:n_nodes``,
+    ``retrieve:model:llama-3.1-70b``, ...)."""
+    if hasattr(g, "stages"):
+        return {f"{s.name}:{k}": v for s in g.stages for k, v in graph_features(s.graph).items()}
     feats: dict[str, Any] = {"n_nodes": g.size, "n_edges": len(g.edges), "depth": g.depth, "width": g.width,
                              "max_in_degree": g.max_in_degree}
     try:
@@ -133,7 +137,12 @@ class FeatureSpace:
     max_in_degree: int
 
     @staticmethod
-    def from_study(spec: dict, graphs: Sequence[Graph]) -> FeatureSpace:
+    def from_study(spec: dict, graphs: Sequence[Graph]) -> FeatureSpace | PipelineFeatureSpace:
+        """The feature space of a study's spec, widened to ``graphs``; a pipeline study's
+        (the spec has ``pipeline.stages``, or the graphs are pipelines): one space per stage."""
+        stages = ((spec or {}).get("pipeline") or {}).get("stages")
+        if stages or any(hasattr(g, "stages") for g in graphs):
+            return PipelineFeatureSpace.from_study(spec, graphs)
         space = (spec or {}).get("space") or {}
         models = set(space.get("models") or [m.get("name") for m in (spec or {}).get("models") or []
                                              if isinstance(m, dict) and m.get("name")])
@@ -186,6 +195,49 @@ class FeatureSpace:
         return params, dists
 
 
+@dataclass(frozen=True)
+class PipelineFeatureSpace:
+    """The feature space of a pipeline study: a :class:`FeatureSpace` per stage (from the
+    stage's space in the spec, widened to the stage's graphs), its features and
+    distributions named ``<stage>:<feature>``."""
+
+    stages: tuple[tuple[str, FeatureSpace], ...]
+
+    @staticmethod
+    def from_study(spec: dict, graphs: Sequence[Any]) -> PipelineFeatureSpace:
+        spec = spec or {}
+        declared = [st for st in ((spec.get("pipeline") or {}).get("stages") or []) if isinstance(st, dict)]
+        names = [st.get("name") for st in declared]
+        for p in graphs:  # stages the spec does not name (a changed spec): from the stored pipelines
+            for s in getattr(p, "stages", ()):
+                if s.name not in names:
+                    names.append(s.name)
+        out = []
+        for name in names:
+            st = next((d for d in declared if d.get("name") == name), {})
+            sub = {"space": st.get("space") or {}, "models": spec.get("models") or []}
+            stage_graphs = [s.graph for p in graphs for s in getattr(p, "stages", ()) if s.name == name]
+            out.append((name, FeatureSpace.from_study(sub, stage_graphs)))
+        return PipelineFeatureSpace(tuple(out))
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {f"{name}:{k}": d for name, fs in self.stages for k, d in fs.distributions().items()}
+
+    def params(self, p) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+        """``(params, distributions)`` of a pipeline, stage by stage (a stage the space does
+        not know, or a single graph, gives none)."""
+        params: dict[str, Any] = {}
+        dists: dict[str, BaseDistribution] = {}
+        spaces = dict(self.stages)
+        for s in getattr(p, "stages", ()):
+            if s.name not in spaces:
+                continue
+            ps, ds = spaces[s.name].params(s.graph)
+            params.update({f"{s.name}:{k}": v for k, v in ps.items()})
+            dists.update({f"{s.name}:{k}": v for k, v in ds.items()})
+        return params, dists
+
+
 # -- the mirror ----------------------------------------------------------------------------
 
 
@@ -221,7 +273,11 @@ def _wrap(text: str, width: int = NOTE_WIDTH, limit: int = NOTE_TEXT_CHARS) -> s
 
 
 def _graph_block(g: Graph) -> str:
-    """The graph as text, one topological level per line, each wrapped."""
+    """The graph as text, one topological level per line, each wrapped; a pipeline: each
+    stage's name and inputs, then its graph's levels, indented."""
+    if hasattr(g, "stages"):
+        return "\n".join(f"{s.name} (reads {', '.join(s.inputs)}):\n"
+                         + "\n".join("  " + line for line in _graph_block(s.graph).splitlines()) for s in g.stages)
     return _wrap("\n".join(to_text(g).split(" | ")), limit=10 * NOTE_TEXT_CHARS)
 
 
@@ -445,7 +501,8 @@ class StudyMirror:
                  "best-covered trial's), as graphtune ranks; trials scored on fewer are *Infeasible* (grey)", ""]
         rec, test = sp.recommended, sp.test_trial
         if rec is not None:
-            lines += [f"**Recommended graph** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
+            kind = "pipeline" if "stages" in (rec.graph or {}) else "graph"
+            lines += [f"**Recommended {kind}** (user attr `recommended`): graphtune trial #{rec.trial_number}, "
                       f"dev accuracy {rec.accuracy:.3f} on {rec.n} questions, {rec.cost_units:.2f} units:", "",
                       "```text", _graph_block(from_dict(rec.graph)), "```", ""]
             if test is not None:
@@ -495,6 +552,13 @@ class StudyMirror:
                  "worker": t.worker, "recommended": True if recommended else None}
         if t.status == "complete" and (t.accuracy is None or t.cost_units is None):
             attrs["error"] = t.error or "no question was scored (every run failed); nothing to plot"
+        if isinstance(t.graph, dict) and "stages" in t.graph:  # a pipeline: its stages, short, in order
+            try:
+                from graphtune.graphs.render import to_short
+
+                attrs["stages"] = to_short(from_dict(t.graph))
+            except GraphtuneError:
+                pass
         return {k: v for k, v in attrs.items() if v is not None}
 
     def _add(self, t: TrialInfo, need: int, *, recommended: bool) -> _Mirrored:
@@ -557,6 +621,9 @@ class StudyMirror:
         def f(x, spec):
             return "-" if x is None else format(x, spec)
 
+        if g is not None and hasattr(g, "stages"):
+            lines += self._stage_lines(t, g, f)
+
         lines += ["### Metrics", "", "| accuracy | reward | scored / questions | infra failures | runs paid | units "
                   "| FLOPs | USD / query | latency s |", "|---|---|---|---|---|---|---|---|---|",
                   f"| {f(t.accuracy, '.3f')} | {f(t.reward, '.3f')} | {m.get('n_scored', '-')} / "
@@ -579,6 +646,24 @@ class StudyMirror:
                 elif s.get("applied"):
                     lines += ["update applied:", "", "```text", _wrap(str(s["applied"]), limit=1000), "```", ""]
         return "\n".join(lines)
+
+    def _stage_lines(self, t: TrialInfo, p, f) -> list[str]:
+        """The note's table of a pipeline trial's stages (graphtune.stages.stage_rows over
+        the trial's stored results)."""
+        from graphtune.stages import stage_rows
+
+        results = self.store.trial_results(t.id) if t.status == "complete" else []
+        rows = stage_rows(p, results, trial_units=t.cost_units)
+        out = ["### Stages", "", "| stage | reads | calls | models | stage accuracy | answers lost | units | "
+               "USD / query | latency s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            acc = f"{f(r.accuracy, '.3f')} on {r.n_scored}" if r.n_scored else "-"
+            out.append(f"| {r.name} | {', '.join(r.inputs)} | {r.calls} | {r.models_text()} | {acc} | "
+                       f"{r.n_lost if r.n else '-'} | {f(r.units, '.2f')} | {f(r.usd, '.2e')} | "
+                       f"{f(r.latency_s, '.2f')} |")
+        return out + ["", "Stage accuracy: the stage's own answer right for the stage; answers lost: the "
+                          "pipeline's wrong answers this stage got wrong first; units: the stage's share of the "
+                          "trial's units by FLOPs.", ""]
 
     def _save_note(self, trial_id: int, body: str) -> None:
         _optuna_dashboard().save_note(optuna.trial.Trial(self.study, trial_id), body)

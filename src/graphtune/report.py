@@ -15,6 +15,11 @@ limit is cut at a word boundary, with its full length noted (or kept whole behin
 "more" expander where it is short enough), so the page stays small and inert whatever
 the models replied. The size does not grow with the number of trials except through the
 Pareto front and the timeline (one row per agent step).
+
+A pipeline study's report names the recommended pipeline, draws it one box per stage,
+tables its stages (models, cost share, dev and held-out stage accuracy, answers lost:
+:func:`graphtune.stages.stage_rows`), and its drill-down shows each stage's answer per
+question (bounded like node outputs) before the nodes, named ``<stage>/<node id>``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graphtune.export import _matplotlib, draw_graph
+from graphtune.export import _matplotlib, draw_graph, pipeline_figure
 from graphtune.graphs.io import from_dict
 from graphtune.graphs.render import to_text
 from graphtune.pareto import (METRIC_LABELS, FrontPoint, cost_attr, default_ref_cost, hypervolume_points,
@@ -61,7 +66,8 @@ details.q:target, details.q[open] { background: #fcfcf4; }
 
 def _png(fig, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a pipeline's drawing lays itself out (constrained)
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
@@ -152,6 +158,11 @@ def proposal_text(prop: Any) -> str:
     nodes and edges as written (an invalid proposal is shown as the agent wrote it)."""
     if not isinstance(prop, dict):
         return plain(prop)
+    if "stages" in prop:  # a proposed pipeline: its stages' text, else as the agent wrote it
+        try:
+            return to_text(from_dict({k: prop[k] for k in ("stages", "schema_version") if k in prop}))
+        except Exception:  # noqa: BLE001 - an invalid proposal (its rejection reason says why)
+            return plain(prop.get("stages"), 600)
     data = {k: prop[k] for k in ("nodes", "edges", "sink") if k in prop}
     try:
         return to_text(from_dict(data))
@@ -205,7 +216,7 @@ def cost_breakdown(store, study) -> dict[str, Any]:
         env["completion_tokens"] += r.completion_tokens or 0
         env["flops"] += r.flops or 0.0
         env["usd"] += r.usd or 0.0
-        models = {n["id"]: n["model"] for n in graphs[trial_id].get("nodes", [])}
+        models = _node_models(graphs[trial_id])
         for n in r.nodes:
             m = models.get(n.node_id, "?")
             d = per_model.setdefault(m, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "flops": 0.0,
@@ -225,6 +236,14 @@ def cost_breakdown(store, study) -> dict[str, Any]:
         for k in ("calls", "prompt_tokens", "completion_tokens", "usd", "seconds"):
             agent[k] += st.get(k) or 0
     return {"environment": env, "per_model": dict(sorted(per_model.items())), "agent": agent}
+
+
+def _node_models(graph: dict) -> dict[str, str]:
+    """Node id -> model of a stored graph; of a stored pipeline, ``<stage>/<node id>`` (how
+    its results name node outcomes) -> model."""
+    if "stages" in graph:
+        return {f"{st['name']}/{n['id']}": n["model"] for st in graph["stages"] for n in st["graph"].get("nodes", [])}
+    return {n["id"]: n["model"] for n in graph.get("nodes", [])}
 
 
 def top_points(points: Sequence[FrontPoint], k: int) -> list[FrontPoint]:
@@ -277,6 +296,9 @@ def fig_pareto(points: Sequence[FrontPoint], metric: str, recommended: FrontPoin
 
 
 def fig_graph(graph, title: str):
+    """A drawing of a graph, or of a pipeline (one box per stage)."""
+    if hasattr(graph, "stages"):
+        return pipeline_figure(graph, title=title)
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(max(3.5, 2.0 + 1.6 * graph.depth), max(2.4, 1.0 + 1.0 * graph.width)))
     draw_graph(graph, ax, title=title)
@@ -405,20 +427,83 @@ def _node_rows(r, models: dict[str, str], sink: str | None) -> str:
             f"<th>tokens in / out</th><th>latency s</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
+def _stage_answer_rows(r) -> str:
+    """A pipeline result's stages on one question: each stage's answer (bounded), whether
+    it was right for the stage, its tokens, dollars and duration, and which stage lost the
+    pipeline's answer; empty for a single graph's result."""
+    if not r.stages:
+        return ""
+    lost = r.lost_at
+    rows = []
+    for s in r.stages:
+        ok = "-" if s.correct is None else ("&#10003;" if s.correct else "&#10007;")
+        cls = "" if s.correct is None else (" class='ok'" if s.correct else " class='bad'")
+        out = bounded(s.answer, NODE_OUTPUT_CHARS) if s.answer else "<span class='note'>(empty)</span>"
+        name = _esc(s.stage) + (" <span class='note'>(lost the answer)</span>" if s.stage == lost else "")
+        rows.append(f"<tr class='stage'><td>{name}</td><td>{out}</td><td{cls}>{ok}</td>"
+                    f"<td>{s.prompt_tokens:,} / {s.completion_tokens:,}</td><td>${s.usd:.6f}</td>"
+                    f"<td>{s.latency_s:.2f}</td></tr>")
+    return ("<table><thead><tr><th>stage</th><th>stage answer (as scored)</th><th>right for the stage</th>"
+            f"<th>tokens in / out</th><th>USD</th><th>duration s</th></tr></thead><tbody>{''.join(rows)}"
+            "</tbody></table>")
+
+
+def _stages_html(store, trials, best: FrontPoint | None, test) -> str:
+    """The recommended pipeline's stages: what each runs, its share of the cost, its
+    stage accuracy on the dev questions (and the held-out ones) and the answers it lost."""
+    from graphtune.stages import stage_rows
+
+    if best is None:
+        return ""
+    design = from_dict(best.graph)
+    if not hasattr(design, "stages"):
+        return ""
+    t = _trial_of(trials, best.trial_number)
+    rows = stage_rows(design, store.trial_results(t.id) if t is not None else [],
+                      trial_units=t.cost_units if t is not None else None)
+    tested = (stage_rows(design, store.trial_results(test.id), trial_units=test.cost_units)
+              if test is not None and test.graph_hash == best.graph_hash else [])
+    by_test = {r.name: r for r in tested}
+    head = ["stage", "reads", "graph", "models (calls)", "units", "USD / query", "FLOPs", "latency s",
+            "dev stage accuracy", "dev answers lost"] + (["test stage accuracy", "test answers lost"] if tested else [])
+    body = []
+    for r in rows:
+        tr = by_test.get(r.name)
+        cells = [r.name, ", ".join(r.inputs), to_text(r.graph), r.models_text(), _fmt(r.units, ".2f"),
+                 _fmt(r.usd, ".6f"), _fmt(r.flops, ".3g"), _fmt(r.latency_s, ".2f"),
+                 f"{_fmt(r.accuracy)} on {r.n_scored}" if r.n_scored else "-", str(r.n_lost) if r.n else "-"]
+        if tested:
+            cells += [f"{_fmt(tr.accuracy)} on {tr.n_scored}" if tr is not None and tr.n_scored else "-",
+                      str(tr.n_lost) if tr is not None and tr.n else "-"]
+        body.append("<tr class='stage-row'>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    legend = ("<p class='legend'>One row per stage of the recommended pipeline (trial "
+              f"#{best.trial_number}), in order. Units: the stage's share of the pipeline's units by FLOPs; USD, "
+              "FLOPs and latency: means per query over the trial's questions. Stage accuracy: how often the stage's "
+              "own answer was right for the stage (what the next stage needs); answers lost: the pipeline's wrong "
+              "answers this stage was the first to get wrong.</p>")
+    thead = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    return legend + f"<table class='stages'><thead><tr>{thead}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def _drilldown(store, chosen: Sequence[Any], limit: int = MAX_QUESTIONS) -> tuple[str, dict[int, dict[str, str]]]:
     """The drill-down section, and per trial number the anchor of each question shown."""
     if not chosen:
         return "<p>No finished trials.</p>", {}
     anchors: dict[int, dict[str, str]] = {}
-    parts = [f"<p class='legend'>Each question opens to what every node of the graph produced on it, in the "
-             f"graph's order: the output as the scorer read it (the extracted answer where the task extracts one), "
+    parts = [f"<p class='legend'>Each question opens to what every node of the graph produced on it (for a "
+             f"pipeline, first each stage's answer, then every node as stage/node), in the graph's order: the output as the scorer read it (the extracted answer where the task extracts one), "
              f"cut to {NODE_OUTPUT_CHARS} characters with the full length noted, whether it was right, its tokens "
              f"and latency. Shown for the top graphs, the recommended trial and the held-out test trial, first "
              f"{limit} questions each.</p>"]
     for t in chosen:
         res = store.trial_results(t.id)
         graph = from_dict(t.graph)
-        models = {n.id: f"{n.role} : {n.model}" for n in graph.nodes}
+        if hasattr(graph, "stages"):  # a pipeline: its results name nodes <stage>/<node id>
+            models = {f"{st.name}/{n.id}": f"{n.role} : {n.model}" for st in graph.stages for n in st.graph.nodes}
+            sink = f"{graph.final.name}/{graph.final.graph.sink}"
+        else:
+            models = {n.id: f"{n.role} : {n.model}" for n in graph.nodes}
+            sink = graph.sink
         acc = f"accuracy {_fmt(t.accuracy)} on {len(t.question_ids)} questions" if t.accuracy is not None else t.status
         parts.append(f"<h3 id='trial-{t.number}'>trial #{t.number} ({_esc(t.split)}): {acc}</h3>"
                      f"<p><code>{_esc(to_text(graph))}</code></p>")
@@ -433,7 +518,7 @@ def _drilldown(store, chosen: Sequence[Any], limit: int = MAX_QUESTIONS) -> tupl
                         f"</span> {_esc(r.question_id)}: {bounded(r.answer or '', 80)}"
                         + (" <span class='note'>(modelled)</span>" if r.modelled else ""))
             parts.append(f"<details class='q' id='{aid}'><summary>{head}</summary>"
-                         f"{_node_rows(r, models, graph.sink)}</details>")
+                         f"{_stage_answer_rows(r)}{_node_rows(r, models, sink)}</details>")
         if len(res) > limit:
             parts.append(f"<p class='sub'>first {limit} of {len(res)} questions</p>")
     return "".join(parts), anchors
@@ -447,6 +532,8 @@ def _changes(st: dict) -> str:
         d = applied["deltas"]
         if d.get("scale") is not None:
             lines.append(f"applied at scale {_num(d['scale'], '.2f')} (the agent's confidence times its step size)")
+        if isinstance(d.get("stages"), dict):  # a multi-stage study: per-stage deltas and the split
+            lines += _stage_changes(d, applied.get("incumbent_stages"))
         if d.get("model"):
             lines.append("model preference: " + ", ".join(f"{m} {_num(x)}" for m, x in d["model"].items()))
         if d.get("role"):
@@ -479,6 +566,39 @@ def _changes(st: dict) -> str:
     return "<ul class='steps'>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>" if lines else "-"
 
 
+def _stage_changes(d: dict, incumbent: Any) -> list[str]:
+    """A pipeline agent step, per stage: the deltas applied to each stage's distribution,
+    the budget split's, and the incumbent's cost, stage accuracy and answers lost (plain
+    text lines, escaped by the caller)."""
+    lines = []
+    for name, x in d["stages"].items():
+        if not isinstance(x, dict):
+            continue
+        parts = []
+        if x.get("model"):
+            parts.append("models " + ", ".join(f"{m} {_num(v)}" for m, v in x["model"].items()))
+        if x.get("role"):
+            parts.append("roles " + ", ".join(f"{r} {_num(v)}" for r, v in x["role"].items()))
+        if x.get("edges"):
+            parts.append("edges " + ", ".join(f"{e[0]}\u2192{e[1]} {_num(e[2])}" for e in x["edges"][:16]
+                                              if isinstance(e, (list, tuple)) and len(e) == 3))
+        for k in ("target_width", "target_depth"):
+            if isinstance(x.get(k), dict):
+                parts.append(f"{k.removeprefix('target_')} {x[k].get(k.removeprefix('target_'))}")
+        lines.append(f"stage {name}: " + ("; ".join(parts) if parts else "no change"))
+    if d.get("budget_split"):
+        lines.append("budget split: " + ", ".join(f"{n} {_num(v)}" for n, v in d["budget_split"].items()))
+    if isinstance(d.get("expected_split"), dict):
+        lines.append("expected budget shares now: " + ", ".join(f"{n} {_num(v)}" for n, v in d["expected_split"].items()))
+    if isinstance(incumbent, dict):
+        for name, v in incumbent.items():
+            if isinstance(v, dict):
+                acc = v.get("stage_accuracy")
+                lines.append(f"incumbent's {name}: {v.get('graph')} ({_num(v.get('cost_units'), '.1f')} units, stage "
+                             f"accuracy {'n/a' if acc is None else _num(acc)}, lost {v.get('lost')}/{v.get('n')})")
+    return lines
+
+
 def _proposals(st: dict) -> str:
     applied = st.get("applied") if isinstance(st.get("applied"), dict) else {}
     outcomes = applied.get("proposals") or []
@@ -494,6 +614,8 @@ def _proposals(st: dict) -> str:
         status = str(o.get("status") or "?")
         reason = f" ({more(o['reason'], 120, 600)})" if o.get("reason") else ""
         graph = f": <code>{_esc(proposal_text(g))}</code>" if g is not None else ""
+        if o.get("stage"):  # a pipeline proposal: the stage it changes
+            graph = f" stage {_esc(o['stage'])}" + graph
         items.append(f"<b>{_esc(status)}</b>{reason}{graph}")
     if len(outcomes) > MAX_PROPOSALS_SHOWN:
         items.append(f"<span class='note'>and {len(outcomes) - MAX_PROPOSALS_SHOWN} more</span>")
@@ -567,11 +689,12 @@ def build_report(store, study, *, metric: str = "units", top: int = 3) -> tuple[
     hv = hypervolume_points(sp.points, metric, ref)
     dev = [t for t in trials if t.split == "dev"]
     test = sp.test_trial
+    pipeline = bool(best is not None and "stages" in best.graph)
     summary = [
         ("method", study.method), ("status", study.status),
         ("dev trials", f"{len(dev)} ({sum(t.status == 'failed' for t in dev)} failed)"),
         ("graph-question runs spent", str(study.runs_spent)),
-        ("recommended graph", to_text(from_dict(best.graph)) if best else "-"),
+        ("recommended pipeline" if pipeline else "recommended graph", to_text(from_dict(best.graph)) if best else "-"),
         ("dev accuracy", f"{best.accuracy:.3f} on {best.n} questions (trial #{best.trial_number})" if best else "-"),
         ("test accuracy", f"{_fmt(test.accuracy)} on {len(test.question_ids)} held-out questions" if test else
          "not scored yet"),
@@ -602,9 +725,12 @@ def build_report(store, study, *, metric: str = "units", top: int = 3) -> tuple[
         _img(pngs["pareto.png"], "Pareto plot", "well-evaluated graphs (grey), the front (red), the recommended "
                                                 "graph (star)"),
         "</div>",
-        "<h2>Recommended graph</h2>",
-        _img(pngs["best_graph.png"], "drawing of the best graph", "levels left to right; fusers square; the sink "
-                                                                   "outlined red") if "best_graph.png" in pngs else "",
+        "<h2>Recommended pipeline</h2>" if pipeline else "<h2>Recommended graph</h2>",
+        _img(pngs["best_graph.png"], "drawing of the best graph",
+             ("one box per stage, in order, an arrow from each stage to the stages reading it; in a box: "
+              if pipeline else "") + "levels left to right; fusers square; the sink outlined red")
+        if "best_graph.png" in pngs else "",
+        *(["<h3>Stages</h3>", _stages_html(store, trials, best, test)] if pipeline else []),
         "<h2>Pareto front</h2>",
         _table(["trial", "accuracy", "questions", "units", "USD / query", "latency s", "graph"], front_rows),
         f"<h2>Per-question results of the top {top} graphs</h2>",

@@ -2,8 +2,10 @@
 
 Sections: ``study``, ``task``, ``models``, ``roles`` (roles users define: a prompt template,
 input and sink rules, the built-in role the simulator models them as), ``space``, ``budget``, ``objective``,
-``search``, ``env`` (one model per ``kind``), ``storage`` (and ``stages``, reserved for
-multi-stage pipelines: absent, or one stage equal to the top level).
+``search``, ``env`` (one model per ``kind``), ``storage``, and ``pipeline`` (a multi-stage
+pipeline: its ``stages``, each with its inputs, space, optional budget cap and prompts; the
+top-level ``budget`` and ``objective`` are the pipeline's). ``stages`` is an older reserved
+form: absent, or one stage equal to the top level.
 ``load_spec`` turns any problem into one ``SpecError`` line naming the file, the line,
 the field path and what is allowed. Secrets are referenced by environment-variable name
 (``api_key_env``), never written in the file.
@@ -24,9 +26,10 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from graphtune.errors import SpecError
+from graphtune.errors import GraphError, SpecError
 from graphtune.graphs.catalog import KNOWN_MODELS
-from graphtune.graphs.cost import Budget, ModelInfo
+from graphtune.graphs.cost import Budget, ModelInfo, PipelineBudget
+from graphtune.graphs.design import PipelineSpace, StageSpace
 from graphtune.graphs.model import BUILTIN_ROLES, RoleSpec
 from graphtune.graphs.space import Space
 
@@ -426,6 +429,8 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
     flat model hold every kind's fields (defaults and nulls); the fields that are not of the
     stored kind meant nothing for it and are dropped (never refused) so the study loads."""
     out = dict(data)
+    if out.get("pipeline"):  # resolved() writes the top-level space's defaults, which a pipeline spec refuses
+        out.pop("space", None)
     env = out.get("env")
     if isinstance(env, dict):
         model = ENV_KINDS.get(env.get("kind", "simulated"))
@@ -453,6 +458,53 @@ class StageSpec(_Strict):
     budget: BudgetSpec | None = None
 
 
+def _stage_template(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"bad template: {e} (write literal braces as {{{{ and }}}})") from None
+    if any(not n.replace("_", "a").replace("-", "a").isalnum() for n in names):
+        raise ValueError("placeholders name the question or an input stage: {question}, {retrieve}, ...")
+    return v
+
+
+class PipelineStageSpec(_Strict):
+    """One stage of ``pipeline.stages``: a collaboration graph searched in its own space,
+    whose prompt holds the question and/or the final answers of earlier stages."""
+
+    name: str = Field(min_length=1, max_length=64, description="unique; letters, digits, _ and -; not `question`")
+    inputs: list[str] | None = Field(
+        None, description="`question` and/or earlier stages' names, whose final answers the stage reads (default: "
+                          "the question, plus the previous stage for every stage but the first)")
+    description: str | None = Field(None, max_length=500, description="what the stage does (told to the agent "
+                                                                      "and shown in reports)")
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    budget: BudgetSpec | None = Field(None, description="optional cap on this stage's own cost per query (the "
+                                                        "top-level budget bounds the whole pipeline)")
+    prompt: Annotated[str | None, AfterValidator(_stage_template)] = Field(
+        None, description="live: the text the stage's graph is given as its question, a str.format template over "
+                          "{question} and its input stages' names (default: the question, then each input "
+                          "stage's answer under a heading)")
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec, description="live: the stage's prompt templates "
+                                                                          "and answer format")
+    input_tokens: float | None = Field(None, gt=0, le=MAX_TOKENS, description="live: the stage's average prompt "
+                                                                               "tokens (default: estimated)")
+    output_tokens: float | None = Field(None, gt=0, le=MAX_TOKENS)
+
+    def resolved_inputs(self, previous: str | None) -> tuple[str, ...]:
+        if self.inputs is not None:
+            return tuple(self.inputs)
+        return ("question",) if previous is None else ("question", previous)
+
+
+class PipelineSpec(_Strict):
+    """``pipeline``: a multi-stage pipeline; the last stage's answer is scored."""
+
+    stages: list[PipelineStageSpec] = Field(min_length=1, max_length=32)
+
+
 class Spec(_Strict):
     study: str = Field("default", min_length=1, max_length=200)
     task: TaskSpec
@@ -467,8 +519,10 @@ class Spec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     env: EnvSpec = Field(default_factory=SimulatedEnv)
     storage: str = "sqlite:///graphtune.db"
-    stages: list[StageSpec] | None = Field(None, description="reserved for multi-stage pipelines: absent, or one "
-                                                             "stage equal to the top level")
+    stages: list[StageSpec] | None = Field(None, description="older reserved form: absent, or one stage equal to "
+                                                             "the top level (multi-stage pipelines: `pipeline`)")
+    pipeline: PipelineSpec | None = Field(None, description="a multi-stage pipeline: each stage its own graph, "
+                                                            "space and prompts, one budget for the whole")
     #: the folder of the spec file (set by load_spec), for relative dataset paths
     _source_dir: Path | None = PrivateAttr(None)
 
@@ -480,9 +534,15 @@ class Spec(_Strict):
         # declared roles are usable by default: a space without `roles` takes the built-in
         # ones plus the declared ones (a space that lists its roles must list them all)
         if isinstance(data, dict) and isinstance(data.get("roles"), dict) and data["roles"]:
+            names = [k for k in data["roles"] if isinstance(k, str)]
+            pipe = data.get("pipeline")
+            if isinstance(pipe, dict) and isinstance(pipe.get("stages"), list):  # each stage's space, not the top's
+                stages = [{**st, "space": {**st.get("space", {}), "roles": [*BUILTIN_ROLES, *names]}}
+                          if isinstance(st, dict) and isinstance(st.get("space", {}), dict)
+                          and "roles" not in st.get("space", {}) else st for st in pipe["stages"]]
+                return {**data, "pipeline": {**pipe, "stages": stages}}
             space = data.get("space", {})
             if isinstance(space, dict) and "roles" not in space:
-                names = [k for k in data["roles"] if isinstance(k, str)]
                 data = {**data, "space": {**space, "roles": [*BUILTIN_ROLES, *names]}}
         return data
 
@@ -515,6 +575,9 @@ class Spec(_Strict):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"models: duplicate names {dups}; each model needs a unique name")
+        if self.pipeline is not None:
+            self._check_pipeline(names)
+            return self
         if self.space.models is not None:
             unknown = [m for m in self.space.models if m not in names]
             if unknown:
@@ -555,7 +618,107 @@ class Spec(_Strict):
             raise ValueError("task.dataset needs env.kind `live`; the simulator takes task.profile")
         return self
 
+    def _check_pipeline(self, names: list[str]) -> None:
+        """The checks of a multi-stage spec: each stage's space against the pool and the
+        declared roles, the stages' names and inputs (a DAG in order), the env kinds that
+        run pipelines."""
+        # a stored (resolved) spec holds the default `space`: only a space with settings is refused
+        if "space" in self.model_fields_set and self.space != SpaceSpec():
+            raise ValueError("space: a multi-stage spec gives each stage its space under pipeline.stages[i].space; "
+                             "move the top-level `space` there")
+        if self.stages is not None:
+            raise ValueError("stages: give either `pipeline.stages` or the older `stages`, not both; drop `stages`")
+        declared = dict(self.roles or {})
+        known = [*BUILTIN_ROLES, *declared]
+        used: set[str] = set()
+        for i, st in enumerate(self.pipeline.stages):
+            at = f"pipeline.stages[{i}]"
+            sp = st.space
+            if sp.models is not None:
+                unknown = [m for m in sp.models if m not in names]
+                if unknown:
+                    raise ValueError(f"{at}.space.models: unknown model(s) {unknown}; the pool has {names}")
+                if not sp.models:
+                    raise ValueError(f"{at}.space.models is empty; list at least one model of the pool")
+            bad = [r for r in sp.roles if r not in known]
+            if bad:
+                raise ValueError(f"{at}.space.roles: unknown roles {bad}; known roles: {known} (declare a custom "
+                                 "role under `roles`)")
+            used |= set(sp.roles)
+            if sp.sink_roles is not None:
+                bad = [r for r in sp.sink_roles if r not in sp.roles]
+                if bad:
+                    raise ValueError(f"{at}.space.sink_roles: {bad} not in the stage's roles {list(sp.roles)}")
+                no_sink = [r for r in sp.sink_roles if r in declared and not declared[r].sink]
+                if no_sink:
+                    raise ValueError(f"{at}.space.sink_roles: {no_sink} have `sink: false` under `roles`")
+            if st.prompt is not None:
+                allowed = {"question", *st.resolved_inputs(self.pipeline.stages[i - 1].name if i else None)}
+                fields = {f for _, f, _, _ in string.Formatter().parse(st.prompt) if f is not None}
+                if fields - allowed:
+                    raise ValueError(f"{at}.prompt: placeholder(s) {sorted(fields - allowed)} are not the question "
+                                     f"or an input of stage {st.name!r}; allowed: {sorted(allowed)}")
+        unused = [r for r in declared if r not in used]
+        if unused:
+            raise ValueError(f"roles: the declared role(s) {unused} are in no stage's space.roles; add them to a "
+                             "stage or remove their declaration")
+        try:
+            self.pipeline_space()
+        except GraphError as e:
+            raise ValueError(f"pipeline.stages: {e}") from None
+        if self.env.kind == "simulated" and self.task.profile is None:
+            raise ValueError("env.kind `simulated` needs task.profile: a pipeline profile (pipeline-rag, "
+                             "pipeline-tool-use) or a pipeline profile file")
+        if self.env.kind == "replay":
+            raise ValueError("env.kind: replay records single graphs' outcomes; a multi-stage pipeline runs on the "
+                             "simulator or live")
+        if self.env.kind == "live" and self.task.dataset is None:
+            raise ValueError("env.kind `live` needs task.dataset (a JSONL/CSV file or hf:NAME) and task.scorer or "
+                             "task.preset")
+        if self.env.kind == "live" and self.task.scorer is None and self.task.preset is None:
+            raise ValueError("env.kind `live` needs task.scorer or a task.preset that implies one")
+        if self.env.kind != "simulated" and self.task.profile:
+            raise ValueError(f"task.profile is for the simulator; env.kind {self.env.kind!r} takes task.dataset")
+        if self.env.kind == "simulated" and self.task.dataset:
+            raise ValueError("task.dataset needs env.kind `live`; the simulator takes task.profile")
+
     # -- resolved objects -------------------------------------------------------------
+    @property
+    def is_pipeline(self) -> bool:
+        return self.pipeline is not None
+
+    def _stage_space(self, s: SpaceSpec) -> Space:
+        models = s.models if s.models is not None else tuple(m.name for m in self.models)
+        return Space(models=tuple(models), roles=tuple(s.roles), max_nodes=s.max_nodes, max_width=s.max_width,
+                     max_depth=s.max_depth, max_in_degree=s.max_in_degree,
+                     sink_roles=tuple(s.sink_roles) if s.sink_roles else None,
+                     role_specs=tuple(d.role_spec(name) for name, d in (self.roles or {}).items() if name in s.roles))
+
+    def pipeline_space(self) -> PipelineSpace:
+        """The joint space of a multi-stage spec (one space per stage, inputs fixed)."""
+        if self.pipeline is None:
+            raise SpecError("this spec has no `pipeline`; it searches single graphs (space_obj)")
+        out, prev = [], None
+        for st in self.pipeline.stages:
+            out.append(StageSpace(name=st.name, space=self._stage_space(st.space), inputs=st.resolved_inputs(prev),
+                                  description=st.description or ""))
+            prev = st.name
+        return PipelineSpace(tuple(out))
+
+    def pipeline_budget(self) -> PipelineBudget:
+        """The top-level budget on the whole pipeline, with the stages' caps."""
+        if self.pipeline is None:
+            raise SpecError("this spec has no `pipeline`")
+        return PipelineBudget.make(self.budget.budget(), {st.name: st.budget.budget()
+                                                          for st in self.pipeline.stages if st.budget is not None})
+
+    def search_space(self) -> Space | PipelineSpace:
+        """What the search proposes from: the space, or the pipeline's joint space."""
+        return self.pipeline_space() if self.pipeline is not None else self.space_obj()
+
+    def search_budget(self) -> Budget | PipelineBudget:
+        return self.pipeline_budget() if self.pipeline is not None else self.budget.budget()
+
     def pool(self) -> dict[str, ModelInfo]:
         return {m.name: m.info() for m in self.models}
 
@@ -785,9 +948,10 @@ def _format_error(err: dict, where: str, lines: dict[tuple, int], *, flags: Mapp
                 and p != "[key]")  # a mapping key's own error: the key's line
     typ = err["type"]
     if not loc and typ == "value_error":  # a check across sections names the field it blames: use its line
-        m = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)*): ", str(err["msg"]))
+        m = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+|\[\d+\])*): ", str(err["msg"]))
         if m:
-            loc, err = tuple(m.group(1).split(".")), dict(err, msg=str(err["msg"])[m.end():])
+            loc = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[a-z_]+|\d+", m.group(1)))
+            err = dict(err, msg=str(err["msg"])[m.end():])
     env_kind = None
     if loc[:1] == ("env",) and len(loc) > 1 and loc[1] in ENV_KINDS:  # the union's tag: not a key of the file
         env_kind, loc = loc[1], ("env",) + loc[2:]
