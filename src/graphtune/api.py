@@ -105,8 +105,9 @@ def llm_complete():
 
 def build_live_env(spec: Spec, examples: list | None = None):
     """The live environment a spec describes: its dataset split into dev and test, its
-    scorer and prompts, an endpoint per model (local llama.cpp servers are started on
-    first use and stopped by ``env.close()``), and the call ledger in the spec's store.
+    scorer and prompts, an endpoint per model (local llama.cpp servers and managed vLLM
+    servers are started on first use and stopped by ``env.close()``), and the call ledger
+    in the spec's store.
 
     The task shape (A, B) is ``task.input_tokens``/``task.output_tokens`` when given, else
     estimated from the data: A from the dev questions' from-scratch prompts (chars / 4),
@@ -140,11 +141,25 @@ def build_live_env(spec: Spec, examples: list | None = None):
             from graphtune.local_server import LocalLLMServer, smollm2_path
 
             path = m.model_path or str(smollm2_path())
-            servers[m.name] = LocalLLMServer(path, alias=m.name, n_parallel=m.max_concurrency or 4,
-                                             seed=e.seed)
-            # the ledger names the model file, not the server's random port
-            endpoints[m.name] = Endpoint(m.name, f"openai/{m.name}", pool[m.name],
-                                         identity=f"local:{Path(path).name}", max_concurrency=m.max_concurrency)
+            slots = 1 if m.deterministic else (m.max_concurrency or 4)
+            servers[m.name] = LocalLLMServer(path, alias=m.name, n_parallel=slots, seed=e.seed,
+                                             deterministic=m.deterministic,
+                                             startup_timeout_s=m.startup_timeout_s or 120.0)
+            # the ledger names the model file, not the server's random port; a deterministic
+            # server's replies are kept apart from replies that depended on batching
+            identity = f"local:{Path(path).name}" + (":deterministic" if m.deterministic else "")
+            endpoints[m.name] = Endpoint(m.name, f"openai/{m.name}", pool[m.name], identity=identity,
+                                         max_concurrency=slots if m.deterministic else m.max_concurrency)
+        elif m.provider == "vllm":
+            from graphtune.vllm_server import VLLMServer
+
+            servers[m.name] = VLLMServer(m.model, name=m.name, command=m.vllm_command, port=m.port or 0,
+                                         args=m.vllm_args, gpu_memory_utilization=m.gpu_memory_utilization,
+                                         max_num_seqs=m.max_concurrency, startup_timeout_s=m.startup_timeout_s)
+            # the ledger names the served model and its arguments, not the port
+            identity = "vllm:" + " ".join([m.model, *m.vllm_args])
+            endpoints[m.name] = Endpoint(m.name, f"hosted_vllm/{m.model}", pool[m.name], identity=identity,
+                                         max_concurrency=m.max_concurrency)
         else:
             endpoints[m.name] = Endpoint(m.name, m.litellm or m.name, pool[m.name], api_base=m.api_base,
                                          api_key_env=m.api_key_env, max_concurrency=m.max_concurrency)
@@ -210,7 +225,8 @@ def build_live_pipeline_env(spec: Spec, examples: list | None = None, pipeline=N
 def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
     """``graphtune validate --check-endpoints``: per pool model, ``(name, ok, detail)``
     after checking that its ``api_key_env`` variable is set and making one cheap call
-    (one completion token, no retry, not recorded). A local model is not started."""
+    (one completion token, no retry, not recorded). A local or vLLM model is not started
+    (for vLLM only its executable is looked up)."""
     import os
 
     from graphtune.errors import LLMError
@@ -224,6 +240,16 @@ def check_endpoints(spec: Spec) -> list[tuple[str, bool, str]]:
     for m in spec.models:
         if m.provider == "local":
             out.append((m.name, True, "local llama.cpp server: started on first use, not checked"))
+            continue
+        if m.provider == "vllm":
+            import shutil
+
+            exe = m.vllm_command or "vllm"
+            if shutil.which(exe) is None:
+                out.append((m.name, False, f"vLLM executable `{exe}` not found; install it with `pip install vllm` "
+                                           "or name it with the model's `vllm_command` option"))
+            else:
+                out.append((m.name, True, f"vLLM server ({exe} serve {m.model}): started on first use, not checked"))
             continue
         if m.api_key_env and not os.environ.get(m.api_key_env):
             out.append((m.name, False, f"environment variable {m.api_key_env} (api_key_env) is not set; "

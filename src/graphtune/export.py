@@ -239,6 +239,10 @@ def export_config(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         if m.get("provider") == "local":
             models[name] = {"model": f"openai/{name}", "api_base": None, "api_key_env": None,
                             "note": "local llama.cpp server: set GRAPHTUNE_API_BASE_" + _env_name(name)}
+        elif m.get("provider") == "vllm":
+            models[name] = {"model": f"hosted_vllm/{m.get('model')}", "api_base": None, "api_key_env": None,
+                            "note": f"vLLM server graphtune started: run `vllm serve {m.get('model')}` and set "
+                                    "GRAPHTUNE_API_BASE_" + _env_name(name)}
         else:
             models[name] = {"model": m.get("litellm") or name, "api_base": m.get("api_base"),
                             "api_key_env": m.get("api_key_env")}

