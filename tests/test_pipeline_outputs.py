@@ -405,3 +405,23 @@ def test_dashboard_mirrors_a_pipeline_study_with_its_stages(rag):
             detail = json.loads(resp.read())
         assert len(detail["trials"]) == stats.added
         assert any(p["name"] == "answer:n_nodes" for p in detail["trials"][0]["params"])
+
+
+def test_a_pipeline_report_renders_in_headless_chromium(rag):
+    """The pipeline report as a browser shows it: every plot (the stage drawing included)
+    decodes and nothing is logged to the console."""
+    import re
+
+    from test_report import CHROMIUM, _chromium
+
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    url, _, tmp = rag
+    out = tmp / "chromium.html"
+    cli("report", "rag", "-o", str(out), "--storage", url)
+    plots = len(re.findall(r"<img class=['\"]plot", out.read_text()))
+    assert plots >= 3
+    p = _chromium(tmp, out.as_uri(), "--dump-dom")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f'data-plots-loaded="{plots}"' in p.stdout, p.stdout[:500]
+    assert [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln] == []
