@@ -171,6 +171,8 @@ class LLMOptSearcher(Searcher):
         self.seen: set[str] = set()  # every hash proposed (never proposed twice)
         self.batch = 0
         self._steps: list[dict[str, Any]] = []
+        #: the heuristic's proposals of this ask: hash -> the trial it mutated (lineage)
+        self._mutated_from: dict[str, int] = {}
         self.is_pipeline = isinstance(ctx.space, PipelineSpace)
         # cost order: the heuristic moves a node to a neighbouring size
         if self.is_pipeline:
@@ -197,6 +199,7 @@ class LLMOptSearcher(Searcher):
             proposals, failure = self._heuristic_proposals(step), None
         out: list[Candidate] = []
         outcomes: list[dict[str, Any]] = []
+        shown = {h["trial"] for h in self._shown()}
         for i, raw in enumerate(proposals):
             if len(out) >= self.ctx.batch_size:
                 outcomes.append({"index": i, "status": "ignored", "reason": "beyond the batch size"})
@@ -207,8 +210,16 @@ class LLMOptSearcher(Searcher):
                 continue
             h = design_hash(g)
             self.seen.add(h)
-            outcomes.append({"index": i, "status": "accepted", "graph_hash": h})
+            outcome: dict[str, Any] = {"index": i, "status": "accepted", "graph_hash": h}
+            # lineage from the reply's `parent` field (a trial the prompt showed), or for the
+            # heuristic the trial it mutated; never guessed from free text
+            parent = raw.parent if isinstance(raw, GraphProposal) else self._mutated_from.get(h)
+            if parent is not None and parent not in shown:
+                outcome["warning"] = f"parent #{parent} is not a trial the agent was shown; dropped"
+                parent = None
+            outcomes.append(outcome)
             out.append(Candidate(graph=g, origin="agent" if self.is_llm else "mutation",
+                                 parents=(parent,) if parent is not None else (),
                                  info={"agent_step": key, "proposal": i}))
         n_random = 0
         while len(out) < self.ctx.batch_size:
@@ -300,6 +311,11 @@ class LLMOptSearcher(Searcher):
         return None
 
     # -- the LLM proposer ------------------------------------------------------------
+    def _shown(self) -> list[dict[str, Any]]:
+        """The evaluated graphs a prompt shows (worst first, best last): the trials a
+        proposal's ``parent`` may name."""
+        return sorted(self.history, key=lambda h: (h["reward"], -h["trial"]))[-self.max_history:]
+
     def prompt(self) -> str:
         """The user message: problem, rules, budget, the full history, the request."""
         if self.is_pipeline:
@@ -334,19 +350,20 @@ class LLMOptSearcher(Searcher):
         else:
             lines.append(f"Reward: accuracy - {obj.cost_weight:g} x units - {obj.latency_weight:g} x latency_s - "
                          f"{obj.usd_weight:g} x usd.")
-        shown = sorted(self.history, key=lambda h: (h["reward"], -h["trial"]))[-self.max_history:]
+        shown = self._shown()
         if shown:
             lines.append(f"Graphs evaluated so far ({len(shown)} of {len(self.history)}, worst first, best last):")
             for h in shown:
                 g = {"nodes": h["graph"]["nodes"], "edges": h["graph"]["edges"]}
-                lines.append(f"{json.dumps(g, separators=(',', ':'))}  reward={h['reward']:.4f} "
+                lines.append(f"#{h['trial']} {json.dumps(g, separators=(',', ':'))}  reward={h['reward']:.4f} "
                              f"units={h['units']:.2f}")
         else:
             lines.append("No graph has been evaluated yet.")
         lines.append(f"Propose {ctx.batch_size} new graphs, different from all of the above, that you expect to "
                      "reach a higher reward within the budget. Node ids are free names; edges are [src, dst] "
-                     'pairs of ids. Answer as JSON: {"reasoning": "...", "proposals": [{"nodes": '
-                     '[{"id": "a", "role": "assistant", "model": "..."}], "edges": [["a", "b"]]}]}')
+                     'pairs of ids; a proposal that changes a graph above may name it in "parent" (its #trial number). '
+                     'Answer as JSON: {"reasoning": "...", "proposals": [{"nodes": '
+                     '[{"id": "a", "role": "assistant", "model": "..."}], "edges": [["a", "b"]], "parent": 12}]}')
         return "\n".join(lines)
 
     def pipeline_prompt(self) -> str:
@@ -459,6 +476,7 @@ class LLMOptSearcher(Searcher):
         out: list[Graph] = []
         hashes: set[str] = set()
         why: list[str] = []
+        self._mutated_from = {}
         for _ in range(self.ctx.batch_size):
             if not parents:
                 break
@@ -481,7 +499,8 @@ class LLMOptSearcher(Searcher):
                     continue
                 hashes.add(h)
                 out.append(g)
-                why.append(f"best #{k + 1}: {', '.join(ops)}")
+                self._mutated_from[h] = int(ranked[k]["trial"])
+                why.append(f"best #{k + 1} (trial #{ranked[k]['trial']}): {', '.join(ops)}")
                 break
         step["parsed"] = {"proposals": [design_to_dict(g) for g in out], "reasoning": "; ".join(why)}
         step["feedback"] = (f"{HEURISTIC_BACKEND}: mutated the {len(parents)} best graphs"

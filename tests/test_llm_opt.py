@@ -267,3 +267,38 @@ def test_non_finite_numbers_and_unstorable_strings_are_refused(costs, bad):
     [step] = s.drain_agent_steps()
     assert "reply refused" in step["rejected_reason"]
     json.dumps(step, allow_nan=False).encode("utf-8")
+
+
+def test_a_proposals_parent_comes_from_its_field_and_the_heuristic_names_the_trial_it_mutated(costs):
+    env = FakeEnv(costs, n_dev=4)
+    store = MemoryStorage()
+    ctx = _ctx(costs, env, evaluations=12)
+    second = {"reasoning": "grow the best one; #1 was bad",
+              "proposals": [
+                  {"nodes": [{"id": "a", "role": "assistant", "model": "llama-3.2-3b"}], "edges": [], "parent": 1},
+                  {"nodes": [{"id": "a", "role": "assistant", "model": "llama-3.2-1b"},
+                             {"id": "b", "role": "assistant", "model": "llama-3.2-3b"}], "edges": [["a", "b"]],
+                   "parent": 99, "rationale": "derived from #2"},
+                  {"nodes": [{"id": "a", "role": "assistant", "model": "llama-3.1-8b"},
+                             {"id": "b", "role": "assistant", "model": "llama-3.2-1b"}], "edges": [["a", "b"]],
+                   "rationale": "like #3"}]}
+    fake = FakeComplete(GOOD, second)
+    st = store.create_study("s", "llm-opt", {})
+    run_search(LLMOptSearcher(ctx, complete=fake), env, store, st, ctx, budget_runs=ctx.budget_runs)
+    prompt = fake.calls[1]["messages"][1]["content"]
+    assert "#1 {" in prompt and '"parent"' in prompt  # trials are numbered where the agent reads them
+    batch1 = [t for t in store.list_trials(st.id) if t.batch == 1]
+    assert [t.origin for t in batch1[:3]] == ["agent"] * 3
+    # the field sets the parent; an unknown trial is dropped with a warning; free text sets none
+    assert [list(t.parents) for t in batch1[:3]] == [[1], [], []]
+    step = store.agent_steps(st.id)[1]
+    assert "parent #99 is not a trial the agent was shown" in step["applied"]["proposals"][1]["warning"]
+    # the offline heuristic records the trial each mutation came from
+    store2 = MemoryStorage()
+    ctx2 = _ctx(costs, env, agent={"model": "heuristic"}, evaluations=12)
+    st2 = store2.create_study("h", "llm-opt", {})
+    run_search(LLMOptSearcher(ctx2), env, store2, st2, ctx2, budget_runs=ctx2.budget_runs)
+    numbers = {t.number for t in store2.list_trials(st2.id)}
+    mutations = [t for t in store2.list_trials(st2.id) if t.origin == "mutation"]
+    assert mutations and all(len(t.parents) == 1 and t.parents[0] in numbers and t.parents[0] < t.number
+                             for t in mutations)
