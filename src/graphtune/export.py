@@ -259,6 +259,38 @@ def export_config(spec: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 #: the endpoint resolution both module kinds share (plain text, inserted as a value)
+#: the parts every exported module shares (single graph and pipeline)
+_MODEL_RESOLUTION = '''\
+Models and endpoints, first match wins:
+  1. the run's context (class Context): models / api_bases / api_key_envs by pool model
+     name, api_base for every model;
+  2. environment variables
+       GRAPHTUNE_MODEL_<NAME>        litellm model string   (e.g. openai/gpt-4o-mini)
+       GRAPHTUNE_API_BASE_<NAME>     endpoint URL           (GRAPHTUNE_API_BASE: every model)
+       GRAPHTUNE_API_KEY_ENV_<NAME>  the NAME of the variable holding the API key
+     <NAME> is the model name upper-cased, non-alphanumerics as "_";
+  3. the MODELS block below (written at export time).
+No key is stored here, and none travels in the context: only names of key variables.
+'''
+
+_MODULE_IMPORTS = '''\
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
+
+from typing_extensions import TypedDict
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
+
+import litellm  # noqa: E402  (at import: its first import does file I/O an event loop must not wait on)
+from langchain_core.runnables import RunnableLambda  # noqa: E402  (installed with langgraph)
+from langgraph.config import get_config  # noqa: E402
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langgraph.runtime import get_runtime  # noqa: E402
+'''
+
 _ENDPOINTS = '''\
 #: a self-hosted endpoint without authentication still needs some key for litellm
 NO_KEY = "sk-no-key-required"
@@ -325,37 +357,12 @@ LangGraph's server (`langgraph dev`, `langgraph up`) loads it from a langgraph.j
 `"graphs": {{"{modname}": "./{modname}.py:graph"}}`; the run's `context` is the same object.
 Nodes of one level run in parallel (async under ainvoke, threads under invoke).
 
-Models and endpoints, first match wins:
-  1. the run's context (class Context): models / api_bases / api_key_envs by pool model
-     name, api_base for every model;
-  2. environment variables
-       GRAPHTUNE_MODEL_<NAME>        litellm model string   (e.g. openai/gpt-4o-mini)
-       GRAPHTUNE_API_BASE_<NAME>     endpoint URL           (GRAPHTUNE_API_BASE: every model)
-       GRAPHTUNE_API_KEY_ENV_<NAME>  the NAME of the variable holding the API key
-     <NAME> is the model name upper-cased, non-alphanumerics as "_";
-  3. the MODELS block below (written at export time).
-No key is stored here, and none travels in the context: only names of key variables.
-
+{model_resolution}
 Graph:
 {graph_text}
 """
 
-import asyncio
-import json
-import os
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional
-
-from typing_extensions import TypedDict
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
-
-import litellm  # noqa: E402  (at import: its first import does file I/O an event loop must not wait on)
-from langchain_core.runnables import RunnableLambda  # noqa: E402  (installed with langgraph)
-from langgraph.config import get_config  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
-from langgraph.runtime import get_runtime  # noqa: E402
-
+{module_imports}
 GRAPH = {graph}
 
 PROMPTS = {prompts}
@@ -583,37 +590,12 @@ LangGraph's server (`langgraph dev`, `langgraph up`) loads it from a langgraph.j
 (it reaches every stage). Independent stages run in parallel, and so do the nodes of one
 level of a stage (async under ainvoke, threads under invoke).
 
-Models and endpoints, first match wins:
-  1. the run's context (class Context): models / api_bases / api_key_envs by pool model
-     name, api_base for every model;
-  2. environment variables
-       GRAPHTUNE_MODEL_<NAME>        litellm model string   (e.g. openai/gpt-4o-mini)
-       GRAPHTUNE_API_BASE_<NAME>     endpoint URL           (GRAPHTUNE_API_BASE: every model)
-       GRAPHTUNE_API_KEY_ENV_<NAME>  the NAME of the variable holding the API key
-     <NAME> is the model name upper-cased, non-alphanumerics as "_";
-  3. the MODELS block below (written at export time).
-No key is stored here, and none travels in the context: only names of key variables.
-
+{model_resolution}
 Pipeline:
 {pipeline_text}
 """
 
-import asyncio
-import json
-import os
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional
-
-from typing_extensions import TypedDict
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
-
-import litellm  # noqa: E402  (at import: its first import does file I/O an event loop must not wait on)
-from langchain_core.runnables import RunnableLambda  # noqa: E402  (installed with langgraph)
-from langgraph.config import get_config  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
-from langgraph.runtime import get_runtime  # noqa: E402
-
+{module_imports}
 #: the stages in order: name, inputs ("question" and/or earlier stages), the stage's prompt
 #: template (None: graphtune's default text) and its graph (nodes, edges, sink, order)
 PIPELINE = {pipeline}
@@ -995,7 +977,8 @@ def to_langgraph_module(graph: Graph, spec: Mapping[str, Any] | None = None, *, 
     src = _MODULE.format(title=(title or "A graphtune collaboration graph").replace('"""', "'''"),
                          modname=modname, graph_text="    " + to_text(graph), graph=_py(_graph_data(graph)),
                          prompts=_py(cfg["prompts"]), models=_py(models), settings=_py(cfg["settings"]),
-                         example_model=sorted(used)[0], endpoints=_ENDPOINTS)
+                         example_model=sorted(used)[0], endpoints=_ENDPOINTS,
+                         model_resolution=_MODEL_RESOLUTION, module_imports=_MODULE_IMPORTS)
     compile(src, "<exported module>", "exec")  # a template bug must fail here, not at the user's
     return src
 
@@ -1031,6 +1014,7 @@ def to_langgraph_pipeline_module(pipeline: Pipeline, spec: Mapping[str, Any] | N
         title=(title or "A graphtune multi-stage pipeline").replace('"""', "'''"), modname=modname,
         pipeline_text=text, pipeline=_py({"stages": stages}), prompts=_py(prompts), models=_py(models),
         settings=_py(cfg["settings"]), example_model=sorted(used)[0], endpoints=_ENDPOINTS,
+        model_resolution=_MODEL_RESOLUTION, module_imports=_MODULE_IMPORTS,
         stage_question_source=source.replace("Mapping[str, str]", "dict[str, str]").replace(
             "Sequence[str] | None", "Optional[list[str]]"))
     compile(src, "<exported module>", "exec")  # a template bug must fail here, not at the user's

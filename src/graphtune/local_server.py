@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from graphtune.errors import EnvError
@@ -90,7 +91,66 @@ def _stop_all() -> None:  # never leave a server behind when the interpreter exi
         srv.stop()
 
 
-class LocalLLMServer:
+class ServerProcess:
+    """What graphtune's managed servers share (the llama.cpp server here, vLLM in
+    :mod:`graphtune.vllm_server`): the child process, its URL and log, the health wait, the
+    log tail for error messages, and use as a context manager. Subclasses set ``_proc``,
+    ``url``, ``_log_file`` and ``startup_timeout_s``, and define ``start`` and ``stop``."""
+
+    _proc: subprocess.Popen | None = None
+    _log_file = None
+    url: str | None = None
+    startup_timeout_s: float = 120.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _poll_health(self, *, exited: Callable[[int, str], str], timed_out: Callable[[str], str],
+                     interval_s: float) -> None:
+        """Wait until ``/health`` answers 200; an EnvError when the child exits first
+        (``exited(exit code, log tail)``) or after ``startup_timeout_s`` (``timed_out(log tail)``)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EnvError(exited(self._proc.returncode, self._log_tail()))
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(interval_s)
+        raise EnvError(timed_out(self._log_tail()))
+
+    def _log_tail(self, n_chars: int = 400) -> str:
+        if self._log_file is None:
+            return "no log"
+        try:
+            self._log_file.flush()
+            self._log_file.seek(0, os.SEEK_END)
+            size = self._log_file.tell()
+            self._log_file.seek(max(0, size - n_chars))
+            tail = self._log_file.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return "no log"
+        return " ".join(tail.split()) or "no log output"
+
+    def stop(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalLLMServer(ServerProcess):
     """Start/stop one llama.cpp server child process.
 
     ``n_parallel`` slots serve that many requests at once; ``ctx_per_slot`` is the context
@@ -154,14 +214,6 @@ class LocalLLMServer:
         """The litellm model string for this server."""
         return f"openai/{self.alias}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> LocalLLMServer:
         """Start the child and wait until ``/health`` answers; idempotent."""
@@ -223,31 +275,9 @@ class LocalLLMServer:
         return addr if addr.startswith("http") else f"http://{self.host}:{port}"
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise EnvError(f"local LLM server exited with code {self._proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise EnvError(f"local LLM server at {self.url} was not healthy within {self.startup_timeout_s:g} s")
-
-    def _log_tail(self, n_chars: int = 400) -> str:
-        if self._log_file is None:
-            return "no log"
-        try:
-            self._log_file.flush()
-            self._log_file.seek(0, os.SEEK_END)
-            size = self._log_file.tell()
-            self._log_file.seek(max(0, size - n_chars))
-            tail = self._log_file.read().decode(errors="replace")
-        except (OSError, ValueError):
-            return "no log"
-        return " ".join(tail.split()) or "no log output"
+        self._poll_health(exited=lambda code, log: f"local LLM server exited with code {code}: {log}",
+                          timed_out=lambda log: f"local LLM server at {self.url} was not healthy within "
+                                                f"{self.startup_timeout_s:g} s", interval_s=0.1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the child, SIGKILL it after ``timeout_s``, reap it; idempotent."""
@@ -267,12 +297,6 @@ class LocalLLMServer:
             self._log_file.close()
             self._log_file = None
         self.url = None
-
-    def __enter__(self) -> LocalLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"running at {self.url}" if self.running else "stopped"

@@ -30,20 +30,18 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from graphtune.errors import EnvError
-from graphtune.local_server import _LIVE, _free_port
+from graphtune.local_server import _LIVE, ServerProcess, _free_port
 
 VLLM_PIP = "pip install vllm"
 #: vLLM loads weights and compiles CUDA graphs before it answers: minutes for large models
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """Start/stop one ``vllm serve`` child process for the pool model ``name``.
 
     ``model`` is what vLLM serves (a Hugging Face id or a local path) and the name calls
@@ -85,14 +83,6 @@ class VLLMServer:
     def model(self) -> str:
         """The litellm model string for this server."""
         return f"hosted_vllm/{self.served}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def argv(self, port: int) -> list[str]:
         """The command line that starts the server on ``port``."""
@@ -147,33 +137,12 @@ class VLLMServer:
         return self
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise EnvError(f"model {self.name!r}: the vLLM server exited with code {self._proc.returncode} while "
-                               f"starting (vLLM needs a GPU and the model's weights): {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise EnvError(f"model {self.name!r}: the vLLM server at {self.url} did not answer within "
-                       f"{self.startup_timeout_s:g} s; raise the model's startup_timeout_s ({self._log_tail()})")
-
-    def _log_tail(self, n_chars: int = 400) -> str:
-        if self._log_file is None:
-            return "no log"
-        try:
-            self._log_file.flush()
-            self._log_file.seek(0, os.SEEK_END)
-            size = self._log_file.tell()
-            self._log_file.seek(max(0, size - n_chars))
-            tail = self._log_file.read().decode(errors="replace")
-        except (OSError, ValueError):
-            return "no log"
-        return " ".join(tail.split()) or "no log output"
+        self._poll_health(
+            exited=lambda code, log: (f"model {self.name!r}: the vLLM server exited with code {code} while starting "
+                                      f"(vLLM needs a GPU and the model's weights): {log}"),
+            timed_out=lambda log: (f"model {self.name!r}: the vLLM server at {self.url} did not answer within "
+                                   f"{self.startup_timeout_s:g} s; raise the model's startup_timeout_s ({log})"),
+            interval_s=0.2)
 
     def stop(self, timeout_s: float = 40.0) -> None:
         """Stop the server: SIGTERM to its supervisor, which passes it on and kills the
@@ -194,12 +163,6 @@ class VLLMServer:
             self._log_file.close()
             self._log_file = None
         self.url = None
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"running at {self.url}" if self.running else "stopped"
