@@ -76,13 +76,63 @@ def probe_candidates(ctx: SearchContext, policy: PolicyUpdate, questions: tuple[
     return out
 
 
-class AgentCritic:
+class CriticSteps:
+    """What every critic keeps besides its policy: the agent, its usage, the proposals
+    queued for the next batch, the last rounds' one-line summaries and the step rows not
+    yet stored (``drain_steps``). :class:`AgentCritic` and
+    :class:`~graphtune.search.pipeline_critic.PipelineCritic` build on it."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        #: proposals waiting for the next batch: {"graph": plain design, "step": key, "parents": [...]}
+        self.pending: list[dict[str, Any]] = []
+        self.usage: dict[str, Any] = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0,
+                                      "seconds": 0.0}
+        #: one line per earlier round (the last 8), shown to the agent
+        self.earlier: list[str] = []
+        self._steps: list[dict[str, Any]] = []
+
+    def _record(self, step: AgentStep, key: str, batch: int, trial_numbers: Sequence[int],
+                applied: Mapping[str, Any] | None, rejected: str | None) -> None:
+        """Queue one agent step as a row for ``store.models.AgentStepRow``."""
+        self._steps.append({
+            "key": key, "batch": batch, "kind": step.kind, "backend": self.agent.backend,
+            "is_llm": self.agent.is_llm, "prompt": step.prompt,
+            # bounded whatever the backend: a reply is stored as an excerpt with its length and hash
+            "reply": reply_excerpt(step.reply, MAX_STORED_REPLY_CHARS),
+            "parsed": step.update.model_dump(mode="json") if step.update is not None else None,
+            "applied": applied, "rejected_reason": rejected, "feedback": step.feedback,
+            "trial_numbers": list(trial_numbers), "calls": step.calls, "prompt_tokens": step.prompt_tokens,
+            "completion_tokens": step.completion_tokens, "usd": step.usd, "seconds": step.seconds})
+
+    # -- contract ------------------------------------------------------------------------
+    def drain_steps(self) -> list[dict[str, Any]]:
+        out, self._steps = self._steps, []
+        return out
+
+    def agent_usage(self) -> dict[str, Any]:
+        """The agent's own calls, tokens, dollars and seconds (apart from the environment)."""
+        return {"backend": self.agent.backend, "is_llm": self.agent.is_llm, **self.usage}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": [dict(p) for p in self.pending], "usage": dict(self.usage), "earlier": list(self.earlier)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pending = [dict(p) for p in state.get("pending", [])]
+        self.usage = dict(state.get("usage", self.usage))
+        self.earlier = list(state.get("earlier", []))
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+class AgentCritic(CriticSteps):
     """The agent's steps on a searcher's racing and policy parts (see the module docstring)."""
 
     def __init__(self, agent: Agent, problem: ProblemInfo, racing: Racing, policy: PolicyUpdate, *,
                  build_graph: Callable[[GraphProposal], Graph], lr_agent: float, max_agent_delta: float,
                  max_proposals: int, objective: Objective, unit_flops: float, memory_tokens: int = 0):
-        self.agent = agent
+        super().__init__(agent)
         self.problem = problem
         self.racing = racing
         self.policy = policy
@@ -96,13 +146,6 @@ class AgentCritic:
         self.memory_tokens = int(memory_tokens)
         #: the agent's hypotheses, one per step, oldest first (see :meth:`_remember`)
         self.memory: list[dict[str, Any]] = []
-        #: proposals waiting for the next batch: {"graph": plain graph, "step": key, "parents": [...]}
-        self.pending: list[dict[str, Any]] = []
-        self.usage: dict[str, Any] = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0,
-                                      "seconds": 0.0}
-        #: one line per earlier round (the last 8), shown to the agent
-        self.earlier: list[str] = []
-        self._steps: list[dict[str, Any]] = []
 
     # -- proposals ---------------------------------------------------------------------
     def proposals(self, questions: tuple[str, ...], taken: set[str]) -> list[Candidate]:
@@ -337,34 +380,11 @@ class AgentCritic:
             else:
                 applied = {"deltas": deltas, "proposals": self._queue_proposals(u, key)}
         self._remember(step, batch, trial_numbers, applied, rejected)
-        self._steps.append({
-            "key": key, "batch": batch, "kind": step.kind, "backend": self.agent.backend,
-            "is_llm": self.agent.is_llm, "prompt": step.prompt,
-            # bounded whatever the backend: a reply is stored as an excerpt with its length and hash
-            "reply": reply_excerpt(step.reply, MAX_STORED_REPLY_CHARS),
-            "parsed": step.update.model_dump(mode="json") if step.update is not None else None,
-            "applied": applied, "rejected_reason": rejected, "feedback": step.feedback,
-            "trial_numbers": trial_numbers, "calls": step.calls, "prompt_tokens": step.prompt_tokens,
-            "completion_tokens": step.completion_tokens, "usd": step.usd, "seconds": step.seconds})
-
-    # -- contract ------------------------------------------------------------------------
-    def drain_steps(self) -> list[dict[str, Any]]:
-        out, self._steps = self._steps, []
-        return out
-
-    def agent_usage(self) -> dict[str, Any]:
-        """The agent's own calls, tokens, dollars and seconds (apart from the environment)."""
-        return {"backend": self.agent.backend, "is_llm": self.agent.is_llm, **self.usage}
+        self._record(step, key, batch, trial_numbers, applied, rejected)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pending": [dict(p) for p in self.pending], "usage": dict(self.usage), "earlier": list(self.earlier),
-                "memory": [dict(r) for r in self.memory]}
+        return {**super().state_dict(), "memory": [dict(r) for r in self.memory]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pending = [dict(p) for p in state.get("pending", [])]
-        self.usage = dict(state.get("usage", self.usage))
-        self.earlier = list(state.get("earlier", []))
+        super().load_state_dict(state)
         self.memory = [dict(r) for r in state.get("memory", [])]
-
-    def close(self) -> None:
-        self.agent.close()

@@ -34,13 +34,14 @@ import numpy as np
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.pipeline import (PipelineBatchReport, PipelineEntry, PipelineInitReport, PipelineProblemInfo,
                                       StageView, pipeline_entry_stages, proposal_to_pipeline)
-from graphtune.agent.schema import MAX_STORED_REPLY_CHARS, AgentUpdate, reply_excerpt
+from graphtune.agent.schema import AgentUpdate
 from graphtune.errors import GraphError
 from graphtune.graphs.design import design_from_dict, design_hash, design_to_dict, validate_design
 from graphtune.graphs.model import Graph, Node
 from graphtune.graphs.pipeline import Pipeline
 from graphtune.graphs.render import to_text
 from graphtune.search.base import Candidate, Evaluation, Objective, SearchContext
+from graphtune.search.critic import CriticSteps
 from graphtune.search.pipeline_policy import PipelinePolicy
 from graphtune.search.racing import Racing
 
@@ -77,13 +78,13 @@ def _stage_summary(v: StageView) -> dict[str, Any]:
             "stage_accuracy": None if v.accuracy is None else round(v.accuracy, 4), "lost": v.n_lost, "n": v.n}
 
 
-class PipelineCritic:
+class PipelineCritic(CriticSteps):
     """The agent's steps on a pipeline searcher's racing and per-stage policy (see the module
     docstring). Same contract as :class:`~graphtune.search.critic.AgentCritic`."""
 
     def __init__(self, agent: Agent, problem: PipelineProblemInfo, racing: Racing, policy: PipelinePolicy, *,
                  lr_agent: float, max_agent_delta: float, max_proposals: int, objective: Objective):
-        self.agent = agent
+        super().__init__(agent)
         self.problem = problem
         self.racing = racing
         self.policy = policy
@@ -93,11 +94,6 @@ class PipelineCritic:
         self.objective = objective
         self.costs = problem.costs
         self.unit_flops = problem.costs.unit_flops
-        self.pending: list[dict[str, Any]] = []
-        self.usage: dict[str, Any] = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0,
-                                      "seconds": 0.0}
-        self.earlier: list[str] = []
-        self._steps: list[dict[str, Any]] = []
         #: per-stage views of pipelines seen in evaluations (hash -> views), rebuilt as batches are told
         self._views: dict[str, tuple[StageView, ...]] = {}
 
@@ -296,30 +292,4 @@ class PipelineCritic:
         views = self._views.get(inc) if inc else None
         # per stage: the incumbent's graph, cost, stage accuracy and answers lost (attribution)
         applied["incumbent_stages"] = {v.name: _stage_summary(v) for v in views} if views else {}
-        self._steps.append({
-            "key": key, "batch": batch, "kind": step.kind, "backend": self.agent.backend,
-            "is_llm": self.agent.is_llm, "prompt": step.prompt,
-            "reply": reply_excerpt(step.reply, MAX_STORED_REPLY_CHARS),
-            "parsed": step.update.model_dump(mode="json") if step.update is not None else None,
-            "applied": applied, "rejected_reason": rejected, "feedback": step.feedback,
-            "trial_numbers": trial_numbers, "calls": step.calls, "prompt_tokens": step.prompt_tokens,
-            "completion_tokens": step.completion_tokens, "usd": step.usd, "seconds": step.seconds})
-
-    # -- contract ------------------------------------------------------------------------
-    def drain_steps(self) -> list[dict[str, Any]]:
-        out, self._steps = self._steps, []
-        return out
-
-    def agent_usage(self) -> dict[str, Any]:
-        return {"backend": self.agent.backend, "is_llm": self.agent.is_llm, **self.usage}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pending": [dict(p) for p in self.pending], "usage": dict(self.usage), "earlier": list(self.earlier)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pending = [dict(p) for p in state.get("pending", [])]
-        self.usage = dict(state.get("usage", self.usage))
-        self.earlier = list(state.get("earlier", []))
-
-    def close(self) -> None:
-        self.agent.close()
+        self._record(step, key, batch, trial_numbers, applied, rejected)
