@@ -194,14 +194,7 @@ def analyse(results, tasks, budgets, args, wall_s: float, argv) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## What an LLM agent adds (agent benchmark)\n\n" + block + "\n"
-    path.write_text(text)
-
+    sb.write_section(path, body, begin=BEGIN, end=END, heading="What an LLM agent adds (agent benchmark)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,14 +33,14 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
-from itertools import product
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import search_bench  # noqa: E402  (the report sections' writer)
 from search_bench import mean_ci  # noqa: E402  (the same t-intervals as the single-stage benchmark)
 
 DEFAULT_METHODS = ["agent-reinforce", "reinforce", "tpe", "random", "llm-opt", "agenttts"]
@@ -364,14 +364,7 @@ BEGIN, END = "<!-- pipeline-bench:begin -->", "<!-- pipeline-bench:end -->"
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Multi-stage pipelines\n\n" + block + "\n"
-    path.write_text(text)
-
+    search_bench.write_section(path, body, begin=BEGIN, end=END, heading="Multi-stage pipelines")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -414,13 +414,16 @@ def plots(by, methods, tasks, budgets, args, truth, best) -> list[str]:
 BEGIN, END = "<!-- search-bench:begin -->", "<!-- search-bench:end -->"
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, *, begin: str = BEGIN, end: str = END,
+                  heading: str = "Search methods") -> None:
+    """Replace the block between ``begin`` and ``end`` in the markdown file ``path`` with
+    ``body``, or append it under ``## heading`` (every benchmark's report section)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + "\n\n## Search methods\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(text)
 
 
