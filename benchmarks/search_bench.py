@@ -139,7 +139,7 @@ def run_job(job: Job) -> dict:
                                         "completion_tokens", "usd", "seconds")} | {"parsed": st.get("parsed") is not None}
                 for st in steps],
             "method": job.method, "task": job.task, "budget": job.budget, "seed": job.seed, "mult": job.mult,
-            "graph": to_dict(out.best.graph) if out.best else None, "runs": out.runs_spent,
+            "dev": job.dev, "graph": to_dict(out.best.graph) if out.best else None, "runs": out.runs_spent,
             "trials": out.n_trials, "env_flops": flops, "env_usd": usd,
             "agent": {k: usage.get(k) for k in ("backend", "is_llm", "calls", "prompt_tokens", "completion_tokens",
                                                 "usd", "seconds")} if usage else None,
@@ -198,6 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=None, help="also dump raw per-run results here")
+    ap.add_argument("--reuse", default=None,
+                    help="comma-separated --json dumps of earlier runs: their runs of methods not in --methods "
+                         "are reported with this run's (same cases, seeds and dev size); their wall time is added")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 case, 2 seeds, no files")
     args = ap.parse_args(argv)
     if args.quick:
@@ -226,7 +229,15 @@ def main(argv=None) -> int:
     search_wall = time.perf_counter() - t0
     if args.json:
         Path(args.json).write_text(json.dumps(results))
-    report = analyse(results, methods, tasks, budgets, mults, args, search_wall, t0)
+    reused_wall = 0.0
+    if args.reuse:
+        old = reuse(args.reuse.split(","), methods, tasks, budgets, mults, args)
+        results += old
+        reused_wall = sum(r["wall_s"] for r in old) / max(1, args.workers)
+        methods = methods + [m for m in DEFAULT_METHODS + sorted({r["method"] for r in old})
+                             if m not in methods and any(r["method"] == m for r in old)]
+        methods = list(dict.fromkeys(methods))
+    report = analyse(results, methods, tasks, budgets, mults, args, search_wall, t0, reused_wall)
     print(report)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +245,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def analyse(results, methods, tasks, budgets, mults, args, search_wall, t0) -> str:
+def reuse(paths: list[str], methods, tasks, budgets, mults, args) -> list[dict]:
+    """Runs from earlier ``--json`` dumps for the methods this run does not run, restricted
+    to this run's cases, seeds and budgets; a dump with another dev size is refused."""
+    out = []
+    for path in paths:
+        rows = json.loads(Path(path).read_text())
+        for r in rows:
+            if r.get("dev", args.dev) != args.dev:
+                raise SystemExit(f"{path}: runs with dev size {r.get('dev')}, this run uses --dev {args.dev}")
+            if (r["method"] not in methods and r["task"] in tasks and r["budget"] in budgets
+                    and r["mult"] in mults and r["seed"] < args.seeds):
+                out.append(r)
+    return out
+
+
+def analyse(results, methods, tasks, budgets, mults, args, search_wall, t0, reused_wall: float = 0.0) -> str:
     from graphtune.envs.simulated.calibrate import candidate_graphs, cost_model_for
     from graphtune.envs.simulated.profile import load_profile
     from graphtune.graphs.io import from_dict
@@ -293,8 +319,11 @@ def analyse(results, methods, tasks, budgets, mults, args, search_wall, t0) -> s
                                    ("tasks", ",".join(tasks)),
                                    ("budgets", ",".join(f"{b:g}" for b in budgets)), ("seeds", args.seeds),
                                    ("mults", ",".join(map(str, mults))), ("dev", args.dev)))
-    lines += [f"Command: `{cmd}` (2 worker processes on 2 cores: {time.perf_counter() - t0:.0f} s in all, "
-              f"{search_wall:.0f} s of searching).", "",
+    if args.reuse:
+        cmd += f" --reuse {args.reuse}"
+    lines += [f"Command: `{cmd}` ({args.workers} worker processes on {os.cpu_count()} cores: "
+              f"{time.perf_counter() - t0:.0f} s in all, {search_wall:.0f} s of searching"
+              + (f", plus about {reused_wall:.0f} s of searching in the reused runs" if args.reuse else "") + ").", "",
               f"Dev set {args.dev} questions per seed (a new draw per seed); search budget `mult` x dev size "
               f"graph-question runs; true accuracy on {TRUE_TEST_SIZE} held-out simulated questions; "
               f"means over {args.seeds} seeds with 95% t-intervals. Regret is against the best *known* graph "
@@ -304,8 +333,9 @@ def analyse(results, methods, tasks, budgets, mults, args, search_wall, t0) -> s
               "runs (`-` when the median seed never did). `dev-oracle regret` is the floor that dev noise "
               "alone sets: the whole hand-built family evaluated on each seed's full dev set (far beyond any "
               "method's budget), the dev-best graph picked, its true regret averaged over seeds.", ""]
-    lines.append("| case | best known | dev-oracle regret | method | mult | true acc | regret | within 1 pt | env PFLOPs | agent calls |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| case | best known | dev-oracle regret | method | mult | true acc | regret | within 1 pt | env PFLOPs "
+                 "| wall s per run | agent calls | agent ms per step |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in tasks:
         for b in budgets:
             bk, bg = best[(t, b)]
@@ -324,8 +354,12 @@ def analyse(results, methods, tasks, budgets, mults, args, search_wall, t0) -> s
                     pf = np.mean([r["env_flops"] for r in rs]) / 1e15
                     calls = [r["agent"]["calls"] for r in rs if r.get("agent")]
                     ac = f"{np.mean(calls):.0f}" + (" (heuristic, not an LLM)" if rs[0].get("agent") and not rs[0]["agent"]["is_llm"] else "") if calls else "-"
+                    wall = np.mean([r["wall_s"] for r in rs])
+                    steps = [st for r in rs for st in r.get("steps", [])]
+                    per_step = (f"{1000 * np.mean([st['seconds'] or 0.0 for st in steps]):.0f}"
+                                if steps else "-")
                     lines.append(f"| {t} {b:g} | {bk:.1f} `{bg}` | {floor[(t, b)]:.2f} | {m} | {mult} | {acc:.1f} +- {acc_h:.1f} | "
-                                 f"{reg:.2f} +- {reg_h:.2f} | {w1} | {pf:.2f} | {ac} |")
+                                 f"{reg:.2f} +- {reg_h:.2f} | {w1} | {pf:.2f} | {wall:.1f} | {ac} | {per_step} |")
     lines.append("")
     lines += targets(by, methods, tasks, budgets, mults)
     if args.md:
