@@ -2,7 +2,9 @@
 
 Runs agent-reinforce (heuristic agent) in full and with each ablation switched off
 (``memory_tokens: 0``: no memory; ``insight_init: false``: no insight-based
-initialisation; ``roles: assistant-only``), plus ``reinforce`` (no agent at all), on the
+initialisation; ``roles: assistant-only``; ``pick: paired``: the result picked without the
+critic's surrogate), plus ``reinforce`` (no agent at all) with its own pick and with the
+surrogate pick, on the
 search benchmark's cases (``benchmarks/search_bench.py``'s spec: four LLaMA models, the
 simulated math/mmlu/humaneval profiles, a per-seed dev draw) and prints, per case and
 variant, the true accuracy (on the benchmark's 4000 held-out questions) of the returned
@@ -31,7 +33,9 @@ VARIANTS = {
     "no memory": ("agent-reinforce", {"memory_tokens": 0}),
     "no insight init": ("agent-reinforce", {"insight_init": False}),
     "assistant-only": ("agent-reinforce", {"roles": "assistant-only"}),
+    "paired pick": ("agent-reinforce", {"pick": "paired"}),
     "reinforce (no agent)": ("reinforce", {}),
+    "reinforce + surrogate pick": ("reinforce", {"pick": "surrogate"}),
 }
 
 
