@@ -86,15 +86,23 @@ def main(argv=None) -> int:
     acc = {(r["variant"], r["task"], r["budget"], r["seed"]): truth.acc(r["task"], r["graph"]) for r in results}
     print(f"agent-reinforce ablations: {a.mult} x dev {a.dev}, {a.seeds} seeds, heuristic agent; "
           f"{time.perf_counter() - t0:.0f} s on {a.workers} workers")
-    print("| case | variant | true accuracy (mean +- 95% CI) | vs full (mean paired difference) |")
-    print("|---|---|---|---|")
+    print()
+    print("| case | " + " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
     for t, b in cases:
+        cells = []
         for v in variants:
             xs = [acc[(v, t, b, s)] for s in range(a.seeds)]
             m, h = mean_ci(xs)
-            d = float(np.mean([acc[(v, t, b, s)] - acc[("full", t, b, s)] for s in range(a.seeds)])) \
-                if "full" in variants else float("nan")
-            print(f"| {t} {b:g} | {v} | {m:.1f} +- {h:.1f} | {d:+.2f} |")
+            cell = f"{m:.1f} +- {h:.1f}"
+            if "full" in variants and v != "full":
+                d = float(np.mean([acc[(v, t, b, s)] - acc[("full", t, b, s)] for s in range(a.seeds)]))
+                cell += f" ({d:+.2f})"
+            cells.append(cell)
+        print(f"| {t} {b:g} | " + " | ".join(cells) + " |")
+    means = {v: float(np.mean([acc[(v, t, b, s)] for t, b in cases for s in range(a.seeds)])) for v in variants}
+    print()
+    print("Mean over the cases: " + ", ".join(f"{v} {m:.2f}" for v, m in means.items()) + ".")
     return 0
 
 

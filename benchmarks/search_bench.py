@@ -200,13 +200,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also dump raw per-run results here")
     ap.add_argument("--reuse", default=None,
                     help="comma-separated --json dumps of earlier runs: their runs of methods not in --methods "
-                         "are reported with this run's (same cases, seeds and dev size); their wall time is added")
+                         "are reported with this run's (same cases, seeds and dev size; a run in two dumps is "
+                         "taken from the first listed); their wall time is added. --methods '' reports only them")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 case, 2 seeds, no files")
     args = ap.parse_args(argv)
     if args.quick:
         args.methods, args.tasks, args.budgets, args.seeds, args.mults = "agent-reinforce,random", "math", "18", 2, "20"
         args.md = None
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]
     tasks = args.tasks.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     mults = [int(m) for m in args.mults.split(",")]
@@ -248,14 +249,16 @@ def main(argv=None) -> int:
 def reuse(paths: list[str], methods, tasks, budgets, mults, args) -> list[dict]:
     """Runs from earlier ``--json`` dumps for the methods this run does not run, restricted
     to this run's cases, seeds and budgets; a dump with another dev size is refused."""
-    out = []
+    out, seen = [], set()
     for path in paths:
         rows = json.loads(Path(path).read_text())
         for r in rows:
             if r.get("dev", args.dev) != args.dev:
                 raise SystemExit(f"{path}: runs with dev size {r.get('dev')}, this run uses --dev {args.dev}")
+            key = (r["method"], r["task"], r["budget"], r["seed"], r["mult"])
             if (r["method"] not in methods and r["task"] in tasks and r["budget"] in budgets
-                    and r["mult"] in mults and r["seed"] < args.seeds):
+                    and r["mult"] in mults and r["seed"] < args.seeds and key not in seen):
+                seen.add(key)  # the first dump listed wins
                 out.append(r)
     return out
 

@@ -421,6 +421,11 @@ def recommend_paired(history: Sequence[Evaluation], objective: Objective, unit_f
     return max(well, key=lambda s: (paired(s), s.n, -s.first_trial))
 
 
+#: the surrogate pick needs this many other measured graphs to fit its leave-one-out
+#: predictions on; with fewer (a space of a handful of graphs) it is the paired pick
+SHRINK_MIN_GRAPHS = 10
+
+
 def recommend_shrunk(history: Sequence[Evaluation], objective: Objective, unit_flops: float,
                      problem: ProblemInfo) -> GraphStats | None:
     """``pick: surrogate``: among the graphs :func:`recommend_paired` chooses from (at least
@@ -433,15 +438,16 @@ def recommend_shrunk(history: Sequence[Evaluation], objective: Objective, unit_f
     vouch for it) predicts for its features, by the usual empirical-Bayes weight
     ``sd^2 / (sd^2 + se^2)``, ``sd`` the prediction's posterior sd (misfit included). A
     graph far better than its features predict still wins when its own evidence is strong;
-    one that is merely lucky on a few questions does not. Deterministic; falls back to
-    :func:`recommend_paired` with fewer than two candidates."""
+    one that is merely lucky on a few questions does not. Deterministic; it is
+    :func:`recommend_paired` with fewer than two candidates or at most
+    ``SHRINK_MIN_GRAPHS`` measured graphs (too few to learn anything from the features)."""
     base = recommend_paired(history, objective, unit_flops)
     stats = pool_stats(history, objective, unit_flops)
     if base is None:
         return None
     top = max(s.coverage for s in stats.values())
     well = [s for s in stats.values() if s.coverage >= max(1, top // 2)]
-    if len(well) < 2:
+    if len(well) < 2 or len(stats) <= SHRINK_MIN_GRAPHS:
         return base
     entries = [GraphEntry(key=h, graph=s.graph, trial_numbers=(s.first_trial,), origin="", rewards=s.rewards,
                           reward=s.mean, cost_units=0.0, latency_s=0.0) for h, s in stats.items()]

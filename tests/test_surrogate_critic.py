@@ -88,11 +88,11 @@ def _field(rng, base, lucky_n: int):
     """A leader-kind family (chains ending in BIG, true 0.60) and a poor family (chains
     ending in SMALL, true 0.40) with one member lucky on the questions it has."""
     evals, t = [], 0
-    for i, first in enumerate([SMALL, BIG, SMALL, BIG]):
+    for i, first in enumerate([SMALL, BIG, SMALL, BIG, SMALL, BIG]):
         g = _chain([first] * (1 + i // 2) + [BIG])
         evals.append(_evaluation(g, f"good{i}", _scores(rng, 0.60, 200, base), t))
         t += 1
-    for i, first in enumerate([SMALL, BIG, SMALL, BIG, BIG]):
+    for i, first in enumerate([SMALL, BIG, SMALL, BIG, SMALL, BIG]):
         g = _chain([first] * (1 + i // 2) + [SMALL])
         evals.append(_evaluation(g, f"poor{i}", _scores(rng, 0.40, 200, base), t))
         t += 1
@@ -164,3 +164,13 @@ def test_pick_is_an_option_with_one_line_errors_where_it_cannot_apply(costs):
         ReinforceSearcher(_ctx(costs, {"pick": "surrogate", "pareto": "units"}))
     with pytest.raises(SpecError, match=r"search.options"):
         ReinforceSearcher(_ctx(costs, {"pick": "best"}))
+
+
+def test_with_a_handful_of_graphs_the_surrogate_pick_is_the_paired_pick(costs):
+    """Five measured graphs are too few to learn what features are worth: the pick is the
+    paired one (a space of five graphs raced to the full dev set returns its dev-best)."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(0, 0.05, len(QS))
+    evals = _field(rng, base, lucky_n=100)[-5:]
+    assert recommend_shrunk(evals, Objective(), 1.0, _problem(costs)).graph_hash == \
+        recommend_paired(evals, Objective(), 1.0).graph_hash == "lucky"
