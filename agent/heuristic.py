@@ -5,20 +5,26 @@ LLM agent would give, plus feedback text written from the statistics:
 
 * graph effects from a two-way (graph + question) additive fit, so graphs scored on
   different questions are still compared fairly;
-* a ridge regression of those effects on structural features (nodes per model, the
-  sink's model and role, the sink's number of inputs, depth, model diversity, budget
-  use): its per-model coefficients become ``model_preference``, the sink-role
-  coefficients ``role_preference``;
+* a Bayesian linear surrogate of those effects on structural features
+  (:mod:`graphtune.agent.surrogate`: nodes per model, the sink's model and role, the sink's
+  number of inputs, depth, model diversity, budget use), which gives every coefficient and
+  prediction a posterior sd;
+* ``model_preference`` / ``role_preference`` moved by each model's (sink role's) z score
+  under that posterior, so a preference the evidence does not yet separate moves little,
+  and ``confidence`` from the mean |z|;
 * ``target_width`` / ``target_depth`` from the best graph so far;
 * ``edge_changes`` from paired with/without comparisons of slot edges;
-* ``proposals``: local mutations of the best graphs (change a model or role, add or
-  drop a node or edge, add a synthesiser on top), validated against space and budget,
-  not yet evaluated, ranked by the regression's prediction;
-* ``confidence`` grows with the number of graphs measured;
+* ``proposals``: untried neighbours (one or two local edits: change a model or role, add
+  or drop a node or edge, add a synthesiser on top) of the best graphs, validated against
+  space and budget, ranked by expected improvement over the best effect (the parent's
+  measured effect plus the surrogate's contrast, with their uncertainty);
 * its memory (``report.memory``, when the searcher keeps one): the feedback opens by
   saying whether its previous hypothesis held (which pushed preferences the graphs
   measured since confirm or contradict, how its proposals did against the incumbent).
   The numbers it answers with do not depend on the memory.
+
+The same surrogate refines agent-reinforce's final pick (``pick: surrogate``,
+:func:`graphtune.search.racing.recommend_shrunk`; docs/agent.md).
 
 Each proposal names the graph it mutates in ``parent`` (that graph's latest trial).
 
@@ -38,13 +44,13 @@ import numpy as np
 
 from graphtune.agent.base import Agent, AgentStep
 from graphtune.agent.memory import RoundMemory
-from graphtune.agent.mutations import local_mutations
 from graphtune.agent.pipeline import (PipelineBatchReport, PipelineInitReport, render_pipeline_batch,
                                       render_pipeline_init)
 from graphtune.agent.pipeline_heuristic import pipeline_feedback, pipeline_initial
 from graphtune.agent.report import BatchReport, GraphEntry, InitReport, ProblemInfo, graph_effects, render_batch, \
     render_init
 from graphtune.agent.schema import AgentUpdate, EdgeChange, GraphProposal, ProposedNode
+from graphtune.agent.surrogate import BayesSurrogate, expected_improvement, neighbourhood
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.model import BUILTIN_ROLES, Graph, Node
 from graphtune.graphs.render import to_text
@@ -52,64 +58,6 @@ from graphtune.graphs.space import is_valid
 
 BACKEND = "heuristic (statistical critic, not an LLM)"
 LABEL = "[heuristic statistical critic, not an LLM]"
-
-
-# -- graph features and a ridge surrogate -------------------------------------------------
-
-
-def features(g: Graph, p: ProblemInfo) -> np.ndarray:
-    models, roles = list(p.space.models), list(p.space.roles)
-    sink = g.node_map[g.sink]
-    f: list[float] = []
-    for m in models:
-        f.append(sum(1 for n in g.nodes if n.model == m and n.id != sink.id))
-    for m in models:
-        f.append(float(sink.model == m))
-    for r in roles:
-        f.append(float(sink.role == r))
-    d = g.in_degree(sink.id)
-    f += [d, d * d, g.depth, g.depth ** 2, g.size]
-    f.append(len({n.model for n in g.nodes if n.id != sink.id}))
-    f.append(sum(1 for n in g.nodes if n.id != sink.id and g.preds[n.id]))
-    units = p.costs.cost(g).units
-    f.append(units / p.budget.units if p.budget.units else units / 10.0)
-    return np.array(f, dtype=float)
-
-
-class Surrogate:
-    """Weighted ridge regression of paired graph effects on :func:`features`."""
-
-    def __init__(self, entries: Sequence[GraphEntry], effects: dict[str, tuple[float, float, int]],
-                 p: ProblemInfo, lam: float = 1.0):
-        self.p = p
-        rows = [(features(e.graph, p), effects[e.key][0], effects[e.key][2]) for e in entries if e.key in effects]
-        self.n = len(rows)
-        if self.n < 3:
-            self.coef = None
-            return
-        X = np.array([r[0] for r in rows])
-        y = np.array([r[1] for r in rows])
-        w = np.array([r[2] / (r[2] + 4.0) for r in rows])
-        self.mu = X.mean(axis=0)
-        self.sd = X.std(axis=0) + 1e-9
-        Z = (X - self.mu) / self.sd
-        Z = np.hstack([np.ones((self.n, 1)), Z])
-        W = np.diag(w)
-        reg = lam * np.eye(Z.shape[1])
-        reg[0, 0] = 1e-6
-        self.coef = np.linalg.solve(Z.T @ W @ Z + reg, Z.T @ W @ y)
-
-    def predict(self, g: Graph) -> float:
-        if self.coef is None:
-            return 0.0
-        z = (features(g, self.p) - self.mu) / self.sd
-        return float(self.coef[0] + z @ self.coef[1:])
-
-    def per_unit(self, k: int) -> float:
-        """Raw-scale coefficient of feature k (effect of +1 of that feature)."""
-        if self.coef is None:
-            return 0.0
-        return float(self.coef[1 + k] / self.sd[k])
 
 
 def _finite(prefs: dict[str, float]) -> dict[str, float]:
@@ -246,31 +194,42 @@ class HeuristicAgent(Agent):
         p = report.problem
         hist = [e for e in report.history if e.rewards]
         eff = graph_effects(hist)
-        sur = Surrogate(hist, eff, p)
+        sur = BayesSurrogate(hist, eff, p)
         models, roles = list(p.space.models), list(p.space.roles)
         M = len(models)
         text: list[str] = [LABEL]
         recalled = recall_text(report.memory)
         if recalled:
             text.append(recalled)
-        # model preferences from the per-node coefficients (plus the sink-model ones)
+        # model preferences: each model's effect per node (plus half its effect as the sink)
+        # relative to the pool's mean, shifted by its z score under the posterior, so a
+        # model the evidence does not yet separate moves little
         pref: dict[str, float] = {}
+        zs: list[float] = []
         if sur.coef is not None:
-            eff_m = np.array([sur.per_unit(k) + 0.5 * sur.per_unit(M + k) for k in range(M)])
-            scale = float(np.std(eff_m)) + 0.01
+            est = [(sur.per_unit(k), sur.per_unit(M + k)) for k in range(M)]
+            eff_m = np.array([a[0] + 0.5 * b[0] for a, b in est])
+            sd_m = np.array([math.sqrt(a[1] ** 2 + 0.25 * b[1] ** 2) for a, b in est])
             for k, m in enumerate(models):
-                pref[m] = float(np.clip((eff_m[k] - eff_m.mean()) / scale * 0.3, -0.6, 0.6))
+                z = float((eff_m[k] - eff_m.mean()) / max(sd_m[k], 1e-6))
+                zs.append(abs(z))
+                pref[m] = float(np.clip(0.25 * z, -0.75, 0.75))
             best_m = models[int(np.argmax(eff_m))]
-            text.append(f"Ridge fit of paired effects over {sur.n} graphs: per added node, "
-                        + ", ".join(f"{m} {eff_m[k] * 100:+.1f} pts" for k, m in enumerate(models))
-                        + f"; favouring {best_m}.")
+            text.append(f"Bayesian ridge fit of paired effects over {sur.n} graphs (misfit sd "
+                        f"{math.sqrt(sur.misfit) * 100:.1f} pts): per added node, "
+                        + ", ".join(f"{m} {eff_m[k] * 100:+.1f} +- {1.96 * sd_m[k] * 100:.1f} pts"
+                                    for k, m in enumerate(models))
+                        + f"; favouring {best_m}; preferences moved by the evidence (z) behind each.")
         role_pref: dict[str, float] = {}
         if sur.coef is not None and len(roles) > 1:
-            rc = np.array([sur.per_unit(2 * M + k) for k in range(len(roles))])
+            rc = [sur.per_unit(2 * M + k) for k in range(len(roles))]
+            mean_rc = float(np.mean([c[0] for c in rc]))
             for k, r in enumerate(roles):
-                role_pref[r] = float(np.clip((rc[k] - rc.mean()) * 5.0, -0.4, 0.4))
-            text.append("Sink role effects: " + ", ".join(f"{r} {rc[k] * 100:+.1f} pts" for k, r in enumerate(roles))
-                        + ".")
+                z = (rc[k][0] - mean_rc) / max(rc[k][1], 1e-6)
+                zs.append(abs(z))
+                role_pref[r] = float(np.clip(0.2 * z, -0.4, 0.4))
+            text.append("Sink role effects: " + ", ".join(f"{r} {rc[k][0] * 100:+.1f} +- {1.96 * rc[k][1] * 100:.1f} pts"
+                                                         for k, r in enumerate(roles)) + ".")
         # the best graph so far sets the structural targets
         ranked = sorted(hist, key=lambda e: -eff.get(e.key, (-9, 0, 0))[0])
         inc = next((e for e in hist if e.key == report.incumbent), ranked[0] if ranked else None)
@@ -324,7 +283,8 @@ class HeuristicAgent(Agent):
         if props:
             text.append(f"Proposing {len(props)} untried neighbours of the best graphs with the highest predicted "
                         "effect.")
-        conf = float(min(0.9, 0.2 + 0.04 * len(hist)))
+        # confidence: how clearly the posterior separates the preferences it moved
+        conf = float(np.clip(0.2 + 0.15 * (np.mean(zs) if zs else 0.0), 0.2, 0.9))
         upd = AgentUpdate(feedback=" ".join(text), model_preference=_finite(pref),
                           role_preference=_finite(role_pref),
                           edge_changes=edge_changes, target_width=tw, target_depth=td, proposals=props,
@@ -332,37 +292,46 @@ class HeuristicAgent(Agent):
         return AgentStep(kind="feedback", prompt=render_batch(report), reply=None, update=upd,
                          seconds=time.perf_counter() - t0)
 
-    def _proposals(self, report: BatchReport, ranked: list[GraphEntry], sur: Surrogate,
+    def _proposals(self, report: BatchReport, ranked: list[GraphEntry], sur: BayesSurrogate,
                    eff: dict[str, tuple[float, float, int]]) -> list[GraphProposal]:
+        """Untried neighbours (one or two edits) of the best graphs, ranked by expected
+        improvement over the incumbent: each predicted as its parent's measured effect plus
+        the surrogate's contrast, with the parent's standard error, the contrast's posterior
+        sd and the misfit as its uncertainty."""
         p = report.problem
         seen = {e.key for e in report.history}
         if not ranked or p.max_proposals <= 0:
             return []
         # parents: the best graphs by effect, preferring well-measured ones (lower bound)
         parents = sorted(ranked, key=lambda e: -(eff[e.key][0] - eff[e.key][1]))[:3]
-        cands: list[tuple[float, str, Graph, GraphEntry]] = []
-        found: set[str] = set()
-        for rank, par in enumerate(parents):
-            base = eff[par.key][0]
-            for g in local_mutations(par.graph, p.space):
-                h = graph_hash(g)
-                if h in seen or h in found or not is_valid(g, p.space, p.costs, p.budget):
+        target = max(eff[e.key][0] for e in parents)
+        misfit = getattr(sur, "misfit", 0.0)
+
+        def predicted(g: Graph, par: GraphEntry) -> tuple[float, float]:
+            d, sd = sur.contrast(g, par.graph)
+            mu, se, _ = eff[par.key]
+            return mu + d, math.sqrt(se ** 2 + sd ** 2 + misfit)
+
+        cands: list[tuple[float, float, str, Graph, GraphEntry]] = []
+        for par in parents:
+            hood = neighbourhood([par.graph], p, seen, rank=lambda g, par=par: predicted(g, par)[0])
+            for h, (g, _) in hood.items():
+                if any(h == c[2] for c in cands):
                     continue
-                found.add(h)
-                # the parent's measured effect plus the surrogate's predicted change
-                score = base + (sur.predict(g) - sur.predict(par.graph))
-                cands.append((score, h, g, par))
-        cands.sort(key=lambda t: (-t[0], t[1]))
+                mean, sd = predicted(g, par)
+                cands.append((expected_improvement(mean, sd, target), mean, h, g, par))
+        cands.sort(key=lambda t: (-t[0], t[2]))
         out: list[GraphProposal] = []
         per_parent: dict[str, int] = {}
         cap = max(1, math.ceil(p.max_proposals / 2))
-        for score, h, g, par in cands:
+        for ei, mean, h, g, par in cands:
             pk = par.key
             if per_parent.get(pk, 0) >= cap:
                 continue
             per_parent[pk] = per_parent.get(pk, 0) + 1
             parent = par.trial_numbers[-1] if par.trial_numbers else None
-            out.append(_to_proposal(g, f"mutation of {pk}, predicted effect {score * 100:+.1f} pts", parent))
+            out.append(_to_proposal(g, f"neighbour of {pk}, predicted effect {mean * 100:+.1f} pts, expected "
+                                       f"improvement {ei * 100:.2f} pts", parent))
             if len(out) >= p.max_proposals:
                 break
         return out

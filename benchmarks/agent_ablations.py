@@ -2,7 +2,9 @@
 
 Runs agent-reinforce (heuristic agent) in full and with each ablation switched off
 (``memory_tokens: 0``: no memory; ``insight_init: false``: no insight-based
-initialisation; ``roles: assistant-only``), plus ``reinforce`` (no agent at all), on the
+initialisation; ``roles: assistant-only``; ``pick: paired``: the result picked without the
+critic's surrogate), plus ``reinforce`` (no agent at all) with its own pick and with the
+surrogate pick, on the
 search benchmark's cases (``benchmarks/search_bench.py``'s spec: four LLaMA models, the
 simulated math/mmlu/humaneval profiles, a per-seed dev draw) and prints, per case and
 variant, the true accuracy (on the benchmark's 4000 held-out questions) of the returned
@@ -31,7 +33,9 @@ VARIANTS = {
     "no memory": ("agent-reinforce", {"memory_tokens": 0}),
     "no insight init": ("agent-reinforce", {"insight_init": False}),
     "assistant-only": ("agent-reinforce", {"roles": "assistant-only"}),
+    "paired pick": ("agent-reinforce", {"pick": "paired"}),
     "reinforce (no agent)": ("reinforce", {}),
+    "reinforce + surrogate pick": ("reinforce", {"pick": "surrogate"}),
 }
 
 
@@ -82,15 +86,23 @@ def main(argv=None) -> int:
     acc = {(r["variant"], r["task"], r["budget"], r["seed"]): truth.acc(r["task"], r["graph"]) for r in results}
     print(f"agent-reinforce ablations: {a.mult} x dev {a.dev}, {a.seeds} seeds, heuristic agent; "
           f"{time.perf_counter() - t0:.0f} s on {a.workers} workers")
-    print("| case | variant | true accuracy (mean +- 95% CI) | vs full (mean paired difference) |")
-    print("|---|---|---|---|")
+    print()
+    print("| case | " + " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
     for t, b in cases:
+        cells = []
         for v in variants:
             xs = [acc[(v, t, b, s)] for s in range(a.seeds)]
             m, h = mean_ci(xs)
-            d = float(np.mean([acc[(v, t, b, s)] - acc[("full", t, b, s)] for s in range(a.seeds)])) \
-                if "full" in variants else float("nan")
-            print(f"| {t} {b:g} | {v} | {m:.1f} +- {h:.1f} | {d:+.2f} |")
+            cell = f"{m:.1f} +- {h:.1f}"
+            if "full" in variants and v != "full":
+                d = float(np.mean([acc[(v, t, b, s)] - acc[("full", t, b, s)] for s in range(a.seeds)]))
+                cell += f" ({d:+.2f})"
+            cells.append(cell)
+        print(f"| {t} {b:g} | " + " | ".join(cells) + " |")
+    means = {v: float(np.mean([acc[(v, t, b, s)] for t, b in cases for s in range(a.seeds)])) for v in variants}
+    print()
+    print("Mean over the cases: " + ", ".join(f"{v} {m:.2f}" for v, m in means.items()) + ".")
     return 0
 
 

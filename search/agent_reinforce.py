@@ -58,8 +58,7 @@ from graphtune.search.critic import AgentCritic, probe_candidates
 from graphtune.search.pipeline_critic import PipelineCritic, pipeline_probe_candidates
 from graphtune.search.pipeline_policy import is_pipeline_study
 from graphtune.search.probgraph import ProbabilisticGraph
-from graphtune.search.racing import recommend_paired
-from graphtune.search.reinforce import PolicyOptions, policy_batch, policy_parts
+from graphtune.search.reinforce import PolicyOptions, policy_batch, policy_parts, policy_recommend
 
 
 class AgentReinforceOptions(PolicyOptions):
@@ -82,7 +81,8 @@ class AgentReinforceSearcher(Searcher):
     Options (``search.options``, :class:`AgentReinforceOptions`), besides those of
     :class:`~graphtune.search.reinforce.ReinforceSearcher` (``n0``, ``eta``, ``samples``,
     ``lr``, ``max_step``, ``entropy_floor``, ``edge_init``, ``race_top``,
-    ``final_race_frac``, ``pareto``, ``pareto_weights``):
+    ``final_race_frac``, ``pareto``, ``pareto_weights``, ``pick``; ``pick`` defaults to
+    ``surrogate`` here: the critic's surrogate refines the paired pick, docs/agent.md):
 
     - ``lr_agent`` (1.0): scale of the agent's deltas (times its confidence);
     - ``max_agent_delta`` (2.0): clip of one agent delta on a logit;
@@ -215,8 +215,10 @@ class AgentReinforceSearcher(Searcher):
         self.batches_told += 1
 
     def recommend(self, history: Sequence[Evaluation]) -> GraphStats | None:
-        """As ``reinforce``: :func:`~graphtune.search.racing.recommend_paired`."""
-        return recommend_paired(history, self.ctx.objective, self.ctx.costs.unit_flops)
+        """``pick: surrogate`` (the default here): the paired pick refined by the critic's
+        surrogate (:func:`~graphtune.search.racing.recommend_shrunk`); ``pick: paired``:
+        as ``reinforce`` (:func:`~graphtune.search.racing.recommend_paired`)."""
+        return policy_recommend(history, self.ctx, self.opts, self.problem, default="surrogate")
 
     # -- contract ------------------------------------------------------------------------
     def drain_agent_steps(self) -> list[dict[str, Any]]:

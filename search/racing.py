@@ -45,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from graphtune.agent.report import GraphEntry
+from graphtune.agent.report import GraphEntry, ProblemInfo, graph_effects
+from graphtune.agent.surrogate import BayesSurrogate
 from graphtune.graphs.canonical import graph_hash
 from graphtune.graphs.cost import Budget, GraphCost
 from graphtune.graphs.model import Graph
@@ -316,8 +317,9 @@ class Racing:
         return [self.extend(h, low + 1) for _, h in todo[:top]]
 
     def _rivals(self, leader: str) -> list[tuple[float, str]]:
-        """(paired upper confidence bound of the difference to ``leader``, hash) of every
-        graph below the full dev set whose bound is above zero."""
+        """(z of the paired difference to ``leader``: its mean over its standard error, hash)
+        of every graph below the full dev set whose paired upper confidence bound (mean + 2
+        standard errors) is above zero."""
         top_level = len(self.levels) - 1
         lr = self.records[leader].rewards
         scored = []
@@ -328,9 +330,11 @@ class Racing:
             if len(shared) < 2:
                 continue
             diff = np.array([d.rewards[q] - lr[q] for q in shared])
-            ucb = float(diff.mean() + 2.0 * diff.std(ddof=1) / math.sqrt(len(diff)))
-            if ucb > 0:
-                scored.append((ucb, h))
+            se = float(diff.std(ddof=1)) / math.sqrt(len(diff))
+            if diff.mean() + 2.0 * se > 0:
+                # ranked by the evidence of beating the leader (z), not by the bound: a bound
+                # ranks the least-measured graphs first, whose wide interval is all they have
+                scored.append((float(diff.mean()) / se if se > 0 else math.inf, h))
         return scored
 
     def pareto_race(self, top: int | None = None) -> list[Candidate]:
@@ -415,3 +419,47 @@ def recommend_paired(history: Sequence[Evaluation], objective: Objective, unit_f
         return leader.mean + float(np.mean([s.rewards[q] - leader.rewards[q] for q in shared]))
 
     return max(well, key=lambda s: (paired(s), s.n, -s.first_trial))
+
+
+#: the surrogate pick needs this many other measured graphs to fit its leave-one-out
+#: predictions on; with fewer (a space of a handful of graphs) it is the paired pick
+SHRINK_MIN_GRAPHS = 10
+
+
+def recommend_shrunk(history: Sequence[Evaluation], objective: Objective, unit_flops: float,
+                     problem: ProblemInfo) -> GraphStats | None:
+    """``pick: surrogate``: among the graphs :func:`recommend_paired` chooses from (at least
+    half the top coverage), the best *shrunk* estimate. Picking the best raw dev mean among
+    many graphs picks luck as well (the winner's curse: the more graphs compared, the more
+    the winner's dev score overstates it). Each candidate's paired effect (the two-way fit
+    of :func:`~graphtune.agent.report.graph_effects`, with its standard error ``se``) is
+    pulled towards what the critic's surrogate (:class:`~graphtune.agent.surrogate.BayesSurrogate`,
+    fitted on every *other* measured graph: leave-one-out, so a graph's own luck does not
+    vouch for it) predicts for its features, by the usual empirical-Bayes weight
+    ``sd^2 / (sd^2 + se^2)``, ``sd`` the prediction's posterior sd (misfit included). A
+    graph far better than its features predict still wins when its own evidence is strong;
+    one that is merely lucky on a few questions does not. Deterministic; it is
+    :func:`recommend_paired` with fewer than two candidates or at most
+    ``SHRINK_MIN_GRAPHS`` measured graphs (too few to learn anything from the features)."""
+    base = recommend_paired(history, objective, unit_flops)
+    stats = pool_stats(history, objective, unit_flops)
+    if base is None:
+        return None
+    top = max(s.coverage for s in stats.values())
+    well = [s for s in stats.values() if s.coverage >= max(1, top // 2)]
+    if len(well) < 2 or len(stats) <= SHRINK_MIN_GRAPHS:
+        return base
+    entries = [GraphEntry(key=h, graph=s.graph, trial_numbers=(s.first_trial,), origin="", rewards=s.rewards,
+                          reward=s.mean, cost_units=0.0, latency_s=0.0) for h, s in stats.items()]
+    eff = graph_effects(entries)
+    score: dict[str, float] = {}
+    cache: dict[str, np.ndarray] = {}
+    for s in well:
+        sur = BayesSurrogate([e for e in entries if e.key != s.graph_hash], eff, problem, cache=cache)
+        mu, se, _ = eff[s.graph_hash]
+        if sur.coef is None:
+            score[s.graph_hash] = mu
+            continue
+        pm, psd = sur.predict(s.graph)
+        score[s.graph_hash] = pm + psd ** 2 / (psd ** 2 + se ** 2) * (mu - pm)
+    return max(well, key=lambda s: (score[s.graph_hash], s.n, -s.first_trial))

@@ -35,7 +35,7 @@ is rebuilt from the store's trials by ``restore`` (see :mod:`graphtune.search.ra
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -45,7 +45,8 @@ from graphtune.search.base import Candidate, Evaluation, GraphStats, SearchConte
 from graphtune.search.pipeline_policy import PipelinePolicy, is_pipeline_study
 from graphtune.search.policy import PolicyUpdate
 from graphtune.search.probgraph import ProbabilisticGraph
-from graphtune.search.racing import ParetoScalarisation, Racing, recommend_paired
+from graphtune.agent.report import ProblemInfo
+from graphtune.search.racing import ParetoScalarisation, Racing, recommend_paired, recommend_shrunk
 
 
 #: scalarisation weights cycled through in Pareto mode (reward lost per budget-sized cost)
@@ -84,6 +85,10 @@ class PolicyOptions(SearcherOptions):
     edge_init: float = Field(-1.0, ge=-100, le=100, description="initial edge logit")
     race_top: int = Field(3, ge=1, le=1000, description="graphs raced at the end")
     final_race_frac: float = Field(0.15, ge=0, lt=1, description="share of the budget kept for the final race")
+    pick: Literal["paired", "surrogate"] | None = Field(
+        None, description="how the result is chosen: 'paired' (best paired mean) or 'surrogate' (paired effects "
+                          "shrunk towards a feature surrogate's leave-one-out prediction); default: paired for "
+                          "reinforce, surrogate for agent-reinforce")
     pareto: str | list[str] | bool | None = Field(None, description="a cost metric: search the accuracy-vs-cost front")
     pareto_weights: list[float] = Field(list(DEFAULT_PARETO_WEIGHTS), min_length=1, max_length=1000)
 
@@ -133,11 +138,34 @@ def policy_batch(racing: Racing, policy: PolicyUpdate, n_samples: int, batch: in
     return cands + drawn, mb
 
 
+def policy_recommend(history: Sequence[Evaluation], ctx: SearchContext, o: PolicyOptions,
+                     problem: ProblemInfo | None, *, default: str) -> GraphStats | None:
+    """The result of a policy searcher: ``o.pick`` (else ``default``) on a single-stage
+    study without ``pareto``; the paired pick otherwise (a pipeline's stages or a Pareto
+    front have no single surrogate to shrink towards; an explicit ``pick: surrogate`` there
+    is refused when the searcher is built, :func:`check_pick`)."""
+    pick = o.pick or default
+    if pick == "surrogate" and problem is not None and not o.pareto and not is_pipeline_study(ctx):
+        return recommend_shrunk(history, ctx.objective, ctx.costs.unit_flops, problem)
+    return recommend_paired(history, ctx.objective, ctx.costs.unit_flops)
+
+
+def check_pick(ctx: SearchContext, o: PolicyOptions) -> None:
+    """A one-line SpecError for ``pick: surrogate`` where it cannot apply."""
+    if o.pick == "surrogate" and is_pipeline_study(ctx):
+        raise SpecError("search.options.pick: surrogate is for single-stage studies; a pipeline is picked by its "
+                        "paired mean (remove the option or set it to paired)")
+    if o.pick == "surrogate" and o.pareto:
+        raise SpecError("search.options.pick: surrogate picks one graph; with pareto the result is a front "
+                        "(remove one of the two options)")
+
+
 def policy_parts(ctx: SearchContext, o: PolicyOptions) -> tuple[Racing, PolicyUpdate | PipelinePolicy]:
     """The racing and policy-update parts both policy searchers hold, from their options."""
     # a multi-stage study's budget is a PipelineBudget: the Pareto scale is its total
     budget = ctx.budget.total if is_pipeline_study(ctx) else ctx.budget
     pareto = ParetoScalarisation.of(o.pareto, o.pareto_weights, budget) if o.pareto else None
+    check_pick(ctx, o)
     racing = Racing.of(ctx, n0=o.n0, eta=o.eta, race_top=o.race_top, final_race_frac=o.final_race_frac,
                        pareto=pareto)
     # a multi-stage study: one distribution per stage and a budget split (search/pipeline_policy.py)
@@ -165,7 +193,10 @@ class ReinforceSearcher(Searcher):
       budget's limit on that metric, else the largest cost seen) for the policy
       gradient and the ASHA promotions, so cheap graphs earn questions too, and the
       final race extends the current front instead of the leader's rivals. Stored
-      rewards, the recommended graph and everything without the option are unchanged.
+      rewards, the recommended graph and everything without the option are unchanged;
+    - ``pick`` (``paired``): how the result is chosen; ``surrogate`` shrinks each
+      candidate's paired effect towards a feature surrogate's leave-one-out prediction
+      (:func:`~graphtune.search.racing.recommend_shrunk`; agent-reinforce's default).
     """
 
     name = "reinforce"
@@ -196,10 +227,16 @@ class ReinforceSearcher(Searcher):
         self.batches_told += 1
 
     def recommend(self, history: Sequence[Evaluation]) -> GraphStats | None:
-        """Among well-evaluated graphs (at least half the top coverage), the best mean on
-        the questions they share with the best-covered leader
-        (:func:`~graphtune.search.racing.recommend_paired`)."""
-        return recommend_paired(history, self.ctx.objective, self.ctx.costs.unit_flops)
+        """``pick: paired`` (the default here): among well-evaluated graphs (at least half
+        the top coverage), the best mean on the questions they share with the best-covered
+        leader (:func:`~graphtune.search.racing.recommend_paired`); ``pick: surrogate``:
+        :func:`~graphtune.search.racing.recommend_shrunk`."""
+        problem = None
+        if self.opts.pick == "surrogate":  # the surrogate's features need the problem
+            c = self.ctx
+            problem = ProblemInfo(task_description=c.task_description, space=c.space, costs=c.costs,
+                                  budget=c.budget)
+        return policy_recommend(history, self.ctx, self.opts, problem, default="paired")
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.policy.state_dict(), **self.racing.state_dict(), "batches_told": self.batches_told}

@@ -88,10 +88,13 @@ def _digest(trials: list[tuple]) -> str:
 #: runs ended with a race trial of 30 questions that passed the budget by 10 runs; it now runs
 #: on the first 20 (every earlier trial and the tested graph are the same as before)
 PINS = {
-    ("reinforce", ""): (33, "6b892fe7f306753a"),  # was 6350cb6eb623c28b
-    ("agent-reinforce", ""): (28, "8ba7db859818f9d8"),  # spent exactly its budget before too
+    # issue 13 (the final race ranks rivals by their z against the leader; the critic proposes
+    # by expected improvement under its Bayesian surrogate) changed all but reinforce-pareto:
+    # was (33, 6b892fe7f306753a), (28, 8ba7db859818f9d8), (30, ed49ff910f52adf5)
+    ("reinforce", ""): (33, "a1b838db6a091367"),  # was 6350cb6eb623c28b before that
+    ("agent-reinforce", ""): (28, "0d730b61ab2f8a3a"),
     ("reinforce", "pareto"): (32, "2fc074b80b6c2eb9"),  # was dd876c8809d5cf55
-    ("agent-reinforce", "pareto"): (30, "ed49ff910f52adf5"),  # was a7ad444645db0cc7
+    ("agent-reinforce", "pareto"): (29, "5ee1d06e697a7bdf"),
 }
 
 
@@ -136,7 +139,12 @@ def _old_state_file(method: str, options: dict | None) -> Path:
     return DATA / f"old_searcher_state_{method}{'_pareto' if options else ''}.json"
 
 
-@pytest.mark.parametrize("method,options", [CASES[1], CASES[2]])
+#: agent-reinforce's fixture (tests/data/old_searcher_state_agent-reinforce.json) is kept but
+#: no longer replayed here: the test swaps the old state into today's run at the same trial,
+#: which needs today's first 13 trials to equal the old version's, and issue 13's surrogate
+#: critic proposes other graphs from batch 1 on. The evidence-in-state format it tests is
+#: Racing's, which the reinforce fixture still covers.
+@pytest.mark.parametrize("method,options", [CASES[2]])
 def test_a_study_saved_by_the_previous_version_resumes_exactly(tmp_path, method, options):
     """The state the previous version saved (it copied every graph's evidence) after 13 trials
     of this run: loaded into today's store at the same place, the search continues exactly as
@@ -163,8 +171,9 @@ def test_a_study_saved_by_the_previous_version_resumes_exactly(tmp_path, method,
 #: Re-pinned when the engine began to stop exactly at the budget (issue 13): that promotion
 #: now runs on the 20 questions the budget allows instead of passing it by 10 runs, so the
 #: first run spends 10 runs less and the continued schedule differs from there on
-#: (was (33, "b219c162457ee68b") and (29, "356c289041df48b8"))
-CONTINUED = {("reinforce", 7): (33, "d04a341d0c48f013"), ("agent-reinforce", 6): (30, "e46ba2cd37a0a122")}
+#: (was (33, "b219c162457ee68b") and (29, "356c289041df48b8")); issue 13's race order and
+#: critic then changed both (was (33, "d04a341d0c48f013") and (30, "e46ba2cd37a0a122"))
+CONTINUED = {("reinforce", 7): (34, "787eaa2012690418"), ("agent-reinforce", 6): (30, "40a2f68d167e04dc")}
 
 
 @pytest.mark.parametrize("method,first", list(CONTINUED))
