@@ -210,21 +210,27 @@ def proposal_json_schema(models: Sequence[str], roles: Sequence[str],
     space's models and roles as enums, and no length or count constraints (OpenAI's
     strict mode rejects them; pydantic checks them instead). ``rationale`` is left out:
     optional in the model, and a grammar-constrained model cannot see its length bound.
-    Every reply this schema admits has the fields the model requires. With ``stages`` (a
-    multi-stage study) ``stage`` (one of them) and ``other_stages`` (each a stage and its
-    graph) are required too."""
+    Every reply this schema admits has the fields the model requires. ``parent`` (the trial
+    number of the graph the proposal changes) is required and nullable: strict mode has no
+    optional fields. With ``stages`` (a multi-stage study) ``stage`` (one of them) and
+    ``other_stages`` (each a stage and its graph) are required too."""
     node = {"type": "object", "additionalProperties": False, "required": ["id", "role", "model"],
             "properties": {"id": {"type": "string"}, "role": {"type": "string", "enum": list(roles)},
                            "model": {"type": "string", "enum": list(models)}}}
     graph = {"nodes": {"type": "array", "items": node},
              "edges": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}
+    # the trial this proposal changes, or null for a new graph: strict mode has no optional
+    # fields, so the field is required and nullable (its range is pydantic's check)
+    parent = {"parent": {"type": ["integer", "null"]}}
     if stages is None:
-        return {"type": "object", "additionalProperties": False, "required": ["nodes", "edges"], "properties": graph}
+        return {"type": "object", "additionalProperties": False, "required": ["nodes", "edges", "parent"],
+                "properties": {**graph, **parent}}
     stage = {"type": "string", "enum": list(stages)}
     other = {"type": "object", "additionalProperties": False, "required": ["stage", "nodes", "edges"],
              "properties": {"stage": stage, **graph}}
-    return {"type": "object", "additionalProperties": False, "required": ["stage", "nodes", "edges", "other_stages"],
-            "properties": {"stage": stage, **graph, "other_stages": {"type": "array", "items": other}}}
+    return {"type": "object", "additionalProperties": False,
+            "required": ["stage", "nodes", "edges", "other_stages", "parent"],
+            "properties": {"stage": stage, **graph, "other_stages": {"type": "array", "items": other}, **parent}}
 
 
 def proposal_reply_json_schema(models: Sequence[str], roles: Sequence[str],

@@ -219,6 +219,8 @@ def _agree(strict: dict, model: dict, root: dict, where: str = "reply") -> None:
             assert all(strict["items"]["type"] == p["type"] for p in model["prefixItems"]), where
         else:
             _agree(strict["items"], model["items"], root, f"{where}[]")
+    elif "anyOf" in model:  # an optional field: strict mode's nullable type lists the same types
+        assert sorted(strict["type"]) == sorted(o["type"] for o in model["anyOf"]), where
     else:
         assert strict["type"] == model["type"], where
 
@@ -232,6 +234,10 @@ def test_the_json_schema_the_llm_is_given_agrees_with_the_parsing_model():
     reply = {"reasoning": "r", "proposals": [{"nodes": [{"id": "a", "role": ROLES[0], "model": LLAMA_POOL[0]}],
                                               "edges": []}]}
     assert parse_reply(json.dumps(reply)).proposals[0] == GraphProposal.model_validate(reply["proposals"][0])
+    # the parent field, required and nullable in strict mode: a trial number or null
+    for parent in (7, None):
+        reply["proposals"][0]["parent"] = parent
+        assert parse_reply(json.dumps(reply)).proposals[0].parent == parent
 
 
 def test_the_json_the_prompt_documents_parses(costs):
