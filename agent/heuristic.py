@@ -313,11 +313,13 @@ class HeuristicAgent(Agent):
             return mu + d, math.sqrt(se ** 2 + sd ** 2 + misfit)
 
         cands: list[tuple[float, float, str, Graph, GraphEntry]] = []
+        found: set[str] = set()
         for par in parents:
             hood = neighbourhood([par.graph], p, seen, rank=lambda g, par=par: predicted(g, par)[0])
             for h, (g, _) in hood.items():
-                if any(h == c[2] for c in cands):
+                if h in found:  # a neighbour of an earlier (better) parent already
                     continue
+                found.add(h)
                 mean, sd = predicted(g, par)
                 cands.append((expected_improvement(mean, sd, target), mean, h, g, par))
         cands.sort(key=lambda t: (-t[0], t[2]))

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_bench import Job, Truth, _problem, spec_for  # noqa: E402
+from search_bench import Job, Truth, recorded_search  # noqa: E402
 
 CASES = ["math 18", "math 42", "math 80", "mmlu 18", "mmlu 42", "mmlu 80", "humaneval 18", "humaneval 42",
          "humaneval 80"]
@@ -33,27 +33,10 @@ BEST = {"math 18": 55.9, "math 42": 63.5, "math 80": 68.0, "mmlu 18": 64.1, "mml
 
 
 def run(args):
-    from graphtune.api import make_searcher
-    from graphtune.search.loop import run_search
-    from graphtune.spec import parse_spec
-    from graphtune.store.memory import MemoryStorage
-
     case, seed = args
-    task, budget = case.split()[0], float(case.split()[1])
-    spec = parse_spec(spec_for(task, budget, "agent-reinforce", seed, 20, 200))
-    problem, ctx = _problem(spec, Job("agent-reinforce", task, budget, seed, 20, 200, False))
-    searcher = make_searcher(spec, ctx)
-    store = MemoryStorage()
-    study = store.create_study(spec.study, "agent-reinforce", {})
-    history = []
-    tell = searcher.tell
-
-    def recording_tell(evaluations):
-        history.extend(evaluations)
-        tell(evaluations)
-
-    searcher.tell = recording_tell
-    run_search(searcher, problem.env, store, study, ctx, budget_runs=ctx.budget_runs, test_ids=None)
+    job = Job("agent-reinforce", case.split()[0], float(case.split()[1]), seed, 20, 200, False)
+    ctx, searcher, *_, history = recorded_search(job)
+    searcher.close()
     return case, seed, history, ctx
 
 

@@ -89,40 +89,54 @@ def _problem(spec, job: Job):
     return base, ctx
 
 
-def run_job(job: Job) -> dict:
+def recorded_search(job: Job, after_tell=None):
+    """Run ``job``'s search in memory and keep its history as the loop tells it; after each
+    told batch ``after_tell(searcher, history, spent)`` (runs paid so far) is called. Returns
+    (ctx, searcher, store, study, outcome, history)."""
     from graphtune.api import make_searcher
-    from graphtune.graphs.io import to_dict
     from graphtune.search.loop import run_search
     from graphtune.spec import parse_spec
     from graphtune.store.memory import MemoryStorage
 
-    t0 = time.perf_counter()
     spec = parse_spec(spec_for(job.task, job.budget, job.method, job.seed, job.mult, job.dev, job.agent))
     problem, ctx = _problem(spec, job)
     searcher = make_searcher(spec, ctx)
     store = MemoryStorage()
     study = store.create_study(spec.study, job.method, {})
-    curve: list[tuple[int, dict]] = []
-    step = 2 * len(ctx.dev_ids)
-    nxt = [step]
     history: list = []
     spent = [0]
     tell = searcher.tell
 
     def recording_tell(evaluations):
-        # keep the history as the loop hands it over; checkpoint the current pick
         history.extend(evaluations)
         tell(evaluations)
         spent[0] += sum(e.new_runs for e in evaluations)
-        if job.curve and spent[0] >= nxt[0]:
-            best = searcher.recommend(history)
-            if best is not None:
-                curve.append((spent[0], to_dict(best.graph)))
-            while nxt[0] <= spent[0]:
-                nxt[0] += step
+        if after_tell is not None:
+            after_tell(searcher, history, spent[0])
 
     searcher.tell = recording_tell
     out = run_search(searcher, problem.env, store, study, ctx, budget_runs=ctx.budget_runs, test_ids=None)
+    return ctx, searcher, store, study, out, history
+
+
+def run_job(job: Job) -> dict:
+    from graphtune.graphs.io import to_dict
+
+    t0 = time.perf_counter()
+    curve: list[tuple[int, dict]] = []
+    step = 2 * job.dev
+    nxt = [step]
+
+    def checkpoint(searcher, history, spent):
+        # checkpoint the current pick every 2 x dev runs
+        if job.curve and spent >= nxt[0]:
+            best = searcher.recommend(history)
+            if best is not None:
+                curve.append((spent, to_dict(best.graph)))
+            while nxt[0] <= spent:
+                nxt[0] += step
+
+    ctx, searcher, store, study, out, history = recorded_search(job, checkpoint)
     trials = [t for t in store.list_trials(study.id, split="dev") if t.status == "complete"]
     flops = sum((t.flops or 0.0) * t.new_runs for t in trials)
     usd = sum((t.usd or 0.0) * t.new_runs for t in trials)

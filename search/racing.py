@@ -404,11 +404,18 @@ def recommend_paired(history: Sequence[Evaluation], objective: Objective, unit_f
     questions they share with the best-covered leader; ``GraphStats.ci95`` gives the
     interval of its own mean."""
     stats = pool_stats(history, objective, unit_flops)  # only graphs scored somewhere
-    if not stats:
-        return None
-    # coverage counts infrastructure failures: a fault must not demote a graph
+    return _pick_paired(_well_covered(stats)) if stats else None
+
+
+def _well_covered(stats: Mapping[str, GraphStats]) -> list[GraphStats]:
+    """The candidates of a pick: graphs with at least half the top coverage (coverage counts
+    infrastructure failures: a fault must not demote a graph)."""
     top = max(s.coverage for s in stats.values())
-    well = [s for s in stats.values() if s.coverage >= max(1, top // 2)]
+    return [s for s in stats.values() if s.coverage >= max(1, top // 2)]
+
+
+def _pick_paired(well: Sequence[GraphStats]) -> GraphStats:
+    top = max(s.coverage for s in well)
     leader = best_paired([s for s in well if s.coverage == top])
 
     def paired(s: GraphStats) -> float:
@@ -441,14 +448,12 @@ def recommend_shrunk(history: Sequence[Evaluation], objective: Objective, unit_f
     one that is merely lucky on a few questions does not. Deterministic; it is
     :func:`recommend_paired` with fewer than two candidates or at most
     ``SHRINK_MIN_GRAPHS`` measured graphs (too few to learn anything from the features)."""
-    base = recommend_paired(history, objective, unit_flops)
     stats = pool_stats(history, objective, unit_flops)
-    if base is None:
+    if not stats:
         return None
-    top = max(s.coverage for s in stats.values())
-    well = [s for s in stats.values() if s.coverage >= max(1, top // 2)]
+    well = _well_covered(stats)
     if len(well) < 2 or len(stats) <= SHRINK_MIN_GRAPHS:
-        return base
+        return _pick_paired(well)
     entries = [GraphEntry(key=h, graph=s.graph, trial_numbers=(s.first_trial,), origin="", rewards=s.rewards,
                           reward=s.mean, cost_units=0.0, latency_s=0.0) for h, s in stats.items()]
     eff = graph_effects(entries)
